@@ -1,0 +1,484 @@
+"""
+Evaluate a batch of samples against a reference batch with the ADM ("OpenAI") evaluation suite.
+
+    python evaluator.py data/VIRTUAL_imagenet256_labeled.npz samples/implicit-viar.pth-cfg-1.5-seed-1.npz
+
+prints the numbers every paper in this field reports, computed the way guided-diffusion's
+``evaluations/evaluator.py`` computes them, on today's numpy 2 / TensorFlow 2:
+
+    Inception Score: ...
+    FID: ...
+    sFID: ...
+    Precision: ...
+    Recall: ...
+
+Both files are ``.npz`` archives whose ``arr_0`` holds uint8 images (N, H, W, 3); they are streamed batch by batch,
+so a 50,000-image file never sits in memory.  A file may instead (or also) hold precomputed statistics
+``mu, sigma, mu_s, sigma_s`` (the published reference batches do) and ``pool`` activations; these are used as they
+are.  ``--save_ref_stats`` writes them next to a freshly computed reference (``REF_stats.npz``), which later runs
+pick up by themselves.  The Inception graph ``classify_image_graph_def.pb`` is taken from ``--inception``, else from
+the cache (``$XDG_CACHE_HOME/viar``, default ``~/.cache/viar``), else downloaded there.
+
+Only the feature extraction needs TensorFlow, and it is imported when it is needed; the metrics below are plain
+numpy/scipy functions.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.linalg
+
+INCEPTION_URL = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb'
+INCEPTION_FILENAME = 'classify_image_graph_def.pb'
+
+INPUT_TENSOR = 'ExpandDims:0'         # NHWC float32 in 0..255, any size: the graph resizes
+POOL_TENSOR = 'pool_3:0'              # (N, 1, 1, 2048): FID, IS, precision/recall features
+SPATIAL_TENSOR = 'mixed_6/conv:0'     # (N, 17, 17, C): the first 7 channels, flattened, are the sFID features
+SPATIAL_CHANNELS = 7
+LOGITS_OP = 'softmax/logits/MatMul'   # its second input is the pool -> logits weight (IS)
+
+IS_SPLIT_SIZE = 5000
+IS_SHUFFLE_SEED = 0
+SOFTMAX_BATCH_SIZE = 512
+NHOOD_SIZE = 3                        # k of the k-NN radii of precision/recall
+PR_BATCH_SIZE = 10000                 # rows/columns of one block of the distance matrix
+STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
+
+
+class EvalError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics (numpy / scipy only)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def feature_statistics(acts):
+    """Mean and covariance of (N, D) activations, as the ADM suite computes them (mean keeps the input dtype)."""
+    acts = np.asarray(acts)
+    return np.mean(acts, axis=0), np.cov(acts, rowvar=False)
+
+
+def _sqrtm(mat):
+    """scipy's matrix square root without its log noise, on scipy versions before and after the 1.16 rewrite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        if tuple(int(v) for v in scipy.__version__.split('.')[:2]) < (1, 16):
+            return scipy.linalg.sqrtm(mat, disp=False)[0]   # older scipy prints to stdout unless disp=False
+        return scipy.linalg.sqrtm(mat)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Fréchet distance between two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)).
+
+    As in the ADM suite: if the square root is not finite, both covariances get ``eps`` added to their diagonals and
+    it is taken again; an imaginary part (numerical noise on singular products) is dropped.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise EvalError(f'statistics of different sizes cannot be compared: {mu1.shape} vs {mu2.shape}')
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        print(f'warning: sqrtm(sigma1 sigma2) is not finite; adding {eps} to the diagonals', file=sys.stderr)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:   # the ADM suite stops here; this project keeps the real part (SPEC §8) and says so
+            print(f'warning: sqrtm has an imaginary diagonal component of {imag:.3g}; using its real part',
+                  file=sys.stderr)
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def inception_score(probs, split_size=IS_SPLIT_SIZE, shuffle_seed=IS_SHUFFLE_SEED):
+    """exp(E_x KL(p(y|x) || p(y))), averaged over splits of ``split_size`` rows of the (N, classes) softmax.
+
+    Samples are usually written class by class, which leaves each split with a few classes only and lowers the
+    score; the rows are therefore shuffled with a fixed seed first (``shuffle_seed=None`` keeps their order, as the
+    ADM suite does).  With a single split the order does not matter and nothing is shuffled, so the number equals
+    the ADM suite's bit for bit.
+    """
+    probs = np.asarray(probs)
+    if shuffle_seed is not None and len(probs) > split_size:
+        probs = probs[np.random.default_rng(shuffle_seed).permutation(len(probs))]
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = np.mean(part, axis=0, keepdims=True)
+        kl = part * (np.log(part) - np.log(marginal))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def pairwise_sq_distances(u, v):
+    """Squared L2 distances (len(u), len(v)) as the ADM suite computes them: max(|u|^2 - 2 u.v + |v|^2, 0) in float16
+    (float32 operands rounded to half, each operation's result rounded to half, sums accumulated in float32), and in
+    float32 if any of the half results is not finite.  Returned as float32."""
+    u16, v16 = np.asarray(u, np.float32).astype(np.float16), np.asarray(v, np.float32).astype(np.float16)
+    norm_u = np.sum(np.square(u16), axis=1, dtype=np.float32).astype(np.float16)[:, None]
+    norm_v = np.sum(np.square(v16), axis=1, dtype=np.float32).astype(np.float16)[None, :]
+    dot = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+    with np.errstate(over='ignore', invalid='ignore'):
+        dist = np.maximum(norm_u - np.float16(2) * dot + norm_v, np.float16(0))
+    if np.isfinite(dist).all():
+        return dist.astype(np.float32)
+    u32, v32 = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    norm_u = np.sum(np.square(u32), axis=1)[:, None]
+    norm_v = np.sum(np.square(v32), axis=1)[None, :]
+    return np.maximum(norm_u - np.float32(2) * (u32 @ v32.T) + norm_v, np.float32(0))
+
+
+def manifold_radii(features, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE):
+    """Each point's squared distance to its k-th nearest neighbour, the point itself counting as the 0-th.
+
+    The distance matrix is walked in (batch_size x batch_size) blocks keeping the k+1 smallest distances per row,
+    so memory stays bounded for any number of points."""
+    n = len(features)
+    if n <= k:
+        raise EvalError(f'{n} points cannot have a {k}-th nearest neighbour; precision/recall need at least {k + 1}')
+    radii = np.empty(n, dtype=np.float32)
+    for r0 in range(0, n, batch_size):
+        rows = features[r0:r0 + batch_size]
+        nearest = np.empty((len(rows), 0), dtype=np.float32)
+        for c0 in range(0, n, batch_size):
+            block = np.concatenate([nearest, pairwise_sq_distances(rows, features[c0:c0 + batch_size])], axis=1)
+            keep = min(k + 1, block.shape[1])
+            nearest = np.partition(block, keep - 1, axis=1)[:, :keep]
+        radii[r0:r0 + len(rows)] = np.partition(nearest, k, axis=1)[:, k]
+    return radii
+
+
+def precision_recall(ref_feats, sample_feats, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii, as in the ADM suite.
+
+    precision: share of samples within the radius of at least one reference point;
+    recall: share of reference points within the radius of at least one sample."""
+    ref_radii = manifold_radii(ref_feats, k, batch_size)
+    sample_radii = manifold_radii(sample_feats, k, batch_size)
+    ref_covered = np.zeros(len(ref_feats), dtype=bool)
+    sample_covered = np.zeros(len(sample_feats), dtype=bool)
+    for r0 in range(0, len(ref_feats), batch_size):
+        for s0 in range(0, len(sample_feats), batch_size):
+            dist = pairwise_sq_distances(ref_feats[r0:r0 + batch_size], sample_feats[s0:s0 + batch_size])
+            sample_covered[s0:s0 + batch_size] |= (dist <= ref_radii[r0:r0 + batch_size, None]).any(axis=0)
+            ref_covered[r0:r0 + batch_size] |= (dist <= sample_radii[None, s0:s0 + batch_size]).any(axis=1)
+    return float(np.mean(sample_covered)), float(np.mean(ref_covered))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input files
+# ----------------------------------------------------------------------------------------------------------------------
+
+class NpzImages:
+    """``arr_0`` of an .npz, read batch by batch from the zip member (stored or deflated), never whole."""
+
+    def __init__(self, path, key='arr_0'):
+        self.path, self.member = Path(path), key + '.npy'
+        with zipfile.ZipFile(self.path) as zf:
+            if self.member not in zf.namelist():
+                raise EvalError(f'{path}: no {key!r} array in this .npz (it holds: {_npz_keys(zf) or "nothing"})')
+            with zf.open(self.member) as f:
+                self.shape, dtype = self._read_header(f)
+        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
+            raise EvalError(f'{path}: {key} must hold uint8 images of shape (N, H, W, 3); '
+                            f'it holds {dtype} of shape {self.shape}')
+
+    def _read_header(self, f):
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f'unsupported .npy format version {version}')
+        except ValueError as e:
+            raise EvalError(f'{self.path}: {self.member} is not a readable .npy array ({e})') from None
+        if fortran_order and len(shape) > 1:
+            raise EvalError(f'{self.path}: {self.member} is stored in Fortran order; save it C-contiguous')
+        return shape, dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size):
+        """Yield uint8 arrays of up to ``batch_size`` images, in file order."""
+        per_image = int(np.prod(self.shape[1:]))
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            self._read_header(f)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                data = f.read(count * per_image)
+                if len(data) != count * per_image:
+                    raise EvalError(f'{self.path}: {self.member} is truncated after about {start} images')
+                yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + tuple(self.shape[1:]))
+
+
+def _npz_keys(zf):
+    return ', '.join(n[:-4] for n in zf.namelist() if n.endswith('.npy'))
+
+
+def open_npz(path, what):
+    """Check that ``path`` is a readable .npz; return the names of the arrays it holds."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f'{what} {path} not found')
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith('.npy')}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise EvalError(f'{what} {path} is not an .npz archive ({e})') from None
+
+
+def load_arrays(path, keys):
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inception graph and features (TensorFlow, imported on first use)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def default_inception_path():
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'viar'
+    return cache / INCEPTION_FILENAME
+
+
+def download(url, dest):
+    """Fetch ``url`` into ``dest`` (through a .part file, so an interrupted download leaves nothing behind)."""
+    from tqdm import tqdm
+    dest = Path(dest)
+    part = dest.with_name(dest.name + '.part')
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, 'wb') as out:
+            total = int(resp.headers.get('Content-Length') or 0) or None
+            with tqdm(total=total, unit='B', unit_scale=True, desc=f'downloading {dest.name}') as bar:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        part.replace(dest)
+    except (OSError, ValueError) as e:   # URLError, HTTPError, timeouts and disk errors are OSErrors
+        part.unlink(missing_ok=True)
+        raise EvalError(f'cannot download the Inception graph from {url} ({getattr(e, "reason", e)}); '
+                        f'download it yourself and save it as {dest}, or pass --inception PATH') from None
+
+
+def resolve_inception(path=None):
+    """``--inception`` if given, else the cached copy, else a fresh download into the cache."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise EvalError(f'Inception graph {path} not found (omit --inception to use or download '
+                            f'{INCEPTION_URL})')
+        return Path(path)
+    cached = default_inception_path()
+    if not cached.is_file():
+        print(f'Inception graph not in the cache; downloading it to {cached}', file=sys.stderr)
+        download(INCEPTION_URL, cached)
+    return cached
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class InceptionFeatures:
+    """The Inception graph in a TF1-style session: images -> (pool, spatial) features, pool features -> softmax."""
+
+    def __init__(self, graph_path):
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+        import tensorflow as tf
+        tf.get_logger().setLevel('ERROR')
+        tf1 = tf.compat.v1
+
+        graph_def = tf1.GraphDef()
+        try:
+            graph_def.ParseFromString(Path(graph_path).read_bytes())
+        except Exception as e:
+            raise EvalError(f'{graph_path} is not a TensorFlow GraphDef ({e})') from None
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.images = tf1.placeholder(tf.float32, shape=[None, None, None, 3])
+            try:
+                pool, spatial, logits_op = tf.import_graph_def(
+                    graph_def, input_map={INPUT_TENSOR: self.images},
+                    return_elements=[POOL_TENSOR, SPATIAL_TENSOR, LOGITS_OP], name='inception')
+            except (ValueError, KeyError) as e:
+                raise EvalError(f'{graph_path} does not look like the Inception graph '
+                                f'({str(e).splitlines()[0]})') from None
+            self.pool = tf.reshape(pool, [tf.shape(pool)[0], -1])
+            self.spatial = tf.reshape(spatial[..., :SPATIAL_CHANNELS], [tf.shape(spatial)[0], -1])
+            self.pool_input = tf1.placeholder(tf.float32, shape=[None, None])
+            self.softmax = tf.nn.softmax(tf.matmul(self.pool_input, logits_op.inputs[1]))
+        self.session = tf1.Session(graph=self.graph)
+
+    def activations(self, images, batch_size, desc):
+        """(pool, spatial) float32 features of every image of an :class:`NpzImages`."""
+        from tqdm import tqdm
+        pools, spatials = [], []
+        with tqdm(total=len(images), unit='img', desc=desc) as bar:
+            for batch in images.batches(batch_size):
+                pool, spatial = self.session.run([self.pool, self.spatial],
+                                                 {self.images: batch.astype(np.float32)})
+                pools.append(pool)
+                spatials.append(spatial)
+                bar.update(len(batch))
+        return np.concatenate(pools), np.concatenate(spatials)
+
+    def class_probs(self, pool):
+        return np.concatenate([self.session.run(self.softmax, {self.pool_input: pool[i:i + SOFTMAX_BATCH_SIZE]})
+                               for i in range(0, len(pool), SOFTMAX_BATCH_SIZE)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One batch file -> pool activations and FID / sFID statistics
+# ----------------------------------------------------------------------------------------------------------------------
+
+def stats_cache_path(ref_path):
+    ref_path = Path(ref_path)
+    return ref_path.with_name(ref_path.stem + '_stats.npz')
+
+
+def read_batch(path, what, model, batch_size, graph_sha, use_cache=False):
+    """Pool activations and (mu, sigma, mu_s, sigma_s) of one batch file.
+
+    Stored ``mu, sigma, mu_s, sigma_s`` are used as they are (the ADM suite does the same), stored ``pool``
+    activations likewise; whatever is missing is computed from ``arr_0``.  With ``use_cache`` a ``*_stats.npz``
+    next to the file (written by ``--save_ref_stats`` for the same file and graph) stands in for both.
+    Returns (pool, stats, computed_anything)."""
+    keys = open_npz(path, what)
+    if use_cache and not (set(STAT_KEYS) <= keys and 'pool' in keys):
+        cache = stats_cache_path(path)
+        if cache.is_file():
+            meta = load_arrays(cache, ['source_bytes', 'graph_sha256'])
+            if int(meta['source_bytes']) == Path(path).stat().st_size and str(meta['graph_sha256']) == graph_sha:
+                print(f'using cached reference statistics {cache}', file=sys.stderr)
+                path, keys = cache, open_npz(cache, 'statistics cache')
+            else:
+                print(f'ignoring {cache}: made from another file or Inception graph', file=sys.stderr)
+    if 'graph_sha256' in keys and str(load_arrays(path, ['graph_sha256'])['graph_sha256']) != graph_sha:
+        print(f'warning: the activations in {path} come from another Inception graph', file=sys.stderr)
+
+    stats = load_arrays(path, STAT_KEYS) if set(STAT_KEYS) <= keys else None
+    pool = load_arrays(path, ['pool'])['pool'] if 'pool' in keys else None
+    if pool is None or stats is None:
+        if 'arr_0' not in keys:
+            raise EvalError(f'{what} {path}: no {"arr_0" if stats is None else "arr_0 or pool"} array in this .npz '
+                            f'(it holds: {", ".join(sorted(keys)) or "nothing"})')
+        images = NpzImages(path)
+        check_count(len(images), path, what)
+        pool, spatial = model.activations(images, batch_size, desc=what)
+        check_finite(pool, path, what)
+        check_finite(spatial, path, what)
+        if stats is None:
+            stats = dict(zip(STAT_KEYS, feature_statistics(pool) + feature_statistics(spatial)))
+        return pool, stats, True
+    if pool.ndim != 2:
+        raise EvalError(f'{what} {path}: pool must be (N, features), got shape {pool.shape}')
+    check_count(len(pool), path, what)
+    check_finite(pool, path, what)
+    return pool, stats, False
+
+
+def check_count(n, path, what):
+    if n <= NHOOD_SIZE:
+        raise EvalError(f'{what} {path} holds {n} images; precision/recall need at least {NHOOD_SIZE + 1} '
+                        f'({NHOOD_SIZE}-nearest-neighbour radii)')
+
+
+def check_finite(acts, path, what):
+    if not np.isfinite(acts).all():
+        raise EvalError(f'{what} {path}: the Inception features are not finite (NaN or Inf); '
+                        f'check the images and the Inception graph')
+
+
+def save_stats(path, pool, stats, source, graph_sha):
+    path = Path(path)
+    tmp = path.with_name(path.stem + '.part.npz')
+    np.savez(tmp, pool=pool, source_bytes=np.int64(Path(source).stat().st_size),
+             graph_sha256=np.array(graph_sha), **stats)
+    tmp.replace(path)
+    print(f'saved reference statistics and activations to {path}', file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def evaluate(args):
+    """Compute the five numbers; returns them as an ordered dict."""
+    for p, what in ((args.ref_batch, 'reference batch'), (args.sample_batch, 'sample batch')):
+        open_npz(p, what)   # fail on a bad path before loading TensorFlow or downloading anything
+    graph = resolve_inception(args.inception)
+    graph_sha = file_sha256(graph)
+    model = InceptionFeatures(graph)
+
+    ref_pool, ref_stats, computed = read_batch(args.ref_batch, 'reference batch', model, args.batch_size,
+                                               graph_sha, use_cache=True)
+    if args.save_ref_stats and computed:
+        save_stats(stats_cache_path(args.ref_batch), ref_pool, ref_stats, args.ref_batch, graph_sha)
+    sample_pool, sample_stats, _ = read_batch(args.sample_batch, 'sample batch', model, args.batch_size, graph_sha)
+    if ref_pool.shape[1] != sample_pool.shape[1]:
+        raise EvalError(f'reference and sample features differ in size ({ref_pool.shape[1]} vs '
+                        f'{sample_pool.shape[1]}); were they made with the same Inception graph?')
+
+    probs = model.class_probs(sample_pool)
+    precision, recall = precision_recall(ref_pool, sample_pool)
+    return {
+        'Inception Score': inception_score(probs, shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED),
+        'FID': float(frechet_distance(sample_stats['mu'], sample_stats['sigma'], ref_stats['mu'], ref_stats['sigma'])),
+        'sFID': float(frechet_distance(sample_stats['mu_s'], sample_stats['sigma_s'],
+                                       ref_stats['mu_s'], ref_stats['sigma_s'])),
+        'Precision': precision,
+        'Recall': recall,
+    }
+
+
+def main(args):
+    """Evaluate, print the five lines, optionally write them as JSON; input problems end with one error line."""
+    try:
+        results = evaluate(args)
+    except EvalError as e:
+        sys.exit(f'error: {e}')
+    for name, value in results.items():
+        print(f'{name}: {value}')
+    if args.json:
+        record = dict(results, ref_batch=str(args.ref_batch), sample_batch=str(args.sample_batch),
+                      is_shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED)
+        Path(args.json).write_text(json.dumps(record, indent=1) + '\n')
+    return results
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description='FID, sFID, Inception Score, precision and recall of a sample '
+                                                 'batch against a reference batch (ADM evaluation suite).')
+    parser.add_argument('ref_batch', help='reference .npz: arr_0 uint8 (N, H, W, 3) and/or mu, sigma, mu_s, sigma_s')
+    parser.add_argument('sample_batch', help='sample .npz: arr_0 uint8 (N, H, W, 3)')
+    parser.add_argument('--inception', default=None,
+                        help=f'path of {INCEPTION_FILENAME} (default: the cache, downloaded there if missing)')
+    parser.add_argument('--batch_size', type=int, default=64, help='images per Inception forward pass')
+    parser.add_argument('--json', default=None, help='also write the numbers to this JSON file')
+    parser.add_argument('--save_ref_stats', action='store_true',
+                        help='save the reference statistics and pool activations to REF_stats.npz; '
+                             'later runs with the same REF use them instead of recomputing')
+    parser.add_argument('--no_is_shuffle', action='store_true',
+                        help='split the samples for the Inception Score in file order, as the ADM suite does '
+                             '(biased when the samples are written class by class)')
+    return parser
+
+
+if __name__ == '__main__':
+    main(get_parser().parse_args())
