@@ -1,0 +1,198 @@
+"""Loading checkpoints safely and building the model they describe.
+
+* Files are read with ``torch.load(..., weights_only=True)``: a checkpoint from the internet cannot run code.
+* A file may be a bare state dict (the published ``var_d30.pth``, ``viar.pth``, ``vae_ch160v4096z32.pth``) or a
+  training checkpoint ``{'trainer': {'var_wo_ddp': ...}, ...}``.
+* The architecture (VAR or VIAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer V, Cvae,
+  ch) is read from the state dict itself.  Where the caller also states it (``--depth 16`` for ``viar.pth``), a
+  contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag to fix.
+* Models are built on the ``meta`` device and the weights assigned, so a 2B-parameter checkpoint is never
+  initialised first (nor held twice in memory).
+"""
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import PATCH_NUMS_256, PATCH_NUMS_512, build_vae_var
+from .var import VAR
+from .vqvae import VQVAE
+
+__all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
+           'describe_var_config', 'load_vae', 'load_var', 'load_vae_var']
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit what was asked; the message says what to do."""
+
+
+def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
+    """``torch.load`` with ``weights_only=True`` (memory-mapped where possible), every failure turned into one
+    CheckpointError sentence.  ``hint``: how to get the file, appended when it is missing."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{what} {path!r} not found' + (f'; {hint}' if hint else ''))
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:       # legacy (non-zip) files cannot be memory-mapped
+            if 'mmap' not in str(e):
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{what} {path!r} holds objects other than tensors and plain containers and was not loaded for safety '
+            f'(weights_only=True); re-save its state dict with torch.save(model.state_dict(), path) ({str(e).splitlines()[0]})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f'{what} {path!r} ({size:,} bytes) is not a readable PyTorch checkpoint — truncated download or another '
+            f'kind of file? Download it again ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+
+
+def model_state_dict(obj: Any, path: str, key: str = 'var_wo_ddp') -> Dict[str, torch.Tensor]:
+    """The model state dict in a bare state dict or in a training checkpoint ``{'trainer': {key: ...}}``."""
+    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and key in obj['trainer']:
+        obj = obj['trainer'][key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f'{path!r} is a PyTorch file but not a model state dict nor a training checkpoint '
+                              f"with ['trainer']['{key}']")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _patch_nums_for(L: int, K: int, path: str) -> Tuple[int, ...]:
+    for pns in (PATCH_NUMS_256, PATCH_NUMS_512):
+        if sum(p * p for p in pns) == L and len(pns) == K:
+            return pns
+    raise CheckpointError(f'{path!r} has {K} scales and {L} tokens, which matches neither the 256 px nor the 512 px '
+                          f'scale schedule; build it with build_vae_var(patch_nums=...) yourself')
+
+
+def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> Dict[str, Any]:
+    """Architecture of a VAR / VIAR state dict, as keyword arguments of ``build_vae_var``."""
+    need = ('class_emb.weight', 'pos_1LC', 'lvl_embed.weight', 'word_embed.weight', 'head.weight')
+    if not all(k in sd for k in need):
+        if 'quantize.embedding.weight' in sd:
+            raise CheckpointError(f'{path!r} is a tokenizer (VQVAE) checkpoint, not a VAR/VIAR one: '
+                                  f'pass it as --vae_ckpt and the transformer checkpoint as the model')
+        raise CheckpointError(f'{path!r} is not a VAR/VIAR checkpoint (missing {[k for k in need if k not in sd]})')
+    C = sd['class_emb.weight'].shape[1]
+    use_implicit = 'implicit_block.attn.mat_qkv.weight' in sd
+
+    def count(prefix):
+        return len({k.split('.')[1] for k in sd if k.startswith(prefix + '.')})
+    cfg = dict(
+        depth=C // 64, num_classes=sd['class_emb.weight'].shape[0] - 1,
+        patch_nums=_patch_nums_for(sd['pos_1LC'].shape[1], sd['lvl_embed.weight'].shape[0], path),
+        shared_aln='shared_ada_lin.1.weight' in sd,
+        attn_l2_norm=any(k.endswith('attn.scale_mul_1H11') for k in sd),
+        use_implicit=use_implicit,
+        pre_depth=count('pre_blocks') if use_implicit else 0,
+        post_depth=count('post_blocks') if use_implicit else 0,
+        V=sd['head.weight'].shape[0], Cvae=sd['word_embed.weight'].shape[1],
+    )
+    if C % 64:
+        raise CheckpointError(f'{path!r} has width {C}, not a multiple of 64 (width = 64 x depth)')
+    if not use_implicit and count('blocks') != cfg['depth']:
+        raise CheckpointError(f'{path!r} has {count("blocks")} blocks of width {C}; VAR models have width 64 x depth')
+    return cfg
+
+
+def describe_var_config(cfg: Dict[str, Any]) -> str:
+    if cfg['use_implicit']:
+        return (f"a VIAR model (depth {cfg['depth']}: {cfg['pre_depth']} pre + 1 implicit + {cfg['post_depth']} post "
+                f"blocks)")
+    return f"a VAR model (depth {cfg['depth']}{', shared AdaLN' if cfg['shared_aln'] else ''})"
+
+
+def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> Dict[str, Any]:
+    if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
+        if 'class_emb.weight' in sd:
+            raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
+                                  f'tokenizer (vae_ch160v4096z32.pth) as --vae_ckpt')
+        raise CheckpointError(f'{path!r} is not a tokenizer (VQVAE) checkpoint')
+    V, Cvae = sd['quantize.embedding.weight'].shape
+    n_phi = len({k.split('.')[3] for k in sd if k.startswith('quantize.quant_resi.qresi_ls.')})
+    return dict(V=V, Cvae=Cvae, ch=sd['encoder.conv_in.weight'].shape[0], share_quant_resi=n_phi or 1)
+
+
+def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str, flags: Dict[str, str]):
+    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint."""
+    for key, want in (expect or {}).items():
+        if want is None or key not in cfg or cfg[key] == want:
+            continue
+        if key in ('pre_depth', 'post_depth') and not cfg['use_implicit']:
+            continue
+        flag = flags.get(key, f'--{key}')
+        if key == 'use_implicit':
+            fix = f'drop {flag}' if not cfg['use_implicit'] else f'add {flag}'
+            asked = 'VIAR (--use_implicit)' if want else 'VAR (no --use_implicit)'
+            raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)}, but {asked} was asked for: {fix}, '
+                                  f'or pass the matching checkpoint')
+        raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)} with {key}={cfg[key]}, but {flag} {want} '
+                              f'was given: pass {flag} {cfg[key]} (or leave it out), or pass the matching checkpoint')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _float32(sd):
+    return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in sd.items()}
+
+
+def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str = '') -> VQVAE:
+    """The tokenizer of ``vae_ckpt`` (bare state dict or a training checkpoint with ['trainer']['vae_wo_ddp']),
+    in eval mode without gradients."""
+    obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
+    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
+        obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
+    sd = model_state_dict(obj, vae_ckpt)
+    cfg = infer_vae_config(sd, vae_ckpt)
+    with torch.device('meta'):
+        vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
+                    share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums)
+    try:
+        vae.load_state_dict(_float32(sd), strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'tokenizer checkpoint {vae_ckpt!r} does not fit the VQVAE architecture '
+                              f'({str(e).splitlines()[0]})') from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str, Any]] = None,
+             flags: Optional[Dict[str, str]] = None, hint: str = '', state_dict=None) -> VAR:
+    """The VAR/VIAR model of ``var_ckpt`` on top of ``vae`` (eval mode, no gradients).
+
+    ``expect``: architecture the caller states, e.g. ``{'depth': 30, 'use_implicit': True}`` (None = not stated);
+    ``flags``: the command-line flag of each key, for the message (default ``--key``)."""
+    sd = state_dict if state_dict is not None else model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', hint), var_ckpt)
+    cfg = infer_var_config(sd, var_ckpt)
+    _check_expected(cfg, expect, var_ckpt, flags or {})
+    if (cfg['V'], cfg['Cvae']) != (vae.vocab_size, vae.Cvae):
+        raise CheckpointError(f'{var_ckpt!r} was trained on a tokenizer with V={cfg["V"]}, Cvae={cfg["Cvae"]}, but the '
+                              f'tokenizer given has V={vae.vocab_size}, Cvae={vae.Cvae}: pass the matching --vae_ckpt')
+    if tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
+        raise CheckpointError(f'{var_ckpt!r} uses scales {cfg["patch_nums"]}, the tokenizer was built for '
+                              f'{vae.quantize.v_patch_nums}: load the tokenizer with patch_nums={cfg["patch_nums"]}')
+    _, var = build_vae_var(device='meta', patch_nums=cfg['patch_nums'], V=cfg['V'], Cvae=cfg['Cvae'],
+                           num_classes=cfg['num_classes'], depth=cfg['depth'], shared_aln=cfg['shared_aln'],
+                           attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
+                           pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
+    # re-attach the real tokenizer (the meta build made a placeholder)
+    var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)
+    try:
+        var.load_state_dict(_float32(sd), strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'{var_ckpt!r} does not fit {describe_var_config(cfg)} '
+                              f'({str(e).splitlines()[0]}); is the file complete?') from None
+    return var.to(device).eval().requires_grad_(False)
+
+
+def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Dict[str, Any]] = None,
+                 flags: Optional[Dict[str, str]] = None, vae_hint: str = '', var_hint: str = '') -> Tuple[VQVAE, VAR]:
+    """Tokenizer and transformer from their checkpoints, architecture read from the files (see module doc)."""
+    sd = model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', var_hint), var_ckpt)
+    cfg = infer_var_config(sd, var_ckpt)
+    _check_expected(cfg, expect, var_ckpt, flags or {})
+    vae = load_vae(vae_ckpt, device, patch_nums=cfg['patch_nums'], hint=vae_hint)
+    return vae, load_var(var_ckpt, vae, device, expect=None, state_dict=sd)
