@@ -41,10 +41,13 @@ def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
                 raise
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise CheckpointError(f'{what} {path!r} is not a readable PyTorch checkpoint — truncated download or another '
+                                  f'kind of file? Download it again') from None
         raise CheckpointError(
             f'{what} {path!r} holds objects other than tensors and plain containers and was not loaded for safety '
             f'(weights_only=True); re-save its state dict with torch.save(model.state_dict(), path) ({str(e).splitlines()[0]})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:      # truncated zip, text file, legacy pickle garbage ...: all the same to the user
         size = os.path.getsize(path)
         raise CheckpointError(
             f'{what} {path!r} ({size:,} bytes) is not a readable PyTorch checkpoint — truncated download or another '
@@ -62,12 +65,20 @@ def model_state_dict(obj: Any, path: str, key: str = 'var_wo_ddp') -> Dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _patch_nums_for(L: int, K: int, path: str) -> Tuple[int, ...]:
+def _patch_nums_for(sd: Dict[str, torch.Tensor], path: str) -> Tuple[int, ...]:
+    """The scales, read off the ``lvl_1L`` buffer (the scale index of each of the L tokens: pn*pn of each)."""
+    K, L = sd['lvl_embed.weight'].shape[0], sd['pos_1LC'].shape[1]
+    lvl = sd.get('lvl_1L')
+    if lvl is not None and lvl.numel() == L and not lvl.is_meta:
+        counts = torch.bincount(lvl.reshape(-1).long(), minlength=K).tolist()
+        pns = tuple(round(c ** 0.5) for c in counts)
+        if len(counts) == K and all(p * p == c for p, c in zip(pns, counts)):
+            return pns
     for pns in (PATCH_NUMS_256, PATCH_NUMS_512):
         if sum(p * p for p in pns) == L and len(pns) == K:
             return pns
-    raise CheckpointError(f'{path!r} has {K} scales and {L} tokens, which matches neither the 256 px nor the 512 px '
-                          f'scale schedule; build it with build_vae_var(patch_nums=...) yourself')
+    raise CheckpointError(f'{path!r} has {K} scales and {L} tokens, but no readable lvl_1L buffer to tell which; '
+                          f'build it with build_vae_var(patch_nums=...) yourself')
 
 
 def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> Dict[str, Any]:
@@ -85,7 +96,7 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
         return len({k.split('.')[1] for k in sd if k.startswith(prefix + '.')})
     cfg = dict(
         depth=C // 64, num_classes=sd['class_emb.weight'].shape[0] - 1,
-        patch_nums=_patch_nums_for(sd['pos_1LC'].shape[1], sd['lvl_embed.weight'].shape[0], path),
+        patch_nums=_patch_nums_for(sd, path),
         shared_aln='shared_ada_lin.1.weight' in sd,
         attn_l2_norm=any(k.endswith('attn.scale_mul_1H11') for k in sd),
         use_implicit=use_implicit,

@@ -76,10 +76,11 @@ class ImplicitBackbone(nn.Module):
             raise ValueError(f'VIAR needs 0 <= pre_depth, post_depth <= depth; '
                              f'got pre_depth={pre_depth}, post_depth={post_depth}, depth={depth}')
         # the pre/post/implicit blocks take the drop-path rates of the block positions they stand for
-        self.pre_blocks = nn.ModuleList([make_block(i) for i in range(pre_depth)])
-        self.implicit_block = make_block(depth // 2, last_drop_idx=pre_depth - 1)
+        # (registration order = the official state-dict order: projection, pre, implicit, post)
         self.implicit_block_projection = nn.Sequential(
             nn.Linear(2 * embed_dim, 2 * embed_dim), nn.GELU(approximate='tanh'), nn.Linear(2 * embed_dim, embed_dim))
+        self.pre_blocks = nn.ModuleList([make_block(i) for i in range(pre_depth)])
+        self.implicit_block = make_block(depth // 2, last_drop_idx=pre_depth - 1)
         self.post_blocks = nn.ModuleList([make_block(i) for i in range(depth - post_depth, depth)])
         self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters = no_grad_iters
         self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters = with_grad_iters

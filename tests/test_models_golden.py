@@ -1,0 +1,93 @@
+"""Parity with the official implementation: every case in ../shared/golden/models (random weights, CPU, fp32)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+
+CASES = ['var', 'var_saln', 'viar']
+
+
+def f32(sd):
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load(golden_dir, name):
+    return torch.load(golden_dir / 'models' / f'{name}.pt', map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def vae_case(golden_dir):
+    d = load(golden_dir, 'vqvae')
+    c = d['config']
+    vae = models.VQVAE(vocab_size=c['V'], z_channels=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'],
+                       v_patch_nums=c['patch_nums'])
+    vae.load_state_dict(f32(d['state_vae']), strict=True)
+    return vae, d
+
+
+def build(golden_dir, vae_case, name):
+    g = load(golden_dir, name)
+    c = g['config']
+    vae, var = models.build_vae_var(
+        V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
+        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
+        use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
+    vae.load_state_dict(vae_case[0].state_dict(), strict=True)
+    var.load_state_dict(f32(g['state_var']), strict=True)
+    var.eval()
+    var.cond_drop_rate = 0.0
+    return vae, var, g
+
+
+def test_tokenizer_parity(vae_case):
+    vae, d = vae_case
+    img = d['inputs']['img'].float()
+    out = d['outputs']
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(img)
+        assert len(idx_Bl) == len(out['idx_Bl'])
+        for got, exp in zip(idx_Bl, out['idx_Bl']):
+            assert torch.equal(got, exp)
+        f_hats = vae.quantize.f_to_idxBl_or_fhat(vae.img_to_f(img), to_fhat=True)
+        for got, exp in zip(f_hats, out['f_hat']):
+            torch.testing.assert_close(got, exp.float(), rtol=0, atol=1e-4 * exp.float().abs().max().item())
+        torch.testing.assert_close(vae.quantize.idxBl_to_var_input(idx_Bl), out['var_input'].float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(vae.img_to_reconstructed_img(img, last_one=True), out['recon_last'].float(),
+                                   rtol=0, atol=2e-3)
+        torch.testing.assert_close(vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True),
+                                   out['idxBl_to_img_last'].float(), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_teacher_forcing_logits_loss_and_grads(golden_dir, vae_case, name):
+    vae, var, g = build(golden_dir, vae_case, name)
+    inp, out = g['forward']['inputs'], g['forward']['outputs']
+    logits_BLV = var(inp['label_B'], inp['x_BLCv_wo_first_l'].float(), iters=inp['iters'])
+    ref = out['logits'].float()
+    assert logits_BLV.shape == ref.shape
+    assert ((logits_BLV - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), inp['gt_BL'].reshape(-1))
+    assert abs(loss.item() - out['loss']) <= 1e-3 * abs(out['loss'])
+    loss.backward()
+    params = dict(var.named_parameters())
+    assert set(out['grad_norms']) == {k for k, p in params.items() if p.requires_grad}
+    for k, ref_norm in out['grad_norms'].items():
+        got = params[k].grad.norm().item()
+        assert abs(got - ref_norm) <= 1e-3 * ref_norm + 1e-12, (k, got, ref_norm)
+    for k, ref_grad in out['grads'].items():
+        ref_grad = ref_grad.float()
+        err = (params[k].grad - ref_grad).abs().max() / ref_grad.abs().max()
+        assert err.item() < 1e-3, k
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_sampling_tokens_and_images(golden_dir, vae_case, name):
+    vae, var, g = build(golden_dir, vae_case, name)
+    assert len(g['sampling']) >= 2
+    for case in g['sampling']:
+        img, idx_per_scale = var.autoregressive_infer_cfg(**case['kwargs'], ret_idx_Bl=True)
+        assert len(idx_per_scale) == len(case['tokens'])
+        for si, (got, exp) in enumerate(zip(idx_per_scale, case['tokens'])):
+            assert torch.equal(got, exp), f'{name} {case["kwargs"]}: tokens differ at scale {si}'
+        assert (img - case['image'].float()).abs().max().item() < 2e-3, case['kwargs']
