@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# VIAR-d30 (5 pre + 1 implicit + 5 post blocks), ImageNet 256x256, one node with 8 GPUs: the README's command.
+#
+#   bash scripts/train.sh                                   # as published (edit --data_path below first), or
+#   bash scripts/train.sh --data_path=/data/imagenet-1k     # extra flags are appended and override the ones below
+#
+# Needs ckpts/vae_ch160v4096z32.pth (https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth).
+# Outputs go to local_output/; running the same command again resumes from local_output/ar-ckpt-last.pth.
+set -e
+cd "$(dirname "$0")/.."
+
+# d30, 256x256
+exec torchrun \
+  --nnodes=1 \
+  --node_rank=0 \
+  --nproc_per_node=8 \
+  --master_addr=127.0.0.1 \
+  --master_port=7777 \
+  train.py \
+  --data_path=/path/to/imagenet-1k \
+  --depth=30 \
+  --bs=512 \
+  --ep=550 \
+  --tblr=8e-5 \
+  --fp16=1 \
+  --alng=1e-5 \
+  --wpe=0.01 \
+  --twde=0.08 \
+  --use_implicit=True \
+  --p_depth=5 \
+  "$@"

@@ -1,0 +1,169 @@
+"""Command-line flags of ``train.py`` (SPEC §6) and the values derived from them.
+
+Every flag of the official VAR / VIAR recipe keeps its name and default.  Booleans accept ``--flag``,
+``--flag=True``, ``--flag True`` and the ``False`` forms (the official VIAR scripts parsed ``--x False`` as True).
+"""
+import argparse
+import os
+import re
+import sys
+from typing import List, Optional, Sequence
+
+__all__ = ['get_parser', 'parse_args', 'finalize_args', 'str2bool', 'parse_patch_nums', 'PN_ALIASES']
+
+PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
+PATCH_SIZE = 16     # tokenizer downsampling: image side = 16 x last patch number
+
+
+def str2bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ('1', 'true', 't', 'yes', 'y', 'on'):
+        return True
+    if s in ('0', 'false', 'f', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean (True/False/1/0), got {v!r}')
+
+
+def parse_patch_nums(pn: str) -> List[int]:
+    """'256' | '512' | '1_2_3_4_...' -> increasing list of scale sides."""
+    text = PN_ALIASES.get(str(pn).strip(), str(pn).strip())
+    try:
+        nums = [int(x) for x in text.replace('-', '_').split('_')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pn must be '256', '512' or scale sides like 1_2_3_4_5_6_8_10_13_16, "
+                                         f"got {pn!r}") from None
+    if not nums or nums[0] < 1 or any(b <= a for a, b in zip(nums, nums[1:])):
+        raise argparse.ArgumentTypeError(f'--pn scale sides must be positive and increasing, got {pn!r}')
+    return nums
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if os.environ.get('RANK', '0') != '0':     # under torchrun, rank 0 alone reports a bad command line
+            sys.exit(2)
+        super().error(message)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        description='Train VAR or VIAR (--use_implicit) on an ImageNet-style folder with a frozen VQVAE tokenizer. '
+                    'Rerunning the same command resumes from <local_out_dir_path>/ar-ckpt-last.pth.',
+        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data_path', type=str, default='/path/to/imagenet',
+                   help='folder holding train/<class>/<images> and val/<class>/<images>')
+    g.add_argument('--num_classes', type=int, default=0, help='class embeddings (0: number of class folders in train/)')
+    g.add_argument('--pn', type=str, default='1_2_3_4_5_6_8_10_13_16',
+                   help="token-map sides per scale; '256' and '512' are aliases; image side = 16 x last one")
+    g.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to round(mid_reso x side), then crop')
+    g.add_argument('--hflip', default=False, help='random horizontal flip', **B)
+    g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes per rank (0: load in the main process)')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--depth', type=int, default=16, help='nominal depth: width 64 x depth, depth heads')
+    g.add_argument('--use_implicit', default=False, help='VIAR: p_depth pre + 1 implicit + p_depth post blocks', **B)
+    g.add_argument('--p_depth', type=int, default=5, help='VIAR pre and post blocks (each)')
+    g.add_argument('--saln', default=False, help='shared AdaLN', **B)
+    g.add_argument('--anorm', default=True, help='L2-normalised attention', **B)
+    g.add_argument('--fuse', default=True, help='use fused / flash kernels when available', **B)
+    g.add_argument('--aln', type=float, default=0.5, help='AdaLN weight init multiplier')
+    g.add_argument('--alng', type=float, default=1e-5, help='AdaLN gamma-rows init multiplier')
+    g.add_argument('--hd', type=float, default=0.02, help='head weight init multiplier')
+    g.add_argument('--ini', type=float, default=-1, help='init std (<0: sqrt(1/3C))')
+    g.add_argument('--vae_ckpt', type=str, default='ckpts/vae_ch160v4096z32.pth', help='frozen tokenizer checkpoint')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--bs', type=int, default=768, help='global batch size per optimiser step (all ranks, all accumulation steps)')
+    g.add_argument('--ac', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--ep', type=int, default=250, help='epochs')
+    g.add_argument('--tblr', type=float, default=1e-4, help='base lr; lr = tblr x bs / 256')
+    g.add_argument('--twd', type=float, default=0.05, help='initial weight decay')
+    g.add_argument('--twde', type=float, default=0.0, help='final weight decay (0: = twd); cosine from twd')
+    g.add_argument('--tclip', type=float, default=2.0, help='grad-norm clipping (<=0: off)')
+    g.add_argument('--ls', type=float, default=0.0, help='label smoothing')
+    g.add_argument('--wp', type=float, default=0, help='warm-up epochs (0: ep/50)')
+    g.add_argument('--wp0', type=float, default=0.005, help='lr ratio at the start of warm-up')
+    g.add_argument('--wpe', type=float, default=0.01, help='lr ratio at the end of training')
+    g.add_argument('--sche', type=str, default='lin0', help='lr schedule after warm-up: lin0, lin, lin00, linX, cos, exp')
+    g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler, 2: bf16')
+    g.add_argument('--tf32', default=True, help='allow TF32 matmuls on CUDA', **B)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--seed', type=int, default=None, help='seed (default: drawn once, then kept in the checkpoint)')
+    g.add_argument('--device', type=str, default='auto', choices=('auto', 'cpu', 'cuda'))
+    g.add_argument('--local_out_dir_path', type=str, default='local_output', help='logs, TensorBoard and checkpoints')
+    g.add_argument('--save_freq', type=int, default=5, help='validate and save ar-ckpt-last.pth every this many epochs')
+    g.add_argument('--ckpt_every_iters', type=int, default=0, help='also save ar-ckpt-last.pth every this many iterations (0: off)')
+    g.add_argument('--log_freq', type=int, default=0, help='console / TensorBoard detail every this many iterations (0: ~10 per epoch)')
+    g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
+    g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)   # torch.distributed.launch
+
+    # test hooks (hidden): deliver a signal to ourselves / poison the loss at given global iterations
+    p.add_argument('--debug_kill_at_iter', type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT'), help=argparse.SUPPRESS)
+    p.add_argument('--debug_nonfinite_at', type=str, default='', help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = get_parser()
+    args = p.parse_args(argv)
+    try:
+        args.patch_nums = parse_patch_nums(args.pn)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    for name, lo in (('depth', 1), ('bs', 1), ('ac', 1), ('ep', 1), ('save_freq', 1), ('max_nonfinite', 1)):
+        if getattr(args, name) < lo:
+            p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
+    if args.use_implicit and not 0 <= args.p_depth <= args.depth:
+        p.error(f'--p_depth must be between 0 and --depth ({args.depth}), got {args.p_depth}')
+    if args.workers < 0 or args.num_classes < 0 or args.ckpt_every_iters < 0:
+        p.error('--workers, --num_classes and --ckpt_every_iters must be >= 0')
+    try:
+        args.debug_nonfinite_at = sorted({int(x) for x in args.debug_nonfinite_at.split(',') if x.strip()})
+    except ValueError:
+        p.error('--debug_nonfinite_at takes comma-separated iteration numbers')
+    return args
+
+
+def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Derived values (as the official ``init_dist_and_get_args``): per-rank batch, lr, warm-up, paths' names."""
+    args.pn = '_'.join(map(str, args.patch_nums))
+    args.data_load_reso = PATCH_SIZE * args.patch_nums[-1]
+    args.resos = [PATCH_SIZE * pn for pn in args.patch_nums]
+    per_rank = args.bs / args.ac / world_size
+    if per_rank < 1:
+        raise ValueError(f'--bs {args.bs} is too small for {world_size} processes x --ac {args.ac}: '
+                         f'each process needs at least one image per iteration')
+    args.batch_size = max(1, round(per_rank))                 # images per rank per iteration
+    args.glb_batch_size = args.batch_size * world_size        # images per iteration, all ranks
+    args.world_size = world_size
+    args.tlr = args.ac * args.tblr * args.glb_batch_size / 256
+    args.twde = args.twde or args.twd
+    if args.wp == 0:
+        args.wp = args.ep / 50
+    args.workers = min(args.workers, args.batch_size)
+    # the official name tb-VARd{depth}__pn...; VIAR runs are marked at the end
+    name = f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}adamlr{args.tblr:g}wd{args.twd:g}'
+    if args.use_implicit:
+        name += f'__viar_p{args.p_depth}'
+    args.tb_name = re.sub(r'[^\w\-+,.]', '_', name)
+    return args
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """``vars(args)`` with only plain values (loads with ``torch.load(weights_only=True)``)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, tuple):
+            v = list(v)
+        if v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, list) and all(
+                isinstance(x, (bool, int, float, str)) for x in v)):
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
