@@ -55,11 +55,12 @@ class KVCache:
         self.v_BHLc: Optional[torch.Tensor] = None
 
     def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor):
-        """Stores the new keys/values and returns views of everything cached so far (new ones included)."""
+        """Stores the new keys/values (in the dtype of the first write) and returns views of everything cached so
+        far, new ones included."""
         B, H, l, c = k_BHlc.shape
         if self.k_BHLc is None:
             self.k_BHLc = k_BHlc.new_empty(B, H, max(self.capacity, l), c)
-            self.v_BHLc = v_BHlc.new_empty(B, H, max(self.capacity, l), c)
+            self.v_BHLc = self.k_BHLc.new_empty(B, H, max(self.capacity, l), c)
         end = self.len + l
         if end > self.k_BHLc.shape[2]:      # more tokens than planned: grow (never hit by the sampler)
             grow = lambda t: torch.cat((t[:, :, :self.len], t.new_empty(B, H, end - self.len, c)), dim=2)
@@ -114,29 +115,45 @@ class SelfAttention(nn.Module):
     def cache_nbytes(self) -> int:
         return sum(c.nbytes() for c in self.kv_caches.values())
 
-    def forward(self, x, attn_bias, cur_it: int = 0):
-        B, L, C = x.shape
-        qkv_BL3Hc = F.linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
-        q, k, v = qkv_BL3Hc.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # B H L c
+    def qkv(self, x_BLC: torch.Tensor):
+        """Queries, keys and values (B, H, L, c) in the projection's dtype.  With ``attn_l2_norm`` q and k are
+        L2-normalised and the temperature is folded into q: ``q * (scale_mul / |q|)`` is one pass over q instead of
+        ``F.normalize(q) * scale_mul`` (two); it differs from it by rounding only."""
+        B, L, C = x_BLC.shape
+        qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        q, k, v = qkv_BL3Hc.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
+            main_type = qkv_BL3Hc.dtype
+            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q = q.mul(scale_mul_1H11 / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(main_type)
+            k = k.div(k.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(main_type)
+        return q, k, v
+
+    def attend(self, q, k, v, attn_bias, cur_it: int = 0) -> torch.Tensor:
+        """Attention of q over k, v (and, while caching, the cached keys of earlier scales); returns (B, L, C)
+        before the output projection.  The cache is written in place (``KVCache``), in the dtype of v."""
+        B, H, L, c = q.shape
         if self.caching:
             cache = self.kv_caches.get(cur_it)
             if cache is None:
                 cache = self.kv_caches[cur_it] = KVCache(self.cache_capacity.get(cur_it, self._default_capacity))
-            k, v = cache.append(k, v)
+            k, v = cache.append(k.to(v.dtype), v)
         dropout_p = self.attn_drop if self.training else 0.0
-        main_type = qkv_BL3Hc.dtype
-        if self.using_flash and attn_bias is None and main_type in (torch.float16, torch.bfloat16) and x.is_cuda:
-            oup = flash_attn_func(q.to(main_type).transpose(1, 2), k.to(main_type).transpose(1, 2),
-                                  v.to(main_type).transpose(1, 2), dropout_p=dropout_p, softmax_scale=self.scale)
-            oup = oup.reshape(B, L, C)
-        else:
-            oup = F.scaled_dot_product_attention(q.to(main_type), k.to(main_type), v.to(main_type), attn_mask=attn_bias,
-                                                 dropout_p=dropout_p, scale=self.scale).transpose(1, 2).reshape(B, L, C)
-        return self.proj_drop(self.proj(oup))
+        main_type = v.dtype
+        if self.using_flash and attn_bias is None and main_type in (torch.float16, torch.bfloat16) and q.is_cuda:
+            oup = flash_attn_func(q.to(main_type).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  dropout_p=dropout_p, softmax_scale=self.scale)
+            return oup.reshape(B, L, H * c)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(main_type)
+        # the CPU and CUDA kernels return (B, H, L, c) stored as (B, L, H, c): the reshape below is a view
+        oup = F.scaled_dot_product_attention(q.to(main_type), k, v, attn_mask=attn_bias, dropout_p=dropout_p,
+                                             scale=self.scale)
+        return oup.transpose(1, 2).reshape(B, L, H * c)
+
+    def forward(self, x, attn_bias, cur_it: int = 0):
+        q, k, v = self.qkv(x)
+        return self.proj_drop(self.proj(self.attend(q, k, v, attn_bias, cur_it=cur_it)))
 
     def extra_repr(self) -> str:
         return f'using_flash={self.using_flash}, attn_l2_norm={self.attn_l2_norm}'
@@ -173,10 +190,23 @@ class AdaLNSelfAttn(nn.Module):
         if ada_B16C is None:
             ada_B16C = self.ada(cond_BD)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias,
-                                         cur_it=cur_it).mul_(gamma1))
-        x = x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
-        return x
+        q, k, v = self.attn_in(x, scale1, shift1)
+        oup_BLC = self.attn.attend(q, k, v, attn_bias, cur_it=cur_it)       # the KV cache lives between the halves
+        return self.attn_out_ffn(x, oup_BLC, gamma1, gamma2, scale2, shift2)
+
+    # The two halves of the block around the attention kernel are pure functions of tensors: ``VAR.compile_blocks``
+    # hands them to torch.compile.  Eagerly, modulation and residuals are single fused passes (addcmul).
+    def attn_in(self, x, scale1, shift1):
+        return self.attn.qkv(torch.addcmul(shift1, self.ln_wo_grad(x), scale1.add(1)))
+
+    def attn_out_ffn(self, x, oup_BLC, gamma1, gamma2, scale2, shift2):
+        x = self._residual(x, self.attn.proj_drop(self.attn.proj(oup_BLC)), gamma1)
+        return self._residual(x, self.ffn(torch.addcmul(shift2, self.ln_wo_grad(x), scale2.add(1))), gamma2)
+
+    def _residual(self, x, y, gamma):
+        if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0:
+            return x + self.drop_path(y * gamma)
+        return torch.addcmul(x, y, gamma)           # x + y * gamma in one pass
 
     def extra_repr(self) -> str:
         return f'shared_aln={self.shared_aln}'

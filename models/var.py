@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
@@ -95,8 +96,24 @@ class ImplicitBackbone(nn.Module):
         return (random.randint(self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters),
                 random.randint(self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters))
 
-    def implicit_step(self, z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None):
-        z_BLC = self.implicit_block_projection(torch.cat((z_BLC, u_BLC), dim=-1))
+    def injection(self, u_BLC: torch.Tensor) -> torch.Tensor:
+        """The input injection's share of the projection's first layer, ``W[:, C:] u + b``.  u is fixed during the
+        fixed-point iteration, so it is computed once per forward (per scale when sampling), not once per step:
+        ``proj([z ; u]) = W2 gelu(W[:, :C] z + injection(u)) + b2`` saves 1/3 of the projection's FLOPs and the
+        (B, L, 2C) concatenation of every step."""
+        lin0 = self.implicit_block_projection[0]
+        return F.linear(u_BLC, lin0.weight[:, u_BLC.shape[-1]:], lin0.bias)
+
+    def project(self, z_BLC: torch.Tensor, inj_BLC: torch.Tensor) -> torch.Tensor:
+        lin0, act, lin1 = self.implicit_block_projection
+        return lin1(act(F.linear(z_BLC, lin0.weight[:, :z_BLC.shape[-1]]).add_(inj_BLC)))
+
+    def implicit_step(self, z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None, inj_BLC=None):
+        """One fixed-point step ``z <- implicit_block(proj([z ; u]))``; pass ``inj_BLC = injection(u)`` when
+        iterating (computed here otherwise)."""
+        if inj_BLC is None:
+            inj_BLC = self.injection(u_BLC)
+        z_BLC = self.project(z_BLC, inj_BLC)
         return self.implicit_block(z_BLC, cond_BD_or_gss, attn_bias, cur_it=cur_it, ada_B16C=ada_B16C)
 
     def forward(self, x_BLC, cond_BD_or_gss, attn_bias, iters: Optional[Tuple[int, int]] = None):
@@ -111,12 +128,14 @@ class ImplicitBackbone(nn.Module):
         n_no_grad, n_with_grad = iters
         u_BLC = x_BLC
         z_BLC = u_BLC.detach()
+        # W[:, C:] u + b, once for all steps (with gradient into the projection and, through u, the pre blocks)
+        inj_BLC = self.injection(u_BLC)
         if n_no_grad > 0:
             with torch.no_grad():
                 for it in range(n_no_grad):
-                    z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it)
+                    z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it, inj_BLC=inj_BLC)
         for it in range(n_with_grad):
-            z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it)
+            z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it, inj_BLC=inj_BLC)
         x_BLC = z_BLC
         for b in self.post_blocks:
             x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias)
@@ -136,8 +155,9 @@ class ImplicitBackbone(nn.Module):
         for b, ada in zip(self.pre_blocks, ada_pre):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
         u_BlC = z_BlC = x_BlC
+        inj_BlC = self.injection(u_BlC) if schedule[si] > 0 else None
         for it in range(schedule[si]):
-            z_BlC = self.implicit_step(z_BlC, u_BlC, None, None, cur_it=it, ada_B16C=ada_imp)
+            z_BlC = self.implicit_step(z_BlC, u_BlC, None, None, cur_it=it, ada_B16C=ada_imp, inj_BLC=inj_BlC)
         # free the caches of iteration indices no later scale runs
         later_max = max(schedule[si + 1:], default=0)
         for it in range(later_max, schedule[si]):
