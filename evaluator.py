@@ -30,11 +30,10 @@ import sys
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
-import scipy
-import scipy.linalg
 
 INCEPTION_URL = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb'
 INCEPTION_FILENAME = 'classify_image_graph_def.pb'
@@ -69,6 +68,8 @@ def feature_statistics(acts):
 
 def _sqrtm(mat):
     """scipy's matrix square root without its log noise, on scipy versions before and after the 1.16 rewrite."""
+    import scipy
+    import scipy.linalg
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         if tuple(int(v) for v in scipy.__version__.split('.')[:2]) < (1, 16):
@@ -122,14 +123,19 @@ def inception_score(probs, split_size=IS_SPLIT_SIZE, shuffle_seed=IS_SHUFFLE_SEE
 
 
 def pairwise_sq_distances(u, v):
-    """Squared L2 distances (len(u), len(v)) as the ADM suite computes them: max(|u|^2 - 2 u.v + |v|^2, 0) in float16
-    (float32 operands rounded to half, each operation's result rounded to half, sums accumulated in float32), and in
-    float32 if any of the half results is not finite.  Returned as float32."""
-    u16, v16 = np.asarray(u, np.float32).astype(np.float16), np.asarray(v, np.float32).astype(np.float16)
-    norm_u = np.sum(np.square(u16), axis=1, dtype=np.float32).astype(np.float16)[:, None]
-    norm_v = np.sum(np.square(v16), axis=1, dtype=np.float32).astype(np.float16)[None, :]
-    dot = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
-    with np.errstate(over='ignore', invalid='ignore'):
+    """Squared L2 distances (len(u), len(v)): max(|u|^2 - 2 u.v + |v|^2, 0) in float16 (operands rounded to half,
+    sums accumulated in float32, each operation's result rounded to half), in float32 if any half result is not
+    finite.  Returned as float32.
+
+    This is the ADM suite's formula in numpy.  The evaluator itself uses
+    :meth:`InceptionFeatures.pairwise_sq_distances`, the same formula run by TensorFlow as the ADM suite runs it:
+    TensorFlow's half-precision sums round differently on some entries, which can move a point across a radius
+    (on the golden batches, 5 of 400 reference points)."""
+    with np.errstate(over='ignore', invalid='ignore'):   # overflow is what the float32 fallback is for
+        u16, v16 = np.asarray(u, np.float32).astype(np.float16), np.asarray(v, np.float32).astype(np.float16)
+        norm_u = np.sum(np.square(u16), axis=1, dtype=np.float32).astype(np.float16)[:, None]
+        norm_v = np.sum(np.square(v16), axis=1, dtype=np.float32).astype(np.float16)[None, :]
+        dot = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
         dist = np.maximum(norm_u - np.float16(2) * dot + norm_v, np.float16(0))
     if np.isfinite(dist).all():
         return dist.astype(np.float32)
@@ -139,7 +145,7 @@ def pairwise_sq_distances(u, v):
     return np.maximum(norm_u - np.float32(2) * (u32 @ v32.T) + norm_v, np.float32(0))
 
 
-def manifold_radii(features, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE):
+def manifold_radii(features, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE, distances=pairwise_sq_distances):
     """Each point's squared distance to its k-th nearest neighbour, the point itself counting as the 0-th.
 
     The distance matrix is walked in (batch_size x batch_size) blocks keeping the k+1 smallest distances per row,
@@ -152,25 +158,27 @@ def manifold_radii(features, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE):
         rows = features[r0:r0 + batch_size]
         nearest = np.empty((len(rows), 0), dtype=np.float32)
         for c0 in range(0, n, batch_size):
-            block = np.concatenate([nearest, pairwise_sq_distances(rows, features[c0:c0 + batch_size])], axis=1)
+            block = np.concatenate([nearest, distances(rows, features[c0:c0 + batch_size])], axis=1)
             keep = min(k + 1, block.shape[1])
             nearest = np.partition(block, keep - 1, axis=1)[:, :keep]
         radii[r0:r0 + len(rows)] = np.partition(nearest, k, axis=1)[:, k]
     return radii
 
 
-def precision_recall(ref_feats, sample_feats, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE):
+def precision_recall(ref_feats, sample_feats, k=NHOOD_SIZE, batch_size=PR_BATCH_SIZE,
+                     distances=pairwise_sq_distances):
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii, as in the ADM suite.
 
     precision: share of samples within the radius of at least one reference point;
-    recall: share of reference points within the radius of at least one sample."""
-    ref_radii = manifold_radii(ref_feats, k, batch_size)
-    sample_radii = manifold_radii(sample_feats, k, batch_size)
+    recall: share of reference points within the radius of at least one sample.
+    ``distances(u, v)`` gives the squared distance matrix of two blocks of rows."""
+    ref_radii = manifold_radii(ref_feats, k, batch_size, distances)
+    sample_radii = manifold_radii(sample_feats, k, batch_size, distances)
     ref_covered = np.zeros(len(ref_feats), dtype=bool)
     sample_covered = np.zeros(len(sample_feats), dtype=bool)
     for r0 in range(0, len(ref_feats), batch_size):
         for s0 in range(0, len(sample_feats), batch_size):
-            dist = pairwise_sq_distances(ref_feats[r0:r0 + batch_size], sample_feats[s0:s0 + batch_size])
+            dist = distances(ref_feats[r0:r0 + batch_size], sample_feats[s0:s0 + batch_size])
             sample_covered[s0:s0 + batch_size] |= (dist <= ref_radii[r0:r0 + batch_size, None]).any(axis=0)
             ref_covered[r0:r0 + batch_size] |= (dist <= sample_radii[None, s0:s0 + batch_size]).any(axis=1)
     return float(np.mean(sample_covered)), float(np.mean(ref_covered))
@@ -183,15 +191,15 @@ def precision_recall(ref_feats, sample_feats, k=NHOOD_SIZE, batch_size=PR_BATCH_
 class NpzImages:
     """``arr_0`` of an .npz, read batch by batch from the zip member (stored or deflated), never whole."""
 
-    def __init__(self, path, key='arr_0'):
-        self.path, self.member = Path(path), key + '.npy'
+    def __init__(self, path, key='arr_0', what='file'):
+        self.path, self.member, self.name = Path(path), key + '.npy', f'{what} {path}'
         with zipfile.ZipFile(self.path) as zf:
             if self.member not in zf.namelist():
-                raise EvalError(f'{path}: no {key!r} array in this .npz (it holds: {_npz_keys(zf) or "nothing"})')
+                raise EvalError(f'{self.name}: no {key} array in this .npz (it holds: {_npz_keys(zf) or "nothing"})')
             with zf.open(self.member) as f:
                 self.shape, dtype = self._read_header(f)
         if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
-            raise EvalError(f'{path}: {key} must hold uint8 images of shape (N, H, W, 3); '
+            raise EvalError(f'{self.name}: {key} must hold uint8 images of shape (N, H, W, 3); '
                             f'it holds {dtype} of shape {self.shape}')
 
     def _read_header(self, f):
@@ -204,9 +212,9 @@ class NpzImages:
             else:
                 raise ValueError(f'unsupported .npy format version {version}')
         except ValueError as e:
-            raise EvalError(f'{self.path}: {self.member} is not a readable .npy array ({e})') from None
+            raise EvalError(f'{self.name}: {self.member} is not a readable .npy array ({e})') from None
         if fortran_order and len(shape) > 1:
-            raise EvalError(f'{self.path}: {self.member} is stored in Fortran order; save it C-contiguous')
+            raise EvalError(f'{self.name}: {self.member} is stored in Fortran order; save it C-contiguous')
         return shape, dtype
 
     def __len__(self):
@@ -219,9 +227,12 @@ class NpzImages:
             self._read_header(f)
             for start in range(0, len(self), batch_size):
                 count = min(batch_size, len(self) - start)
-                data = f.read(count * per_image)
+                try:
+                    data = f.read(count * per_image)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    raise EvalError(f'{self.name}: {self.member} is damaged near image {start} ({e})') from None
                 if len(data) != count * per_image:
-                    raise EvalError(f'{self.path}: {self.member} is truncated after about {start} images')
+                    raise EvalError(f'{self.name}: {self.member} is truncated after about {start} images')
                 yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + tuple(self.shape[1:]))
 
 
@@ -242,8 +253,11 @@ def open_npz(path, what):
 
 
 def load_arrays(path, keys):
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in keys}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in keys}
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise EvalError(f'{path}: cannot read {", ".join(keys)} ({e})') from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,8 +311,15 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def _tf_sq_distances(tf, u, v):
+    norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
+    norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
+    return tf.maximum(norm_u - 2 * tf.matmul(u, v, transpose_b=True) + norm_v, 0.0)
+
+
 class InceptionFeatures:
-    """The Inception graph in a TF1-style session: images -> (pool, spatial) features, pool features -> softmax."""
+    """The Inception graph in a TF1-style session: images -> (pool, spatial) features, pool features -> softmax,
+    and the ADM suite's squared-distance block for precision/recall."""
 
     def __init__(self, graph_path):
         os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -325,6 +346,11 @@ class InceptionFeatures:
             self.spatial = tf.reshape(spatial[..., :SPATIAL_CHANNELS], [tf.shape(spatial)[0], -1])
             self.pool_input = tf1.placeholder(tf.float32, shape=[None, None])
             self.softmax = tf.nn.softmax(tf.matmul(self.pool_input, logits_op.inputs[1]))
+
+            self.rows = tf1.placeholder(tf.float32, shape=[None, None])
+            self.cols = tf1.placeholder(tf.float32, shape=[None, None])
+            self.dist16 = _tf_sq_distances(tf, tf.cast(self.rows, tf.float16), tf.cast(self.cols, tf.float16))
+            self.dist32 = _tf_sq_distances(tf, self.rows, self.cols)
         self.session = tf1.Session(graph=self.graph)
 
     def activations(self, images, batch_size, desc):
@@ -340,6 +366,14 @@ class InceptionFeatures:
                 bar.update(len(batch))
         return np.concatenate(pools), np.concatenate(spatials)
 
+    def pairwise_sq_distances(self, u, v):
+        """:func:`pairwise_sq_distances` computed by TensorFlow, as the ADM suite computes it (half, else float32)."""
+        feed = {self.rows: u, self.cols: v}
+        dist = self.session.run(self.dist16, feed)
+        if np.isfinite(dist).all():
+            return dist.astype(np.float32)
+        return self.session.run(self.dist32, feed)
+
     def class_probs(self, pool):
         return np.concatenate([self.session.run(self.softmax, {self.pool_input: pool[i:i + SOFTMAX_BATCH_SIZE]})
                                for i in range(0, len(pool), SOFTMAX_BATCH_SIZE)])
@@ -354,45 +388,55 @@ def stats_cache_path(ref_path):
     return ref_path.with_name(ref_path.stem + '_stats.npz')
 
 
-def read_batch(path, what, model, batch_size, graph_sha, use_cache=False):
-    """Pool activations and (mu, sigma, mu_s, sigma_s) of one batch file.
+class BatchFile:
+    """One input .npz, checked when opened: what it stores, and its images where something must be computed.
 
     Stored ``mu, sigma, mu_s, sigma_s`` are used as they are (the ADM suite does the same), stored ``pool``
-    activations likewise; whatever is missing is computed from ``arr_0``.  With ``use_cache`` a ``*_stats.npz``
-    next to the file (written by ``--save_ref_stats`` for the same file and graph) stands in for both.
-    Returns (pool, stats, computed_anything)."""
-    keys = open_npz(path, what)
-    if use_cache and not (set(STAT_KEYS) <= keys and 'pool' in keys):
-        cache = stats_cache_path(path)
-        if cache.is_file():
-            meta = load_arrays(cache, ['source_bytes', 'graph_sha256'])
-            if int(meta['source_bytes']) == Path(path).stat().st_size and str(meta['graph_sha256']) == graph_sha:
-                print(f'using cached reference statistics {cache}', file=sys.stderr)
-                path, keys = cache, open_npz(cache, 'statistics cache')
-            else:
-                print(f'ignoring {cache}: made from another file or Inception graph', file=sys.stderr)
-    if 'graph_sha256' in keys and str(load_arrays(path, ['graph_sha256'])['graph_sha256']) != graph_sha:
-        print(f'warning: the activations in {path} come from another Inception graph', file=sys.stderr)
+    activations likewise; whatever is missing is computed from ``arr_0``."""
 
-    stats = load_arrays(path, STAT_KEYS) if set(STAT_KEYS) <= keys else None
-    pool = load_arrays(path, ['pool'])['pool'] if 'pool' in keys else None
-    if pool is None or stats is None:
-        if 'arr_0' not in keys:
-            raise EvalError(f'{what} {path}: no {"arr_0" if stats is None else "arr_0 or pool"} array in this .npz '
-                            f'(it holds: {", ".join(sorted(keys)) or "nothing"})')
-        images = NpzImages(path)
-        check_count(len(images), path, what)
-        pool, spatial = model.activations(images, batch_size, desc=what)
-        check_finite(pool, path, what)
-        check_finite(spatial, path, what)
-        if stats is None:
-            stats = dict(zip(STAT_KEYS, feature_statistics(pool) + feature_statistics(spatial)))
-        return pool, stats, True
-    if pool.ndim != 2:
-        raise EvalError(f'{what} {path}: pool must be (N, features), got shape {pool.shape}')
-    check_count(len(pool), path, what)
-    check_finite(pool, path, what)
-    return pool, stats, False
+    def __init__(self, path, what):
+        self.path, self.what = Path(path), what
+        self.keys = open_npz(path, what)
+        self.has_stats, self.has_pool = set(STAT_KEYS) <= self.keys, 'pool' in self.keys
+        self.images = None
+        if not (self.has_stats and self.has_pool):
+            if 'arr_0' not in self.keys:
+                raise EvalError(f'{what} {path}: no arr_0 array in this .npz '
+                                f'(it holds: {", ".join(sorted(self.keys)) or "nothing"})')
+            self.images = NpzImages(path, what=what)   # checks dtype and shape
+            check_count(len(self.images), path, what)
+
+    def cached(self, graph_sha):
+        """The ``*_stats.npz`` written next to this file by ``--save_ref_stats``, if it was made from this file
+        (same size) with this Inception graph and nothing has to be computed here; else this file itself."""
+        cache = stats_cache_path(self.path)
+        if self.images is None or not cache.is_file():
+            return self
+        meta = load_arrays(cache, ['source_bytes', 'graph_sha256'])
+        if int(meta['source_bytes']) != self.path.stat().st_size or str(meta['graph_sha256']) != graph_sha:
+            print(f'ignoring {cache}: made from another file or Inception graph', file=sys.stderr)
+            return self
+        print(f'using the cached statistics {cache}', file=sys.stderr)
+        return BatchFile(cache, self.what)
+
+    def read(self, model, batch_size, graph_sha):
+        """Pool activations (N, D) and the FID / sFID statistics {mu, sigma, mu_s, sigma_s}."""
+        if 'graph_sha256' in self.keys and str(load_arrays(self.path, ['graph_sha256'])['graph_sha256']) != graph_sha:
+            print(f'warning: the activations in {self.path} come from another Inception graph', file=sys.stderr)
+        stats = load_arrays(self.path, STAT_KEYS) if self.has_stats else None
+        if self.images is not None:
+            pool, spatial = model.activations(self.images, batch_size, desc=self.what)
+            check_finite(pool, self.path, self.what)
+            check_finite(spatial, self.path, self.what)
+            if stats is None:
+                stats = dict(zip(STAT_KEYS, feature_statistics(pool) + feature_statistics(spatial)))
+            return pool, stats
+        pool = load_arrays(self.path, ['pool'])['pool']
+        if pool.ndim != 2:
+            raise EvalError(f'{self.what} {self.path}: pool must be (N, features), got shape {pool.shape}')
+        check_count(len(pool), self.path, self.what)
+        check_finite(pool, self.path, self.what)
+        return pool, stats
 
 
 def check_count(n, path, what):
@@ -420,23 +464,26 @@ def save_stats(path, pool, stats, source, graph_sha):
 
 def evaluate(args):
     """Compute the five numbers; returns them as an ordered dict."""
-    for p, what in ((args.ref_batch, 'reference batch'), (args.sample_batch, 'sample batch')):
-        open_npz(p, what)   # fail on a bad path before loading TensorFlow or downloading anything
+    if args.batch_size < 1:
+        raise EvalError(f'--batch_size must be positive, got {args.batch_size}')
+    # Check both files before loading TensorFlow, downloading or computing anything.
+    ref = BatchFile(args.ref_batch, 'reference batch')
+    sample = BatchFile(args.sample_batch, 'sample batch')
     graph = resolve_inception(args.inception)
     graph_sha = file_sha256(graph)
+    ref = ref.cached(graph_sha)
     model = InceptionFeatures(graph)
 
-    ref_pool, ref_stats, computed = read_batch(args.ref_batch, 'reference batch', model, args.batch_size,
-                                               graph_sha, use_cache=True)
-    if args.save_ref_stats and computed:
+    ref_pool, ref_stats = ref.read(model, args.batch_size, graph_sha)
+    if args.save_ref_stats and ref.images is not None:
         save_stats(stats_cache_path(args.ref_batch), ref_pool, ref_stats, args.ref_batch, graph_sha)
-    sample_pool, sample_stats, _ = read_batch(args.sample_batch, 'sample batch', model, args.batch_size, graph_sha)
+    sample_pool, sample_stats = sample.read(model, args.batch_size, graph_sha)
     if ref_pool.shape[1] != sample_pool.shape[1]:
         raise EvalError(f'reference and sample features differ in size ({ref_pool.shape[1]} vs '
                         f'{sample_pool.shape[1]}); were they made with the same Inception graph?')
 
     probs = model.class_probs(sample_pool)
-    precision, recall = precision_recall(ref_pool, sample_pool)
+    precision, recall = precision_recall(ref_pool, sample_pool, distances=model.pairwise_sq_distances)
     return {
         'Inception Score': inception_score(probs, shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED),
         'FID': float(frechet_distance(sample_stats['mu'], sample_stats['sigma'], ref_stats['mu'], ref_stats['sigma'])),

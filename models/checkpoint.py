@@ -162,12 +162,18 @@ def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str =
     with torch.device('meta'):
         vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
                     share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums)
+    return _load_strict(vae, sd, device, f'tokenizer checkpoint {vae_ckpt!r} does not fit the VQVAE architecture '
+                                         '({err})')
+
+
+def _load_strict(model: torch.nn.Module, sd, device, message: str):
+    """Loads ``sd`` into the meta-built ``model`` (strict, tensors assigned in fp32) and returns it on ``device`` in
+    eval mode without gradients; a mismatch raises CheckpointError(message with ``{err}`` = torch's first line)."""
     try:
-        vae.load_state_dict(_float32(sd), strict=True, assign=True)
+        model.load_state_dict(_float32(sd), strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f'tokenizer checkpoint {vae_ckpt!r} does not fit the VQVAE architecture '
-                              f'({str(e).splitlines()[0]})') from None
-    return vae.to(device).eval().requires_grad_(False)
+        raise CheckpointError(message.replace('{err}', str(e).splitlines()[0])) from None
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str, Any]] = None,
@@ -191,12 +197,8 @@ def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str,
                            pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
     # re-attach the real tokenizer (the meta build made a placeholder)
     var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)
-    try:
-        var.load_state_dict(_float32(sd), strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f'{var_ckpt!r} does not fit {describe_var_config(cfg)} '
-                              f'({str(e).splitlines()[0]}); is the file complete?') from None
-    return var.to(device).eval().requires_grad_(False)
+    return _load_strict(var, sd, device, f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); '
+                                         'is the file complete?')
 
 
 def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Dict[str, Any]] = None,
