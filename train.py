@@ -25,7 +25,9 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -301,21 +303,101 @@ def check_resume_compat(saved: dict, args, path: str):
 
 
 # ============================================== training ==============================================================
+@dataclass
+class Run:
+    """Everything one training run holds: the models and optimizer, and the progress a checkpoint must restore."""
+    args: Any
+    dev: torch.device
+    amp_dtype: Optional[torch.dtype]
+    stop: 'StopFlag'
+    vae: Any = None
+    var_wo_ddp: Any = None
+    var: Any = None                     # var_wo_ddp, or its DDP wrapper
+    opt: Any = None
+    scaler: Any = None
+    iters_train: int = 0
+    iters_rng: random.Random = None     # VIAR (n0, n1): the same draws on every rank
+    start_ep: int = 0
+    start_it: int = 0
+    best_val_tail: float = float('inf')
+    nonfinite_in_a_row: int = 0
+    # epoch sums: L_mean, L_tail, acc_mean, acc_tail, iterations, skipped, grad-norm sum, optimizer steps
+    ep_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(8, dtype=torch.float64))
+    last_save_g_it: int = 0
+    last_lr_wd: tuple = (0.0, 0.0)     # lr and wd of the epoch's last iteration, for log.txt
+    tb: Optional['TBWriter'] = None
+
+    @property
+    def last_path(self):
+        return os.path.join(self.args.local_out_dir_path, 'ar-ckpt-last.pth')
+
+    @property
+    def best_path(self):
+        return os.path.join(self.args.local_out_dir_path, 'ar-ckpt-best.pth')
+
+    def amp_ctx(self):
+        return torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def tb_log(self, step, **scalars):
+        if self.tb is not None:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+
 def main(args):
+    """Trains until ``--ep`` epochs are done, resuming from ``ar-ckpt-last.pth`` when the output folder has one."""
+    run = setup(args)
+    ckpt = find_checkpoint(run)
+    train_set, val_set = build_data(args, ckpt, run.last_path)
+    build_models(run, ckpt)
+    sampler = ResumableBatchSampler(len(train_set), args.batch_size, dist.get_rank(), dist.get_world_size(),
+                                    seed=args.seed)
+    run.iters_train = sampler.iters_per_epoch
+    restore_progress(run, ckpt)
+    del ckpt
+    pin, rank = run.dev.type == 'cuda', dist.get_rank()
+    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
+                          persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed + rank))
+    ld_val = DataLoader(val_set, batch_size=max(1, round(args.batch_size * 1.5)), num_workers=args.workers,
+                        sampler=ShardSampler(len(val_set), rank, dist.get_world_size()), pin_memory=pin,
+                        generator=torch.Generator().manual_seed(args.seed + rank))
+    if run.start_ep >= args.ep:
+        print(f'[train] nothing to do: {run.last_path} already holds {run.start_ep} epochs (--ep {args.ep}); raise '
+              f'--ep to train longer')
+        return
+    if dist.is_master():
+        run.tb = TBWriter(os.path.join(args.local_out_dir_path, args.tb_name),
+                          purge_step=run.start_ep * run.iters_train + run.start_it)
+    global _TRAINING
+    _TRAINING = True
+    t_start = time.time()
+    for ep in range(run.start_ep, args.ep):
+        first_it = run.start_it if ep == run.start_ep else 0
+        if first_it == 0:
+            run.ep_sums.zero_()
+        sampler.set_epoch(ep, first_it)
+        stop_now, dt_it = train_one_epoch(run, ep, first_it, ld_train)
+        end_of_epoch(run, ep, ld_val, stop_now, dt_it, t_start)
+    print(f'[train] finished {args.ep} epochs in {timedelta(seconds=int(time.time() - t_start))}; best validation '
+          f'tail loss {run.best_val_tail:.4f}; checkpoints in {args.local_out_dir_path}')
+    if run.tb is not None:
+        run.tb.close()
+
+
+def setup(args) -> Run:
+    """Processes, output folder (stdout/stderr tee'd on rank 0), signal handlers, precision."""
     dev = dist.init_distributed(args.device)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    master, local_master = rank == 0, dist.get_local_rank() == 0
     try:
-        finalize_args(args, world_size)
+        finalize_args(args, dist.get_world_size())
         check_schedule(args.sche)
     except ValueError as e:
         raise UserError(str(e)) from None
-    out_dir = args.local_out_dir_path
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(args.local_out_dir_path, exist_ok=True)
     except OSError as e:
-        raise UserError(f'cannot create --local_out_dir_path {out_dir!r}: {e.strerror}') from None
-    setup_output(out_dir, master)
+        raise UserError(f'cannot create --local_out_dir_path {args.local_out_dir_path!r}: {e.strerror}') from None
+    setup_output(args.local_out_dir_path, dist.is_master())
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -325,16 +407,15 @@ def main(args):
     if amp_dtype is torch.float16 and dev.type != 'cuda':
         print('[train] --fp16=1 (float16 + GradScaler) needs CUDA; on CPU training runs in bfloat16 autocast instead')
         amp_dtype = torch.bfloat16
-
-    def amp_ctx():
-        return torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
     print(f'[train] {" ".join(sys.argv)}')
-    print(f'[train] world size {world_size}, device {dev}, per-rank batch {args.batch_size}, global batch '
+    print(f'[train] world size {dist.get_world_size()}, device {dev}, per-rank batch {args.batch_size}, global batch '
           f'{args.glb_batch_size} x ac {args.ac} = {args.glb_batch_size * args.ac}, lr {args.tlr:.3g}')
+    return Run(args=args, dev=dev, amp_dtype=amp_dtype, stop=stop)
 
-    # ---- 1. resume: the newest checkpoint of this output folder -----------------------------------------------------
-    last_path, best_path = os.path.join(out_dir, 'ar-ckpt-last.pth'), os.path.join(out_dir, 'ar-ckpt-best.pth')
+
+def find_checkpoint(run: Run) -> Optional[dict]:
+    """The output folder's ``ar-ckpt-last.pth`` (None for a new run), the same on every rank; fixes ``--seed``."""
+    args, last_path = run.args, run.last_path
     try:
         ckpt = load_training_checkpoint(last_path) if os.path.isfile(last_path) else None
     except CheckpointError as e:
@@ -342,17 +423,19 @@ def main(args):
                               f'afterwards: restore it, copy ar-ckpt-best.pth over it, or move it away to start over') from None
     where = gather_object(None if ckpt is None else (ckpt['epoch'], ckpt['iter']))
     if any(w != where[0] for w in where):
-        raise UserError(f'the ranks see different checkpoints in {out_dir!r} ({where}): on several nodes, give every '
-                        f'node the same --local_out_dir_path content (a shared filesystem)')
-    res = ckpt.get('resume', {}) if ckpt else {}
+        raise UserError(f'the ranks see different checkpoints in {args.local_out_dir_path!r} ({where}): on several '
+                        f'nodes, give every node the same --local_out_dir_path content (a shared filesystem)')
     if args.seed is None:
         saved_seed = ckpt['args'].get('seed') if ckpt else None
         args.seed = saved_seed if saved_seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
     elif ckpt and ckpt['args'].get('seed') not in (None, args.seed):
         print(f'[train] note: the checkpoint was trained with --seed {ckpt["args"]["seed"]}, continuing with --seed '
               f'{args.seed} (data order and randomness change from here)')
+    return ckpt
 
-    # ---- 2. data (checked before any model is built) ----------------------------------------------------------------
+
+def build_data(args, ckpt: Optional[dict], last_path: str):
+    """Train and val ImageFolder datasets (checked before any model is built); sets ``--num_classes``."""
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip, mid_reso=args.mid_reso)
     if args.num_classes == 0:
         args.num_classes = len(classes)
@@ -364,8 +447,13 @@ def main(args):
     print(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, {args.data_load_reso} px')
     if ckpt:
         check_resume_compat(ckpt['args'], args, last_path)
+    return train_set, val_set
 
-    # ---- 3. models: frozen tokenizer, transformer (same init on every rank), DDP ------------------------------------
+
+def build_models(run: Run, ckpt: Optional[dict]):
+    """Frozen tokenizer, transformer (same init on every rank, or the checkpoint's weights), DDP, AdamW (betas
+    0.9/0.95, no decay on 1-D tensors and embeddings) and the fp16 GradScaler."""
+    args, dev, last_path = run.args, run.dev, run.last_path
     vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=VAE_HINT)
     torch.manual_seed(args.seed)
     _, var_wo_ddp = build_vae_var(
@@ -385,21 +473,20 @@ def main(args):
     n_params = sum(p.numel() for p in var_wo_ddp.parameters())
     print(f'[model] {var_wo_ddp.extra_repr()}: {n_params / 1e6:.2f}M parameters; tokenizer V={vae.vocab_size} '
           f'Cvae={vae.Cvae} from {args.vae_ckpt}')
-    if world_size > 1:
+    var = var_wo_ddp
+    if dist.get_world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         import inspect       # the buffers (masks, level ids) are constants: no need to re-broadcast them every step
         no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
                           else {'broadcast_buffers': False})
         var = DDP(var_wo_ddp, device_ids=[dev.index] if dev.type == 'cuda' else None, find_unused_parameters=False,
                   **no_buffer_sync)
-    else:
-        var = var_wo_ddp
 
-    # ---- 4. optimizer (AdamW, betas 0.9/0.95, no decay on 1-D / embeddings), GradScaler for fp16 --------------------
     _, groups = param_groups(var_wo_ddp)
     opt = torch.optim.AdamW(groups, lr=args.tlr, weight_decay=0, betas=(0.9, 0.95),
                             fused=True if dev.type == 'cuda' else None)
-    scaler = torch.amp.GradScaler('cuda', init_scale=2. ** 11, growth_interval=1000) if amp_dtype is torch.float16 else None
+    scaler = (torch.amp.GradScaler('cuda', init_scale=2. ** 11, growth_interval=1000)
+              if run.amp_dtype is torch.float16 else None)
     if ckpt:
         try:
             opt.load_state_dict(ckpt['trainer']['var_opt']['optimizer'])
@@ -408,291 +495,278 @@ def main(args):
                                   f'--local_out_dir_path to start a new run') from None
         if scaler is not None and ckpt['trainer']['var_opt'].get('scaler'):
             scaler.load_state_dict(ckpt['trainer']['var_opt']['scaler'])
+    run.vae, run.var_wo_ddp, run.var, run.opt, run.scaler = vae, var_wo_ddp, var, opt, scaler
 
-    # ---- 5. data loaders (resumable order), RNG ---------------------------------------------------------------------
-    sampler = ResumableBatchSampler(len(train_set), args.batch_size, rank, world_size, seed=args.seed)
-    iters_train = sampler.iters_per_epoch
-    pin = dev.type == 'cuda'
-    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
-                          persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed + rank))
-    ld_val = DataLoader(val_set, batch_size=max(1, round(args.batch_size * 1.5)), num_workers=args.workers,
-                        sampler=ShardSampler(len(val_set), rank, world_size), pin_memory=pin,
-                        generator=torch.Generator().manual_seed(args.seed + rank))
-    iters_rng = random.Random(args.seed)        # VIAR (n0, n1): the same draws on every rank
-    start_ep, start_it = 0, 0
-    best_val_tail, nonfinite_in_a_row = float('inf'), 0
-    # epoch sums: L_mean, L_tail, acc_mean, acc_tail, iterations, skipped, grad-norm sum, optimizer steps
-    ep_sums = torch.zeros(8, dtype=torch.float64)
-    if ckpt:
-        start_ep, start_it = int(ckpt['epoch']), int(ckpt['iter'])
-        if start_it and res.get('glb_batch_size', args.glb_batch_size) != args.glb_batch_size:
-            start_it = start_it * int(res['glb_batch_size']) // args.glb_batch_size
-            print(f'[resume] the global batch changed ({res["glb_batch_size"]} -> {args.glb_batch_size}): the epoch '
-                  f'continues at iteration {start_it} (an approximate, not an exact, resume)')
-        if start_it >= iters_train:
-            start_ep, start_it = start_ep + 1, 0
-        best_val_tail = float(res.get('best_val_tail', best_val_tail))
-        nonfinite_in_a_row = int(res.get('nonfinite_in_a_row', 0))
-        if start_it and 'ep_sums' in res:
-            ep_sums = res['ep_sums'].clone().double()
-        rngs = res.get('rng')
-        if rngs is not None and len(rngs) == world_size:
-            set_rng_state(rngs[rank], dev)
-        else:
-            print(f'[resume] the checkpoint was written by {len(rngs or [])} processes, this run has {world_size}: '
-                  f'random streams are re-seeded (an approximate, not an exact, resume)')
-            seed_rank(args.seed, rank, world_size, offset=start_ep * iters_train + start_it)
-        if 'iters_rng' in res:
-            iters_rng.setstate(tensor_to_py_random_state(res['iters_rng'], res['iters_rng_gauss']))
-        if start_ep < args.ep:
-            print(f'[resume] from {last_path}: epoch {start_ep + 1}/{args.ep}, iteration {start_it + 1}/{iters_train}')
-    else:
+
+def restore_progress(run: Run, ckpt: Optional[dict]):
+    """Schedule position, best validation loss, epoch sums and every RNG stream: from the checkpoint, or seeded."""
+    args, rank, world_size = run.args, dist.get_rank(), dist.get_world_size()
+    run.iters_rng = random.Random(args.seed)
+    if not ckpt:
         seed_rank(args.seed, rank, world_size)
-    del ckpt
-    if master and start_ep + start_it > 0:
-        truncate_log(os.path.join(out_dir, 'log.txt'), start_ep)
+        return
+    res = ckpt.get('resume', {})
+    start_ep, start_it = int(ckpt['epoch']), int(ckpt['iter'])
+    if start_it and res.get('glb_batch_size', args.glb_batch_size) != args.glb_batch_size:
+        start_it = start_it * int(res['glb_batch_size']) // args.glb_batch_size
+        print(f'[resume] the global batch changed ({res["glb_batch_size"]} -> {args.glb_batch_size}): the epoch '
+              f'continues at iteration {start_it} (an approximate, not an exact, resume)')
+    if start_it >= run.iters_train:
+        start_ep, start_it = start_ep + 1, 0
+    run.start_ep, run.start_it = start_ep, start_it
+    run.last_save_g_it = start_ep * run.iters_train + start_it
+    run.best_val_tail = float(res.get('best_val_tail', run.best_val_tail))
+    run.nonfinite_in_a_row = int(res.get('nonfinite_in_a_row', 0))
+    if start_it and 'ep_sums' in res:
+        run.ep_sums = res['ep_sums'].clone().double()
+    rngs = res.get('rng')
+    if rngs is not None and len(rngs) == world_size:
+        set_rng_state(rngs[rank], run.dev)
+    else:
+        print(f'[resume] the checkpoint was written by {len(rngs or [])} processes, this run has {world_size}: '
+              f'random streams are re-seeded (an approximate, not an exact, resume)')
+        seed_rank(args.seed, rank, world_size, offset=start_ep * run.iters_train + start_it)
+    if 'iters_rng' in res:
+        run.iters_rng.setstate(tensor_to_py_random_state(res['iters_rng'], res['iters_rng_gauss']))
+    if start_ep < args.ep:
+        print(f'[resume] from {run.last_path}: epoch {start_ep + 1}/{args.ep}, iteration {start_it + 1}/{run.iters_train}')
+    if dist.is_master() and start_ep + start_it > 0:
+        truncate_log(os.path.join(args.local_out_dir_path, 'log.txt'), start_ep)
 
-    tb = None
-    if master:
-        tb = TBWriter(os.path.join(out_dir, args.tb_name), purge_step=start_ep * iters_train + start_it)
 
-    def tb_log(step, **scalars):
-        if tb is not None:
-            for k, v in scalars.items():
-                if v is not None:
-                    tb.add_scalar(k, v, step)
+def save_checkpoint(run: Run, ep: int, it: int, g_it: int, improved: bool = False):
+    """Collective: every rank contributes its RNG state and parameter fingerprint; local rank 0 writes
+    ``ar-ckpt-last.pth`` atomically (and links it to ``ar-ckpt-best.pth`` when ``improved``)."""
+    args, last_path, best_path = run.args, run.last_path, run.best_path
+    t0 = time.time()
+    fps = gather_tensor(param_fingerprint(run.var_wo_ddp))
+    if dist.is_master() and not all(torch.equal(fps[0], f) for f in fps[1:]):
+        print('[save] WARNING: the parameters differ between ranks (DDP out of sync)', file=sys.stderr)
+    py_t, py_g = py_random_state_to_tensor(run.iters_rng.getstate())
+    rngs = gather_object(get_rng_state(run.dev))
+    if dist.get_local_rank() == 0:
+        state = {
+            'epoch': ep, 'iter': it,
+            'trainer': {
+                'var_wo_ddp': run.var_wo_ddp.state_dict(), 'vae_local': run.vae.state_dict(),
+                'var_opt': {'optimizer': run.opt.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else {},
+                            'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
+                'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos),
+                           'label_smooth': args.ls, 'use_implicit': bool(args.use_implicit),
+                           'pre_depth': args.p_depth if args.use_implicit else 0,
+                           'post_depth': args.p_depth if args.use_implicit else 0,
+                           'depth': args.depth, 'num_classes': args.num_classes},
+            },
+            'args': args_to_dict(args),
+            'resume': {'g_it': g_it, 'rng': rngs, 'iters_rng': py_t, 'iters_rng_gauss': py_g,
+                       'world_size': dist.get_world_size(), 'glb_batch_size': args.glb_batch_size,
+                       'iters_train': run.iters_train, 'best_val_tail': run.best_val_tail,
+                       'nonfinite_in_a_row': run.nonfinite_in_a_row, 'ep_sums': run.ep_sums.clone(),
+                       'rank_fingerprints': fps},
+        }
+        try:
+            save_atomic(state, last_path)
+            if improved:
+                tmp = best_path + '.tmp'
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                try:
+                    os.link(last_path, tmp)          # same bytes, no copy; the next save replaces last, not best
+                    os.replace(tmp, best_path)
+                except OSError:
+                    save_atomic(state, best_path)
+        except OSError as e:
+            raise UserError(f'could not write {last_path!r} ({e.strerror or e}): free disk space and rerun the '
+                            f'same command (it resumes from the previous checkpoint)') from None
+        del state
+    dist.barrier()
+    run.last_save_g_it = g_it
+    where = f'end of epoch {ep}' if it == 0 else f'epoch {ep + 1}, after iteration {it}/{run.iters_train}'
+    print(f'[save] {where} -> {last_path}{" (+ best)" if improved else ""} ({time.time() - t0:.1f}s)')
 
-    def save(ep, it, g_it, improved=False):
-        """Collective: every rank contributes its RNG state and parameter fingerprint; local rank 0 writes."""
-        t0 = time.time()
-        fps = gather_tensor(param_fingerprint(var_wo_ddp))
-        if master and not all(torch.equal(fps[0], f) for f in fps[1:]):
-            print('[save] WARNING: the parameters differ between ranks (DDP out of sync)', file=sys.stderr)
-        py_t, py_g = py_random_state_to_tensor(iters_rng.getstate())
-        rngs = gather_object(get_rng_state(dev))
-        if local_master:
-            state = {
-                'epoch': ep, 'iter': it,
-                'trainer': {
-                    'var_wo_ddp': var_wo_ddp.state_dict(), 'vae_local': vae.state_dict(),
-                    'var_opt': {'optimizer': opt.state_dict(), 'scaler': scaler.state_dict() if scaler else {},
-                                'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
-                    'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos),
-                               'label_smooth': args.ls, 'use_implicit': bool(args.use_implicit),
-                               'pre_depth': args.p_depth if args.use_implicit else 0,
-                               'post_depth': args.p_depth if args.use_implicit else 0,
-                               'depth': args.depth, 'num_classes': args.num_classes},
-                },
-                'args': args_to_dict(args),
-                'resume': {'g_it': g_it, 'rng': rngs, 'iters_rng': py_t, 'iters_rng_gauss': py_g,
-                           'world_size': world_size, 'glb_batch_size': args.glb_batch_size, 'iters_train': iters_train,
-                           'best_val_tail': best_val_tail, 'nonfinite_in_a_row': nonfinite_in_a_row,
-                           'ep_sums': ep_sums.clone(), 'rank_fingerprints': fps},
-            }
-            try:
-                save_atomic(state, last_path)
-                if improved:
-                    tmp = best_path + '.tmp'
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                    try:
-                        os.link(last_path, tmp)          # same bytes, no copy; the next save replaces last, not best
-                        os.replace(tmp, best_path)
-                    except OSError:
-                        save_atomic(state, best_path)
-            except OSError as e:
-                raise UserError(f'could not write {last_path!r} ({e.strerror or e}): free disk space and rerun the '
-                                f'same command (it resumes from the previous checkpoint)') from None
-            del state
-        dist.barrier()
-        where = f'end of epoch {ep}' if it == 0 else f'epoch {ep + 1}, after iteration {it}/{iters_train}'
-        print(f'[save] {where} -> {last_path}{" (+ best)" if improved else ""} '
-              f'({time.time() - t0:.1f}s)')
 
-    # ---- 6. the loop ------------------------------------------------------------------------------------------------
-    V, L = vae.vocab_size, var_wo_ddp.L
-    last_l = args.patch_nums[-1] ** 2
+def train_step(run: Run, img, label, iters, window_bad: bool, stepping: bool, g_it: int):
+    """Forward and backward of one iteration (gradients accumulate over ``--ac`` iterations), and the optimizer
+    step when ``stepping``.  Returns (stats averaged over ranks: [loss, L_mean, L_tail, acc_mean, acc_tail,
+    stop signal], per-token CE and logits for the per-scale log, whether the accumulation window saw a non-finite
+    value, whether this iteration was non-finite, whether the optimizer stepped, the grad norm or None)."""
+    args, dev, vae = run.args, run.dev, run.vae
+    V, L = vae.vocab_size, run.var_wo_ddp.L
+    img, label = img.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
+    with torch.no_grad():      # teacher forcing input from the frozen tokenizer
+        gt_idx_Bl = vae.img_to_idxBl(img)
+        gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        x_BLCv_wo_first_l = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
+    B = gt_BL.shape[0]
+    no_sync = run.var.no_sync() if (dist.get_world_size() > 1 and not stepping) else contextlib.nullcontext()
+    with no_sync:
+        with run.amp_ctx():
+            logits_BLV = run.var(label, x_BLCv_wo_first_l, **({'iters': iters} if iters else {}))
+        logits_BLV = logits_BLV.float()
+        loss_BL = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=args.ls,
+                                  reduction='none').view(B, L)
+        loss = loss_BL.mean()          # uniform weight 1/L per token, mean over images
+        if g_it in args.debug_nonfinite_at:
+            loss = loss * float('nan')
+        with torch.no_grad():
+            ce_BL = loss_BL.detach() if args.ls == 0 else F.cross_entropy(
+                logits_BLV.view(-1, V), gt_BL.view(-1), reduction='none').view(B, L)
+            stats = torch.cat([loss.detach().view(1), token_metrics(ce_BL, logits_BLV, gt_BL, args.patch_nums[-1] ** 2),
+                               torch.tensor([1.0 if run.stop.signame else 0.0], device=dev)])
+            stats = dist.allreduce_mean(stats).tolist()      # one small all-reduce: all ranks agree below
+        bad = not math.isfinite(stats[0])
+        window_bad = window_bad or bad
+        if not window_bad:
+            loss_scaled = loss / args.ac
+            (run.scaler.scale(loss_scaled) if run.scaler else loss_scaled).backward()
+
+    stepped, grad_norm = False, None
+    if stepping:
+        opt, scaler = run.opt, run.scaler
+        if not window_bad:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            params = [p for p in run.var_wo_ddp.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.tclip if args.tclip > 0 else float('inf')).item()
+            if scaler is not None:
+                scaler.step(opt)        # skipped by the scaler itself on inf/nan fp16 gradients
+                scaler.update(new_scale=2. ** 15 if scaler.get_scale() > 2. ** 15 else None)
+                stepped = True
+            elif math.isfinite(grad_norm):
+                opt.step()
+                stepped = True
+            else:
+                bad = True
+        opt.zero_grad(set_to_none=True)
+        window_bad = False
+    return stats, (ce_BL, logits_BLV, gt_BL), window_bad, bad, stepped, grad_norm
+
+
+def train_one_epoch(run: Run, ep: int, first_it: int, ld_train):
+    """Iterations ``first_it..`` of epoch ``ep``, with logging, mid-epoch checkpoints and preemption; returns
+    (stop requested, smoothed seconds per iteration)."""
+    args, var_wo_ddp, iters_train = run.args, run.var_wo_ddp, run.iters_train
     max_it, wp_it = args.ep * iters_train, args.wp * iters_train
     log_freq = args.log_freq or max(1, iters_train // 10)
-    log_txt = os.path.join(out_dir, 'log.txt')
-    params = [p for p in var_wo_ddp.parameters() if p.requires_grad]
-    last_save_g_it = start_ep * iters_train + start_it
-    global _TRAINING
-    _TRAINING = True
-    dt_ema, run_start = None, time.time()
-    if start_ep >= args.ep:
-        print(f'[train] nothing to do: {last_path} already holds {start_ep} epochs (--ep {args.ep}); raise --ep to '
-              f'train longer')
-        if tb is not None:
-            tb.close()
-        return
-    for ep in range(start_ep, args.ep):
-        first_it = start_it if ep == start_ep else 0
-        if first_it == 0:
-            ep_sums.zero_()
-        sampler.set_epoch(ep, first_it)
-        window_bad, stop_now, grad_norm, lr, wd = False, False, None, 0.0, 0.0
-        t_last = time.time()
-        for it, (img, label) in enumerate(ld_train, start=first_it):
-            g_it = ep * iters_train + it
-            if g_it == args.debug_kill_at_iter:
-                os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
-            lr, wd = lr_wd_annealing(args.sche, opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
-                                     wp0=args.wp0, wpe=args.wpe)
-            stepping = (it + 1) % args.ac == 0 or it + 1 == iters_train
-            iters = None
-            if args.use_implicit:
-                iters = (iters_rng.randint(var_wo_ddp.implicit_no_grad_min_iters, var_wo_ddp.implicit_no_grad_max_iters),
-                         iters_rng.randint(var_wo_ddp.implicit_with_grad_min_iters, var_wo_ddp.implicit_with_grad_max_iters))
+    window_bad, stop_now, grad_norm, lr, wd = False, False, None, 0.0, 0.0
+    dt_ema, t_last = None, time.time()
+    for it, (img, label) in enumerate(ld_train, start=first_it):
+        g_it = ep * iters_train + it
+        if g_it == args.debug_kill_at_iter:
+            os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
+        lr, wd = lr_wd_annealing(args.sche, run.opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
+                                 wp0=args.wp0, wpe=args.wpe)
+        stepping = (it + 1) % args.ac == 0 or it + 1 == iters_train
+        iters = None
+        if args.use_implicit:
+            iters = (run.iters_rng.randint(var_wo_ddp.implicit_no_grad_min_iters, var_wo_ddp.implicit_no_grad_max_iters),
+                     run.iters_rng.randint(var_wo_ddp.implicit_with_grad_min_iters, var_wo_ddp.implicit_with_grad_max_iters))
+        stats, per_token, window_bad, bad, stepped, gn = train_step(run, img, label, iters, window_bad, stepping, g_it)
+        grad_norm = gn if gn is not None else grad_norm
+        stop_now = stats[5] > 0
+        if bad:
+            run.nonfinite_in_a_row += 1
+            run.ep_sums[5] += 1
+            print(f'[ep {ep + 1}/{args.ep} it {it + 1}/{iters_train}] non-finite loss or gradient '
+                  f'(loss={stats[0]}): step skipped ({run.nonfinite_in_a_row} in a row)')
+            run.tb_log(g_it, **{'AR_opt_grad/nonfinite_skipped': 1.0})
+            if run.nonfinite_in_a_row >= args.max_nonfinite:
+                saved = (f'{run.last_path} holds the model of the last save' if os.path.isfile(run.last_path)
+                         else 'no checkpoint was saved yet')
+                raise UserError(
+                    f'{run.nonfinite_in_a_row} iterations in a row had a non-finite loss or gradient (last: epoch '
+                    f'{ep + 1}, iteration {it + 1}); training stopped ({saved}): lower --tblr, lower --tclip or use '
+                    f'--fp16=2 (bf16), then rerun')
+        else:
+            run.ep_sums[:4] += torch.tensor(stats[1:5], dtype=torch.float64)
+            run.ep_sums[4] += 1
+            if stepped:
+                run.nonfinite_in_a_row = 0
+                run.ep_sums[6] += grad_norm
+                run.ep_sums[7] += 1
 
-            img, label = img.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
-            with torch.no_grad():      # teacher forcing input from the frozen tokenizer
-                gt_idx_Bl = vae.img_to_idxBl(img)
-                gt_BL = torch.cat(gt_idx_Bl, dim=1)
-                x_BLCv_wo_first_l = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
-            B = gt_BL.shape[0]
-            no_sync = var.no_sync() if (world_size > 1 and not stepping) else contextlib.nullcontext()
-            with no_sync:
-                with amp_ctx():
-                    logits_BLV = var(label, x_BLCv_wo_first_l, **({'iters': iters} if iters else {}))
-                logits_BLV = logits_BLV.float()
-                loss_BL = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=args.ls,
-                                          reduction='none').view(B, L)
-                loss = loss_BL.mean()          # uniform weight 1/L per token, mean over images
-                if g_it in args.debug_nonfinite_at:
-                    loss = loss * float('nan')
-                with torch.no_grad():
-                    ce_BL = loss_BL.detach() if args.ls == 0 else F.cross_entropy(
-                        logits_BLV.view(-1, V), gt_BL.view(-1), reduction='none').view(B, L)
-                    stats = torch.cat([loss.detach().view(1), token_metrics(ce_BL, logits_BLV, gt_BL, last_l),
-                                       torch.tensor([1.0 if stop.signame else 0.0], device=dev)])
-                    stats = dist.allreduce_mean(stats).tolist()      # one small all-reduce: all ranks agree below
-                bad = not math.isfinite(stats[0])
-                stop_now = stats[5] > 0
-                window_bad = window_bad or bad
-                if not window_bad:
-                    loss_scaled = loss / args.ac
-                    (scaler.scale(loss_scaled) if scaler else loss_scaled).backward()
-
-            stepped = False
-            if stepping:
-                if not window_bad:
-                    if scaler is not None:
-                        scaler.unscale_(opt)
-                    gn = torch.nn.utils.clip_grad_norm_(params, args.tclip if args.tclip > 0 else float('inf'))
-                    grad_norm = gn.item()
-                    if scaler is not None:
-                        scaler.step(opt)        # skipped by the scaler itself on inf/nan fp16 gradients
-                        scaler.update(new_scale=2. ** 15 if scaler.get_scale() > 2. ** 15 else None)
-                        stepped = True
-                    elif math.isfinite(grad_norm):
-                        opt.step()
-                        stepped = True
-                    else:
-                        bad = True
-                opt.zero_grad(set_to_none=True)
-                window_bad = False
-            if bad:
-                nonfinite_in_a_row += 1
-                ep_sums[5] += 1
-                print(f'[ep {ep + 1}/{args.ep} it {it + 1}/{iters_train}] non-finite loss or gradient '
-                      f'(loss={stats[0]}): step skipped ({nonfinite_in_a_row} in a row)')
-                tb_log(g_it, **{'AR_opt_grad/nonfinite_skipped': 1.0})
-                if nonfinite_in_a_row >= args.max_nonfinite:
-                    saved = (f'{last_path} holds the model of the last save' if os.path.isfile(last_path)
-                             else 'no checkpoint was saved yet')
-                    raise UserError(
-                        f'{nonfinite_in_a_row} iterations in a row had a non-finite loss or gradient (last: epoch {ep + 1}, '
-                        f'iteration {it + 1}); training stopped ({saved}): lower --tblr, lower --tclip or use --fp16=2 '
-                        f'(bf16), then rerun')
-            else:
-                ep_sums[:4] += torch.tensor(stats[1:5], dtype=torch.float64)
-                ep_sums[4] += 1
-                if stepped:
-                    nonfinite_in_a_row = 0
-                    ep_sums[6] += grad_norm
-                    ep_sums[7] += 1
-
-            # ---- logging: console and TensorBoard every log_freq iterations (and the first / last of an epoch) ----
-            now = time.time()
-            dt_ema = now - t_last if dt_ema is None else 0.9 * dt_ema + 0.1 * (now - t_last)
-            t_last = now
-            if it == first_it or (it + 1) % log_freq == 0 or it + 1 == iters_train:
-                img_per_s = args.glb_batch_size / max(dt_ema, 1e-9)
-                tb_log(g_it, **{'AR_iter_loss/train_loss': stats[0], 'AR_iter_loss/L_mean': stats[1],
+        # ---- logging: console and TensorBoard every log_freq iterations (and the first / last of an epoch) ----
+        now = time.time()
+        dt_ema = now - t_last if dt_ema is None else 0.9 * dt_ema + 0.1 * (now - t_last)
+        t_last = now
+        if it == first_it or (it + 1) % log_freq == 0 or it + 1 == iters_train:
+            img_per_s = args.glb_batch_size / max(dt_ema, 1e-9)
+            run.tb_log(g_it, **{'AR_iter_loss/train_loss': stats[0], 'AR_iter_loss/L_mean': stats[1],
                                 'AR_iter_loss/L_tail': stats[2], 'AR_iter_loss/acc_mean': stats[3],
                                 'AR_iter_loss/acc_tail': stats[4], 'AR_opt_lr/lr': lr, 'AR_opt_wd/wd': wd,
                                 'AR_opt_grad/grad_norm': grad_norm, 'AR_speed/img_per_s': img_per_s})
-                if scaler is not None:
-                    tb_log(g_it, **{'AR_opt_grad/scale_log2': math.log2(scaler.get_scale())})
-                if iters:
-                    tb_log(g_it, **{'AR_implicit/n0_no_grad': iters[0], 'AR_implicit/n1_with_grad': iters[1]})
-                if master:
-                    tb_log(g_it, **{f'AR_iter_scale/{k}': v for k, v in per_scale_metrics(
-                        ce_BL, logits_BLV, gt_BL, var_wo_ddp.begin_ends, args.resos).items()})
-                    tb.flush()
-                eta = timedelta(seconds=int(dt_ema * (max_it - g_it - 1)))
-                gn_txt = f'{grad_norm:.3f}' if grad_norm is not None else '-'
-                print(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{iters_train}]  eta {eta}  Lm {stats[1]:.4f}  '
-                      f'Lt {stats[2]:.4f}  Accm {stats[3]:.2f}  Acct {stats[4]:.2f}  lr {lr:.3e}  wd {wd:.3g}  '
-                      f'tnm {gn_txt}  {img_per_s:.1f} img/s' + (f'  n0/n1 {iters[0]}/{iters[1]}' if iters else ''),
-                      flush=True)
+            if run.scaler is not None:
+                run.tb_log(g_it, **{'AR_opt_grad/scale_log2': math.log2(run.scaler.get_scale())})
+            if iters:
+                run.tb_log(g_it, **{'AR_implicit/n0_no_grad': iters[0], 'AR_implicit/n1_with_grad': iters[1]})
+            if run.tb is not None:
+                run.tb_log(g_it, **{f'AR_iter_scale/{k}': v for k, v in per_scale_metrics(
+                    *per_token, var_wo_ddp.begin_ends, args.resos).items()})
+                run.tb.flush()
+            eta = timedelta(seconds=int(dt_ema * (max_it - g_it - 1)))
+            gn_txt = f'{grad_norm:.3f}' if grad_norm is not None else '-'
+            print(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{iters_train}]  eta {eta}  Lm {stats[1]:.4f}  '
+                  f'Lt {stats[2]:.4f}  Accm {stats[3]:.2f}  Acct {stats[4]:.2f}  lr {lr:.3e}  wd {wd:.3g}  '
+                  f'tnm {gn_txt}  {img_per_s:.1f} img/s' + (f'  n0/n1 {iters[0]}/{iters[1]}' if iters else ''),
+                  flush=True)
 
-            # ---- mid-epoch checkpoints (at optimizer-step boundaries only) ----
-            if stepping and it + 1 < iters_train:
-                if stop_now:
-                    save(ep, it + 1, g_it + 1)
-                    raise Preempted(f'{stop.signame or "a signal on another rank"}: checkpoint saved in epoch {ep + 1} '
-                                    f'after iteration {it + 1}/{iters_train} ({last_path}); rerun the same command '
-                                    f'to resume')
-                if args.ckpt_every_iters and g_it + 1 - last_save_g_it >= args.ckpt_every_iters:
-                    save(ep, it + 1, g_it + 1)
-                    last_save_g_it = g_it + 1
+        # ---- mid-epoch checkpoints (at optimizer-step boundaries only) ----
+        if stepping and it + 1 < iters_train:
+            if stop_now:
+                save_checkpoint(run, ep, it + 1, g_it + 1)
+                raise Preempted(f'{run.stop.signame or "a signal on another rank"}: checkpoint saved in epoch {ep + 1} '
+                                f'after iteration {it + 1}/{iters_train} ({run.last_path}); rerun the same command '
+                                f'to resume')
+            if args.ckpt_every_iters and g_it + 1 - run.last_save_g_it >= args.ckpt_every_iters:
+                save_checkpoint(run, ep, it + 1, g_it + 1)
+    run.last_lr_wd = lr, wd
+    return stop_now, dt_ema
 
-        # ---- end of epoch: metrics, validation, checkpoint ----
-        g_end = (ep + 1) * iters_train
-        n_ok = max(ep_sums[4].item(), 1)
-        L_mean, L_tail, acc_mean, acc_tail = (ep_sums[:4] / n_ok).tolist()
-        n_steps = max(ep_sums[7].item(), 1)
-        record = {'kind': 'epoch', 'ep': ep + 1, 'eps': args.ep, 'it': g_end, 'L_mean': L_mean, 'L_tail': L_tail,
-                  'acc_mean': acc_mean, 'acc_tail': acc_tail, 'lr': lr, 'wd': wd,
-                  'grad_norm': ep_sums[6].item() / n_steps, 'skipped': int(ep_sums[5].item()),
-                  'remain_time': str(timedelta(seconds=int((dt_ema or 0) * (max_it - g_end)))),
-                  'elapsed_s': round(time.time() - run_start, 1)}
-        tb_log(ep + 1, **{f'AR_ep_loss/{k}': record[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')})
-        is_save_ep = (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep
-        improved = False
-        if is_save_ep:
-            t0 = time.time()
-            vL_mean, vL_tail, vacc_mean, vacc_tail, n_val = evaluate(var_wo_ddp, vae, ld_val, dev, amp_ctx, args.seed)
-            improved = vL_tail < best_val_tail
-            best_val_tail = min(best_val_tail, vL_tail)
-            val_record = {'kind': 'val', 'ep': ep + 1, 'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean,
-                          'vacc_tail': vacc_tail, 'best_vL_tail': best_val_tail, 'n': n_val}
-            if master:
-                append_json_line(log_txt, val_record)
-            tb_log(ep + 1, **{f'AR_val/{k}': val_record[k] for k in ('vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail')})
-            print(f' [*] [ep {ep + 1}] (val {n_val})  Lm {vL_mean:.4f}  Lt {vL_tail:.4f}  Accm {vacc_mean:.2f}  '
-                  f'Acct {vacc_tail:.2f}  best Lt {best_val_tail:.4f}  ({time.time() - t0:.1f}s)')
-        if master:
-            append_json_line(log_txt, record)
-        print(f'     [ep {ep + 1}] (train) Lm {L_mean:.4f}  Lt {L_tail:.4f}  Accm {acc_mean:.2f}  Acct {acc_tail:.2f}  '
-              f'remain {record["remain_time"]}', flush=True)
-        if tb is not None:
-            tb.flush()
-        periodic = args.ckpt_every_iters and g_end - last_save_g_it >= args.ckpt_every_iters
-        if is_save_ep or stop_now or periodic:
-            ep_sums.zero_()
-            save(ep + 1, 0, g_end, improved=improved)
-            last_save_g_it = g_end
-        if stop_now:
-            raise Preempted(f'{stop.signame or "a signal on another rank"}: checkpoint saved at the end of epoch '
-                            f'{ep + 1} ({last_path}); rerun the same command to resume')
 
-    print(f'[train] finished {args.ep} epochs in {timedelta(seconds=int(time.time() - run_start))}; best validation '
-          f'tail loss {best_val_tail:.4f}; checkpoints in {out_dir}')
-    if tb is not None:
-        tb.close()
+def end_of_epoch(run: Run, ep: int, ld_val, stop_now: bool, dt_it: Optional[float], t_start: float):
+    """Epoch metrics to log.txt / TensorBoard / console; validation and checkpoint every ``--save_freq`` epochs,
+    at the end, on ``--ckpt_every_iters`` and on preemption."""
+    args, ep_sums = run.args, run.ep_sums
+    g_end = (ep + 1) * run.iters_train
+    max_it = args.ep * run.iters_train
+    lr, wd = run.last_lr_wd
+    n_ok = max(ep_sums[4].item(), 1)
+    L_mean, L_tail, acc_mean, acc_tail = (ep_sums[:4] / n_ok).tolist()
+    record = {'kind': 'epoch', 'ep': ep + 1, 'eps': args.ep, 'it': g_end, 'L_mean': L_mean, 'L_tail': L_tail,
+              'acc_mean': acc_mean, 'acc_tail': acc_tail, 'lr': lr, 'wd': wd,
+              'grad_norm': ep_sums[6].item() / max(ep_sums[7].item(), 1), 'skipped': int(ep_sums[5].item()),
+              'remain_time': str(timedelta(seconds=int((dt_it or 0) * (max_it - g_end)))),
+              'elapsed_s': round(time.time() - t_start, 1)}
+    run.tb_log(ep + 1, **{f'AR_ep_loss/{k}': record[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')})
+    log_txt = os.path.join(args.local_out_dir_path, 'log.txt')
+    is_save_ep = (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep
+    improved = False
+    if is_save_ep:
+        t0 = time.time()
+        vL_mean, vL_tail, vacc_mean, vacc_tail, n_val = evaluate(run.var_wo_ddp, run.vae, ld_val, run.dev,
+                                                                 run.amp_ctx, args.seed)
+        improved = vL_tail < run.best_val_tail
+        run.best_val_tail = min(run.best_val_tail, vL_tail)
+        val_record = {'kind': 'val', 'ep': ep + 1, 'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean,
+                      'vacc_tail': vacc_tail, 'best_vL_tail': run.best_val_tail, 'n': n_val}
+        if dist.is_master():
+            append_json_line(log_txt, val_record)
+        run.tb_log(ep + 1, **{f'AR_val/{k}': val_record[k] for k in ('vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail')})
+        print(f' [*] [ep {ep + 1}] (val {n_val})  Lm {vL_mean:.4f}  Lt {vL_tail:.4f}  Accm {vacc_mean:.2f}  '
+              f'Acct {vacc_tail:.2f}  best Lt {run.best_val_tail:.4f}  ({time.time() - t0:.1f}s)')
+    if dist.is_master():
+        append_json_line(log_txt, record)
+    print(f'     [ep {ep + 1}] (train) Lm {L_mean:.4f}  Lt {L_tail:.4f}  Accm {acc_mean:.2f}  Acct {acc_tail:.2f}  '
+          f'remain {record["remain_time"]}', flush=True)
+    if run.tb is not None:
+        run.tb.flush()
+    periodic = args.ckpt_every_iters and g_end - run.last_save_g_it >= args.ckpt_every_iters
+    if is_save_ep or stop_now or periodic:
+        ep_sums.zero_()
+        save_checkpoint(run, ep + 1, 0, g_end, improved=improved)
+    if stop_now:
+        raise Preempted(f'{run.stop.signame or "a signal on another rank"}: checkpoint saved at the end of epoch '
+                        f'{ep + 1} ({run.last_path}); rerun the same command to resume')
 
 
 def _one_line(e: BaseException) -> str:
