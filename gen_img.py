@@ -1,0 +1,108 @@
+"""Class-conditional images from a VAR or VIAR checkpoint, one PNG per (class, seed), optionally a grid.
+
+    python gen_img.py --use_implicit --save_grid              # VIAR (ckpts/viar.pth), class 970, seeds 10..19
+    python gen_img.py --depth 16 --class_label 207 88 --seeds 0 1 2 3 --save_grid --nrow 4   # VAR-d16
+
+Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` and the grid to
+``class{c}_seeds{s0_s1_s2_s3}_etc{n}_grid.png`` (``make_grid`` with ``--nrow`` images per row, 2 px white padding;
+classes in the order given, each class's seeds in order).  Missing default checkpoints (``ckpts/viar.pth``,
+``ckpts/var_d{depth}.pth``, ``ckpts/vae_ch160v4096z32.pth``) are downloaded from Hugging Face.
+
+Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
+script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.
+"""
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torchvision
+
+from models.checkpoint import CheckpointError
+from sampling import (SamplingError, add_common_args, dtype_name, effective_top_k, load_models, report_error,
+                      resolve_dtype, sample_batch, save_png_atomic, setup_backends, to_uint8, BOOL)
+from utils import dist
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--var_ckpt', type=str, default=None,
+                   help='VAR/VIAR checkpoint (default: ckpts/viar.pth with --use_implicit, else ckpts/var_d{depth}.pth, '
+                        'depth 30 when not given)')
+    p.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or several ImageNet classes')
+    p.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
+    p.add_argument('--output_dir', type=str, default='gen_images')
+    p.add_argument('--save_grid', default=False, help='also write all images as one grid', **BOOL)
+    p.add_argument('--nrow', type=int, default=4, help='images per grid row')
+    add_common_args(p)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        generate(args)
+    except (CheckpointError, SamplingError) as e:
+        report_error(e)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        report_error(KeyboardInterrupt('interrupted; the images written so far are kept'))
+        sys.exit(130)
+    except OSError as e:    # disk full, an output folder that is a file, permissions ...
+        report_error(OSError(f'{e}; the images written so far are kept'))
+        sys.exit(1)
+
+
+def grid_name(labels: Sequence[int], seeds: Sequence[int]) -> str:
+    seeds_str = '_'.join(map(str, seeds[:4])) + (f'_etc{len(seeds)}' if len(seeds) > 4 else '')
+    return f"class{'_'.join(map(str, labels))}_seeds{seeds_str}_grid.png"
+
+
+def generate(args: argparse.Namespace) -> None:
+    if args.nrow < 1:
+        raise SamplingError('--nrow must be positive')
+    device = dist.init_distributed(args.device)
+    setup_backends(args.tf32)
+    amp_dtype = resolve_dtype(args.dtype, device)
+    if args.var_ckpt is None:
+        args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or 30}.pth'
+
+    vae, var = load_models(args, device, args.var_ckpt)
+    bad = [c for c in args.class_label if not 0 <= c < var.num_classes]
+    if bad:
+        raise SamplingError(f'--class_label {bad} out of range: {args.var_ckpt!r} has classes 0..{var.num_classes - 1}')
+    top_k = effective_top_k(args.top_k, var.V)
+    kind = (f'VIAR-d{var.depth}, iterations {args.iter_left}->{args.iter_right}' if var.use_implicit
+            else f'VAR-d{var.depth}')
+    out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SamplingError(f'cannot create the output folder {out_dir} ({e}): pass another --output_dir') from None
+    print(f'[gen_img] {args.var_ckpt} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
+          f'top_k {top_k}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
+
+    imgs = []
+    for c in args.class_label:
+        for s in args.seeds:
+            label_B = torch.tensor([c], dtype=torch.long, device=device)
+            img_B3HW = sample_batch(var, label_B, s, args, top_k, amp_dtype)
+            save_png_atomic(to_uint8(img_B3HW)[0], os.path.join(out_dir, f'class{c}_seed{s}.png'))
+            imgs.append(img_B3HW)
+    print(f'[gen_img] saved {len(imgs)} images to {out_dir}')
+
+    if args.save_grid:
+        grid_3HW = torchvision.utils.make_grid(torch.cat(imgs, dim=0), nrow=args.nrow, padding=2, pad_value=1.0)
+        path = os.path.join(out_dir, grid_name(args.class_label, args.seeds))
+        save_png_atomic(to_uint8(grid_3HW.unsqueeze(0))[0], path)
+        print(f'[gen_img] saved grid to {path}')
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -1,0 +1,356 @@
+"""sampling.py, gen_img.py and utils/download.py on tiny random checkpoints (64 px, 4 scales) written here.
+
+What is checked: the official file layout and seeding (every PNG equals ``autoregressive_infer_cfg`` with
+``g_seed = seed + i`` converted the official way), the npz, 1 process vs ``torchrun --nproc_per_node=2``
+byte for byte, resuming after an interruption without redoing finished images, refusing to mix settings, gen_img's
+images and grid, the architecture-mismatch and offline-download messages (one line, exit code 1, no traceback),
+and scripts/eval.sh (reference batch checked first, then the README's commands).  Budget: about a minute on 2 cores.
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gen_img
+import sampling
+from models import build_vae_var
+from models.checkpoint import CheckpointError, load_vae_var
+from utils import download
+
+PNS = (1, 2, 3, 4)
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread, as the script subprocesses (OMP_NUM_THREADS=1) and torchrun use: on CPU float results
+    depend on the thread count, and on the 2 shared cores of the test machine several OpenMP threads that
+    spin-wait make these tiny models 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """vae.pth (V=1024 so that the default top_k 900 applies unclamped, Cvae 8, ch 32), var.pth (VAR, depth 1) and
+    viar.pth (VIAR, depth 1: 1 pre + 1 implicit + 1 post block), random weights."""
+    d = tmp_path_factory.mktemp('ckpts')
+    for implicit in (False, True):
+        torch.manual_seed(0)
+        vae, var = build_vae_var(device='cpu', patch_nums=PNS, V=1024, Cvae=8, ch=32, share_quant_resi=4,
+                                 num_classes=NUM_CLASSES, depth=1, use_implicit=implicit, pre_depth=1, post_depth=1)
+        with torch.no_grad():   # the fresh-training head (x0.02) gives near-uniform logits, so that every class
+            var.head.weight.mul_(50)    # draws the same tokens from a seed: sharpen them to make classes differ
+        torch.save(var.state_dict(), d / ('viar.pth' if implicit else 'var.pth'))
+        if not implicit:
+            torch.save(vae.state_dict(), d / 'vae.pth')
+    return d
+
+
+def run_sampling(argv):
+    sampling.main(sampling.parse_args(argv))
+
+
+def official_batch(var, c, g_seed, B, iters=(10, 10), cfg=1.5):
+    """The official sampling.py step for one (class, batch): B images of class c with g_seed, fp32 on CPU,
+    converted with permute * 255 and astype(uint8)."""
+    with torch.inference_mode():
+        img = var.autoregressive_infer_cfg(B=B, label_B=torch.tensor([c] * B), cfg=cfg, top_k=900, top_p=0.96,
+                                           g_seed=g_seed, more_smooth=False, iter_left=iters[0], iter_right=iters[1])
+        bhwc = img.permute(0, 2, 3, 1).mul_(255).cpu().numpy()
+    return bhwc.astype(np.uint8)
+
+
+def read_png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert('RGB'))
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(folder).glob('*.png'))}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def script_env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(Path(sampling.__file__).parent), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_flags_parse_booleans_and_defaults():
+    a = sampling.parse_args([])
+    assert (a.ckpt_path, a.vae_ckpt, a.cfg, a.seed, a.top_k, a.top_p, a.num_classes, a.per_class, a.batch_size) == \
+        ('ckpts/viar.pth', 'ckpts/vae_ch160v4096z32.pth', 1.5, 1, 900, 0.96, 1000, 50, 25)
+    assert a.use_implicit is False and a.more_smooth is False and a.depth is None
+    for text, want in (('True', True), ('False', False), ('1', True), ('0', False), ('yes', True), ('no', False)):
+        assert sampling.parse_args(['--use_implicit', text]).use_implicit is want
+        assert sampling.parse_args([f'--use_implicit={text}']).use_implicit is want
+    assert sampling.parse_args(['--use_implicit']).use_implicit is True
+    g = gen_img.parse_args(['--use_implicit', '--save_grid'])
+    assert g.use_implicit is True and g.save_grid is True and g.class_label == [970] and g.seeds == list(range(10, 20))
+    assert gen_img.parse_args(['--class_label', '1', '2', '--seeds', '5']).class_label == [1, 2]
+    with pytest.raises(SystemExit):
+        sampling.parse_args(['--use_implicit', 'maybe'])
+
+
+def test_units_follow_the_official_layout():
+    units = sampling.units_of(1000, 50, 25)
+    assert len(units) == 2000
+    assert units[0] == (0, 0, list(range(0, 25))) and units[1] == (0, 1, list(range(25, 50)))
+    assert units[2 * 970 + 1] == (970, 1, [970 * 50 + 25 + j for j in range(25)])
+    # a short last batch: class c holds c*5 .. c*5+4 in batches of 2, 2, 1 (g_seed = seed + 0, 1, 2)
+    assert sampling.units_of(2, 5, 2) == [(0, 0, [0, 1]), (0, 1, [2, 3]), (0, 2, [4]),
+                                          (1, 0, [5, 6]), (1, 1, [7, 8]), (1, 2, [9])]
+    assert sampling.effective_top_k(900, 64) == 64 and sampling.effective_top_k(900, 4096) == 900
+    assert sampling.effective_top_k(0, 64) == 0
+
+
+def test_sampling_writes_official_names_images_and_npz(ckpts, tmp_path):
+    out = tmp_path / 'samples'
+    run_sampling(['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--cfg', '1.5',
+                  '--depth', '1', '--sample_dir', str(out), '--use_implicit', 'True', '--iter_left', '3',
+                  '--iter_right', '2', '--num_classes', '3', '--per_class', '4', '--batch_size', '2'])
+    folder = out / 'implicit-viar.pth-cfg-1.5-seed-1'
+    names = sorted(p.name for p in folder.glob('*.png'))
+    assert names == [f'{k:06d}.png' for k in range(12)]
+    assert not [p for p in folder.iterdir() if p.name.endswith('.tmp')]
+    pngs = np.stack([read_png(folder / n) for n in names])
+    with np.load(str(folder) + '.npz') as z:
+        assert list(z.keys()) == ['arr_0']
+        arr = z['arr_0']
+    assert arr.dtype == np.uint8 and arr.shape == (12, 64, 64, 3)
+    assert np.array_equal(arr, pngs)
+
+    # the official seeding: batch i of class c = autoregressive_infer_cfg(B=2, [c]*2, g_seed=1+i), in index order
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    want = np.concatenate([official_batch(var, c, 1 + i, 2, iters=(3, 2)) for c in range(3) for i in range(2)])
+    assert np.array_equal(pngs, want)
+    # and the images are not all alike: other classes, other seeds and the other images of a batch differ
+    assert not np.array_equal(pngs[0], pngs[1]) and not np.array_equal(pngs[0], pngs[2])
+    assert not np.array_equal(pngs[0], pngs[4])
+
+
+def test_torchrun_two_processes_give_byte_identical_pngs(ckpts, tmp_path):
+    """VAR checkpoint (folder d{depth}-...).  Both runs with one intra-op thread: on CPU, float results depend on
+    the thread count (torchrun sets OMP_NUM_THREADS=1), not on how the units are split."""
+    common = ['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--num_classes', '3',
+              '--per_class', '4', '--batch_size', '2', '--cfg', '2']
+    repo = Path(sampling.__file__).parent
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+           '--master_addr=127.0.0.1', f'--master_port={free_port()}', str(repo / 'sampling.py'),
+           '--sample_dir', str(tmp_path / 'two')] + common
+    r = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '2 process(es)' in r.stdout
+
+    assert torch.get_num_threads() == 1
+    run_sampling(['--sample_dir', str(tmp_path / 'one')] + common)
+    one, two = snapshot(tmp_path / 'one' / 'd1-var.pth-cfg-2.0-seed-1'), snapshot(tmp_path / 'two' / 'd1-var.pth-cfg-2.0-seed-1')
+    assert list(one) == [f'{k:06d}.png' for k in range(12)] and list(one) == list(two)
+    assert all(one[n][2] == two[n][2] for n in one)
+    assert (tmp_path / 'one' / 'd1-var.pth-cfg-2.0-seed-1.npz').read_bytes() == \
+        (tmp_path / 'two' / 'd1-var.pth-cfg-2.0-seed-1.npz').read_bytes()
+
+
+def test_interrupted_run_resumes_without_redoing_finished_images(ckpts, tmp_path, monkeypatch, capsys):
+    argv = ['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir',
+            str(tmp_path), '--num_classes', '3', '--per_class', '4', '--batch_size', '2']
+    folder = tmp_path / 'd1-var.pth-cfg-1.5-seed-1'
+    npz = Path(str(folder) + '.npz')
+    real = sampling.sample_batch
+    calls = []
+
+    def interrupted(var, label_B, g_seed, *a, **k):     # Ctrl-C during the 4th batch
+        calls.append((int(label_B[0]), g_seed))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(var, label_B, g_seed, *a, **k)
+
+    monkeypatch.setattr(sampling, 'sample_batch', interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_sampling(argv)
+    assert e.value.code == 130 and 'rerun the same command to resume' in capsys.readouterr().err
+    assert sorted(p.name for p in folder.glob('*.png')) == [f'{k:06d}.png' for k in range(6)]
+    assert not npz.exists() and not [p for p in folder.iterdir() if p.name.endswith('.tmp')]
+
+    # a truncated PNG (as a crash outside this script could leave) and a deleted one are redone, nothing else
+    before = snapshot(folder)
+    (folder / '000001.png').write_bytes(before['000001.png'][2][:100])
+    (folder / '000004.png').unlink()
+    calls.clear()
+    monkeypatch.setattr(sampling, 'sample_batch', lambda var, label_B, g_seed, *a, **k:
+                        calls.append((int(label_B[0]), g_seed)) or real(var, label_B, g_seed, *a, **k))
+    run_sampling(argv)
+    assert calls == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]        # units (0,0) and (1,0) partly, the rest fully
+    after = snapshot(folder)
+    assert list(after) == [f'{k:06d}.png' for k in range(12)]
+    for n in ('000000.png', '000002.png', '000003.png', '000005.png'):
+        assert after[n] == before[n]                                  # same inode, mtime and bytes: not rewritten
+    for n in ('000001.png', '000004.png'):
+        assert after[n][2] == before[n][2] and after[n][0] != before[n][0]   # rewritten with the same pixels
+    with np.load(npz) as z:
+        assert np.array_equal(z['arr_0'], np.stack([read_png(folder / n) for n in after]))
+
+    # everything done: a rerun samples nothing and leaves the npz alone
+    calls.clear()
+    npz_stat = npz.stat().st_mtime_ns
+    run_sampling(argv)
+    assert calls == [] and npz.stat().st_mtime_ns == npz_stat and snapshot(folder) == after
+
+
+def test_resume_refuses_other_settings(ckpts, tmp_path, capsys):
+    argv = ['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--use_implicit',
+            '--sample_dir', str(tmp_path), '--num_classes', '1', '--per_class', '1', '--batch_size', '1']
+    run_sampling(argv + ['--iter_left', '2', '--iter_right', '1'])
+    folder = tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1'
+    png = (folder / '000000.png').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_sampling(argv + ['--iter_left', '4', '--iter_right', '1'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'iter_left=2 (now 4)' in err and '--sample_dir' in err
+    assert (folder / '000000.png').read_bytes() == png
+
+
+def test_sampling_rejects_bad_class_count_and_sample_dir(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_sampling(['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                      '--sample_dir', str(tmp_path)])       # default --num_classes 1000
+    assert e.value.code == 1 and '--num_classes 3 or fewer' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+    (tmp_path / 'a_file').write_text('not a folder')
+    with pytest.raises(SystemExit) as e:
+        run_sampling(['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                      '--sample_dir', str(tmp_path / 'a_file'), '--num_classes', '1', '--per_class', '1'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'pass another --sample_dir' in err and len(err.strip().splitlines()) == 1
+
+
+def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
+    gen_img.main(gen_img.parse_args(['--use_implicit', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
+                                     str(ckpts / 'vae.pth'), '--class_label', '0', '2', '--seeds', '3', '4', '5',
+                                     '--save_grid', '--nrow', '3', '--output_dir', str(tmp_path)]))
+    out = tmp_path / 'viar'
+    names = sorted(p.name for p in out.glob('*.png'))
+    singles = [f'class{c}_seed{s}.png' for c in (0, 2) for s in (3, 4, 5)]
+    assert names == sorted(singles + ['class0_2_seeds3_4_5_grid.png'])
+    # each image is the official gen_img.py call: B=1, label [c], g_seed = seed
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    imgs = [read_png(out / n) for n in singles]
+    assert np.array_equal(imgs[4], official_batch(var, 2, 4, 1)[0])
+    # the grid: 3 per row, 2 px white padding, classes in order then seeds
+    grid = read_png(out / 'class0_2_seeds3_4_5_grid.png')
+    assert grid.shape == (2 + 2 * 66, 2 + 3 * 66, 3)
+    assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, 3)
+        assert np.array_equal(grid[2 + 66 * r: 66 * (r + 1), 2 + 66 * c: 66 * (c + 1)], img)
+
+
+def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(gen_img.parse_args(['--use_implicit', '--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt',
+                                         str(ckpts / 'vae.pth'), '--output_dir', str(tmp_path / 'g')]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'holds a VAR model' in err and 'drop --use_implicit' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
+
+    for argv, expected in (([], 'add --use_implicit'), (['--use_implicit', '--depth', '30'], 'pass --depth 1')):
+        with pytest.raises(SystemExit) as e:
+            run_sampling(['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                          '--sample_dir', str(tmp_path / 's'), '--num_classes', '1'] + argv)
+        assert e.value.code == 1 and expected in capsys.readouterr().err
+    assert not (tmp_path / 's').exists()
+
+
+def test_missing_default_checkpoint_offline_gives_the_download_message(tmp_path):
+    r = subprocess.run([sys.executable, str(Path(gen_img.__file__)), '--use_implicit'], cwd=tmp_path,
+                       env=script_env(), capture_output=True, text=True, timeout=120)
+    url = 'https://huggingface.co/mobiushy/VIAR/resolve/main/viar.pth'
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert "'ckpts/viar.pth'" in r.stderr and url in r.stderr and f'wget -O ckpts/viar.pth {url}' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'gen_images').exists()
+
+
+def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.chdir(tmp_path)
+    got = []
+
+    def fake_download(repo_id, filename, local_dir, **kw):
+        got.append((repo_id, filename, local_dir))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b'weights')
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+    assert download.ensure_checkpoint('ckpts/var_d16.pth') == 'ckpts/var_d16.pth'
+    assert download.ensure_checkpoint('./ckpts/viar.pth') == './ckpts/viar.pth'
+    assert got == [('FoundationVision/var', 'var_d16.pth', 'ckpts'), ('mobiushy/VIAR', 'viar.pth', 'ckpts')]
+    assert download.ensure_checkpoint('ckpts/viar.pth') == 'ckpts/viar.pth' and len(got) == 2   # present: no call
+    for path in ('elsewhere/viar.pth', 'ckpts/mine.pth'):       # not a default place: never downloaded
+        with pytest.raises(CheckpointError, match='does not exist'):
+            download.ensure_checkpoint(path)
+    assert len(got) == 2
+
+    def failing(**kw):
+        raise OSError('connection refused')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: failing())
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    with pytest.raises(CheckpointError) as e:
+        download.ensure_checkpoint('ckpts/vae_ch160v4096z32.pth')
+    msg = str(e.value)
+    assert 'connection refused' in msg and download.hf_url('vae_ch160v4096z32.pth') in msg
+    assert msg.count('\n') == 0 and 'wget -O ckpts/vae_ch160v4096z32.pth' in msg
+
+
+def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_path):
+    """scripts/eval.sh with a stand-in interpreter that records its command lines (nothing is sampled)."""
+    repo = Path(sampling.__file__).parent
+    log = tmp_path / 'calls.txt'
+    stub = tmp_path / 'python'
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    ref = tmp_path / 'data' / 'VIRTUAL_imagenet256_labeled.npz'
+
+    def run(**extra):
+        env = dict(os.environ, PYTHON=str(stub), REF_BATCH=str(ref), **extra)
+        return subprocess.run(['bash', str(repo / 'scripts' / 'eval.sh')], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    r = run()
+    url = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz'
+    assert r.returncode == 1 and str(ref) in r.stderr and f'wget -O {ref} {url}' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not log.exists()     # checked before any sampling
+
+    ref.parent.mkdir()
+    ref.write_bytes(b'stand-in')
+    sample_cmd = ('sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 '
+                  '--sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')
+    eval_cmd = f'evaluator.py {ref} samples/implicit-viar.pth-cfg-1.5-seed-1.npz'
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == [sample_cmd, eval_cmd]
+
+    log.unlink()
+    r = run(NPROC='2', MASTER_PORT='29999')
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == [
+        '-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29999 ' + sample_cmd,
+        eval_cmd]

@@ -1,0 +1,117 @@
+"""Fetching the published checkpoints into ``ckpts/`` — only when a script's *default* path is asked for and missing.
+
+``ensure_checkpoint('ckpts/viar.pth')`` returns the path when the file is there; when it is one of the published
+files (``PUBLISHED``) at its default place ``ckpts/<file>`` and missing, it downloads it with
+``huggingface_hub.hf_hub_download(repo_id, file, local_dir='ckpts')``.  Offline (``HF_HUB_OFFLINE=1``), without
+``huggingface_hub`` or on any other failure it raises ``CheckpointError`` with the file, its URL and the command
+that places it by hand.  A path the user chose (not the default) is never downloaded: a missing one is an error.
+
+Under ``torchrun`` only local rank 0 of each node downloads; the other ranks wait and then find the file.
+"""
+import os
+from typing import Dict, Optional
+
+from models.checkpoint import CheckpointError
+from utils import dist
+
+__all__ = ['PUBLISHED', 'CKPT_DIR', 'hf_url', 'default_path', 'ensure_checkpoint']
+
+CKPT_DIR = 'ckpts'
+
+# file name -> Hugging Face repository that publishes it
+PUBLISHED: Dict[str, str] = {
+    'vae_ch160v4096z32.pth': 'FoundationVision/var',
+    'var_d16.pth': 'FoundationVision/var',
+    'var_d20.pth': 'FoundationVision/var',
+    'var_d24.pth': 'FoundationVision/var',
+    'var_d30.pth': 'FoundationVision/var',
+    'var_d36.pth': 'FoundationVision/var',
+    'viar.pth': 'mobiushy/VIAR',
+}
+
+
+def hf_url(filename: str, repo_id: Optional[str] = None) -> str:
+    return f'https://huggingface.co/{repo_id or PUBLISHED[filename]}/resolve/main/{filename}'
+
+
+def default_path(filename: str, ckpt_dir: str = CKPT_DIR) -> str:
+    return os.path.join(ckpt_dir, filename)
+
+
+def _published_name(path: str, ckpt_dir: str) -> Optional[str]:
+    """The published file name when ``path`` is its default place ``<ckpt_dir>/<file>``, else None."""
+    name = os.path.basename(path)
+    if name in PUBLISHED and os.path.abspath(path) == os.path.abspath(default_path(name, ckpt_dir)):
+        return name
+    return None
+
+
+def _manual_message(path: str, name: str, reason: str) -> str:
+    url = hf_url(name)
+    folder = os.path.dirname(path) or '.'
+    return (f'checkpoint {path!r} is missing and could not be downloaded ({reason}): download {url} and place it at '
+            f'{path!r}, e.g. `mkdir -p {folder} && wget -O {path} {url}` (see ckpts/README.md)')
+
+
+def _reason(e: Exception) -> str:
+    if os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on'):
+        return 'HF_HUB_OFFLINE is set'
+    if type(e).__name__ == 'LocalEntryNotFoundError':     # what hf_hub_download raises when the Hub is unreachable
+        return 'huggingface.co cannot be reached'
+    first = ' '.join(str(e).split()).split('. ')[0][:200]
+    return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
+def _download(path: str, name: str) -> None:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointError(_manual_message(path, name, 'huggingface_hub is not installed')) from None
+    url = hf_url(name)
+    print(f'[download] {path} is missing: fetching {url} ...', flush=True)
+    from huggingface_hub.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()        # its retry warnings would bury the one message below (progress bar kept)
+    try:
+        local_dir = os.path.normpath(os.path.dirname(path) or '.')      # './ckpts/x.pth' -> 'ckpts'
+        got = hf_hub_download(repo_id=PUBLISHED[name], filename=name, local_dir=local_dir)
+    except Exception as e:     # offline, no network, 404, disk full, interrupted ...: all end the same way
+        raise CheckpointError(_manual_message(path, name, _reason(e))) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not os.path.isfile(path):
+        if got and os.path.isfile(got):
+            os.replace(got, path)
+        else:
+            raise CheckpointError(_manual_message(path, name, f'the download did not produce {path!r}'))
+    print(f'[download] saved {path} ({os.path.getsize(path) / 2 ** 20:,.1f} MiB)', flush=True)
+
+
+def ensure_checkpoint(path: str, what: str = 'checkpoint', ckpt_dir: str = CKPT_DIR, download: bool = True) -> str:
+    """Returns ``path`` once the file exists; downloads a missing published file at its default place.
+
+    Raises ``CheckpointError`` (one actionable sentence) when the file is missing and cannot be fetched, or when
+    a non-default path does not exist.  ``download=False`` only checks that the path exists or can be downloaded
+    (to reject a mistyped path before a long download of another file).  Call it on every rank: local rank 0
+    downloads, the others wait."""
+    if os.path.isfile(path):
+        return path
+    name = _published_name(path, ckpt_dir)
+    if name is None:
+        known = ', '.join(sorted(PUBLISHED))
+        raise CheckpointError(f'{what} {path!r} does not exist: check the path (the published checkpoints {known} '
+                              f'are downloaded automatically only to their default place {ckpt_dir}/<file>)')
+    if not download:
+        return path
+    error = None
+    if dist.get_local_rank() == 0:
+        try:
+            _download(path, name)
+        except CheckpointError as e:
+            error = e
+    dist.barrier()
+    if error is not None:
+        raise error
+    if not os.path.isfile(path):      # another rank's download failed; it reports the reason
+        raise CheckpointError(_manual_message(path, name, 'the download on local rank 0 failed'))
+    return path
