@@ -367,6 +367,18 @@ class VAR(nn.Module):
         img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         return (img, idx_Bl_per_scale) if ret_idx_Bl else img
 
+    def compile_blocks(self, **compile_kwargs) -> 'VAR':
+        """Optional ``torch.compile`` of every block's two tensor-only halves (``attn_in``: LayerNorm, modulation,
+        qkv, l2-norm; ``attn_out_ffn``: projection, residuals, FFN).  The attention kernel and the KV cache stay
+        eager between them, so sampling and teacher forcing keep their exact control flow.  Off by default; shapes
+        change at every scale, hence ``dynamic=True``.  The state dict is unchanged (the compiled functions are
+        instance attributes, not modules).  Needs a C++ compiler on CPU (inductor)."""
+        compile_kwargs.setdefault('dynamic', True)
+        for b in self.all_blocks():
+            b.attn_in = torch.compile(b.attn_in, **compile_kwargs)
+            b.attn_out_ffn = torch.compile(b.attn_out_ffn, **compile_kwargs)
+        return self
+
     def kv_caching(self, enable: bool):
         for b in self.all_blocks():
             b.attn.kv_caching(enable, capacity=self.L if enable else None)

@@ -1,0 +1,581 @@
+"""Sampling and training benchmarks for VAR and VIAR (random weights of the published shapes).
+
+Sampling: images/s, the time and FLOP/s of the transformer part (backbone + head at every scale, counted
+analytically) as a fraction of this machine's measured matmul FLOP/s, peak memory and peak KV-cache bytes, for
+VAR-d16, VAR-d30 and VIAR-d30 across iteration schedules and batch sizes.  Training: step time (forward +
+backward), activation memory saved for backward and peak memory against the fixed-point steps without (n0) and
+with (n1) gradient.
+
+  python scripts/bench.py                                   # CPU: narrow models (width 128), a few minutes
+  python scripts/bench.py --device cuda --dtype fp16        # published widths, torch.cuda.max_memory_allocated
+  python scripts/bench.py --models viar_d30 --width 1024 --schedules 10-10 --batch_sizes 4 --train_grid none
+  python scripts/bench.py --json bench.json --plot bench.png
+
+Widths other than the published ones keep depth, heads of 64 channels and everything else; ``--width 0`` means
+the published width (64 x depth).  Timings are the best of ``--reps`` runs after ``--warmup`` runs.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {
+    'var_d16': dict(depth=16),
+    'var_d20': dict(depth=20),
+    'var_d24': dict(depth=24),
+    'var_d30': dict(depth=30),
+    'viar_d30': dict(depth=30, use_implicit=True, pre_depth=5, post_depth=5),
+}
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# RTX 4090, 256 px, from the paper (VIAR with lowered per-scale iterations)
+PAPER = {'var_d30': dict(img_s=15.16, mem_gb=19.24), 'viar_d30': dict(img_s=32.08, mem_gb=8.53)}
+
+
+class BenchError(Exception):
+    """A user-caused problem (bad flag, unavailable device): printed as one line."""
+
+
+# ============================================== model and counting ====================================================
+def build(name, width, vae_ch, device, patch_nums):
+    """(vae, var) with the published structure of ``name`` at ``width`` channels (0: published), random weights."""
+    from models import VQVAE, VAR
+    cfg = MODELS[name]
+    depth = cfg['depth']
+    C = width or 64 * depth
+    if C % 64:
+        raise BenchError(f'--width must be a multiple of 64 (heads of 64 channels), got {C}')
+    with torch.device('meta'):
+        vae = VQVAE(vocab_size=4096, z_channels=32, ch=vae_ch, test_mode=True, share_quant_resi=4,
+                    v_patch_nums=patch_nums)
+        var = VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=C, num_heads=C // 64,
+                  drop_path_rate=0.1 * depth / 24, attn_l2_norm=True, patch_nums=patch_nums,
+                  use_implicit=cfg.get('use_implicit', False), pre_depth=cfg.get('pre_depth', 5),
+                  post_depth=cfg.get('post_depth', 5))
+    vae.to_empty(device=device)
+    var.to_empty(device=device)
+    with torch.no_grad():
+        vae.init_weights()
+        var.init_weights()
+    return vae.eval(), var.eval()
+
+
+def num_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def sampler_flops(var, B: int, schedule) -> dict:
+    """FLOPs of the transformer part of one ``autoregressive_infer_cfg`` call (2B rows: CFG), counted from the
+    shapes: per block call 24 R C^2 (qkv 6, proj 2, fc1 8, fc2 8) and 4 R ctx C for QK^T and AV over the ``ctx``
+    keys it sees; per implicit step the projection (8 R C^2: W[:, :C] z and the 2C -> C layer), per scale the
+    input injection (4 R C^2) and the head (2 R C V + the AdaLN before it).  R = 2B * tokens of the scale."""
+    C, V = var.C, var.V
+    n_explicit = var.pre_depth + var.post_depth if var.use_implicit else var.depth
+    linear = attention = head = 0
+    ctx = 0
+    ctx_per_iter = defaultdict(int)
+    for k, pn in enumerate(var.patch_nums):
+        l = pn * pn
+        R = 2 * B * l
+        ctx += l
+        linear += n_explicit * 24 * R * C * C
+        attention += n_explicit * 4 * R * ctx * C
+        n = schedule[k] if var.use_implicit else 0
+        if n > 0:
+            linear += 4 * R * C * C                     # injection W[:, C:] u + b, once per scale
+        for i in range(n):
+            ctx_per_iter[i] += l
+            linear += 8 * R * C * C + 24 * R * C * C    # projection + implicit block
+            attention += 4 * R * ctx_per_iter[i] * C
+        head += 2 * R * C * V + 2 * (2 * B) * var.D * 2 * C
+    return dict(linear=linear, attention=attention, head=head, total=linear + attention + head)
+
+
+def matmul_flops_per_s(device, dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` FLOP/s of an n x n x n matmul in ``dtype``: the machine's practical matmul limit.  It is
+    run as ``F.linear`` (x W^T), the kernel every layer of the model calls (for fp32 the same BLAS call as
+    ``torch.mm``; for bf16 on CPU ``torch.mm`` takes a much slower path than the oneDNN one ``F.linear`` uses)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    F.linear(a, b)
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        F.linear(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN finds bf16 instructions (avx512_bf16 / AMX) on this CPU; without them bf16 matmuls are
+    emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def trim_host_memory():
+    """Returns freed memory (heap pages to the OS, the CUDA caching allocator's blocks) so that the next
+    measurement starts from a clean base."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Probe:
+    """Wraps the transformer part of the sampler (``backbone.sample_scale`` and ``get_logits``) and the decoder
+    (``vae.fhat_to_img``) to time them, and the KV caches to record their peak bytes.  ``around`` (a context
+    factory) can replace the timer, e.g. with ``torch.utils.flop_counter.FlopCounterMode``."""
+
+    def __init__(self, var, vae, device, around=None):
+        self.var, self.device, self.around = var, torch.device(device), around
+        self.t_transformer = self.t_decoder = 0.0
+        self.kv_peak = 0
+        self._events = []
+        bb = var.backbone
+        self._saved = [(bb, 'sample_scale'), (var, 'get_logits'), (vae, 'fhat_to_img')]
+        bb.sample_scale = self._timed(bb.sample_scale, 't_transformer', kv=True)
+        var.get_logits = self._timed(var.get_logits, 't_transformer')
+        vae.fhat_to_img = self._timed(vae.fhat_to_img, 't_decoder', counted=False)
+        for b in var.all_blocks():      # the implicit block frees per-iteration caches inside sample_scale
+            self._saved.append((b.attn, 'free_cache'))
+            b.attn.free_cache = self._before_free(b.attn.free_cache)
+
+    def _timed(self, fn, field, kv=False, counted=True):
+        def wrapper(*args, **kwargs):
+            ctx = self.around() if (self.around is not None and counted) else nullcontext()
+            if self.device.type == 'cuda':     # CUDA events: no synchronisation, the host keeps running ahead
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                with ctx:
+                    out = fn(*args, **kwargs)
+                end.record()
+                self._events.append((field, start, end))
+            else:
+                t0 = time.perf_counter()
+                with ctx:
+                    out = fn(*args, **kwargs)
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+            if kv:
+                self.kv_peak = max(self.kv_peak, self.var.kv_cache_nbytes())
+            return out
+        return wrapper
+
+    def collect(self):
+        """Adds up the CUDA event timings of the last call (after a synchronisation)."""
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            for field, start, end in self._events:
+                setattr(self, field, getattr(self, field) + start.elapsed_time(end) / 1e3)
+            self._events = []
+
+    def _before_free(self, fn):
+        def wrapper(*args, **kwargs):
+            self.kv_peak = max(self.kv_peak, self.var.kv_cache_nbytes())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def reset(self):
+        self.t_transformer = self.t_decoder = 0.0
+        self.kv_peak = 0
+        self._events = []
+
+    def remove(self):
+        for obj, name in self._saved:
+            obj.__dict__.pop(name, None)
+
+
+# ============================================== benchmarks ============================================================
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops):
+    from models import iterations_per_scale
+    from utils.memory import PeakMemory
+    il, ir = schedule_lr if var.use_implicit else (0, 0)
+    schedule = iterations_per_scale(il, ir, len(var.patch_nums)) if var.use_implicit else [0] * len(var.patch_nums)
+    labels = torch.arange(B, device=device) % var.num_classes
+    probe = Probe(var, vae, device)
+    try:
+        runs = []
+        for rep in range(args.warmup + args.reps):
+            probe.reset()
+            trim_host_memory()
+            with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, dtype):
+                sync(device)
+                t0 = time.perf_counter()
+                var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
+                                             iter_left=il, iter_right=ir)
+                sync(device)
+                wall = time.perf_counter() - t0
+            probe.collect()
+            if rep >= args.warmup:
+                runs.append(dict(wall=wall, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak,
+                                 peak=mem.peak, peak_delta=mem.delta))
+    finally:
+        probe.remove()
+    best = {k: min(r[k] for r in runs) for k in ('wall', 't_tf', 't_dec')}
+    best.update({k: max(r[k] for r in runs) for k in ('kv', 'peak', 'peak_delta')})
+    flops = sampler_flops(var, B, schedule)
+    tf_flops_s = flops['total'] / best['t_tf']
+    return dict(
+        kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
+        schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None,
+        img_s=B / best['wall'], wall_s=best['wall'], transformer_s=best['t_tf'], decoder_s=best['t_dec'],
+        transformer_gflop=flops['total'] / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
+        frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops, peak_mem_mb=best['peak'] / 2 ** 20,
+        peak_mem_delta_mb=best['peak_delta'] / 2 ** 20, kv_cache_mb=best['kv'] / 2 ** 20)
+
+
+def bench_training(var, vae, name, B, n0, n1, args, device, dtype):
+    from utils.memory import PeakMemory, SavedTensorMeter
+    var.train()
+    var.cond_drop_rate = 0.1
+    g = torch.Generator(device='cpu').manual_seed(0)
+    x_BLCv = torch.randn(B, var.L - var.first_l, vae.Cvae, generator=g).to(device)
+    label_B = torch.randint(0, var.num_classes, (B,), generator=g).to(device)
+    gt_BL = torch.randint(0, vae.vocab_size, (B, var.L), generator=g).to(device)
+    times, act_peak, mem_peak, mem_delta = [], 0, 0, 0
+    for rep in range(args.warmup + args.reps):
+        var.zero_grad(set_to_none=True)
+        trim_host_memory()
+        meter = SavedTensorMeter(var)
+        with PeakMemory(device) as mem:
+            sync(device)
+            t0 = time.perf_counter()
+            with meter:
+                with autocast(device, dtype):
+                    logits_BLV = var(label_B, x_BLCv, iters=(n0, n1) if var.use_implicit else None)
+                    loss = F.cross_entropy(logits_BLV.view(-1, vae.vocab_size), gt_BL.view(-1))
+                loss.backward()
+            sync(device)
+            dt = time.perf_counter() - t0
+        del logits_BLV, loss
+        if rep >= args.warmup:
+            times.append(dt)
+            act_peak, mem_peak, mem_delta = max(act_peak, meter.peak), max(mem_peak, mem.peak), max(mem_delta, mem.delta)
+    var.zero_grad(set_to_none=True)
+    var.eval()
+    return dict(kind='train', model=name, width=var.C, B=B, dtype=args.dtype, n0=n0, n1=n1, step_s=min(times),
+                saved_act_mb=act_peak / 2 ** 20, peak_mem_mb=mem_peak / 2 ** 20, peak_mem_delta_mb=mem_delta / 2 ** 20)
+
+
+# ============================================== reporting =============================================================
+def machine_info(device) -> dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine())
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    info['cpu'] = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info['cpu_cores'] = os.cpu_count()
+    if torch.device(device).type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def table(rows, cols) -> str:
+    """``cols``: (header, key, format)."""
+    cells = [[h for h, _, _ in cols]] + [[fmt.format(r[k]) if r.get(k) is not None else '-' for _, k, fmt in cols]
+                                        for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ['| ' + ' | '.join(c.rjust(w) for c, w in zip(row, widths)) + ' |' for row in cells]
+    lines.insert(1, '|' + '|'.join('-' * (w + 1) + ':' for w in widths) + '|')
+    return '\n'.join(lines)
+
+
+SAMPLE_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
+               ('iters', 'schedule', '{}'), ('img/s', 'img_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
+               ('decoder s', 'decoder_s', '{:.3f}'), ('GFLOP', 'transformer_gflop', '{:.1f}'),
+               ('GFLOP/s', 'transformer_gflop_s', '{:.1f}'), ('% of matmul', 'frac_pct', '{:.0f}%'),
+               ('peak mem MB', 'peak_mem_mb', '{:.0f}'), ('KV cache MB', 'kv_cache_mb', '{:.1f}')]
+TRAIN_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
+              ('n0 (no grad)', 'n0', '{}'), ('n1 (grad)', 'n1', '{}'), ('step s', 'step_s', '{:.3f}'),
+              ('saved activations MB', 'saved_act_mb', '{:.1f}'), ('peak mem MB', 'peak_mem_mb', '{:.0f}'),
+              ('peak - start MB', 'peak_mem_delta_mb', '{:.0f}')]
+
+
+def checks(results) -> list:
+    """The claims the benchmark is meant to show, each as (ok, sentence)."""
+    out = []
+    groups = defaultdict(list)
+    for r in results:
+        if r['kind'] == 'sample' and r['iters']:
+            groups[(r['model'], r['width'], r['B'], r['dtype'])].append(r)
+    for key, rs in groups.items():
+        # a schedule "lower" than another: no more iterations at any scale, fewer at some
+        for hi in rs:
+            for lo in rs:
+                if lo is not hi and all(a <= b for a, b in zip(lo['iters'], hi['iters'])) and lo['iters'] != hi['iters']:
+                    ok = lo['img_s'] > hi['img_s'] and lo['kv_cache_mb'] < hi['kv_cache_mb']
+                    out.append((ok, f'{key[0]} B={key[2]} {key[3]}: {lo["schedule"]} vs {hi["schedule"]}: '
+                                    f'{lo["img_s"] / hi["img_s"]:.2f}x images/s, '
+                                    f'{lo["kv_cache_mb"] / hi["kv_cache_mb"]:.2f}x KV-cache bytes'))
+    tr = [r for r in results if r['kind'] == 'train']
+    by_n1 = defaultdict(dict)
+    for r in tr:
+        by_n1[r['n1']][r['n0']] = r
+    for n1, d in by_n1.items():
+        if 0 in d and len(d) > 1:
+            worst = max(v['saved_act_mb'] for v in d.values()) / d[0]['saved_act_mb'] - 1
+            out.append((worst <= 0.15, f'training, n1={n1}: saved activations vary by {100 * worst:+.1f}% over '
+                                       f'n0 in {sorted(d)} (flat: within 15%)'))
+    by_n0 = defaultdict(dict)
+    for r in tr:
+        by_n0[r['n0']][r['n1']] = r
+    for n0, d in by_n0.items():
+        n1s = sorted(d)
+        if len(n1s) >= 3:
+            a, b = d[n1s[0]]['saved_act_mb'], d[n1s[1]]['saved_act_mb']
+            per = (b - a) / (n1s[1] - n1s[0])
+            dev = max(abs(d[n]['saved_act_mb'] - (a + per * (n - n1s[0]))) for n in n1s) / max(per, 1e-9)
+            out.append((per > 0 and dev <= 0.05 * max(n1s), f'training, n0={n0}: saved activations grow by '
+                        f'{per:.2f} MB per gradient step (linear fit over n1 in {n1s}, max deviation '
+                        f'{dev:.2f} steps)'))
+    return out
+
+
+def plot(results, path):
+    """A bar chart of images/s per (model, schedule, batch) drawn with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+    rows = [r for r in results if r['kind'] == 'sample']
+    if not rows:
+        raise BenchError('--plot needs sampling results (do not pass --sample_models none)')
+    W, H, pad, bar = 160 + 70 * len(rows), 420, 50, 40
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    top = max(r['img_s'] for r in rows)
+    d.text((pad, 10), 'images/s (bar) and KV cache MB (label) per model / iterations / batch', fill='black')
+    d.line((pad, H - 90, W - 10, H - 90), fill='black')
+    for i, r in enumerate(rows):
+        x = pad + 20 + 70 * i
+        h = (H - 140) * r['img_s'] / top
+        color = (200, 80, 60) if r['model'].startswith('viar') else (60, 110, 200)
+        d.rectangle((x, H - 90 - h, x + bar, H - 90), fill=color)
+        d.text((x, H - 90 - h - 28), f'{r["img_s"]:.3g}', fill='black')
+        d.text((x, H - 90 - h - 14), f'{r["kv_cache_mb"]:.3g}MB', fill='gray')
+        d.text((x, H - 80), r['model'], fill='black')
+        d.text((x, H - 66), r['schedule'], fill='black')
+        d.text((x, H - 52), f'B={r["B"]}', fill='black')
+    from utils.misc import atomic_write_bytes
+    import io
+    buf = io.BytesIO()
+    img.save(buf, format='PNG')
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+# ============================================== main ==================================================================
+def parse_list(s, what, conv=int):
+    if s.strip().lower() in ('', 'none'):
+        return []
+    try:
+        return [conv(x) for x in s.split(',') if x.strip()]
+    except ValueError:
+        raise BenchError(f'could not read {what} {s!r}')
+
+
+def parse_schedule(s):
+    for sep in ('->', '→', ':', '-'):
+        if sep in s:
+            a, b = s.split(sep, 1)
+            try:
+                return int(a), int(b)
+            except ValueError:
+                break
+    raise BenchError(f'could not read the iteration schedule {s!r}; write LEFT-RIGHT, e.g. 10-5')
+
+
+def main(args):
+    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise BenchError('--device cuda was asked for but no CUDA GPU is visible; use --device cpu')
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    on_cpu = device.type == 'cpu'
+    if args.dtype not in DTYPES:
+        raise BenchError(f'--dtype must be one of {", ".join(DTYPES)}, got {args.dtype!r}')
+    dtype = DTYPES[args.dtype]
+    if on_cpu and dtype == torch.float16:
+        raise BenchError('fp16 autocast is a CUDA path; use --dtype bf16 or fp32 on CPU')
+    if args.reps < 1 or args.warmup < 0:
+        raise BenchError(f'--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}')
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    width = args.width if args.width >= 0 else (128 if on_cpu else 0)
+    vae_ch = args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 160)
+    train_width = args.train_width if args.train_width >= 0 else width
+    for w in (width, train_width):
+        if w % 64:
+            raise BenchError(f'--width must be a multiple of 64 (heads of 64 channels), got {w}')
+    from models import PATCH_NUMS_256, PATCH_NUMS_512
+    patch_nums = PATCH_NUMS_512 if args.reso == 512 else PATCH_NUMS_256
+    if args.patch_nums:
+        patch_nums = tuple(parse_list(args.patch_nums.replace('_', ','), 'patch_nums'))
+        if not patch_nums or patch_nums[0] != 1 or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
+            raise BenchError(f'--patch_nums must be increasing and start at 1, got {args.patch_nums!r}')
+    sample_models = parse_list(args.models, 'models', str)
+    train_models = parse_list(args.train_models, 'training models', str)
+    for m in sample_models + train_models:
+        if m not in MODELS:
+            raise BenchError(f'unknown model {m!r}; choose from {", ".join(MODELS)}')
+    schedules = [parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)]
+    batch_sizes = parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64])
+    grid = [parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)]
+
+    info = machine_info(device)
+    print(f'# machine: {info["cpu"]} ({info["cpu_cores"]} cores), torch {info["torch"]}, {info["threads"]} threads'
+          + (f', GPU {info["gpu"]}' if 'gpu' in info else ''))
+    peak_fp32 = matmul_flops_per_s(device, torch.float32, args.matmul_n)
+    peak_dtype = peak_fp32 if dtype == torch.float32 else matmul_flops_per_s(device, dtype, args.matmul_n)
+    print(f'# matmul {args.matmul_n}^3: fp32 {peak_fp32 / 1e9:.1f} GFLOP/s'
+          + ('' if dtype == torch.float32 else f', {args.dtype} {peak_dtype / 1e9:.1f} GFLOP/s'))
+    if on_cpu and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        print('# note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than fp32')
+    print(f'# dtype {args.dtype}, width {width or "published"}, tokenizer ch {vae_ch}, {16 * patch_nums[-1]} px, '
+          f'best of {args.reps} after {args.warmup} warm-up' + (', torch.compile' if args.compile else ''))
+
+    results = []
+    for name in sample_models:
+        vae, var = build(name, width, vae_ch, device, patch_nums)
+        if args.compile:
+            var.compile_blocks()
+        print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
+        for B in batch_sizes:
+            for sch in (schedules if var.use_implicit else [(0, 0)]):
+                r = bench_sampling(var, vae, name, B, sch, args, device, dtype, peak_dtype)
+                results.append(r)
+                print(table([r], SAMPLE_COLS).splitlines()[-1], flush=True)
+        del vae, var
+        trim_host_memory()
+    for name in train_models:
+        vae, var = build(name, train_width, vae_ch, device, patch_nums)
+        if args.compile:
+            var.compile_blocks()
+        for n0, n1 in (grid if var.use_implicit else [(0, 0)]):
+            r = bench_training(var, vae, name, args.train_bs, n0, n1, args, device, dtype)
+            results.append(r)
+            print(table([r], TRAIN_COLS).splitlines()[-1], flush=True)
+        del vae, var
+        trim_host_memory()
+
+    # the limit measured again after the runs (best of both): a shared machine may have been busy at the start
+    again_fp32 = matmul_flops_per_s(device, torch.float32, args.matmul_n)
+    again = again_fp32 if dtype == torch.float32 else matmul_flops_per_s(device, dtype, args.matmul_n)
+    if again > peak_dtype:
+        for r in results:
+            if r['kind'] == 'sample':
+                r['frac_of_matmul'] = r['transformer_gflop_s'] * 1e9 / again
+                r['frac_pct'] = 100 * r['frac_of_matmul']
+    peak_fp32, peak_dtype = max(peak_fp32, again_fp32), max(peak_dtype, again)
+    print(f'# matmul {args.matmul_n}^3 after the runs: fp32 {again_fp32 / 1e9:.1f} GFLOP/s'
+          + ('' if dtype == torch.float32 else f', {args.dtype} {again / 1e9:.1f} GFLOP/s')
+          + f' (using the best: {peak_dtype / 1e9:.1f})')
+    samp = [r for r in results if r['kind'] == 'sample']
+    train = [r for r in results if r['kind'] == 'train']
+    if samp:
+        print('\n## Sampling (transformer = backbone + head at every scale; % of the measured '
+              f'{args.dtype} matmul FLOP/s)\n')
+        print(table(samp, SAMPLE_COLS))
+    if train:
+        print('\n## Training step (forward + backward) against the fixed-point steps\n')
+        print(table(train, TRAIN_COLS))
+    if not on_cpu:
+        var30 = {r['B']: r for r in samp if r['model'] == 'var_d30'}
+        lines = []
+        for r in samp:
+            if r['model'] == 'viar_d30' and r['B'] in var30:
+                v = var30[r['B']]
+                lines.append(f'| {r["B"]} | {r["schedule"]} | {r["img_s"] / v["img_s"]:.2f}x '
+                             f'(paper 2.12x) | {r["peak_mem_mb"] / v["peak_mem_mb"]:.2f}x (paper 0.44x) |')
+        if lines:
+            print('\n## VIAR-d30 / VAR-d30\n\n| B | iters | images/s | peak memory |\n|--:|--:|--:|--:|')
+            print('\n'.join(lines))
+    found = checks(results)
+    if found:
+        print('\n## Checks\n')
+        for ok, msg in found:
+            print(f'- [{"ok" if ok else "NOT MET"}] {msg}')
+    if args.json:
+        from utils.misc import atomic_write_bytes
+        doc = dict(machine=info, matmul_gflop_s={'fp32': peak_fp32 / 1e9, args.dtype: peak_dtype / 1e9},
+                   args=vars(args), results=results, checks=[dict(ok=ok, what=m) for ok, m in found])
+        atomic_write_bytes(json.dumps(doc, indent=1).encode(), args.json)
+        print(f'\nwrote {args.json}')
+    if args.plot:
+        plot(results, args.plot)
+        print(f'wrote {args.plot}')
+    if args.strict and not all(ok for ok, _ in found):
+        return 1
+    return 0
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1 ...')
+    p.add_argument('--dtype', default='fp32', help='fp32, bf16 (autocast; CPU and CUDA) or fp16 (autocast; CUDA)')
+    p.add_argument('--models', default='var_d16,var_d30,viar_d30', help=f'sampling benchmarks: {",".join(MODELS)} or none')
+    p.add_argument('--schedules', default='10-10,10-5,5-5,10-1', help='VIAR iteration knobs iter_left-iter_right')
+    p.add_argument('--batch_sizes', default='', help='comma-separated (default: 2 on CPU, 16,64 on CUDA)')
+    p.add_argument('--width', type=int, default=-1, help='transformer width; 0: published (64 x depth); '
+                   'default: 128 on CPU, published on CUDA')
+    p.add_argument('--vae_ch', type=int, default=0, help='tokenizer width (default: 32 on CPU, 160 = published on CUDA)')
+    p.add_argument('--reso', type=int, default=256, choices=(256, 512))
+    p.add_argument('--patch_nums', default='', help='scales, e.g. 1_2_3_4 (overrides --reso; for quick runs)')
+    p.add_argument('--train_models', default='viar_d30', help='training benchmarks (none to skip)')
+    p.add_argument('--train_grid', default='0-2,5-2,10-2,0-1,0-4,0-8', help='n0-n1 pairs (steps without-with grad)')
+    p.add_argument('--train_bs', type=int, default=2)
+    p.add_argument('--train_width', type=int, default=-1, help='width of the training benchmark (default: --width)')
+    p.add_argument('--reps', type=int, default=2)
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
+    p.add_argument('--matmul_n', type=int, default=2048, help='size of the matmul that measures the FLOP/s limit')
+    p.add_argument('--compile', action='store_true', help='torch.compile the blocks (VAR.compile_blocks)')
+    p.add_argument('--json', default='', help='also write the results here')
+    p.add_argument('--plot', default='', help='also draw images/s and KV-cache MB into this PNG')
+    p.add_argument('--strict', action='store_true', help='exit 1 when a check is not met')
+    return p
+
+
+if __name__ == '__main__':
+    args = get_parser().parse_args()
+    try:
+        sys.exit(main(args))
+    except BenchError as e:
+        print(f'bench.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('bench.py: interrupted', file=sys.stderr)
+        sys.exit(130)
