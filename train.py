@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from models import build_vae_var
-from models.checkpoint import CheckpointError, load_vae, read_checkpoint
+from models.checkpoint import CheckpointError, load_vae, read_checkpoint, tokenizer_downsample
 from utils import dist
 from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
@@ -435,7 +435,11 @@ def find_checkpoint(run: Run) -> Optional[dict]:
 
 
 def build_data(args, ckpt: Optional[dict], last_path: str):
-    """Train and val ImageFolder datasets (checked before any model is built); sets ``--num_classes``."""
+    """Train and val ImageFolder datasets (checked before any model is built); sets ``--num_classes`` and the image
+    side (the tokenizer's downsampling x the last scale: 16 x 16 = 256 px for the published tokenizer)."""
+    down = tokenizer_downsample(args.vae_ckpt)
+    args.data_load_reso = down * args.patch_nums[-1]
+    args.resos = [down * pn for pn in args.patch_nums]
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip, mid_reso=args.mid_reso)
     if args.num_classes == 0:
         args.num_classes = len(classes)

@@ -13,6 +13,8 @@ __all__ = ['Encoder', 'Decoder']
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with ``num_groups`` groups (32 in every published tokenizer).  Narrow tokenizers want fewer: with 32
+    channels and 32 groups it is an instance norm, which erases each image's colour level before ``conv_out``."""
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
@@ -37,13 +39,13 @@ class Downsample2x(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, *, in_channels: int, out_channels: int = None, dropout: float = 0.0):
+    def __init__(self, *, in_channels: int, out_channels: int = None, dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels
@@ -57,10 +59,10 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention: 1x1 conv to q,k,v, softmax(q.k / sqrt(C)), 1x1 projection, residual."""
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, norm_groups: int = 32):
         super().__init__()
         self.C = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.qkv = nn.Conv2d(in_channels, 3 * in_channels, kernel_size=1)
         self.w_ratio = int(in_channels) ** (-0.5)
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -75,7 +77,7 @@ class AttnBlock(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2, dropout=0.0, in_channels=3,
-                 z_channels, double_z=False, using_sa=True, using_mid_sa=True):
+                 z_channels, double_z=False, using_sa=True, using_mid_sa=True, norm_groups=32):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.downsample_ratio = 2 ** (self.num_resolutions - 1)
@@ -88,10 +90,10 @@ class Encoder(nn.Module):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             down = nn.Module()
             down.block, down.attn = block, attn
             if i_level != self.num_resolutions - 1:
@@ -99,11 +101,11 @@ class Encoder(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups) if using_mid_sa else nn.Identity()
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
     def forward(self, x):
@@ -121,26 +123,26 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2, dropout=0.0, in_channels=3,
-                 z_channels, using_sa=True, using_mid_sa=True):
+                 z_channels, using_sa=True, using_mid_sa=True, norm_groups=32):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         block_in = ch * ch_mult[self.num_resolutions - 1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups) if using_mid_sa else nn.Identity()
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
 
         ups = []
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             up = nn.Module()
             up.block, up.attn = block, attn
             if i_level != 0:
@@ -148,7 +150,7 @@ class Decoder(nn.Module):
             ups.insert(0, up)       # up[i] works at resolution level i, like down[i]
         self.up = nn.ModuleList(ups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z):

@@ -21,7 +21,7 @@ from .var import VAR
 from .vqvae import VQVAE
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
-           'describe_var_config', 'load_vae', 'load_var', 'load_vae_var']
+           'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var']
 
 
 class CheckpointError(RuntimeError):
@@ -118,15 +118,43 @@ def describe_var_config(cfg: Dict[str, Any]) -> str:
     return f"a VAR model (depth {cfg['depth']}{', shared AdaLN' if cfg['shared_aln'] else ''})"
 
 
-def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> Dict[str, Any]:
+def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
+                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The VQVAE constructor arguments of a tokenizer state dict: vocabulary, code width, base width, shared phi
+    convs, and the conv net's shape (levels and width multipliers, residual blocks per level, attention), all read
+    from the keys.  ``extra`` holds what keys cannot tell (``norm_groups``; 32 when absent, as published)."""
     if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
         if 'class_emb.weight' in sd:
             raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
                                   f'tokenizer (vae_ch160v4096z32.pth) as --vae_ckpt')
         raise CheckpointError(f'{path!r} is not a tokenizer (VQVAE) checkpoint')
     V, Cvae = sd['quantize.embedding.weight'].shape
+    ch = sd['encoder.conv_in.weight'].shape[0]
     n_phi = len({k.split('.')[3] for k in sd if k.startswith('quantize.quant_resi.qresi_ls.')})
-    return dict(V=V, Cvae=Cvae, ch=sd['encoder.conv_in.weight'].shape[0], share_quant_resi=n_phi or 1)
+    levels = sorted({int(k.split('.')[2]) for k in sd if k.startswith('decoder.up.')})
+    try:
+        ch_mult = tuple(sd[f'decoder.up.{i}.block.0.conv1.weight'].shape[0] // ch for i in levels)
+        blocks = {int(k.split('.')[4]) for k in sd if k.startswith(f'decoder.up.{levels[0]}.block.')}
+    except (KeyError, IndexError, ValueError):
+        raise CheckpointError(f'{path!r} is not a complete tokenizer (VQVAE) checkpoint: decoder blocks are '
+                              f'missing') from None
+    cfg = dict(V=V, Cvae=Cvae, ch=ch, share_quant_resi=n_phi or 1, ch_mult=ch_mult, num_res_blocks=len(blocks) - 1,
+               using_sa=any(k.startswith(f'decoder.up.{levels[-1]}.attn.') for k in sd),
+               using_mid_sa=any(k.startswith('decoder.mid.attn_1.') for k in sd), norm_groups=32)
+    cfg.update({k: v for k, v in (extra or {}).items() if k == 'norm_groups'})
+    return cfg
+
+
+def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
+    """Image side / token-map side of the tokenizer in ``vae_ckpt`` (16 for the published one); ``default`` when
+    the file cannot be read (the caller's later ``load_vae`` then reports why)."""
+    try:
+        obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint')
+        if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
+            obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
+        return 2 ** (len(infer_vae_config(model_state_dict(obj, vae_ckpt), vae_ckpt)['ch_mult']) - 1)
+    except CheckpointError:
+        return default
 
 
 def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str, flags: Dict[str, str]):
@@ -155,13 +183,17 @@ def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str =
     """The tokenizer of ``vae_ckpt`` (bare state dict or a training checkpoint with ['trainer']['vae_wo_ddp']),
     in eval mode without gradients."""
     obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
+    extra = None
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
+        extra = obj.get('vae_config')       # train_vae.py: what the state dict cannot tell (norm_groups)
         obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
     sd = model_state_dict(obj, vae_ckpt)
-    cfg = infer_vae_config(sd, vae_ckpt)
+    cfg = infer_vae_config(sd, vae_ckpt, extra if isinstance(extra, dict) else None)
     with torch.device('meta'):
         vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
-                    share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums)
+                    share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums, ch_mult=cfg['ch_mult'],
+                    num_res_blocks=cfg['num_res_blocks'], using_sa=cfg['using_sa'],
+                    using_mid_sa=cfg['using_mid_sa'], norm_groups=cfg['norm_groups'])
     return _load_strict(vae, sd, device, f'tokenizer checkpoint {vae_ckpt!r} does not fit the VQVAE architecture '
                                          '({err})')
 

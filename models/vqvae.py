@@ -14,14 +14,19 @@ __all__ = ['VQVAE']
 class VQVAE(nn.Module):
     def __init__(self, vocab_size=4096, z_channels=32, ch=128, dropout=0.0, beta=0.25, using_znorm=False,
                  quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4, default_qresi_counts=0,
-                 v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode=True, ch_mult=(1, 1, 2, 2, 4)):
+                 v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode=True, ch_mult=(1, 1, 2, 2, 4),
+                 num_res_blocks=2, using_sa=True, using_mid_sa=True, norm_groups=32):
         super().__init__()
         self.test_mode = test_mode
         self.V = self.vocab_size = vocab_size
         self.Cvae = z_channels
         self.ch = ch
+        # the conv net's shape (models.checkpoint.infer_vae_config reads all but norm_groups back from the keys)
+        self.arch = dict(ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, using_sa=using_sa,
+                         using_mid_sa=using_mid_sa, norm_groups=norm_groups)
         ddconfig = dict(dropout=dropout, ch=ch, z_channels=z_channels, in_channels=3, ch_mult=tuple(ch_mult),
-                        num_res_blocks=2, using_sa=True, using_mid_sa=True)
+                        num_res_blocks=num_res_blocks, using_sa=using_sa, using_mid_sa=using_mid_sa,
+                        norm_groups=norm_groups)
         self.encoder = Encoder(double_z=False, **ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.downsample = 2 ** (len(ch_mult) - 1)
@@ -36,9 +41,13 @@ class VQVAE(nn.Module):
             self.requires_grad_(False)
 
     # -------------------------------------------- training (tokenizer) -----------------------------------------
-    def forward(self, inp_B3HW: torch.Tensor, ret_usages: bool = False):
-        """-> (reconstruction, per-scale codebook usage % or None, vq loss)."""
-        f_hat, usages, vq_loss = self.quantize(self.quant_conv(self.encoder(inp_B3HW)), ret_usages=ret_usages)
+    def forward(self, inp_B3HW: torch.Tensor, ret_usages: bool = False, quantize: bool = True):
+        """-> (reconstruction, per-scale codebook usage % or None, vq loss).  ``quantize=False`` skips the quantiser
+        (a plain autoencoder: the warm-up of ``train_vae.py --ae_warmup``)."""
+        f = self.quant_conv(self.encoder(inp_B3HW))
+        if not quantize:
+            return self.decoder(self.post_quant_conv(f)), None, f.new_zeros(())
+        f_hat, usages, vq_loss = self.quantize(f, ret_usages=ret_usages)
         return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
 
     # -------------------------------------------- inference ----------------------------------------------------

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 __all__ = ['get_parser', 'parse_args', 'finalize_args', 'str2bool', 'parse_patch_nums', 'PN_ALIASES']
 
 PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
-PATCH_SIZE = 16     # tokenizer downsampling: image side = 16 x last patch number
+PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py reads the real one from --vae_ckpt)
 
 
 def str2bool(v) -> bool:
