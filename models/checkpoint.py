@@ -11,7 +11,6 @@
 """
 import os
 import pickle
-import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
