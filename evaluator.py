@@ -19,7 +19,7 @@ are.  ``--save_ref_stats`` writes them next to a freshly computed reference (``R
 pick up by themselves.  The Inception graph ``classify_image_graph_def.pb`` is taken from ``--inception``, else from
 the cache (``$XDG_CACHE_HOME/viar``, default ``~/.cache/viar``), else downloaded there.
 
-Differences from the ADM suite (see docs/evaluator.md): the Inception Score shuffles the samples with a fixed seed
+Differences from the ADM suite (see the README, "Evaluation"): the Inception Score shuffles the samples with a fixed seed
 before its splits of 5000 (``--no_is_shuffle`` keeps the file order); tr sqrt(S1 S2) of FID/sFID comes from
 symmetric eigendecompositions rather than scipy's ``sqrtm`` (``--sqrtm`` restores it; the numbers agree to ~1e-6
 relative and the default is several times faster); a complex square root keeps its real part with a warning
