@@ -23,14 +23,14 @@ import io
 import json
 import math
 import os
-import random
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -326,20 +326,88 @@ def validate(vae: VQVAE, ld_val, dev, vis_B3HW):
 
 
 # ============================================== training ==============================================================
+@dataclass
+class Run:
+    """One tokenizer training run: models, optimisers, data, and the progress a checkpoint restores."""
+    args: Any
+    dev: torch.device
+    amp_dtype: Optional[torch.dtype]
+    stop: 'StopFlag'
+    log: Any                            # log(msg): console (rank 0) and stdout.txt
+    vae: Any = None
+    model: Any = None                   # vae, or its DDP wrapper
+    disc: Any = None
+    perc: Any = None
+    opt: Any = None
+    opt_d: Any = None
+    scaler: Any = None
+    gen: Optional[torch.Generator] = None   # code restarts
+    iters: int = 0
+    start_ep: int = 0
+    start_it: int = 0
+    best: float = float('inf')
+    bad_in_a_row: int = 0
+    tb: Optional['TBWriter'] = None
+
+    @property
+    def out(self):
+        return self.args.local_out_dir_path
+
+    @property
+    def last_path(self):
+        return os.path.join(self.out, 'vae-ckpt-last.pth')
+
+    @property
+    def export_path(self):
+        a = self.args
+        return os.path.join(self.out, f'vae_ch{a.ch}v{a.vocab_size}z{a.z_channels}.pth')
+
+    def amp(self):
+        return torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
 def main(args):
+    """Trains the tokenizer for ``--ep`` epochs, resuming from ``vae-ckpt-last.pth`` when the output folder has one."""
+    run = setup(args)
+    ckpt = find_checkpoint(run)
+    sampler, ld_train, ld_val, vis = build_data(run)
+    build_models(run, ckpt)
+    restore_progress(run, ckpt)
+    del ckpt
+    if run.start_ep >= args.ep:
+        run.log(f'[train_vae] nothing to do: {run.last_path} already holds {run.start_ep} epochs (--ep {args.ep}); the '
+                f'tokenizer is {run.export_path}')
+        return
+    if dist.is_master():
+        run.tb = TBWriter(os.path.join(run.out, f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'),
+                          purge_step=run.start_ep * run.iters + run.start_it)
+    t_run = time.time()
+    for ep in range(run.start_ep, args.ep):
+        first = run.start_it if ep == run.start_ep else 0
+        sampler.set_epoch(ep, first)
+        ep_sums, usages, stop_now = train_one_epoch(run, ep, first, ld_train)
+        end_of_epoch(run, ep, ep_sums, usages, stop_now, ld_val, vis, t_run)
+    run.log(f'[train_vae] done in {timedelta(seconds=int(time.time() - t_run))}; tokenizer '
+            f'{"(official format) " if args.norm_groups == 32 else ""}{run.export_path}; reconstructions in '
+            f'{os.path.join(run.out, "recon")}')
+    if run.tb:
+        run.tb.close()
+
+
+def setup(args) -> Run:
+    """Processes, output folder, console log (rank 0 only), signal handlers, precision."""
     dev = dist.init_distributed(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    master = rank == 0
+    world = dist.get_world_size()
     out = args.local_out_dir_path
     try:
         os.makedirs(os.path.join(out, 'recon'), exist_ok=True)
     except OSError as e:
         raise UserError(f'cannot create --local_out_dir_path {out!r}: {e.strerror}') from None
-    if not master:
+    if not dist.is_master():
         sys.stdout = open(os.devnull, 'w')
-    stdout_txt = open(os.path.join(out, 'stdout.txt'), 'a', encoding='utf-8') if master else None
+    stdout_txt = open(os.path.join(out, 'stdout.txt'), 'a', encoding='utf-8') if dist.is_master() else None
 
     def log(msg: str):
         print(msg, flush=True)
@@ -353,51 +421,60 @@ def main(args):
     if args.bs < world:
         raise UserError(f'--bs {args.bs} is smaller than the {world} processes: each needs at least one image')
     args.batch_size = args.bs // world
-    reso = 2 ** (len(args.ch_mult) - 1) * args.patch_nums[-1]
     amp_dtype = {0: None, 1: torch.float16, 2: torch.bfloat16}[args.fp16]
     if amp_dtype is torch.float16 and dev.type != 'cuda':
         amp_dtype = torch.bfloat16
         log('[train_vae] --fp16=1 needs CUDA; bfloat16 autocast is used on CPU')
-
-    def amp():
-        return torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
     log(f'[train_vae] {" ".join(sys.argv)}')
-    last_path = os.path.join(out, 'vae-ckpt-last.pth')
-    export_path = os.path.join(out, f'vae_ch{args.ch}v{args.vocab_size}z{args.z_channels}.pth')
-    ckpt = None
-    if os.path.isfile(last_path):
-        try:
-            ckpt = read_checkpoint(last_path, 'tokenizer training checkpoint')
-        except CheckpointError as e:
-            raise CheckpointError(f'cannot resume: {e}; move it away to start over') from None
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and 'vae_wo_ddp' in ckpt['trainer']
-                and isinstance(ckpt.get('args'), dict)):
-            raise CheckpointError(f'{last_path!r} is not a checkpoint written by train_vae.py; move it away (or pass '
-                                  f'another --local_out_dir_path) to start a new run')
-        for k in ARCH_FLAGS:
-            if k in ckpt['args'] and ckpt['args'][k] != getattr(args, k):
-                raise CheckpointError(f'{last_path!r} was written with --{k} {ckpt["args"][k]}, this command gives '
-                                      f'--{k} {getattr(args, k)}: rerun with the same flags to resume, or pass another '
-                                      f'--local_out_dir_path')
+    return Run(args=args, dev=dev, amp_dtype=amp_dtype, stop=stop, log=log)
 
-    # ---- data ----
+
+def find_checkpoint(run: Run) -> Optional[dict]:
+    """``vae-ckpt-last.pth`` of the output folder (None for a new run), checked against this command's flags."""
+    args, last_path = run.args, run.last_path
+    if not os.path.isfile(last_path):
+        return None
+    try:
+        ckpt = read_checkpoint(last_path, 'tokenizer training checkpoint')
+    except CheckpointError as e:
+        raise CheckpointError(f'cannot resume: {e}; move it away to start over') from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and 'vae_wo_ddp' in ckpt['trainer']
+            and isinstance(ckpt.get('args'), dict)):
+        raise CheckpointError(f'{last_path!r} is not a checkpoint written by train_vae.py; move it away (or pass '
+                              f'another --local_out_dir_path) to start a new run')
+    for k in ARCH_FLAGS:
+        if k in ckpt['args'] and ckpt['args'][k] != getattr(args, k):
+            raise CheckpointError(f'{last_path!r} was written with --{k} {ckpt["args"][k]}, this command gives '
+                                  f'--{k} {getattr(args, k)}: rerun with the same flags to resume, or pass another '
+                                  f'--local_out_dir_path')
+    return ckpt
+
+
+def build_data(run: Run):
+    """Resumable train loader, sharded val loader and the validation images of the reconstruction grids."""
+    args, rank, world = run.args, dist.get_rank(), dist.get_world_size()
+    reso = 2 ** (len(args.ch_mult) - 1) * args.patch_nums[-1]
     classes, train_set, val_set = build_dataset(args.data_path, reso, hflip=args.hflip, mid_reso=args.mid_reso)
     if len(val_set) == 0:
         raise DataError(f'{os.path.join(args.data_path, "val")!r} holds no images')
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
-    iters = sampler.iters_per_epoch
-    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=dev.type == 'cuda',
-                          persistent_workers=args.workers > 0)
+    run.iters = sampler.iters_per_epoch
+    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                          pin_memory=run.dev.type == 'cuda', persistent_workers=args.workers > 0)
     ld_val = DataLoader(val_set, batch_size=max(1, args.batch_size), num_workers=args.workers,
                         sampler=ShardSampler(len(val_set), rank, world))
     n_vis = min(args.n_vis, len(val_set))
     step = max(1, len(val_set) // max(n_vis, 1))        # spread over the classes
-    vis = torch.stack([val_set[i * step][0] for i in range(n_vis)]) if master and n_vis else None
-    log(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, {reso} px, '
-        f'scales {args.pn}; per-rank batch {args.batch_size}, {iters} iterations per epoch')
+    vis = torch.stack([val_set[i * step][0] for i in range(n_vis)]) if dist.is_master() and n_vis else None
+    run.log(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, {reso} px, '
+            f'scales {args.pn}; per-rank batch {args.batch_size}, {run.iters} iterations per epoch')
+    return sampler, ld_train, ld_val, vis
 
-    # ---- model, losses, optimisers ----
+
+def build_models(run: Run, ckpt: Optional[dict]):
+    """The VQVAE (from scratch, ``--init`` or the checkpoint), optional discriminator and perceptual loss, AdamW
+    optimisers, GradScaler, DDP."""
+    args, dev, world = run.args, run.dev, dist.get_world_size()
     torch.manual_seed(args.seed)
     vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, beta=args.beta,
                 share_quant_resi=args.share_quant_resi, quant_resi=args.quant_resi,
@@ -411,12 +488,13 @@ def main(args):
         try:
             vae.load_state_dict(src.state_dict(), strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f'--init {args.init!r} does not fit --ch/--vocab_size/--z_channels ({str(e).splitlines()[0]})') from None
+            raise CheckpointError(f'--init {args.init!r} does not fit --ch/--vocab_size/--z_channels '
+                                  f'({str(e).splitlines()[0]})') from None
     vae.train()
     disc = PatchDiscriminator(args.disc_ch).to(dev).train() if args.disc > 0 else None
     perc = None
     if args.lp > 0:
-        if master:
+        if dist.is_master():
             perc = VGGPerceptual()      # rank 0 downloads into the cache first (or fails for everyone below)
         dist.barrier()
         perc = (perc or VGGPerceptual()).to(dev)
@@ -424,13 +502,7 @@ def main(args):
               {'params': [p for n, p in vae.named_parameters() if no_decay(n, p)], 'weight_decay': 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0) if disc else None
-    scaler = torch.amp.GradScaler('cuda') if amp_dtype is torch.float16 else None
-    n_params = sum(p.numel() for p in vae.parameters())
-    log(f'[model] VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}: {n_params / 1e6:.2f}M parameters; '
-        f'losses: l2 {args.l2} l1 {args.l1} vq (beta {args.beta}) lp {args.lp} disc {args.disc}')
-
-    start_ep, start_it, g_it0, best = 0, 0, 0, float('inf')
-    gen = torch.Generator().manual_seed(args.seed + 12345)       # code restarts
+    scaler = torch.amp.GradScaler('cuda') if run.amp_dtype is torch.float16 else None
     if ckpt:
         tr = ckpt['trainer']
         try:
@@ -440,21 +512,11 @@ def main(args):
                 disc.load_state_dict(tr['disc'])
                 opt_d.load_state_dict(tr['disc_opt'])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f'{last_path!r} does not fit this command ({str(e).splitlines()[0]}); pass another '
-                                  f'--local_out_dir_path to start a new run') from None
-        start_ep, start_it = int(ckpt['epoch']), int(ckpt['iter'])
-        res = ckpt.get('resume', {})
-        vae.quantize.record_hit = int(res.get('record_hit', 1))
-        best = float(res.get('best', best))
-        rngs = res.get('rng', [])
-        if len(rngs) == world:
-            set_rng(rngs[rank], dev)
-        if 'gen' in res:
-            gen.set_state(res['gen'])
-        if start_it >= iters:
-            start_ep, start_it = start_ep + 1, 0
-        log(f'[resume] from {last_path}: epoch {start_ep + 1}/{args.ep}, iteration {start_it + 1}/{iters}')
-    del ckpt
+            raise CheckpointError(f'{run.last_path!r} does not fit this command ({str(e).splitlines()[0]}); pass '
+                                  f'another --local_out_dir_path to start a new run') from None
+    n_params = sum(p.numel() for p in vae.parameters())
+    run.log(f'[model] VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}: {n_params / 1e6:.2f}M '
+            f'parameters; losses: l2 {args.l2} l1 {args.l1} vq (beta {args.beta}) lp {args.lp} disc {args.disc}')
     model = vae
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -466,195 +528,218 @@ def main(args):
                     broadcast_buffers=False)
         if disc is not None:
             disc = DDP(disc, device_ids=[dev.index] if dev.type == 'cuda' else None, broadcast_buffers=False)
+    run.vae, run.model, run.disc, run.perc, run.opt, run.opt_d, run.scaler = vae, model, disc, perc, opt, opt_d, scaler
 
-    tb = TBWriter(os.path.join(out, f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'),
-                  purge_step=start_ep * iters + start_it) if master else None
-    max_it, wp_it = args.ep * iters, args.wp * iters
-    disc_start = int(args.disc_start * max_it)
-    log_freq = args.log_freq or max(1, iters // 10)
 
-    # the official format, a bare state dict, when the keys tell the whole architecture (norm_groups 32);
-    # otherwise {'trainer': {'vae_wo_ddp': ...}, 'vae_config': {'norm_groups': G}} (models.checkpoint.load_vae reads both)
-    vae_config = {'norm_groups': args.norm_groups}
+def restore_progress(run: Run, ckpt: Optional[dict]):
+    """Schedule position, best validation MSE, RNG states and the code-restart generator."""
+    run.gen = torch.Generator().manual_seed(run.args.seed + 12345)
+    if not ckpt:
+        return
+    run.start_ep, run.start_it = int(ckpt['epoch']), int(ckpt['iter'])
+    res = ckpt.get('resume', {})
+    run.vae.quantize.record_hit = int(res.get('record_hit', 1))
+    run.best = float(res.get('best', run.best))
+    rngs = res.get('rng', [])
+    if len(rngs) == dist.get_world_size():
+        set_rng(rngs[dist.get_rank()], run.dev)
+    if 'gen' in res:
+        run.gen.set_state(res['gen'])
+    if run.start_it >= run.iters:
+        run.start_ep, run.start_it = run.start_ep + 1, 0
+    run.log(f'[resume] from {run.last_path}: epoch {run.start_ep + 1}/{run.args.ep}, iteration '
+            f'{run.start_it + 1}/{run.iters}')
 
-    def export():
+
+def save_checkpoint(run: Run, ep: int, it: int, metrics: Optional[dict] = None) -> bool:
+    """Collective.  Rank 0 writes ``vae-ckpt-last.pth`` and the tokenizer export (``vae-best.pth`` too when the
+    validation MSE improved), atomically.  The export is the official bare state dict when the keys tell the whole
+    architecture (norm_groups 32), else ``{'trainer': {'vae_wo_ddp': ...}, 'vae_config': {'norm_groups': G}}``
+    (``models.checkpoint.load_vae`` reads both).  Returns whether the MSE improved."""
+    args, vae = run.args, run.vae
+    improved = metrics is not None and metrics['val_MSE'] < run.best
+    rngs = [None] * dist.get_world_size()
+    if dist.initialized():
+        torch.distributed.all_gather_object(rngs, get_rng(run.dev))
+    else:
+        rngs = [get_rng(run.dev)]
+    if dist.is_master():
+        vae_config = {'norm_groups': args.norm_groups}
+        tr = {'vae_wo_ddp': vae.state_dict(), 'vae_opt': run.opt.state_dict()}
+        if run.disc is not None:
+            tr['disc'] = getattr(run.disc, 'module', run.disc).state_dict()
+            tr['disc_opt'] = run.opt_d.state_dict()
+        state = {'epoch': ep, 'iter': it, 'trainer': tr, 'args': args_to_dict(args), 'vae_config': vae_config,
+                 'resume': {'rng': rngs, 'gen': run.gen.get_state(), 'record_hit': vae.quantize.record_hit,
+                            'best': min(run.best, metrics['val_MSE']) if metrics else run.best}}
         sd = vae.state_dict()
-        return sd if args.norm_groups == 32 else {'trainer': {'vae_wo_ddp': sd}, 'vae_config': vae_config}
+        export = sd if args.norm_groups == 32 else {'trainer': {'vae_wo_ddp': sd}, 'vae_config': vae_config}
+        try:
+            save_atomic(state, run.last_path)
+            save_atomic(export, run.export_path)
+            if improved:
+                save_atomic(export, os.path.join(run.out, 'vae-best.pth'))
+        except OSError as e:
+            raise UserError(f'could not write {run.last_path!r} ({e.strerror or e}): free disk space and rerun the '
+                            f'same command (it resumes from the previous checkpoint)') from None
+    dist.barrier()
+    if improved:
+        run.best = metrics['val_MSE']
+    return improved
 
-    def save(ep, it, metrics=None):
-        improved = metrics is not None and metrics['val_MSE'] < best
-        rngs = [None] * world
-        if dist.initialized():
-            torch.distributed.all_gather_object(rngs, get_rng(dev))
+
+def train_step(run: Run, img: torch.Tensor, g_it: int, warm: bool):
+    """Forward, losses, backward and optimiser step(s) of one iteration -> (stats [loss, rec MSE, vq] averaged over
+    ranks, per-scale usage %, grad norm, non-finite?, generator loss, discriminator loss)."""
+    args, vae, opt, scaler, disc = run.args, run.vae, run.opt, run.scaler, run.disc
+    use_disc = disc is not None and g_it >= int(args.disc_start * args.ep * run.iters)
+    with run.amp():
+        rec, usages, vq_loss = run.model(img, ret_usages=True, quantize=not warm)
+        usages = usages or [0.0] * len(args.patch_nums)
+        rec = rec.float()
+        mse = F.mse_loss(rec, img)
+        loss = args.l2 * mse + vq_loss
+        if args.l1:
+            loss = loss + args.l1 * (rec - img).abs().mean()
+        if run.perc is not None:
+            loss = loss + args.lp * run.perc(rec, img)
+        g_loss = None
+        if use_disc:
+            disc.requires_grad_(False)
+            g_loss = -disc(rec).float().mean()
+            loss = loss + args.disc * g_loss
+    stats = torch.tensor([loss.item(), mse.item(), vq_loss.item()])
+    dist.allreduce_mean(stats)
+    bad = not math.isfinite(stats[0].item())
+    gn = float('nan')
+    if not bad:
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip if args.clip > 0 else float('inf')).item()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        elif math.isfinite(gn):
+            opt.step()
         else:
-            rngs = [get_rng(dev)]
-        if master:
-            tr = {'vae_wo_ddp': vae.state_dict(), 'vae_opt': opt.state_dict()}
-            if disc is not None:
-                tr['disc'] = (disc.module if world > 1 else disc).state_dict()
-                tr['disc_opt'] = opt_d.state_dict()
-            state = {'epoch': ep, 'iter': it, 'trainer': tr, 'args': args_to_dict(args), 'vae_config': vae_config,
-                     'resume': {'rng': rngs, 'gen': gen.get_state(), 'record_hit': vae.quantize.record_hit,
-                                'best': min(best, metrics['val_MSE']) if metrics else best}}
-            try:
-                save_atomic(state, last_path)
-                save_atomic(export(), export_path)
-                if improved:
-                    save_atomic(export(), os.path.join(out, 'vae-best.pth'))
-            except OSError as e:
-                raise UserError(f'could not write {last_path!r} ({e.strerror or e}): free disk space and rerun the '
-                                f'same command (it resumes from the previous checkpoint)') from None
-        dist.barrier()
-        return improved
+            bad = True
+    d_loss = None
+    if use_disc and not bad:          # discriminator step (hinge)
+        disc.requires_grad_(True)
+        with run.amp():
+            d_loss = (F.relu(1 - disc(img)).mean() + F.relu(1 + disc(rec.detach())).mean()).float()
+        run.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        run.opt_d.step()
+    return stats, usages, gn, bad, g_loss, d_loss
 
-    # ---- loop ----
-    bad_in_a_row, t_run = 0, time.time()
-    if start_ep >= args.ep:
-        log(f'[train_vae] nothing to do: {last_path} already holds {start_ep} epochs (--ep {args.ep}); the tokenizer '
-            f'is {export_path}')
-    for ep in range(start_ep, args.ep):
-        first = start_it if ep == start_ep else 0
-        sampler.set_epoch(ep, first)
-        ep_sums = torch.zeros(5, dtype=torch.float64)     # loss, rec MSE, vq, n, gnorm
-        stop_now = False
-        t_last, dt = time.time(), None
-        for it, (img, _) in enumerate(ld_train, start=first):
-            g_it = ep * iters + it
-            if g_it == args.debug_kill_at_iter:
-                os.kill(os.getpid(), signal.SIGTERM)
-            ratio = lr_ratio('cos', g_it, wp_it, max_it, wp0=0.01, wpe=args.lr_end)
-            for o in (opt, opt_d):
-                if o is not None:
-                    for gr in o.param_groups:
-                        gr['lr'] = args.lr * ratio
-            img = img.to(dev, non_blocking=True)
-            use_disc = disc is not None and g_it >= disc_start
-            warm = ep < args.ae_warmup
-            if args.ae_warmup and g_it == args.ae_warmup * iters:   # the warm-up ends: codes from encoder outputs
-                with torch.no_grad():
-                    vae.quantize.ema_vocab_hit_SV.zero_()
-                    log(f'[codebook] seeded {restart_dead_codes(vae, vae.img_to_f(img), gen)} codes from encoder outputs')
-            with amp():
-                rec, usages, vq_loss = model(img, ret_usages=True, quantize=not warm)
-                usages = usages or [0.0] * len(args.patch_nums)
-                rec = rec.float()
-                mse = F.mse_loss(rec, img)
-                loss = args.l2 * mse + vq_loss
-                if args.l1:
-                    loss = loss + args.l1 * (rec - img).abs().mean()
-                if perc is not None:
-                    loss = loss + args.lp * perc(rec, img)
-                g_loss = None
-                if use_disc:
-                    disc.requires_grad_(False)
-                    g_loss = -disc(rec).float().mean()
-                    loss = loss + args.disc * g_loss
-            stats = torch.tensor([loss.item(), mse.item(), vq_loss.item()])
-            dist.allreduce_mean(stats)
-            bad = not math.isfinite(stats[0].item())
-            gn = float('nan')
-            if not bad:
-                opt.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.unscale_(opt)
-                gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip if args.clip > 0 else float('inf')).item()
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                elif math.isfinite(gn):
-                    opt.step()
-                else:
-                    bad = True
-            d_loss = None
-            if use_disc and not bad:          # discriminator step (hinge)
-                disc.requires_grad_(True)
-                with amp():
-                    d_loss = (F.relu(1 - disc(img)).mean() + F.relu(1 + disc(rec.detach())).mean()).float()
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            if args.code_restart and not warm and (g_it + 1) % args.code_restart == 0 and g_it + 1 < max_it:
-                with torch.no_grad():
-                    n_re = restart_dead_codes(vae, vae.img_to_f(img), gen)
-                if n_re and g_it + 1 < max_it * 0.8:
-                    log(f'[codebook] re-seeded {n_re} unused codes')
-            if bad:
-                bad_in_a_row += 1
-                log(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped ({bad_in_a_row} in a row)')
-                if bad_in_a_row >= args.max_nonfinite:
-                    raise UserError(f'{bad_in_a_row} steps in a row were non-finite: lower --lr or set --clip 1, then '
-                                    f'rerun (it resumes from {last_path} if one was saved)')
-            else:
-                bad_in_a_row = 0
-                ep_sums += torch.tensor([stats[0], stats[1], stats[2], 1, gn], dtype=torch.float64)
-            now = time.time()
-            dt = now - t_last if dt is None else 0.9 * dt + 0.1 * (now - t_last)
-            t_last = now
-            if it == first or (it + 1) % log_freq == 0 or it + 1 == iters:
-                usage_txt = ' '.join(f'{u:.0f}' for u in usages)
-                eta = timedelta(seconds=int(dt * (max_it - g_it - 1)))
-                log(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:4d}/{iters}] eta {eta}  loss {stats[0]:.4f}  rec_mse '
-                    f'{stats[1]:.4f}  vq {stats[2]:.4f}  lr {args.lr * ratio:.2e}  gnorm {gn:.2f}  usage% [{usage_txt}]'
-                    + (f'  G {g_loss.item():.3f} D {d_loss.item():.3f}' if d_loss is not None else ''))
-                if tb:
-                    tb.add_scalar('VAE_iter/loss', stats[0], g_it)
-                    tb.add_scalar('VAE_iter/rec_mse', stats[1], g_it)
-                    tb.add_scalar('VAE_iter/vq_loss', stats[2], g_it)
-                    tb.add_scalar('VAE_opt/lr', args.lr * ratio, g_it)
-                    tb.add_scalar('VAE_opt/grad_norm', gn, g_it)
-                    for si, u in enumerate(usages):
-                        tb.add_scalar(f'VAE_usage/scale{si}_pn{args.patch_nums[si]}', u, g_it)
-                    if d_loss is not None:
-                        tb.add_scalar('VAE_gan/G', g_loss.item(), g_it)
-                        tb.add_scalar('VAE_gan/D', d_loss.item(), g_it)
-            stop_all = dist.allreduce_mean(torch.tensor([1.0 if stop.signame else 0.0], device=dev))
-            stop_now = stop_all.item() > 0          # every rank agrees
-            if stop_now and it + 1 < iters:
-                save(ep, it + 1)
-                raise Preempted(f'{stop.signame or "a signal on another rank"}: checkpoint saved in epoch {ep + 1} after '
-                                f'iteration {it + 1}/{iters} ({last_path}); rerun the same command to resume')
 
-        # ---- end of epoch ----
-        n = max(ep_sums[3].item(), 1)
-        rec_ep = {'kind': 'epoch', 'ep': ep + 1, 'loss': ep_sums[0].item() / n, 'rec_mse': ep_sums[1].item() / n,
-                  'vq': ep_sums[2].item() / n, 'grad_norm': ep_sums[4].item() / n,
-                  'usage_pct': [round(u, 2) for u in usages], 'elapsed_s': round(time.time() - t_run, 1)}
-        metrics = None
-        if (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep or stop_now:
-            metrics, grid = validate(vae, ld_val, dev, vis)
-            rec_ep.update(metrics)
-            if master and grid is not None:
-                png, h, w = grid
-                atomic_write_bytes(png, os.path.join(out, 'recon', f'ep{ep + 1:04d}.png'))
-                if tb:
-                    tb.add_png('VAE_recon/inputs_then_scales', png, h, w, ep + 1)
+def train_one_epoch(run: Run, ep: int, first: int, ld_train):
+    """Iterations ``first..`` of epoch ``ep`` with lr schedule, codebook restarts, logging and preemption ->
+    (epoch sums [loss, rec MSE, vq, n, grad norm], last per-scale usage %, stop requested)."""
+    args, vae, iters, log, tb = run.args, run.vae, run.iters, run.log, run.tb
+    max_it, wp_it = args.ep * iters, args.wp * iters
+    log_freq = args.log_freq or max(1, iters // 10)
+    ep_sums = torch.zeros(5, dtype=torch.float64)
+    stop_now, usages = False, []
+    t_last, dt = time.time(), None
+    for it, (img, _) in enumerate(ld_train, start=first):
+        g_it = ep * iters + it
+        if g_it == args.debug_kill_at_iter:
+            os.kill(os.getpid(), signal.SIGTERM)
+        ratio = lr_ratio('cos', g_it, wp_it, max_it, wp0=0.01, wpe=args.lr_end)
+        for o in (run.opt, run.opt_d):
+            if o is not None:
+                for gr in o.param_groups:
+                    gr['lr'] = args.lr * ratio
+        img = img.to(run.dev, non_blocking=True)
+        warm = ep < args.ae_warmup
+        if args.ae_warmup and g_it == args.ae_warmup * iters:   # the warm-up ends: codes from encoder outputs
+            with torch.no_grad():
+                vae.quantize.ema_vocab_hit_SV.zero_()
+                log(f'[codebook] seeded {restart_dead_codes(vae, vae.img_to_f(img), run.gen)} codes from encoder outputs')
+        stats, usages, gn, bad, g_loss, d_loss = train_step(run, img, g_it, warm)
+        if args.code_restart and not warm and (g_it + 1) % args.code_restart == 0 and g_it + 1 < max_it:
+            with torch.no_grad():
+                n_re = restart_dead_codes(vae, vae.img_to_f(img), run.gen)
+            if n_re and g_it + 1 < max_it * 0.8:
+                log(f'[codebook] re-seeded {n_re} unused codes')
+        if bad:
+            run.bad_in_a_row += 1
+            log(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped ({run.bad_in_a_row} in a row)')
+            if run.bad_in_a_row >= args.max_nonfinite:
+                raise UserError(f'{run.bad_in_a_row} steps in a row were non-finite: lower --lr or set --clip 1, then '
+                                f'rerun (it resumes from {run.last_path} if one was saved)')
+        else:
+            run.bad_in_a_row = 0
+            ep_sums += torch.tensor([stats[0], stats[1], stats[2], 1, gn], dtype=torch.float64)
+        now = time.time()
+        dt = now - t_last if dt is None else 0.9 * dt + 0.1 * (now - t_last)
+        t_last = now
+        if it == first or (it + 1) % log_freq == 0 or it + 1 == iters:
+            usage_txt = ' '.join(f'{u:.0f}' for u in usages)
+            eta = timedelta(seconds=int(dt * (max_it - g_it - 1)))
+            log(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:4d}/{iters}] eta {eta}  loss {stats[0]:.4f}  rec_mse '
+                f'{stats[1]:.4f}  vq {stats[2]:.4f}  lr {args.lr * ratio:.2e}  gnorm {gn:.2f}  usage% [{usage_txt}]'
+                + (f'  G {g_loss.item():.3f} D {d_loss.item():.3f}' if d_loss is not None else ''))
             if tb:
-                for k in ('val_L1', 'val_MSE', 'val_PSNR'):
-                    tb.add_scalar(f'VAE_val/{k}', metrics[k], ep + 1)
-                for si, u in enumerate(metrics['val_code_used_pct']):
-                    tb.add_scalar(f'VAE_val/code_used_pct_scale{si}', u, ep + 1)
+                for k, v in (('loss', stats[0]), ('rec_mse', stats[1]), ('vq_loss', stats[2])):
+                    tb.add_scalar(f'VAE_iter/{k}', v, g_it)
+                tb.add_scalar('VAE_opt/lr', args.lr * ratio, g_it)
+                tb.add_scalar('VAE_opt/grad_norm', gn, g_it)
+                for si, u in enumerate(usages):
+                    tb.add_scalar(f'VAE_usage/scale{si}_pn{args.patch_nums[si]}', u, g_it)
+                if d_loss is not None:
+                    tb.add_scalar('VAE_gan/G', g_loss.item(), g_it)
+                    tb.add_scalar('VAE_gan/D', d_loss.item(), g_it)
+        stop_all = dist.allreduce_mean(torch.tensor([1.0 if run.stop.signame else 0.0], device=run.dev))
+        stop_now = stop_all.item() > 0          # every rank agrees
+        if stop_now and it + 1 < iters:
+            save_checkpoint(run, ep, it + 1)
+            raise Preempted(f'{run.stop.signame or "a signal on another rank"}: checkpoint saved in epoch {ep + 1} '
+                            f'after iteration {it + 1}/{iters} ({run.last_path}); rerun the same command to resume')
+    return ep_sums, usages, stop_now
+
+
+def end_of_epoch(run: Run, ep: int, ep_sums, usages, stop_now: bool, ld_val, vis, t_run: float):
+    """log.txt / TensorBoard / console; every ``--save_freq`` epochs (and at the end, and on preemption) validation,
+    a reconstruction grid and a checkpoint."""
+    args, tb = run.args, run.tb
+    n = max(ep_sums[3].item(), 1)
+    rec_ep = {'kind': 'epoch', 'ep': ep + 1, 'loss': ep_sums[0].item() / n, 'rec_mse': ep_sums[1].item() / n,
+              'vq': ep_sums[2].item() / n, 'grad_norm': ep_sums[4].item() / n,
+              'usage_pct': [round(u, 2) for u in usages], 'elapsed_s': round(time.time() - t_run, 1)}
+    metrics = None
+    if (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep or stop_now:
+        metrics, grid = validate(run.vae, ld_val, run.dev, vis)
+        rec_ep.update(metrics)
+        if dist.is_master() and grid is not None:
+            png, h, w = grid
+            atomic_write_bytes(png, os.path.join(run.out, 'recon', f'ep{ep + 1:04d}.png'))
+            if tb:
+                tb.add_png('VAE_recon/inputs_then_scales', png, h, w, ep + 1)
         if tb:
-            for k in ('loss', 'rec_mse', 'vq'):
-                tb.add_scalar(f'VAE_ep/{k}', rec_ep[k], ep + 1)
-            tb.rec.flush()
-        if master:
-            with open(os.path.join(out, 'log.txt'), 'a', encoding='utf-8') as f:
-                f.write(json.dumps(rec_ep) + '\n')
-        val_txt = (f"  val: L1 {metrics['val_L1']:.4f} MSE {metrics['val_MSE']:.4f} PSNR {metrics['val_PSNR']:.2f} dB  "
-                   f"codes used% [{' '.join(f'{u:.0f}' for u in metrics['val_code_used_pct'])}]") if metrics else ''
-        log(f'     [ep {ep + 1}] train rec_mse {rec_ep["rec_mse"]:.4f} vq {rec_ep["vq"]:.4f}{val_txt}')
-        if metrics is not None:
-            if save(ep + 1, 0, metrics):
-                best = metrics['val_MSE']
-        if stop_now:
-            raise Preempted(f'{stop.signame or "a signal on another rank"}: checkpoint saved at the end of epoch {ep + 1} ({last_path}); rerun the '
-                            f'same command to resume')
-    if start_ep < args.ep:
-        log(f'[train_vae] done in {timedelta(seconds=int(time.time() - t_run))}; tokenizer '
-            f'{"(official format) " if args.norm_groups == 32 else ""}{export_path}; reconstructions in {os.path.join(out, "recon")}')
+            for k in ('val_L1', 'val_MSE', 'val_PSNR'):
+                tb.add_scalar(f'VAE_val/{k}', metrics[k], ep + 1)
+            for si, u in enumerate(metrics['val_code_used_pct']):
+                tb.add_scalar(f'VAE_val/code_used_pct_scale{si}', u, ep + 1)
     if tb:
-        tb.close()
+        for k in ('loss', 'rec_mse', 'vq'):
+            tb.add_scalar(f'VAE_ep/{k}', rec_ep[k], ep + 1)
+        tb.rec.flush()
+    if dist.is_master():
+        with open(os.path.join(run.out, 'log.txt'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(rec_ep) + '\n')
+    val_txt = (f"  val: L1 {metrics['val_L1']:.4f} MSE {metrics['val_MSE']:.4f} PSNR {metrics['val_PSNR']:.2f} dB  "
+               f"codes used% [{' '.join(f'{u:.0f}' for u in metrics['val_code_used_pct'])}]") if metrics else ''
+    run.log(f'     [ep {ep + 1}] train rec_mse {rec_ep["rec_mse"]:.4f} vq {rec_ep["vq"]:.4f}{val_txt}')
+    if metrics is not None:
+        save_checkpoint(run, ep + 1, 0, metrics)
+    if stop_now:
+        raise Preempted(f'{run.stop.signame or "a signal on another rank"}: checkpoint saved at the end of epoch '
+                        f'{ep + 1} ({run.last_path}); rerun the same command to resume')
 
 
 def run(argv=None) -> int:
