@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from utils.arg_util import parse_patch_nums, str2bool
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes, save_atomic
+from utils.run_log import StopFlag, TBWriter
 
 EXIT_PREEMPTED = 143
 ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'pn', 'share_quant_resi', 'quant_resi', 'disc_ch')
@@ -201,37 +201,6 @@ class PatchDiscriminator(nn.Module):
 
 
 # ============================================== helpers ===============================================================
-class TBWriter:
-    """TensorBoard scalars and PNG images through tensorboard's own record writer (no TensorFlow import)."""
-
-    def __init__(self, log_dir: str, purge_step=None):
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.summary.writer.record_writer import RecordWriter
-        self.Event, self.Summary = Event, Summary
-        os.makedirs(log_dir, exist_ok=True)
-        name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0'
-        self.rec = RecordWriter(open(os.path.join(log_dir, name), 'ab'))
-        self._write(Event(wall_time=time.time(), file_version='brain.Event:2'))
-        if purge_step:
-            self._write(Event(wall_time=time.time(), step=int(purge_step), session_log=SessionLog(status=SessionLog.START)))
-
-    def _write(self, ev):
-        self.rec.write(ev.SerializeToString())
-
-    def add_scalar(self, tag, value, step):
-        self._write(self.Event(wall_time=time.time(), step=int(step),
-                               summary=self.Summary(value=[self.Summary.Value(tag=tag, simple_value=float(value))])))
-
-    def add_png(self, tag, png: bytes, h: int, w: int, step):
-        img = self.Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=png)
-        self._write(self.Event(wall_time=time.time(), step=int(step), summary=self.Summary(value=[self.Summary.Value(tag=tag, image=img)])))
-
-    def close(self):
-        self.rec.flush()
-        self.rec.close()
-
-
 def to_png(img_B3HW: torch.Tensor, nrow: int, pad: int = 2):
     """Images in [-1, 1] -> (PNG bytes of a grid with ``nrow`` images per row, height, width)."""
     from PIL import Image
@@ -279,16 +248,6 @@ def set_rng(state: dict, dev):
     torch.set_rng_state(state['torch'])
     if dev.type == 'cuda' and state['cuda'].numel():
         torch.cuda.set_rng_state(state['cuda'], dev)
-
-
-class StopFlag:
-    def __init__(self):
-        self.signame = None
-
-    def __call__(self, signum, frame):
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
 
 
 # ============================================== validation ============================================================
@@ -728,7 +687,7 @@ def end_of_epoch(run: Run, ep: int, ep_sums, usages, stop_now: bool, ld_val, vis
     if tb:
         for k in ('loss', 'rec_mse', 'vq'):
             tb.add_scalar(f'VAE_ep/{k}', rec_ep[k], ep + 1)
-        tb.rec.flush()
+        tb.flush()
     if dist.is_master():
         with open(os.path.join(run.out, 'log.txt'), 'a', encoding='utf-8') as f:
             f.write(json.dumps(rec_ep) + '\n')
