@@ -41,24 +41,16 @@ from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
 from utils.misc import atomic_write_bytes, save_atomic
-from utils.run_log import StopFlag, TBWriter
+from utils.run_log import EXIT_PREEMPTED, Preempted, StopFlag, TBWriter, UserError
 
 VAE_HINT = ('download it from https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth and '
             'place it in ckpts/ (or pass --vae_ckpt /path/to/it)')
-EXIT_PREEMPTED = 143
 # flags that fix the architecture: a resumed run must use the checkpoint's values
 ARCH_FLAGS = ('depth', 'use_implicit', 'p_depth', 'pn', 'saln', 'anorm', 'num_classes')
 
 
 _TRAINING = False      # set once the training loop starts
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one sentence."""
-
-
-class Preempted(Exception):
-    """SIGTERM / SIGINT: a checkpoint was saved, the run stops."""
 
 
 # ============================================== console and logs ======================================================
@@ -339,7 +331,7 @@ def setup(args) -> Run:
     """Processes, output folder (stdout/stderr tee'd on rank 0), signal handlers, precision."""
     dev = dist.init_distributed(args.device)
     try:
-        finalize_args(args, dist.get_world_size())
+        finalize_args(args, dist.get_world_size(), downsample=tokenizer_downsample(args.vae_ckpt))
         check_schedule(args.sche)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -385,11 +377,8 @@ def find_checkpoint(run: Run) -> Optional[dict]:
 
 
 def build_data(args, ckpt: Optional[dict], last_path: str):
-    """Train and val ImageFolder datasets (checked before any model is built); sets ``--num_classes`` and the image
-    side (the tokenizer's downsampling x the last scale: 16 x 16 = 256 px for the published tokenizer)."""
-    down = tokenizer_downsample(args.vae_ckpt)
-    args.data_load_reso = down * args.patch_nums[-1]
-    args.resos = [down * pn for pn in args.patch_nums]
+    """Train and val ImageFolder datasets at ``args.data_load_reso`` (the tokenizer's downsampling x the last scale),
+    checked before any model is built; sets ``--num_classes``."""
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip, mid_reso=args.mid_reso)
     if args.num_classes == 0:
         args.num_classes = len(classes)

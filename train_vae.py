@@ -38,22 +38,14 @@ from torch.utils.data import DataLoader
 from models import VQVAE
 from models.checkpoint import CheckpointError, read_checkpoint
 from utils import dist
-from utils.arg_util import parse_patch_nums, str2bool
+from utils.arg_util import args_to_dict, parse_patch_nums, str2bool
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes, save_atomic
-from utils.run_log import StopFlag, TBWriter
+from utils.run_log import EXIT_PREEMPTED, Preempted, StopFlag, TBWriter, UserError
 
-EXIT_PREEMPTED = 143
 ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'pn', 'share_quant_resi', 'quant_resi', 'disc_ch')
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one sentence."""
-
-
-class Preempted(Exception):
-    """SIGTERM / SIGINT: a checkpoint was saved."""
 
 
 # ============================================== arguments =============================================================
@@ -140,11 +132,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.l1, args.l2, args.lp, args.disc) < 0 or args.l1 + args.l2 + args.lp == 0:
         p.error('loss weights must be >= 0 and at least one of --l1, --l2, --lp positive')
     return args
-
-
-def args_to_dict(args) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
 
 
 # ============================================== losses ================================================================

@@ -144,14 +144,23 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     return cfg
 
 
+def _tokenizer_config(vae_ckpt: str, hint: str = ''):
+    """(state dict, VQVAE config) of a tokenizer file: a bare state dict, or a training checkpoint with
+    ['trainer']['vae_wo_ddp'] (train_vae.py; its 'vae_config' says what the keys cannot) or ['vae_local'] (train.py)."""
+    obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
+    extra = None
+    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
+        extra = obj.get('vae_config')
+        obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
+    sd = model_state_dict(obj, vae_ckpt)
+    return sd, infer_vae_config(sd, vae_ckpt, extra if isinstance(extra, dict) else None)
+
+
 def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
     """Image side / token-map side of the tokenizer in ``vae_ckpt`` (16 for the published one); ``default`` when
     the file cannot be read (the caller's later ``load_vae`` then reports why)."""
     try:
-        obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint')
-        if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
-            obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
-        return 2 ** (len(infer_vae_config(model_state_dict(obj, vae_ckpt), vae_ckpt)['ch_mult']) - 1)
+        return 2 ** (len(_tokenizer_config(vae_ckpt)[1]['ch_mult']) - 1)
     except CheckpointError:
         return default
 
@@ -181,13 +190,7 @@ def _float32(sd):
 def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str = '') -> VQVAE:
     """The tokenizer of ``vae_ckpt`` (bare state dict or a training checkpoint with ['trainer']['vae_wo_ddp']),
     in eval mode without gradients."""
-    obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
-    extra = None
-    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
-        extra = obj.get('vae_config')       # train_vae.py: what the state dict cannot tell (norm_groups)
-        obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
-    sd = model_state_dict(obj, vae_ckpt)
-    cfg = infer_vae_config(sd, vae_ckpt, extra if isinstance(extra, dict) else None)
+    sd, cfg = _tokenizer_config(vae_ckpt, hint)
     with torch.device('meta'):
         vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
                     share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums, ch_mult=cfg['ch_mult'],

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 __all__ = ['get_parser', 'parse_args', 'finalize_args', 'str2bool', 'parse_patch_nums', 'PN_ALIASES']
 
 PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
-PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py reads the real one from --vae_ckpt)
+PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py passes the one of --vae_ckpt)
 
 
 def str2bool(v) -> bool:
@@ -130,11 +130,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Derived values (as the official ``init_dist_and_get_args``): per-rank batch, lr, warm-up, paths' names."""
+def finalize_args(args: argparse.Namespace, world_size: int, downsample: int = PATCH_SIZE) -> argparse.Namespace:
+    """Derived values (as the official ``init_dist_and_get_args``): image sides (``downsample``: the tokenizer's,
+    16 for the published one), per-rank batch, lr, warm-up, paths' names."""
     args.pn = '_'.join(map(str, args.patch_nums))
-    args.data_load_reso = PATCH_SIZE * args.patch_nums[-1]
-    args.resos = [PATCH_SIZE * pn for pn in args.patch_nums]
+    args.data_load_reso = downsample * args.patch_nums[-1]
+    args.resos = [downsample * pn for pn in args.patch_nums]
     per_rank = args.bs / args.ac / world_size
     if per_rank < 1:
         raise ValueError(f'--bs {args.bs} is too small for {world_size} processes x --ac {args.ac}: '

@@ -1,11 +1,21 @@
-"""What train.py and train_vae.py share for running: a TensorBoard writer that needs no TensorFlow, and the
-SIGTERM / SIGINT flag that turns preemption into "save, then stop"."""
+"""What train.py and train_vae.py share for running: a TensorBoard writer that needs no TensorFlow, the
+SIGTERM / SIGINT flag that turns preemption into "save, then stop", and the two ways a run ends early."""
 import os
 import signal
 import socket
 import time
 
-__all__ = ['TBWriter', 'StopFlag']
+__all__ = ['TBWriter', 'StopFlag', 'UserError', 'Preempted', 'EXIT_PREEMPTED']
+
+EXIT_PREEMPTED = 143        # the exit status after a signal stopped a run that saved its checkpoint first
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGINT: a checkpoint was saved, the run stops."""
 
 
 class TBWriter:
