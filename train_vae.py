@@ -44,7 +44,8 @@ from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes, save_atomic
 from utils.run_log import EXIT_PREEMPTED, Preempted, StopFlag, TBWriter, UserError
 
-ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'pn', 'share_quant_resi', 'quant_resi', 'disc_ch')
+ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'attn', 'norm_groups', 'pn',
+              'share_quant_resi', 'quant_resi', 'disc_ch')
 
 
 
@@ -388,10 +389,11 @@ def find_checkpoint(run: Run) -> Optional[dict]:
             and isinstance(ckpt.get('args'), dict)):
         raise CheckpointError(f'{last_path!r} is not a checkpoint written by train_vae.py; move it away (or pass '
                               f'another --local_out_dir_path) to start a new run')
+    given = args_to_dict(args)          # as saved (tuples as lists), so the values compare equal
     for k in ARCH_FLAGS:
-        if k in ckpt['args'] and ckpt['args'][k] != getattr(args, k):
+        if k in ckpt['args'] and ckpt['args'][k] != given[k]:
             raise CheckpointError(f'{last_path!r} was written with --{k} {ckpt["args"][k]}, this command gives '
-                                  f'--{k} {getattr(args, k)}: rerun with the same flags to resume, or pass another '
+                                  f'--{k} {given[k]}: rerun with the same flags to resume, or pass another '
                                   f'--local_out_dir_path')
     return ckpt
 

@@ -58,6 +58,9 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
     r = run_vae(repo_dir, ['--data_path', data, *TINY[:2], '--ch', '32', '--vocab_size', '64', '--z_channels', '4',
                            '--device', 'cpu', '--bs', '16', '--ep', '2', '--local_out_dir_path', str(a)])
     assert r.returncode == 1 and '--vocab_size' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    # GroupNorm groups leave the state dict's keys unchanged: only the flag check stops a resume into another model
+    r = run_vae(repo_dir, common + ['--norm_groups', '8', '--local_out_dir_path', str(a)])
+    assert r.returncode == 1 and '--norm_groups' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     (b / 'vae-ckpt-last.pth').write_bytes(b'not a checkpoint')
     r = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)])
     assert r.returncode == 1 and 'vae-ckpt-last.pth' in r.stderr and 'Traceback' not in r.stderr, r.stderr
