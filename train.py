@@ -39,12 +39,13 @@ from models.checkpoint import CheckpointError, load_vae, read_checkpoint, tokeni
 from utils import dist
 from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
+from utils.download import hf_url
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
 from utils.misc import atomic_write_bytes, save_atomic
 from utils.run_log import EXIT_PREEMPTED, Preempted, StopFlag, TBWriter, UserError
 
-VAE_HINT = ('download it from https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth and '
-            'place it in ckpts/ (or pass --vae_ckpt /path/to/it)')
+VAE_HINT = (f'download it from {hf_url("vae_ch160v4096z32.pth")} and place it in ckpts/ (or pass --vae_ckpt '
+            f'/path/to/it)')
 # flags that fix the architecture: a resumed run must use the checkpoint's values
 ARCH_FLAGS = ('depth', 'use_implicit', 'p_depth', 'pn', 'saln', 'anorm', 'num_classes')
 
