@@ -34,7 +34,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from models import build_vae_var
+from models import build_var
 from models.checkpoint import CheckpointError, load_vae, read_checkpoint, tokenizer_downsample
 from utils import dist
 from utils.arg_util import args_to_dict, finalize_args, parse_args
@@ -400,13 +400,11 @@ def build_models(run: Run, ckpt: Optional[dict]):
     args, dev, last_path = run.args, run.dev, run.last_path
     vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=VAE_HINT)
     torch.manual_seed(args.seed)
-    _, var_wo_ddp = build_vae_var(
-        device=dev, patch_nums=tuple(args.patch_nums), V=vae.vocab_size, Cvae=vae.Cvae, ch=vae.ch,
-        num_classes=args.num_classes, depth=args.depth, shared_aln=args.saln, attn_l2_norm=args.anorm,
-        flash_if_available=args.fuse, fused_if_available=args.fuse, init_adaln=args.aln,
+    var_wo_ddp = build_var(
+        vae, device=dev, patch_nums=tuple(args.patch_nums), num_classes=args.num_classes, depth=args.depth,
+        shared_aln=args.saln, attn_l2_norm=args.anorm, flash_if_available=args.fuse, init_adaln=args.aln,
         init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
         use_implicit=args.use_implicit, pre_depth=args.p_depth, post_depth=args.p_depth)
-    var_wo_ddp.vae_proxy, var_wo_ddp.vae_quant_proxy = (vae,), (vae.quantize,)   # the real (loaded) tokenizer
     var_wo_ddp.train()
     if ckpt:
         try:
@@ -601,10 +599,7 @@ def train_one_epoch(run: Run, ep: int, first_it: int, ld_train):
         lr, wd = lr_wd_annealing(args.sche, run.opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
                                  wp0=args.wp0, wpe=args.wpe)
         stepping = (it + 1) % args.ac == 0 or it + 1 == iters_train
-        iters = None
-        if args.use_implicit:
-            iters = (run.iters_rng.randint(var_wo_ddp.implicit_no_grad_min_iters, var_wo_ddp.implicit_no_grad_max_iters),
-                     run.iters_rng.randint(var_wo_ddp.implicit_with_grad_min_iters, var_wo_ddp.implicit_with_grad_max_iters))
+        iters = var_wo_ddp.backbone.draw_iters(run.iters_rng)      # VIAR's (n0, n1); None for VAR
         stats, per_token, window_bad, bad, stepped, gn = train_step(run, img, label, iters, window_bad, stepping, g_it)
         grad_norm = gn if gn is not None else grad_norm
         stop_now = stats[5] > 0

@@ -9,13 +9,36 @@ from typing import Tuple
 import torch
 
 from .quant import VectorQuantizer2
-from .var import VAR, iterations_per_scale
+from .var import VAR, get_edit_mask, iterations_per_scale
 from .vqvae import VQVAE
 
-__all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'iterations_per_scale']
+__all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def build_var(
+    vae_local: VQVAE, depth=16, num_classes=1000, patch_nums=PATCH_NUMS_256, shared_aln=False, attn_l2_norm=True,
+    flash_if_available=True, use_implicit=False, pre_depth=5, post_depth=5, device='meta',
+    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
+) -> VAR:
+    """The transformer on top of ``vae_local`` (held by reference): width 64*depth, depth heads, drop-path
+    0.1*depth/24.  Built on ``meta`` (nothing allocated: load a state dict with ``assign=True``); on a real device it
+    gets the fresh-training initialisation (``init_weights``)."""
+    heads, width, dpr = depth, depth * 64, 0.1 * depth / 24
+    with torch.device('meta'):
+        var = VAR(vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=heads,
+                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=dpr, norm_eps=1e-6, shared_aln=shared_aln,
+                  cond_drop_rate=0.1, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
+                  flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth,
+                  post_depth=post_depth)
+    if torch.device(device).type != 'meta':
+        var.to_empty(device=device)
+        with torch.no_grad():
+            var.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                             init_std=init_std)
+    return var
 
 
 def build_vae_var(
@@ -30,28 +53,23 @@ def build_vae_var(
     # VIAR
     use_implicit=False, pre_depth=5, post_depth=5,
 ) -> Tuple[VQVAE, VAR]:
-    """Builds (vae, var): width 64*depth, depth heads, drop-path 0.1*depth/24.
+    """Builds (vae, var) with the official signature and defaults (``fused_if_available`` is accepted and unused: the
+    fused-MLP kernel is not used here).
 
     The transformer gets the fresh-training initialisation (``init_weights``), the tokenizer PyTorch's default
     one (it is normally loaded from ``vae_ch160v4096z32.pth``).  With ``device='meta'`` nothing is allocated
     nor initialised.  Unlike the official function, no ``reset_parameters`` of torch.nn is monkey-patched.
     """
-    device = torch.device(device)
-    heads, width, dpr = depth, depth * 64, 0.1 * depth / 24
     with torch.device('meta'):      # build without allocating, then materialise once on the target device
         vae_local = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, test_mode=True, share_quant_resi=share_quant_resi,
                           v_patch_nums=patch_nums)
-        var_wo_ddp = VAR(
-            vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=heads,
-            drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=dpr, norm_eps=1e-6, shared_aln=shared_aln,
-            cond_drop_rate=0.1, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-            flash_if_available=flash_if_available, fused_if_available=fused_if_available,
-            use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth)
-    if device.type != 'meta':
+    if torch.device(device).type != 'meta':
         vae_local.to_empty(device=device)
-        var_wo_ddp.to_empty(device=device)
         with torch.no_grad():
             vae_local.init_weights()
-            var_wo_ddp.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
-                                    init_std=init_std)
+    var_wo_ddp = build_var(vae_local, depth=depth, num_classes=num_classes, patch_nums=patch_nums,
+                           shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available,
+                           use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth, device=device,
+                           init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                           init_std=init_std)
     return vae_local, var_wo_ddp

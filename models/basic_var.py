@@ -12,22 +12,17 @@ from .helpers import DropPath
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'KVCache']
 
-# Optional fused kernels from the flash-attn package; everything works without them (SDPA is used instead).
-flash_attn_func = fused_mlp_func = None
+# Optional flash-attn kernel (CUDA, half precision, no mask: the KV-cached sampler); SDPA is used otherwise.
+flash_attn_func = None
 try:
     from flash_attn import flash_attn_func                  # q, k, v: B L H c
-except ImportError:
-    pass
-try:
-    from flash_attn.ops.fused_dense import fused_mlp_func
 except ImportError:
     pass
 
 
 class FFN(nn.Module):
-    def __init__(self, in_features, hidden_features=None, out_features=None, drop=0.0, fused_if_available=True):
+    def __init__(self, in_features, hidden_features=None, out_features=None, drop=0.0):
         super().__init__()
-        self.fused_mlp_func = fused_mlp_func if fused_if_available else None
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -36,11 +31,6 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
-        if self.fused_mlp_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            return self.drop(self.fused_mlp_func(
-                x=x, weight1=self.fc1.weight, weight2=self.fc2.weight, bias1=self.fc1.bias, bias2=self.fc2.bias,
-                activation='gelu_approx', save_pre_act=self.training, return_residual=False, checkpoint_lvl=0,
-                heuristic=0, process_group=None))
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
@@ -116,17 +106,16 @@ class SelfAttention(nn.Module):
         return sum(c.nbytes() for c in self.kv_caches.values())
 
     def qkv(self, x_BLC: torch.Tensor):
-        """Queries, keys and values (B, H, L, c) in the projection's dtype.  With ``attn_l2_norm`` q and k are
-        L2-normalised and the temperature is folded into q: ``q * (scale_mul / |q|)`` is one pass over q instead of
-        ``F.normalize(q) * scale_mul`` (two); it differs from it by rounding only."""
+        """Queries, keys and values (B, H, L, c).  With ``attn_l2_norm`` q and k are L2-normalised and q is scaled by
+        the temperature, in the official order (``F.normalize(q) * scale_mul``): under half-precision autocast any
+        other order rounds differently and changes which tokens a seed draws."""
         B, L, C = x_BLC.shape
         qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = qkv_BL3Hc.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            main_type = qkv_BL3Hc.dtype
             scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = q.mul(scale_mul_1H11 / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(main_type)
-            k = k.div(k.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(main_type)
+            q = F.normalize(q, dim=-1).mul(scale_mul_1H11)
+            k = F.normalize(k, dim=-1)
         return q, k, v
 
     def attend(self, q, k, v, attn_bias, cur_it: int = 0) -> torch.Tensor:
@@ -165,14 +154,13 @@ class AdaLNSelfAttn(nn.Module):
 
     def __init__(self, block_idx, last_drop_p, embed_dim, cond_dim, shared_aln: bool, norm_layer, num_heads,
                  mlp_ratio=4.0, drop=0.0, attn_drop=0.0, drop_path=0.0, attn_l2_norm=False,
-                 flash_if_available=False, fused_if_available=True):
+                 flash_if_available=False):
         super().__init__()
         self.block_idx, self.last_drop_p, self.C, self.D = block_idx, last_drop_p, embed_dim, cond_dim
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.attn = SelfAttention(block_idx=block_idx, embed_dim=embed_dim, num_heads=num_heads, attn_drop=attn_drop,
                                   proj_drop=drop, attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available)
-        self.ffn = FFN(in_features=embed_dim, hidden_features=round(embed_dim * mlp_ratio), drop=drop,
-                       fused_if_available=fused_if_available)
+        self.ffn = FFN(in_features=embed_dim, hidden_features=round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = norm_layer(embed_dim, elementwise_affine=False)
         self.shared_aln = shared_aln
         if shared_aln:
@@ -194,19 +182,16 @@ class AdaLNSelfAttn(nn.Module):
         oup_BLC = self.attn.attend(q, k, v, attn_bias, cur_it=cur_it)       # the KV cache lives between the halves
         return self.attn_out_ffn(x, oup_BLC, gamma1, gamma2, scale2, shift2)
 
-    # The two halves of the block around the attention kernel are pure functions of tensors: ``VAR.compile_blocks``
-    # hands them to torch.compile.  Eagerly, modulation and residuals are single fused passes (addcmul).
+    # The two halves of the block around the attention kernel are pure functions of tensors (``VAR.compile_blocks``
+    # hands them to torch.compile).  The modulation and the residuals keep the official operation order
+    # (``LN(x) * (1 + scale) + shift``; ``x + y * gamma`` with y * gamma rounded to y's dtype): same numbers under
+    # half-precision autocast.
     def attn_in(self, x, scale1, shift1):
-        return self.attn.qkv(torch.addcmul(shift1, self.ln_wo_grad(x), scale1.add(1)))
+        return self.attn.qkv(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1))
 
     def attn_out_ffn(self, x, oup_BLC, gamma1, gamma2, scale2, shift2):
-        x = self._residual(x, self.attn.proj_drop(self.attn.proj(oup_BLC)), gamma1)
-        return self._residual(x, self.ffn(torch.addcmul(shift2, self.ln_wo_grad(x), scale2.add(1))), gamma2)
-
-    def _residual(self, x, y, gamma):
-        if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0:
-            return x + self.drop_path(y * gamma)
-        return torch.addcmul(x, y, gamma)           # x + y * gamma in one pass
+        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(oup_BLC)).mul_(gamma1))
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
 
     def extra_repr(self) -> str:
         return f'shared_aln={self.shared_aln}'

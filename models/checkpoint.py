@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from . import PATCH_NUMS_256, PATCH_NUMS_512, build_vae_var
+from utils.errors import UserError
+
+from . import PATCH_NUMS_256, PATCH_NUMS_512, build_var
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -23,7 +25,7 @@ __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_
            'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var']
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit what was asked; the message says what to do."""
 
 
@@ -40,17 +42,35 @@ def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
                 raise
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e):
-            raise CheckpointError(f'{what} {path!r} is not a readable PyTorch checkpoint — truncated download or another '
-                                  f'kind of file? Download it again') from None
-        raise CheckpointError(
-            f'{what} {path!r} holds objects other than tensors and plain containers and was not loaded for safety '
-            f'(weights_only=True); re-save its state dict with torch.save(model.state_dict(), path) ({str(e).splitlines()[0]})') from None
-    except Exception as e:      # truncated zip, text file, legacy pickle garbage ...: all the same to the user
-        size = os.path.getsize(path)
-        raise CheckpointError(
-            f'{what} {path!r} ({size:,} bytes) is not a readable PyTorch checkpoint — truncated download or another '
-            f'kind of file? Download it again ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+        if 'Weights only load failed' in str(e) and _is_torch_archive(path):
+            raise CheckpointError(
+                f'{what} {path!r} holds objects other than tensors and plain containers and was not loaded for safety '
+                f'(weights_only=True); if you trust it, re-save its state dict with '
+                f'torch.save(model.state_dict(), path)') from None
+        raise _not_a_checkpoint(what, path) from None
+    except Exception:       # truncated zip, text file, random bytes, legacy pickle garbage ...: all the same to the user
+        raise _not_a_checkpoint(what, path) from None
+
+
+def _is_torch_archive(path: str) -> bool:
+    """A zip archive that ``torch.save`` wrote (its records sit under ``<name>/data.pkl``) or a pickle stream (a
+    legacy torch file): what a file with non-tensor objects looks like, as opposed to random bytes."""
+    import zipfile
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith('data.pkl') for n in zf.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _not_a_checkpoint(what: str, path: str) -> CheckpointError:
+    size = os.path.getsize(path)
+    return CheckpointError(f'{what} {path!r} ({size:,} bytes) is not a PyTorch checkpoint (truncated download or '
+                           f'another kind of file?): download it again, or check the path')
 
 
 def model_state_dict(obj: Any, path: str, key: str = 'var_wo_ddp') -> Dict[str, torch.Tensor]:
@@ -225,12 +245,9 @@ def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str,
     if tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
         raise CheckpointError(f'{var_ckpt!r} uses scales {cfg["patch_nums"]}, the tokenizer was built for '
                               f'{vae.quantize.v_patch_nums}: load the tokenizer with patch_nums={cfg["patch_nums"]}')
-    _, var = build_vae_var(device='meta', patch_nums=cfg['patch_nums'], V=cfg['V'], Cvae=cfg['Cvae'],
-                           num_classes=cfg['num_classes'], depth=cfg['depth'], shared_aln=cfg['shared_aln'],
-                           attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
-                           pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
-    # re-attach the real tokenizer (the meta build made a placeholder)
-    var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)
+    var = build_var(vae, depth=cfg['depth'], num_classes=cfg['num_classes'], patch_nums=cfg['patch_nums'],
+                    shared_aln=cfg['shared_aln'], attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
+                    pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
     return _load_strict(var, sd, device, f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); '
                                          'is the file complete?')
 

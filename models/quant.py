@@ -25,6 +25,11 @@ class Phi(nn.Conv2d):
         return h_BChw.mul(1 - self.resi_ratio) + super().forward(h_BChw).mul_(self.resi_ratio)
 
 
+def phi_ticks(K: int) -> np.ndarray:
+    """Where the K shared phis sit on [0, 1] (the official rule, with its special case K == 4)."""
+    return np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
+
+
 class PhiShared(nn.Module):
     """One phi for every scale (``share_quant_resi=1``)."""
     def __init__(self, qresi: nn.Module):
@@ -40,8 +45,7 @@ class PhiPartiallyShared(nn.Module):
     def __init__(self, qresi_ls: nn.ModuleList):
         super().__init__()
         self.qresi_ls = qresi_ls
-        K = len(qresi_ls)
-        self.ticks = np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
+        self.ticks = phi_ticks(len(qresi_ls))
 
     def __getitem__(self, at_from_0_to_1: float) -> nn.Module:
         return self.qresi_ls[int(np.argmin(np.abs(self.ticks - at_from_0_to_1)))]
@@ -51,8 +55,7 @@ class PhiNonShared(nn.ModuleList):
     """One phi per scale (``share_quant_resi=0``)."""
     def __init__(self, qresi: List[nn.Module]):
         super().__init__(qresi)
-        K = len(qresi)
-        self.ticks = np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
+        self.ticks = phi_ticks(len(qresi))
 
     def __getitem__(self, at_from_0_to_1: float) -> nn.Module:
         return super().__getitem__(int(np.argmin(np.abs(self.ticks - at_from_0_to_1))))
@@ -86,7 +89,8 @@ class VectorQuantizer2(nn.Module):
         return f'{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta}, quant_resi={self.quant_resi_ratio}'
 
     def phi(self, si: int, SN: int) -> nn.Module:
-        return self.quant_resi[si / (SN - 1)]
+        """The phi of scale ``si`` of ``SN``: the one whose tick is nearest to si / (SN - 1)."""
+        return self.quant_resi[si / max(SN - 1, 1)]
 
     # ----------------------------------------------------------------------------------------------------------
     def nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
@@ -98,11 +102,12 @@ class VectorQuantizer2(nn.Module):
         d_NV.addmm_(z_NC, w_VC.T, alpha=-2, beta=1)
         return torch.argmin(d_NV, dim=1)
 
-    def _quantise_scales(self, f_BChw: torch.Tensor, v_patch_nums=None):
-        """Yields (si, idx_N, h_BChw, f_hat) scale by scale; f_hat is updated in place. No gradient."""
+    def _residual_scales(self, f_BChw: torch.Tensor, v_patch_nums=None):
+        """The residual quantisation of ``f_BChw``, scale by scale: yields (si, idx_N, h_BChw), h the scale's codes
+        upsampled to full size and passed through its phi (with the gradient of the codebook and phi); the residual
+        is updated inside, without gradient."""
         B, C, H, W = f_BChw.shape
         f_rest = f_BChw.detach().clone()
-        f_hat = torch.zeros_like(f_rest)
         patch_hws = [(pn, pn) if isinstance(pn, int) else (pn[0], pn[1]) for pn in (v_patch_nums or self.v_patch_nums)]
         if patch_hws[-1] != (H, W):
             raise ValueError(f'the last scale {patch_hws[-1]} must equal the feature map size {(H, W)}')
@@ -113,10 +118,9 @@ class VectorQuantizer2(nn.Module):
             idx_N = self.nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
             h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
             h_BChw = (h_BChw if last else F.interpolate(h_BChw, size=(H, W), mode='bicubic')).contiguous()
-            h_BChw = self.quant_resi[si / (SN - 1)](h_BChw)
-            f_hat.add_(h_BChw)
-            f_rest.sub_(h_BChw)
-            yield si, idx_N, f_hat
+            h_BChw = self.phi(si, SN)(h_BChw)
+            f_rest.sub_(h_BChw.detach())
+            yield si, idx_N, h_BChw
 
     # ================================ training forward (tokenizer training only) ==============================
     def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False):
@@ -126,26 +130,18 @@ class VectorQuantizer2(nn.Module):
         """
         dtype = f_BChw.dtype
         f_BChw = f_BChw.float()
-        B, C, H, W = f_BChw.shape
+        C = f_BChw.shape[1]
         f_no_grad = f_BChw.detach()
-        f_rest = f_no_grad.clone()
-        f_hat = torch.zeros_like(f_rest)
+        f_hat = torch.zeros_like(f_no_grad)
         SN = len(self.v_patch_nums)
         vq_loss = f_BChw.new_zeros(())
         distributed = tdist.is_available() and tdist.is_initialized()
         with torch.autocast(device_type=f_BChw.device.type, enabled=False):
-            for si, pn in enumerate(self.v_patch_nums):
-                last = si == SN - 1
-                z_BChw = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode='area')
-                idx_N = self.nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
+            for si, idx_N, h_BChw in self._residual_scales(f_BChw):
                 hit_V = idx_N.bincount(minlength=self.vocab_size).float()
                 if self.training and distributed:
                     tdist.all_reduce(hit_V)
-                h_BChw = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
-                h_BChw = (h_BChw if last else F.interpolate(h_BChw, size=(H, W), mode='bicubic')).contiguous()
-                h_BChw = self.quant_resi[si / (SN - 1)](h_BChw)
                 f_hat = f_hat + h_BChw
-                f_rest = f_rest - h_BChw.detach()
                 if self.training:
                     with torch.no_grad():
                         if self.record_hit == 0: self.ema_vocab_hit_SV[si].copy_(hit_V)
@@ -168,8 +164,11 @@ class VectorQuantizer2(nn.Module):
     def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None) -> List[torch.Tensor]:
         """Per scale: the cumulative f_hat (B, C, H, W) if ``to_fhat`` else the token indices (B, pn*pn)."""
         B = f_BChw.shape[0]
-        return [f_hat.clone() if to_fhat else idx_N.reshape(B, -1)
-                for si, idx_N, f_hat in self._quantise_scales(f_BChw, v_patch_nums)]
+        f_hat, out = torch.zeros_like(f_BChw), []
+        for si, idx_N, h_BChw in self._residual_scales(f_BChw, v_patch_nums):
+            f_hat.add_(h_BChw)
+            out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, -1))
+        return out
 
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False):
         B, H = ms_h_BChw[0].shape[0], self.v_patch_nums[-1]
@@ -180,13 +179,13 @@ class VectorQuantizer2(nn.Module):
             for si, h_BChw in enumerate(ms_h_BChw):
                 if si < SN - 1:
                     h_BChw = F.interpolate(h_BChw, size=(H, H), mode='bicubic')
-                f_hat.add_(self.quant_resi[si / (SN - 1)](h_BChw))
+                f_hat.add_(self.phi(si, SN)(h_BChw))
                 if not last_one: ls_f_hat.append(f_hat.clone())
         else:   # experimental: grow f_hat scale by scale instead of working at the largest size
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, self.v_patch_nums[0], self.v_patch_nums[0], dtype=torch.float32)
             for si, pn in enumerate(self.v_patch_nums):
                 f_hat = F.interpolate(f_hat, size=(pn, pn), mode='bicubic')
-                f_hat.add_(self.quant_resi[si / (SN - 1)](ms_h_BChw[si]))
+                f_hat.add_(self.phi(si, SN)(ms_h_BChw[si]))
                 if not last_one: ls_f_hat.append(f_hat)
         return f_hat if last_one else ls_f_hat
 
@@ -199,7 +198,7 @@ class VectorQuantizer2(nn.Module):
         pn = self.v_patch_nums[0]
         for si in range(SN - 1):
             h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
-            f_hat.add_(self.quant_resi[si / (SN - 1)](F.interpolate(h_BChw, size=(H, H), mode='bicubic')))
+            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(H, H), mode='bicubic')))
             pn = self.v_patch_nums[si + 1]
             next_scales.append(F.interpolate(f_hat, size=(pn, pn), mode='area').view(B, C, -1).transpose(1, 2))
         return torch.cat(next_scales, dim=1) if next_scales else None
@@ -208,8 +207,8 @@ class VectorQuantizer2(nn.Module):
         """Adds scale ``si``'s codes to ``f_hat`` (in place); returns (f_hat, next scale's input map)."""
         HW = self.v_patch_nums[-1]
         if si != SN - 1:
-            f_hat.add_(self.quant_resi[si / (SN - 1)](F.interpolate(h_BChw, size=(HW, HW), mode='bicubic')))
+            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(HW, HW), mode='bicubic')))
             pn = self.v_patch_nums[si + 1]
             return f_hat, F.interpolate(f_hat, size=(pn, pn), mode='area')
-        f_hat.add_(self.quant_resi[si / (SN - 1)](h_BChw))
+        f_hat.add_(self.phi(si, SN)(h_BChw))
         return f_hat, f_hat

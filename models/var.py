@@ -1,30 +1,39 @@
 """VAR and VIAR: next-scale prediction transformers.
 
-Both share everything but the backbone between the embeddings and the head:
+The transformer is embeddings -> backbone -> head, with two independent choices:
 
-* ``ExplicitBackbone`` (VAR): ``depth`` AdaLN self-attention blocks (``blocks.*``).
-* ``ImplicitBackbone`` (VIAR): ``p_depth`` pre blocks, one implicit equilibrium block iterated as
+* the **backbone** (``use_implicit``): ``ExplicitBackbone`` (VAR: ``depth`` AdaLN self-attention blocks) or
+  ``ImplicitBackbone`` (VIAR: ``pre_depth`` pre blocks, one implicit equilibrium block iterated as
   ``z <- implicit_block(proj([z ; u]))`` from ``z = u`` (u: output of the pre blocks, the input injection), then
-  ``p_depth`` post blocks.  Trained with Jacobian-free backprop: n0 steps without gradient, then n1 with.
+  ``post_depth`` post blocks; trained with Jacobian-free backprop, sampled with a per-scale iteration count);
+* the **scale paradigm** (the class): ``VAR`` here predicts residual token maps of a fixed list of scales (the
+  tokenizer sums them into ``f_hat``); ``models.flexvar.FlexVAR`` overrides the few methods marked "scale paradigm"
+  below (positions, the next scale's input, decoding) to predict each scale's own token map for any schedule.
 
-The backbone's modules are registered on the VAR module itself, under the names of the published checkpoints
-(``blocks.*`` or ``pre_blocks.*``, ``implicit_block.*``, ``implicit_block_projection.*``, ``post_blocks.*``).
+The backbone's modules are registered on the transformer itself, under the names of the published checkpoints
+(``blocks.*`` or ``implicit_block_projection.*``, ``pre_blocks.*``, ``implicit_block.*``, ``post_blocks.*``); the
+backbone object holds the logic that runs them and VIAR's iteration settings.
 """
 import math
 import random
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
-from .vqvae import VQVAE
 
-__all__ = ['VAR', 'ExplicitBackbone', 'ImplicitBackbone', 'iterations_per_scale']
+__all__ = ['VAR', 'ExplicitBackbone', 'ImplicitBackbone', 'iterations_per_scale', 'block_causal_mask',
+           'get_edit_mask', 'IMPLICIT_ATTRS']
+
+# VIAR's official iteration attributes (``var.implicit_no_grad_min_iters = 3`` ...): they live on the backbone
+IMPLICIT_ATTRS = ('implicit_no_grad_min_iters', 'implicit_no_grad_max_iters', 'implicit_with_grad_min_iters',
+                  'implicit_with_grad_max_iters', 'implicit_eval_iters')
 
 
 def iterations_per_scale(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
@@ -34,41 +43,97 @@ def iterations_per_scale(iter_left: int, iter_right: int, num_scales: int) -> Li
     return [int(n) for n in np.linspace(iter_left, iter_right, num_scales)]
 
 
+def block_causal_mask(patch_nums: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale index of each token (1, L), additive mask (1, 1, L, L)): a token of scale i sees every token of the
+    scales <= i."""
+    d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(patch_nums)]).view(1, -1, 1)
+    dT = d.transpose(1, 2)
+    return dT[:, 0].contiguous(), torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, d.shape[1], d.shape[1])
+
+
+def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float, device='cpu',
+                  inpainting: bool = True) -> torch.Tensor:
+    """The zero-shot editing mask of VAR's notebook on the last scale's grid (pn, pn): 1 keeps the input image's token,
+    0 lets the model generate it.  The box ``[y0, y1) x [x0, x1)`` (fractions of the side) is 1, the rest 0;
+    ``inpainting`` inverts it (the box is generated, the rest kept)."""
+    pn = patch_nums[-1]
+    mask = torch.zeros(pn, pn, device=device)
+    mask[round(y0 * pn):round(y1 * pn), round(x0 * pn):round(x1 * pn)] = 1
+    return 1 - mask if inpainting else mask
+
+
+def _keep_map(edit_mask: torch.Tensor, B: int, pn: int) -> torch.Tensor:
+    """Which tokens of a pn x pn scale are teacher-forced (B, pn*pn, 1) bool: the mask resized bilinearly
+    (align_corners False) and thresholded at 0.5; scales of <= 3 tokens keep every token (the notebook's rule)."""
+    if pn * pn <= 3:
+        return torch.ones(B, pn * pn, 1, dtype=torch.bool, device=edit_mask.device)
+    m = edit_mask if edit_mask.ndim == 3 else edit_mask.unsqueeze(0).expand(B, *edit_mask.shape[-2:])
+    m = F.interpolate(m.unsqueeze(1).float(), size=(pn, pn), mode='bilinear', align_corners=False).gt(0.5)
+    return m.view(B, pn * pn, 1)
+
+
 class SharedAdaLin(nn.Linear):
     def forward(self, cond_BD):
         C = self.weight.shape[0] // 6
         return super().forward(cond_BD).view(-1, 1, 6, C)   # B16C
 
 
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    """``fn(*args)``, recomputed in backward (activation checkpointing) when ``enabled`` and gradients are on."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 # ============================================== backbones =============================================================
 class ExplicitBackbone(nn.Module):
     """VAR: a stack of ``depth`` blocks."""
 
+    is_implicit = False
+
     def __init__(self, make_block, depth: int):
         super().__init__()
         self.blocks = nn.ModuleList([make_block(i) for i in range(depth)])
+        self.grad_checkpointing = False
 
     def all_blocks(self) -> List[AdaLNSelfAttn]:
         return list(self.blocks)
 
+    def draw_iters(self, rng: Optional[random.Random] = None) -> None:
+        """VAR has no fixed-point iterations (VIAR: the (n0, n1) of one training step)."""
+        return None
+
+    def schedule(self, iter_left: int, iter_right: int, num_scales: int) -> List[int]:
+        """Implicit iterations per scale when sampling: none."""
+        return [0] * num_scales
+
     def forward(self, x_BLC, cond_BD_or_gss, attn_bias, iters=None):
         for b in self.blocks:
-            x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias)
+            x_BLC = _maybe_checkpoint(self.grad_checkpointing, b, x_BLC, cond_BD_or_gss, attn_bias)
         return x_BLC
 
-    # ---- sampling with KV cache ----
-    def start_sampling(self, L: int, schedule: Sequence[int]):
+    # ---- sampling with KV caches ----
+    def start_sampling(self, patch_nums: Sequence[int], schedule: Sequence[int]):
+        L = sum(pn * pn for pn in patch_nums)
         for b in self.blocks:
             b.attn.kv_caching(True, capacity=L)
 
-    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int]):
+    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], iter_tol=None, trace=None):
         for b, ada in zip(self.blocks, adas):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
         return x_BlC
 
 
 class ImplicitBackbone(nn.Module):
-    """VIAR: pre blocks -> implicit equilibrium block (with input-injection projection) -> post blocks."""
+    """VIAR: pre blocks -> implicit equilibrium block (with input-injection projection) -> post blocks.
+
+    Iteration settings (the official attribute names): training draws n0 ~ U{no_grad min..max} steps without gradient
+    and n1 ~ U{with_grad min..max} with gradient.  In eval mode a pinned range (min == max) is used as it is -- that is
+    how users fix the counts, and it gives the official numbers -- while an unpinned one gives the deterministic
+    n0 = 0, n1 = ``implicit_eval_iters`` (the official code draws at random in eval mode too).
+    """
+
+    is_implicit = True
 
     def __init__(self, make_block, depth: int, pre_depth: int, post_depth: int, embed_dim: int,
                  no_grad_iters=(0, 10), with_grad_iters=(1, 12), eval_iters: int = 10):
@@ -86,78 +151,119 @@ class ImplicitBackbone(nn.Module):
         self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters = no_grad_iters
         self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters = with_grad_iters
         self.implicit_eval_iters = eval_iters
+        self.grad_checkpointing = False
 
     def all_blocks(self) -> List[AdaLNSelfAttn]:
         return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
 
-    def draw_iters(self) -> Tuple[int, int]:
-        """(n0, n1) for one training step, uniform in the configured ranges (Python's ``random``, as the official
-        code; seed it for reproducible runs)."""
-        return (random.randint(self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters),
-                random.randint(self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters))
+    def draw_iters(self, rng: Optional[random.Random] = None) -> Tuple[int, int]:
+        """(n0, n1) for one training step, uniform in the configured ranges, from ``rng`` (default: Python's global
+        ``random``, as the official code)."""
+        rng = rng or random
+        return (rng.randint(self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters),
+                rng.randint(self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters))
 
+    def eval_iters(self) -> Tuple[int, int]:
+        """(n0, n1) of an eval-mode forward: pinned ranges as they are, otherwise (0, ``implicit_eval_iters``)."""
+        lo0, hi0 = self.implicit_no_grad_min_iters, self.implicit_no_grad_max_iters
+        lo1, hi1 = self.implicit_with_grad_min_iters, self.implicit_with_grad_max_iters
+        return (lo0 if lo0 == hi0 else 0), (lo1 if lo1 == hi1 else self.implicit_eval_iters)
+
+    def schedule(self, iter_left: int, iter_right: int, num_scales: int) -> List[int]:
+        """Implicit iterations per scale when sampling (each scale's maximum under an ``iter_tol``)."""
+        return iterations_per_scale(iter_left, iter_right, num_scales)
+
+    # ---- the fixed-point step ----
     def injection(self, u_BLC: torch.Tensor) -> torch.Tensor:
-        """The input injection's share of the projection's first layer, ``W[:, C:] u + b``.  u is fixed during the
-        fixed-point iteration, so it is computed once per forward (per scale when sampling), not once per step:
-        ``proj([z ; u]) = W2 gelu(W[:, :C] z + injection(u)) + b2`` saves 1/3 of the projection's FLOPs and the
-        (B, L, 2C) concatenation of every step."""
+        """The input injection's share of the projection's first layer, ``W[:, C:] u + b``: fixed while iterating, so
+        computed once (fp32 only; see ``project``)."""
         lin0 = self.implicit_block_projection[0]
         return F.linear(u_BLC, lin0.weight[:, u_BLC.shape[-1]:], lin0.bias)
 
-    def project(self, z_BLC: torch.Tensor, inj_BLC: torch.Tensor) -> torch.Tensor:
+    def project(self, z_BLC: torch.Tensor, u_BLC: torch.Tensor, inj_BLC: Optional[torch.Tensor]) -> torch.Tensor:
+        """``proj([z ; u])``.  With ``inj_BLC = injection(u)`` (plain fp32) the first layer is
+        ``W[:, :C] z + inj``: 1/3 fewer projection FLOPs and no (B, L, 2C) concatenation per step; it rounds
+        differently from one GEMM on ``cat([z ; u])``, so under half-precision autocast the official form is used
+        (same tokens as the official code)."""
+        if inj_BLC is None:
+            return self.implicit_block_projection(torch.cat((z_BLC, u_BLC), dim=-1))
         lin0, act, lin1 = self.implicit_block_projection
         return lin1(act(F.linear(z_BLC, lin0.weight[:, :z_BLC.shape[-1]]).add_(inj_BLC)))
 
-    def implicit_step(self, z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None, inj_BLC=None):
-        """One fixed-point step ``z <- implicit_block(proj([z ; u]))``; pass ``inj_BLC = injection(u)`` when
-        iterating (computed here otherwise)."""
-        if inj_BLC is None:
-            inj_BLC = self.injection(u_BLC)
-        z_BLC = self.project(z_BLC, inj_BLC)
+    def implicit_step(self, z_BLC, u_BLC, inj_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None):
+        """One fixed-point step ``z <- implicit_block(proj([z ; u]))``."""
+        z_BLC = self.project(z_BLC, u_BLC, inj_BLC)
         return self.implicit_block(z_BLC, cond_BD_or_gss, attn_bias, cur_it=cur_it, ada_B16C=ada_B16C)
 
+    def _injection_if_exact(self, u_BLC: torch.Tensor) -> Optional[torch.Tensor]:
+        exact = u_BLC.dtype == torch.float32 and not torch.is_autocast_enabled(u_BLC.device.type)
+        return self.injection(u_BLC) if exact else None
+
     def forward(self, x_BLC, cond_BD_or_gss, attn_bias, iters: Optional[Tuple[int, int]] = None):
-        """Teacher forcing.  ``iters=(n0, n1)``: n0 fixed-point steps without gradient (run under ``no_grad``: no
-        activation is kept, so memory does not grow with n0), then n1 steps with gradient into the implicit
-        block, the projection and, through the injection u, the pre blocks.  Default: drawn at random in
-        training, ``(0, implicit_eval_iters)`` in eval mode (a deterministic validation loss)."""
+        """Teacher forcing.  ``iters=(n0, n1)``: n0 fixed-point steps without gradient (under ``no_grad``: no activation
+        is kept, so memory does not grow with n0), then n1 steps with gradient into the implicit block, the projection
+        and, through the injection u, the pre blocks.  Default: drawn (training) or ``eval_iters()`` (eval mode)."""
+        ckpt = self.grad_checkpointing
         for b in self.pre_blocks:
-            x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias)
+            x_BLC = _maybe_checkpoint(ckpt, b, x_BLC, cond_BD_or_gss, attn_bias)
         if iters is None:
-            iters = self.draw_iters() if self.implicit_block.training else (0, self.implicit_eval_iters)
+            iters = self.draw_iters() if self.implicit_block.training else self.eval_iters()
         n_no_grad, n_with_grad = iters
         u_BLC = x_BLC
+        inj_BLC = self._injection_if_exact(u_BLC)      # with gradient into the projection and the pre blocks
         z_BLC = u_BLC.detach()
-        # W[:, C:] u + b, once for all steps (with gradient into the projection and, through u, the pre blocks)
-        inj_BLC = self.injection(u_BLC)
         if n_no_grad > 0:
             with torch.no_grad():
+                inj_ng = None if inj_BLC is None else inj_BLC.detach()
                 for it in range(n_no_grad):
-                    z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it, inj_BLC=inj_BLC)
+                    z_BLC = self.implicit_step(z_BLC, u_BLC.detach(), inj_ng, cond_BD_or_gss, attn_bias, cur_it=it)
         for it in range(n_with_grad):
-            z_BLC = self.implicit_step(z_BLC, u_BLC, cond_BD_or_gss, attn_bias, cur_it=it, inj_BLC=inj_BLC)
+            z_BLC = _maybe_checkpoint(ckpt, self.implicit_step, z_BLC, u_BLC, inj_BLC, cond_BD_or_gss, attn_bias, it)
         x_BLC = z_BLC
         for b in self.post_blocks:
-            x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias)
+            x_BLC = _maybe_checkpoint(ckpt, b, x_BLC, cond_BD_or_gss, attn_bias)
         return x_BLC
 
-    # ---- sampling with KV cache ----
-    def start_sampling(self, L: int, schedule: Sequence[int]):
+    # ---- sampling with KV caches ----
+    def start_sampling(self, patch_nums: Sequence[int], schedule: Sequence[int]):
+        L = sum(pn * pn for pn in patch_nums)
         for b in (*self.pre_blocks, *self.post_blocks):
             b.attn.kv_caching(True, capacity=L)
         # iteration i at scale k attends to the keys of iteration i at the earlier scales that ran it
-        scale_lens = self._scale_lens
-        capacity = {i: sum(l for l, n in zip(scale_lens, schedule) if n > i) for i in range(max(schedule, default=0))}
+        capacity = {i: sum(pn * pn for pn, n in zip(patch_nums, schedule) if n > i)
+                    for i in range(max(schedule, default=0))}
         self.implicit_block.attn.kv_caching(True, capacity=capacity)
 
-    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int]):
-        ada_pre, ada_imp, ada_post = adas[:len(self.pre_blocks)], adas[len(self.pre_blocks)], adas[len(self.pre_blocks) + 1:]
+    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], iter_tol: Optional[float] = None,
+                     trace: Optional[Dict[str, list]] = None):
+        """Pre blocks, up to ``schedule[si]`` implicit iterations, post blocks, for the tokens of scale ``si``.
+
+        ``iter_tol``: stop after iteration i >= 1 once the relative residual ``|z_i - z_(i-1)| / |z_i|`` (z_0 = u) of
+        every row is <= iter_tol.  ``trace``: a dict whose lists get this scale's residuals (whole batch, and per row)
+        and the iterations run.  Residuals are computed only when one of the two asks for them."""
+        n_pre = len(self.pre_blocks)
+        ada_pre, ada_imp, ada_post = adas[:n_pre], adas[n_pre], adas[n_pre + 1:]
         for b, ada in zip(self.pre_blocks, ada_pre):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
         u_BlC = z_BlC = x_BlC
-        inj_BlC = self.injection(u_BlC) if schedule[si] > 0 else None
+        inj_BlC = self._injection_if_exact(u_BlC) if schedule[si] > 0 else None
+        measure = iter_tol is not None or trace is not None
+        res_all, res_rows, ran = [], [], 0
         for it in range(schedule[si]):
-            z_BlC = self.implicit_step(z_BlC, u_BlC, None, None, cur_it=it, ada_B16C=ada_imp, inj_BLC=inj_BlC)
+            z_new = self.implicit_step(z_BlC, u_BlC, inj_BlC, None, None, cur_it=it, ada_B16C=ada_imp)
+            ran = it + 1
+            if measure:
+                d_B, n_B = (z_new.float() - z_BlC.float()).flatten(1), z_new.float().flatten(1)
+                rows = d_B.norm(dim=1) / n_B.norm(dim=1).clamp_min(1e-30)
+                res_rows.append(rows)
+                res_all.append((d_B.norm() / n_B.norm().clamp_min(1e-30)).item())
+            z_BlC = z_new
+            if iter_tol is not None and res_rows[-1].max().item() <= iter_tol:
+                break
+        if trace is not None:
+            trace['iters'].append(ran)
+            trace['residual'].append(res_all)
+            trace['residual_rows'].append(torch.stack(res_rows).cpu() if res_rows else torch.zeros(0, x_BlC.shape[0]))
         # free the caches of iteration indices no later scale runs
         later_max = max(schedule[si + 1:], default=0)
         for it in range(later_max, schedule[si]):
@@ -171,35 +277,34 @@ class ImplicitBackbone(nn.Module):
 # ============================================== VAR ===================================================================
 class VAR(nn.Module):
     def __init__(
-        self, vae_local: VQVAE,
-        num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0,
-        drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=False,
-        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), flash_if_available=True, fused_if_available=True,
+        self, vae_local, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.0, drop_rate=0.0,
+        attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1,
+        attn_l2_norm=False, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), flash_if_available=True,
+        fused_if_available=True,
+        # VIAR
         use_implicit=False, pre_depth=5, post_depth=5,
         implicit_no_grad_min_iters=0, implicit_no_grad_max_iters=10,
         implicit_with_grad_min_iters=1, implicit_with_grad_max_iters=12,
     ):
         super().__init__()
+        # 0. hyper-parameters
         assert embed_dim % num_heads == 0
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
+        self.use_implicit, self.pre_depth, self.post_depth = use_implicit, pre_depth, post_depth
         self.cond_drop_rate = cond_drop_rate
-        self.use_implicit = use_implicit
-        self.pre_depth, self.post_depth = (pre_depth, post_depth) if use_implicit else (0, 0)
-
         self.patch_nums: Tuple[int, ...] = tuple(patch_nums)
         self.L = sum(pn ** 2 for pn in self.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
-        self.begin_ends = []
-        cur = 0
+        self.begin_ends, cur = [], 0
         for pn in self.patch_nums:
             self.begin_ends.append((cur, cur + pn ** 2))
             cur += pn ** 2
         self.num_stages_minus_1 = len(self.patch_nums) - 1
-        self._rngs = {}
+        self._rngs: Dict[str, torch.Generator] = {}     # one sampling generator per device
 
         # 1. input (word) embedding; the tokenizer is held by reference, not as a sub-module (not in state_dict)
-        self.vae_proxy: Tuple[VQVAE] = (vae_local,)
+        self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (vae_local.quantize,)
         self.word_embed = nn.Linear(self.Cvae, self.C)
 
@@ -208,13 +313,12 @@ class VAR(nn.Module):
         self.num_classes = num_classes
         self.class_emb = nn.Embedding(num_classes + 1, self.C)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
-
-        # 3. absolute position embedding and level (scale) embedding
-        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
-        self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
-        for p in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+        for p in (self.class_emb.weight, self.pos_start):
             if not p.is_meta:
                 nn.init.trunc_normal_(p.data, mean=0, std=init_std)
+
+        # 3. positions of the tokens of every scale (scale paradigm)
+        self.build_positions(init_std)
 
         # 4. backbone
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C))
@@ -229,39 +333,117 @@ class VAR(nn.Module):
                 cond_dim=self.D, shared_aln=shared_aln, block_idx=block_idx, embed_dim=self.C, norm_layer=norm_layer,
                 num_heads=num_heads, mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[block_idx], last_drop_p=dpr[last_idx] if last_idx >= 0 else 0,
-                attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available, fused_if_available=fused_if_available)
+                attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available)
 
         if use_implicit:
             backbone = ImplicitBackbone(
                 make_block, depth, pre_depth, post_depth, self.C,
                 no_grad_iters=(implicit_no_grad_min_iters, implicit_no_grad_max_iters),
                 with_grad_iters=(implicit_with_grad_min_iters, implicit_with_grad_max_iters))
-            backbone._scale_lens = [pn ** 2 for pn in self.patch_nums]
         else:
             backbone = ExplicitBackbone(make_block, depth)
         for name, module in backbone.named_children():   # official checkpoint names, registered once, here
             self.add_module(name, module)
         object.__setattr__(self, 'backbone', backbone)    # the logic that runs them (not a second owner)
 
-        # 5. block-causal mask for teacher forcing: a token of scale i sees every token of scales <= i
-        d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
-        dT = d.transpose(1, 2)
-        self.register_buffer('lvl_1L', dT[:, 0].contiguous())
-        self.register_buffer('attn_bias_for_masking',
-                             torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, self.L, self.L).contiguous())
-
-        # 6. classifier head
+        # 5. classifier head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
         self.head = nn.Linear(self.C, self.V)
 
-    # ------------------------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.training = mode
-        return self
+    # ---- VIAR's iteration attributes, under their official names (a VAR has none: a clear error) -----------------------
+    def __getattr__(self, name):
+        if name in IMPLICIT_ATTRS:
+            return getattr(self._implicit_backbone(name), name)
+        return super().__getattr__(name)
 
+    def __setattr__(self, name, value):
+        if name in IMPLICIT_ATTRS:
+            setattr(self._implicit_backbone(name), name, int(value))
+        else:
+            super().__setattr__(name, value)
+
+    def _implicit_backbone(self, name: str) -> ImplicitBackbone:
+        backbone = self.__dict__['backbone']
+        if not backbone.is_implicit:
+            raise AttributeError(f'{name}: this {type(self).__name__} has no implicit block (built with '
+                                 f'use_implicit=False); the iteration settings exist only for VIAR models')
+        return backbone
+
+    # ---- scale paradigm: positions, the next scale's input, decoding ----------------------------------------------------
+    def build_positions(self, init_std: float):
+        """Learnt absolute position of each of the L tokens (``pos_1LC``) plus a level (scale) embedding, and the
+        block-causal mask of the scales (buffers ``lvl_1L``, ``attn_bias_for_masking`` of the published checkpoints)."""
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
+        for p in (self.pos_1LC, self.lvl_embed.weight):
+            if not p.is_meta:
+                nn.init.trunc_normal_(p.data, mean=0, std=init_std)
+        lvl_1L, attn_bias = block_causal_mask(self.patch_nums)
+        self.register_buffer('lvl_1L', lvl_1L)
+        self.register_buffer('attn_bias_for_masking', attn_bias.contiguous())
+
+    def _check_patch_nums(self, patch_nums: Sequence[int]) -> Tuple[int, ...]:
+        patch_nums = tuple(patch_nums)
+        if patch_nums != self.patch_nums:
+            raise ValueError(f'this VAR was built for the scales {self.patch_nums} and cannot use {patch_nums} '
+                             f'(only FlexVAR models take any schedule)')
+        return patch_nums
+
+    def positions(self, patch_nums: Sequence[int]) -> torch.Tensor:
+        """Position (+ level) embedding of every token of the schedule, (1, L, C)."""
+        self._check_patch_nums(patch_nums)
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def attn_mask(self, patch_nums: Sequence[int]) -> torch.Tensor:
+        self._check_patch_nums(patch_nums)
+        return self.attn_bias_for_masking
+
+    def code_book(self) -> torch.Tensor:
+        """(V, Cvae) code vectors the drawn token indices stand for."""
+        return self.vae_quant_proxy[0].embedding.weight
+
+    def new_canvas(self, B: int, patch_nums: Sequence[int], like: torch.Tensor):
+        """What sampling accumulates across scales: VAR's ``f_hat`` (B, Cvae, H, W) in the dtype of ``like``."""
+        pn = patch_nums[-1]
+        return like.new_zeros(B, self.Cvae, pn, pn)
+
+    def advance(self, si: int, patch_nums: Sequence[int], canvas, h_BChw: torch.Tensor):
+        """Adds scale ``si``'s codes; returns (canvas, next scale's input map (B, Cvae, pn', pn') or None at the end)."""
+        canvas, next_BChw = self.vae_quant_proxy[0].get_next_autoregressive_input(si, len(patch_nums), canvas, h_BChw)
+        return canvas, (next_BChw if si < len(patch_nums) - 1 else None)
+
+    def decode(self, canvas) -> torch.Tensor:
+        """Image in [-1, 1] from the canvas."""
+        return self.vae_proxy[0].fhat_to_img(canvas)
+
+    def guidance(self, si: int, pn: int, patch_nums: Sequence[int], cfg: float, logits_BlV: torch.Tensor,
+                 B: int, **kw) -> torch.Tensor:
+        """Classifier-free guidance, ramped linearly over the scales: (1 + t) cond - t uncond, t = cfg k / (K - 1)."""
+        t = cfg * si / max(len(patch_nums) - 1, 1)
+        return (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+
+    def top_k_at(self, si: int, pn: int, top_k: int, **kw) -> int:
+        return top_k
+
+    # ------------------------------------------------------------------------------------------------------------------
     def all_blocks(self) -> List[AdaLNSelfAttn]:
         return self.backbone.all_blocks()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> 'VAR':
+        """Activation checkpointing of every block and of every implicit step with gradient (``torch.utils.checkpoint``,
+        non-reentrant): the activations are recomputed in backward, gradients are unchanged."""
+        self.backbone.grad_checkpointing = bool(enable)
+        return self
+
+    def describe(self) -> str:
+        if self.backbone.is_implicit:
+            return (f'{self.family}-d{self.depth} ({self.pre_depth} pre + 1 implicit + {self.post_depth} post '
+                    f'blocks)')
+        return f'{self.family}-d{self.depth}'
+
+    @property
+    def family(self) -> str:
+        return 'VIAR' if self.backbone.is_implicit else 'VAR'
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: Optional[torch.Tensor]) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
@@ -279,8 +461,11 @@ class VAR(nn.Module):
 
         :param label_B: class labels (B,); replaced by the unconditional class with probability cond_drop_rate
         :param x_BLCv_wo_first_l: teacher-forcing input (B, L - first_l, Cvae), from ``idxBl_to_var_input``
-        :param iters: VIAR only: (n0, n1) fixed-point steps without / with gradient (default: drawn at random)
+        :param iters: VIAR only: (n0, n1) fixed-point steps without / with gradient (default: see ImplicitBackbone)
         """
+        return self.teacher_forcing(label_B, x_BLCv_wo_first_l, self.patch_nums, iters)
+
+    def teacher_forcing(self, label_B, x_BLCv_wo_first_l, patch_nums, iters=None) -> torch.Tensor:
         B = x_BLCv_wo_first_l.shape[0]
         dev_type = x_BLCv_wo_first_l.device.type
         with torch.autocast(device_type=dev_type, enabled=False):
@@ -288,8 +473,8 @@ class VAR(nn.Module):
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
-            x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
-        attn_bias = self.attn_bias_for_masking
+            x_BLC = x_BLC + self.positions(patch_nums)
+        attn_bias = self.attn_mask(patch_nums)
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         # under autocast, run the backbone in the autocast dtype
         main_type = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else x_BLC.dtype
@@ -302,6 +487,8 @@ class VAR(nn.Module):
     def autoregressive_infer_cfg(
         self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed: Optional[int] = None, cfg=1.5,
         top_k=0, top_p=0.0, more_smooth=False, iter_left=10, iter_right=10, ret_idx_Bl: bool = False,
+        input_img_tokens: Optional[List[torch.Tensor]] = None, edit_mask: Optional[torch.Tensor] = None,
+        iter_tol: Optional[float] = None, trace: Optional[Dict[str, list]] = None,
     ):
         """Class-conditional generation with classifier-free guidance; returns images (B, 3, H, W) in [0, 1].
 
@@ -309,12 +496,23 @@ class VAR(nn.Module):
                         an int: that class for all (negative: unconditional)
         :param g_seed: seed of the sampling generator (None: the global RNG)
         :param cfg: guidance; at scale k the logits are (1 + t) cond - t uncond with t = cfg * k / (K - 1)
-        :param top_k, top_p: filtering before the multinomial draw (0: off)
+        :param top_k, top_p: filtering before the multinomial draw (0: off; top_k > V keeps every token)
         :param more_smooth: gumbel-softmax mixture of codes (visualisation only, not for FID)
         :param iter_left, iter_right: VIAR only: implicit iterations at the first / last scale, linear in between
-        :param ret_idx_Bl: also return the token map drawn at every scale (list of (B, pn*pn))
+        :param ret_idx_Bl: also return the token map of every scale (list of (B, pn*pn)), after any teacher forcing
+        :param input_img_tokens, edit_mask: zero-shot editing: the tokens of the image to edit (``vae.img_to_idxBl``)
+                        and a mask (h, w) or (B, h, w), 1 = keep the image's token, 0 = generate (``get_edit_mask``)
+        :param iter_tol: VIAR only: a scale stops iterating once every row's relative residual is <= iter_tol
+        :param trace: a dict filled with the fixed-point trace: per scale the iterations run (``iters``), the
+                      relative residual of each iteration over the batch (``residual``) and per row
+                      (``residual_rows``: (iterations, 2B) tensors, conditional rows first)
         """
-        dev = self.lvl_1L.device
+        return self._sample(B, label_B, self.patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
+                            iter_right, ret_idx_Bl, input_img_tokens, edit_mask, iter_tol, trace)
+
+    def _sample(self, B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left, iter_right,
+                ret_idx_Bl, input_img_tokens, edit_mask, iter_tol, trace, **paradigm_kw):
+        dev = self.class_emb.weight.device
         rng = None if g_seed is None else self._rng(dev).manual_seed(g_seed)
         if label_B is None:
             uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=dev)
@@ -324,47 +522,59 @@ class VAR(nn.Module):
         label_B = label_B.to(dev)
         if label_B.numel() != B:
             raise ValueError(f'label_B has {label_B.numel()} labels for B={B}')
+        if (input_img_tokens is None) != (edit_mask is None):
+            raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
+        if iter_tol is not None and iter_tol < 0:
+            raise ValueError(f'iter_tol must be >= 0, got {iter_tol}')
+        top_k = min(top_k, self.V) if top_k > 0 else top_k       # top-k above the vocabulary keeps every token
+        if trace is not None:
+            trace.update(iters=[], residual=[], residual_rows=[])
 
-        K = len(self.patch_nums)
-        schedule = iterations_per_scale(iter_left, iter_right, K) if self.use_implicit else [0] * K
-        vae, quant = self.vae_proxy[0], self.vae_quant_proxy[0]
+        K = len(patch_nums)
+        schedule = self.backbone.schedule(iter_left, iter_right, K)
+        codes_VC = self.code_book()
         sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0))
-        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        pos_1LC = self.positions(patch_nums)
         next_token_map = (sos.unsqueeze(1).expand(2 * B, self.first_l, -1)
-                          + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l])
-        f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+                          + self.pos_start.expand(2 * B, self.first_l, -1) + pos_1LC[:, :self.first_l])
+        canvas = self.new_canvas(B, patch_nums, sos)
         # the class condition is the same at every scale: modulation vectors computed once per block
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         adas = [b.ada(cond_BD_or_gss) for b in self.all_blocks()]
         idx_Bl_per_scale = []
 
-        self.backbone.start_sampling(self.L, schedule)
+        self.backbone.start_sampling(patch_nums, schedule)
         try:
             cur_L = 0
-            for si, pn in enumerate(self.patch_nums):
-                ratio = si / self.num_stages_minus_1
+            for si, pn in enumerate(patch_nums):
+                ratio = si / max(K - 1, 1)
                 cur_L += pn * pn
-                x_BlC = self.backbone.sample_scale(next_token_map, adas, si, schedule)
+                x_BlC = self.backbone.sample_scale(next_token_map, adas, si, schedule, iter_tol, trace)
                 logits_BlV = self.get_logits(x_BlC, cond_BD)
-                t = cfg * ratio
-                logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-                idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1)[:, :, 0]
-                idx_Bl_per_scale.append(idx_Bl)
+                logits_BlV = self.guidance(si, pn, patch_nums, cfg, logits_BlV, B, **paradigm_kw)
+                k_si = self.top_k_at(si, pn, top_k, **paradigm_kw)
+                idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=k_si, top_p=top_p, num_samples=1)[:, :, 0]
                 if not more_smooth:
-                    h_BlC = quant.embedding(idx_Bl)
+                    h_BlC = F.embedding(idx_Bl, codes_VC)
                 else:   # visualisation only
                     gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
                     h_BlC = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False, dim=-1, rng=rng) \
-                        @ quant.embedding.weight.unsqueeze(0)
+                        @ codes_VC.unsqueeze(0)
+                if edit_mask is not None:       # zero-shot editing: the kept positions get the input image's codes
+                    keep_Bl1 = _keep_map(edit_mask.to(dev), B, pn)
+                    gt_Bl = input_img_tokens[si].to(dev)
+                    h_BlC = torch.where(keep_Bl1, F.embedding(gt_Bl, codes_VC).to(h_BlC.dtype), h_BlC)
+                    idx_Bl = torch.where(keep_Bl1[..., 0], gt_Bl, idx_Bl)
+                idx_Bl_per_scale.append(idx_Bl)
                 h_BChw = h_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
-                f_hat, next_token_map = quant.get_next_autoregressive_input(si, K, f_hat, h_BChw)
-                if si != self.num_stages_minus_1:
-                    next_token_map = next_token_map.view(B, self.Cvae, -1).transpose(1, 2)
-                    next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + self.patch_nums[si + 1] ** 2]
+                canvas, next_BChw = self.advance(si, patch_nums, canvas, h_BChw)
+                if next_BChw is not None:
+                    next_token_map = next_BChw.view(B, self.Cvae, -1).transpose(1, 2)
+                    next_token_map = self.word_embed(next_token_map) + pos_1LC[:, cur_L:cur_L + patch_nums[si + 1] ** 2]
                     next_token_map = next_token_map.repeat(2, 1, 1)     # conditional rows, then unconditional
         finally:
             self.kv_caching(False)
-        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        img = self.decode(canvas).add_(1).mul_(0.5)
         return (img, idx_Bl_per_scale) if ret_idx_Bl else img
 
     def compile_blocks(self, **compile_kwargs) -> 'VAR':
@@ -396,21 +606,25 @@ class VAR(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.bias is not None: m.bias.data.zero_()
+                if m.bias is not None:
+                    m.bias.data.zero_()
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.padding_idx is not None: m.weight.data[m.padding_idx].zero_()
+                if m.padding_idx is not None:
+                    m.weight.data[m.padding_idx].zero_()
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-                if m.weight is not None: m.weight.data.fill_(1.0)
-                if m.bias is not None: m.bias.data.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p.data, mean=0, std=math.sqrt(1 / self.C / 3))
+                if m.weight is not None:
+                    m.weight.data.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.data.zero_()
+        self.init_positions()
         for blk in self.all_blocks():
             attn = blk.attn
-            attn.q_bias.data.zero_(); attn.v_bias.data.zero_(); attn.zero_k_bias.zero_()
+            attn.q_bias.data.zero_()
+            attn.v_bias.data.zero_()
+            attn.zero_k_bias.zero_()
             if attn.attn_l2_norm:
                 attn.scale_mul_1H11.data.fill_(math.log(4.0))
-        self._reset_buffers()
         if init_head >= 0:
             self.head.weight.data.mul_(init_head)
             self.head.bias.data.zero_()
@@ -428,19 +642,13 @@ class VAR(nn.Module):
                 blk.ada_lin[-1].weight.data[:2 * self.C].mul_(init_adaln_gamma)
                 blk.ada_lin[-1].bias.data.zero_()
 
-    def _reset_buffers(self):
-        d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
-        dT = d.transpose(1, 2)
-        self.lvl_1L.copy_(dT[:, 0])
-        self.attn_bias_for_masking.copy_(torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, self.L, self.L))
+    def init_positions(self):
+        """(scale paradigm) Fresh positions and the mask buffers (``to_empty`` leaves buffers uninitialised)."""
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p.data, mean=0, std=math.sqrt(1 / self.C / 3))
+        lvl_1L, attn_bias = block_causal_mask(self.patch_nums)
+        self.lvl_1L.copy_(lvl_1L)
+        self.attn_bias_for_masking.copy_(attn_bias)
 
     def extra_repr(self):
-        kind = f'VIAR(pre={self.pre_depth}, implicit=1, post={self.post_depth})' if self.use_implicit else 'VAR'
-        return f'{kind}, depth={self.depth}, drop_path_rate={self.drop_path_rate:g}'
-
-
-# the JFB iteration ranges live on the backbone; VAR exposes them under their official names
-for _name in ('implicit_no_grad_min_iters', 'implicit_no_grad_max_iters', 'implicit_with_grad_min_iters',
-              'implicit_with_grad_max_iters', 'implicit_eval_iters'):
-    setattr(VAR, _name, property(lambda self, n=_name: getattr(self.backbone, n),
-                                 lambda self, v, n=_name: setattr(self.backbone, n, v)))
+        return f'{self.describe()}, drop_path_rate={self.drop_path_rate:g}'

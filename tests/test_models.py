@@ -214,6 +214,8 @@ def ckpt_dir(tmp_path_factory):
     raw = (d / 'var.pth').read_bytes()
     (d / 'truncated.pth').write_bytes(raw[: len(raw) // 3])
     (d / 'notes.pth').write_text('this is not a checkpoint\n')
+    (d / 'random.pth').write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.uint8).numpy().tobytes())
     with open(d / 'evil.pth', 'wb') as f:
         pickle.dump({'x': _Evil()}, f)
     torch.save({'some': 'dict'}, d / 'nomodel.pth')
@@ -237,8 +239,9 @@ def test_loader_infers_architecture_from_either_form(ckpt_dir):
 
 @pytest.mark.parametrize('var_file, expect, message', [
     ('missing.pth', None, 'not found'),
-    ('truncated.pth', None, 'not a readable PyTorch checkpoint'),
-    ('notes.pth', None, 'not a readable PyTorch checkpoint'),
+    ('truncated.pth', None, 'is not a PyTorch checkpoint'),
+    ('notes.pth', None, 'is not a PyTorch checkpoint'),
+    ('random.pth', None, 'is not a PyTorch checkpoint'),
     ('evil.pth', None, 'for safety'),
     ('nomodel.pth', None, 'not a model state dict'),
     ('vae.pth', None, 'tokenizer (VQVAE) checkpoint, not a VAR/VIAR one'),
@@ -252,6 +255,7 @@ def test_bad_checkpoints_end_in_one_clear_message(ckpt_dir, capsys, var_file, ex
     assert message in str(e.value)
     assert str(ckpt_dir / var_file) in str(e.value)
     assert '\n' not in str(e.value)
+    assert 'weights_only=False' not in str(e.value)     # never pass on the unsafe advice
     assert 'code ran' not in capsys.readouterr().out
 
 
@@ -263,3 +267,57 @@ def test_tokenizer_mismatch_is_reported(ckpt_dir, tmp_path):
         load_vae_var(str(tmp_path / 'vae32.pth'), str(ckpt_dir / 'var.pth'))
     with pytest.raises(CheckpointError, match='not a tokenizer'):
         load_vae_var(str(ckpt_dir / 'var.pth'), str(ckpt_dir / 'var.pth'))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def test_plain_var_has_no_implicit_attributes():
+    _, var = build_vae_var(device='meta', depth=2)
+    for name in models.var.IMPLICIT_ATTRS:
+        with pytest.raises(AttributeError, match='no implicit block'):
+            getattr(var, name)
+        with pytest.raises(AttributeError, match='no implicit block'):
+            setattr(var, name, 3)
+    assert getattr(var, 'implicit_eval_iters', None) is None
+    assert var.backbone.draw_iters() is None and var.backbone.schedule(10, 10, 4) == [0, 0, 0, 0]
+
+
+def test_eval_mode_uses_pinned_iteration_attributes_else_the_eval_count():
+    """The official forward draws (n0, n1) from the attributes in eval mode too; pinned ranges (min == max) give those
+    counts here, unpinned ones the deterministic (0, implicit_eval_iters)."""
+    vae, var = tiny(True)
+    var.cond_drop_rate = 0.0
+    x, labels = torch.randn(2, var.L - 1, vae.Cvae), torch.tensor([0, 1])
+    with torch.no_grad():
+        by_iters = {it: var(labels, x, iters=it) for it in [(0, 10), (3, 2), (0, 4)]}
+        assert torch.equal(var(labels, x), by_iters[(0, 10)])            # unpinned: deterministic (0, eval_iters)
+        var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = 3
+        var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 2
+        assert torch.equal(var(labels, x), by_iters[(3, 2)])
+        var.implicit_no_grad_min_iters, var.implicit_no_grad_max_iters = 0, 10     # n0 unpinned, n1 pinned
+        var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 4
+        assert torch.equal(var(labels, x), by_iters[(0, 4)])
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_activation_checkpointing_gives_identical_gradients(use_implicit):
+    vae, var = tiny(use_implicit, depth=4)
+    var.train()      # drop path on: checkpointing must replay the same random masks
+    x, labels = torch.randn(2, var.L - 1, vae.Cvae), torch.tensor([0, 2])
+    grads = []
+    for ckpt in (False, True):
+        var.set_grad_checkpointing(ckpt)
+        var.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        logits = var(labels, x, iters=(2, 3) if use_implicit else None)
+        logits.square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in var.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    vae, var = tiny(False)
+    a = var.autoregressive_infer_cfg(1, 0, g_seed=0, top_k=10 ** 6)
+    b = var.autoregressive_infer_cfg(1, 0, g_seed=0, top_k=0)
+    assert torch.equal(a, b)

@@ -59,11 +59,19 @@ def test_tokenizer_parity(vae_case):
                                    out['idxBl_to_img_last'].float(), rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize('name', CASES)
-def test_teacher_forcing_logits_loss_and_grads(golden_dir, vae_case, name):
+@pytest.mark.parametrize('name, pinned', [('var', False), ('var_saln', False), ('viar', False), ('viar', True)])
+def test_teacher_forcing_logits_loss_and_grads(golden_dir, vae_case, name, pinned):
+    """``pinned``: VIAR's iteration counts set the official way, by pinning the four attributes (min = max), in eval
+    mode and without ``iters=``."""
     vae, var, g = build(golden_dir, vae_case, name)
     inp, out = g['forward']['inputs'], g['forward']['outputs']
-    logits_BLV = var(inp['label_B'], inp['x_BLCv_wo_first_l'].float(), iters=inp['iters'])
+    if pinned:
+        n0, n1 = inp['iters']
+        var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = n0
+        var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = n1
+        logits_BLV = var(inp['label_B'], inp['x_BLCv_wo_first_l'].float())
+    else:
+        logits_BLV = var(inp['label_B'], inp['x_BLCv_wo_first_l'].float(), iters=inp['iters'])
     ref = out['logits'].float()
     assert logits_BLV.shape == ref.shape
     assert ((logits_BLV - ref).abs().max() / ref.abs().max()).item() < 1e-4
@@ -91,3 +99,19 @@ def test_sampling_tokens_and_images(golden_dir, vae_case, name):
         for si, (got, exp) in enumerate(zip(idx_per_scale, case['tokens'])):
             assert torch.equal(got, exp), f'{name} {case["kwargs"]}: tokens differ at scale {si}'
         assert (img - case['image'].float()).abs().max().item() < 2e-3, case['kwargs']
+
+
+def test_bf16_autocast_sampling_gives_the_official_tokens(golden_dir, vae_case):
+    """Under CPU bf16 autocast the sampler rounds as the official code does: every scale's tokens are the official
+    ones (``golden/bf16/sampling_bf16.pt``, made by the official code with the same weights)."""
+    d = torch.load(golden_dir / 'bf16' / 'sampling_bf16.pt', map_location='cpu', weights_only=True)
+    models_ = {name: build(golden_dir, vae_case, name)[1] for name in ('var', 'viar')}
+    assert len(d['cases']) >= 2
+    for case in d['cases']:
+        var = models_[case['model']]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            img, idx_per_scale = var.autoregressive_infer_cfg(**case['kwargs'], ret_idx_Bl=True)
+        for si, (got, exp) in enumerate(zip(idx_per_scale, case['tokens'])):
+            assert torch.equal(got, exp), f'{case["model"]} {case["kwargs"]}: tokens differ at scale {si}'
+        if case.get('image') is not None:
+            assert (img.float() - case['image'].float()).abs().max().item() < 2e-2, case['kwargs']
