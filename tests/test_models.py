@@ -321,3 +321,18 @@ def test_top_k_above_the_vocabulary_keeps_every_token():
     a = var.autoregressive_infer_cfg(1, 0, g_seed=0, top_k=10 ** 6)
     b = var.autoregressive_infer_cfg(1, 0, g_seed=0, top_k=0)
     assert torch.equal(a, b)
+
+
+def test_phi_ticks_follow_the_official_rule_for_shared_and_per_scale_phis():
+    """The official code places K phis at linspace(1/(3K), 1 - 1/(3K), K) when K == 4, else linspace(1/(2K), ...),
+    for the partially shared AND the per-scale (share_quant_resi=0) variant: with 4 per-scale phis, scale 2 of 10
+    takes phi 1 (the 1/(2K) rule would pick phi 0)."""
+    import numpy as np
+    from models.quant import VectorQuantizer2, phi_ticks
+    assert np.allclose(phi_ticks(4), np.linspace(1 / 12, 11 / 12, 4))
+    assert np.allclose(phi_ticks(5), np.linspace(1 / 10, 9 / 10, 5))
+    for share in (0, 4):
+        q = VectorQuantizer2(16, 4, default_qresi_counts=4, share_quant_resi=share)
+        phis = list(q.quant_resi.qresi_ls if share else q.quant_resi)
+        assert len(phis) == 4
+        assert [phis.index(q.phi(si, 10)) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
