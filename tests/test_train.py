@@ -254,6 +254,7 @@ def test_checkpoint_loads_strictly_and_samples(ddp_run, toy):
 
 
 # ============================================== exact resume ==========================================================
+@pytest.mark.slow
 def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path):
     base = lambda out, *extra: train_args(toy, out, '--use_implicit', '--p_depth', '1', '--hflip', *extra, ep=2)
     A, B, C = tmp_path / 'A', tmp_path / 'B', tmp_path / 'C'
