@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# Runs the test suite; installs requirements.txt first when something it needs is missing.
-#   bash scripts/test.sh            # whole suite (about 10 minutes on 2 CPU cores)
-#   bash scripts/test.sh -k golden  # extra pytest arguments are passed through
+# Runs the test suite; first installs, at the versions of requirements-lock.txt, only the packages that are missing
+# (an installed torch / torchvision is kept; TensorFlow is needed by the evaluator's tests).
+#   bash scripts/test.sh                    # everything (the default)
+#   bash scripts/test.sh -m "not slow"      # quick pass: without the end-to-end script runs
+#   bash scripts/test.sh tests/test_docs.py # extra pytest arguments are passed through
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" - <<'PY' 2>/dev/null
-import importlib, sys
-mods = ['torch', 'torchvision', 'numpy', 'scipy', 'PIL', 'tqdm', 'tensorboard', 'huggingface_hub', 'tensorflow', 'pytest']
-sys.exit(0 if all(importlib.util.find_spec(m) for m in mods) else 1)
-PY
-then
-  echo "[test.sh] installing requirements.txt ..."
-  "$PY" -m pip install -q -r requirements.txt
-fi
+PYTHON="$PY" LOG_PREFIX="[test.sh]" bash scripts/install_missing.sh \
+  torch torchvision numpy scipy pillow tqdm tensorboard huggingface_hub tensorflow-cpu pytest
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "$PY" -m pytest -q tests "$@"
+exec "$PY" -m pytest -q "$@"     # no path given: pyproject.toml's testpaths (tests/)

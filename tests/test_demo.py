@@ -65,6 +65,7 @@ def demo_run(repo_dir, tmp_path_factory):
     return out, cmd
 
 
+@pytest.mark.slow
 def test_tokenizer_learns_on_the_demo_data(demo_run):
     """train_vae.py (as the demo runs it): validation reconstruction error falls and beats the mean image by a clear
     margin (a collapsed tokenizer that outputs the mean image also "falls"), and the codebook is used."""
@@ -88,6 +89,7 @@ def test_tokenizer_learns_on_the_demo_data(demo_run):
     assert vae.encoder.norm_out.num_groups == 8 and vae.downsample == 4
 
 
+@pytest.mark.slow
 def test_demo_samples_show_the_requested_class(demo_run, repo_dir):
     """The class-conditional VIAR of the demo: the classifier finds the requested class in the samples clearly more
     often than chance (25 %); the grids exist; a rerun skips every finished step."""

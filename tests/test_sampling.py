@@ -21,6 +21,7 @@ import gen_img
 import sampling
 from models import build_vae_var
 from models.checkpoint import CheckpointError, load_vae_var
+from readme_commands import readme_command
 from utils import download
 
 PNS = (1, 2, 3, 4)
@@ -100,7 +101,9 @@ def test_flags_parse_booleans_and_defaults():
         assert sampling.parse_args(['--use_implicit', text]).use_implicit is want
         assert sampling.parse_args([f'--use_implicit={text}']).use_implicit is want
     assert sampling.parse_args(['--use_implicit']).use_implicit is True
-    g = gen_img.parse_args(['--use_implicit', '--save_grid'])
+    readme_gen = readme_command('python gen_img.py')                          # the official README's command
+    assert readme_gen == ['python', 'gen_img.py', '--use_implicit', '--save_grid']
+    g = gen_img.parse_args(readme_gen[2:])
     assert g.use_implicit is True and g.save_grid is True and g.class_label == [970] and g.seeds == list(range(10, 20))
     assert gen_img.parse_args(['--class_label', '1', '2', '--seeds', '5']).class_label == [1, 2]
     with pytest.raises(SystemExit):
@@ -341,9 +344,14 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
 
     ref.parent.mkdir()
     ref.write_bytes(b'stand-in')
-    sample_cmd = ('sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 '
-                  '--sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')
-    eval_cmd = f'evaluator.py {ref} samples/implicit-viar.pth-cfg-1.5-seed-1.npz'
+    # what README.md says `bash scripts/eval.sh` runs (the official VIAR README's commands; REF_BATCH set here)
+    assert 'bash scripts/eval.sh' in (repo / 'README.md').read_text()
+    sample_cmd = ' '.join(readme_command('python sampling.py')[1:])
+    eval_cmd = ' '.join(readme_command('python evaluator.py')[1:]).replace('data/VIRTUAL_imagenet256_labeled.npz',
+                                                                           str(ref))
+    assert sample_cmd == ('sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 '
+                          '--depth 30 --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')
+    assert eval_cmd == f'evaluator.py {ref} samples/implicit-viar.pth-cfg-1.5-seed-1.npz'
     r = run()
     assert r.returncode == 0, r.stderr
     assert log.read_text().splitlines() == [sample_cmd, eval_cmd]

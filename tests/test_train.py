@@ -16,11 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
+from readme_commands import readme_command
+
 REPO = Path(__file__).resolve().parents[1]
-README_ARGS = ['--nnodes=1', '--node_rank=0', '--nproc_per_node=8', '--master_addr=127.0.0.1', '--master_port=7777',
-               'train.py', '--data_path=/path/to/imagenet-1k', '--depth=30', '--bs=512', '--ep=550', '--tblr=8e-5',
-               '--fp16=1', '--alng=1e-5', '--wpe=0.01', '--twde=0.08', '--use_implicit=True', '--p_depth=5']
+# the official VIAR README's training command (scripts/train.sh): README.md must show it, and train.sh must run it
+OFFICIAL_ARGS = ['--nnodes=1', '--node_rank=0', '--nproc_per_node=8', '--master_addr=127.0.0.1', '--master_port=7777',
+                 'train.py', '--data_path=/path/to/imagenet-1k', '--depth=30', '--bs=512', '--ep=550', '--tblr=8e-5',
+                 '--fp16=1', '--alng=1e-5', '--wpe=0.01', '--twde=0.08', '--use_implicit=True', '--p_depth=5']
+
 V, CVAE, CH, PN = 64, 8, 32, (1, 2, 3, 4)
+
+
+def readme_args():
+    """The arguments of the ``torchrun ... train.py ...`` command that README.md shows."""
+    return readme_command('torchrun')[1:]
 
 
 # ============================================== fixtures and helpers ==================================================
@@ -118,13 +127,15 @@ def test_boolean_flags_and_readme_command():
     with pytest.raises(SystemExit):
         parse_args(base + ['--pn', '4_2'])
 
-    args = finalize_args(parse_args(README_ARGS[6:]), world_size=8)
+    cmd = readme_args()
+    assert cmd == OFFICIAL_ARGS
+    args = finalize_args(parse_args(cmd[6:]), world_size=8)
     assert (args.depth, args.use_implicit, args.p_depth, args.fp16, args.ep) == (30, True, 5, 1, 550)
     assert args.patch_nums == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] and args.data_load_reso == 256
     assert (args.batch_size, args.glb_batch_size) == (64, 512)
     assert math.isclose(args.tlr, 8e-5 * 512 / 256) and args.twde == 0.08 and math.isclose(args.wp, 11)
     assert args.tb_name.startswith('tb-VARd30__pn1_2_3_4_5_6_8_10_13_16')
-    ac = finalize_args(parse_args(README_ARGS[6:] + ['--ac', '2']), world_size=8)
+    ac = finalize_args(parse_args(cmd[6:] + ['--ac', '2']), world_size=8)
     assert ac.batch_size == 32 and math.isclose(ac.tlr, 8e-5 * 512 / 256)    # same lr per optimiser step of 512 images
 
 
@@ -179,9 +190,10 @@ def test_train_sh_runs_the_readme_command(tmp_path):
     r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh')], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     cwd, *argv = (tmp_path / 'argv.txt').read_text().splitlines()
-    assert Path(cwd) == REPO and argv == README_ARGS
+    assert 'bash scripts/train.sh' in (REPO / 'README.md').read_text()
+    assert Path(cwd) == REPO and argv == readme_args() == OFFICIAL_ARGS
     subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), '--data_path=/data/in1k'], env=env, check=True)
-    assert (tmp_path / 'argv.txt').read_text().splitlines()[1:] == README_ARGS + ['--data_path=/data/in1k']
+    assert (tmp_path / 'argv.txt').read_text().splitlines()[1:] == readme_args() + ['--data_path=/data/in1k']
 
 
 # ============================================== two processes (torchrun, gloo) ========================================
@@ -254,6 +266,7 @@ def test_checkpoint_loads_strictly_and_samples(ddp_run, toy):
 
 
 # ============================================== exact resume ==========================================================
+@pytest.mark.slow
 def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path):
     base = lambda out, *extra: train_args(toy, out, '--use_implicit', '--p_depth', '1', '--hflip', *extra, ep=2)
     A, B, C = tmp_path / 'A', tmp_path / 'B', tmp_path / 'C'
