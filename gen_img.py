@@ -24,6 +24,7 @@ from models.checkpoint import CheckpointError
 from sampling import (SamplingError, add_common_args, dtype_name, effective_top_k, load_models, report_error,
                       resolve_dtype, sample_batch, save_png_atomic, setup_backends, to_uint8, BOOL)
 from utils import dist
+from utils.download import MissingCheckpointError
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     try:
         generate(args)
-    except (CheckpointError, SamplingError) as e:
+    except (CheckpointError, MissingCheckpointError, SamplingError) as e:
         report_error(e)
         sys.exit(1)
     except KeyboardInterrupt:

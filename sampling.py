@@ -38,7 +38,7 @@ from tqdm import tqdm
 from models.checkpoint import CheckpointError, load_vae_var
 from utils import dist
 from utils.arg_util import str2bool
-from utils.download import ensure_checkpoint
+from utils.download import MissingCheckpointError, ensure_checkpoint
 from utils.misc import atomic_write_bytes, create_npz_from_sample_folder, png_is_valid
 
 BOOL = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
@@ -239,7 +239,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     try:
         _sample(args)
-    except (CheckpointError, SamplingError) as e:
+    except (CheckpointError, MissingCheckpointError, SamplingError) as e:
         report_error(e)
         dist.destroy()
         sys.exit(1)

@@ -20,7 +20,7 @@ from PIL import Image
 import gen_img
 import sampling
 from models import build_vae_var
-from models.checkpoint import CheckpointError, load_vae_var
+from models.checkpoint import load_vae_var
 from utils import download
 
 PNS = (1, 2, 3, 4)
@@ -305,7 +305,7 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
     assert got == [('FoundationVision/var', 'var_d16.pth', 'ckpts'), ('mobiushy/VIAR', 'viar.pth', 'ckpts')]
     assert download.ensure_checkpoint('ckpts/viar.pth') == 'ckpts/viar.pth' and len(got) == 2   # present: no call
     for path in ('elsewhere/viar.pth', 'ckpts/mine.pth'):       # not a default place: never downloaded
-        with pytest.raises(CheckpointError, match='does not exist'):
+        with pytest.raises(download.MissingCheckpointError, match='does not exist'):
             download.ensure_checkpoint(path)
     assert len(got) == 2
 
@@ -313,7 +313,7 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
         raise OSError('connection refused')
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: failing())
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(download.MissingCheckpointError) as e:
         download.ensure_checkpoint('ckpts/vae_ch160v4096z32.pth')
     msg = str(e.value)
     assert 'connection refused' in msg and download.hf_url('vae_ch160v4096z32.pth') in msg
