@@ -553,7 +553,11 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
     assert r.returncode == 1 and str(ref) in r.stderr and f'wget -O {ref} {url}' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not log.exists()     # checked before any sampling
 
-    ref.parent.mkdir()
+    ref.mkdir(parents=True)                                                 # a folder where the file should be
+    r = run()
+    assert r.returncode == 1 and r.stderr == f'error: reference batch {ref} is a directory: set REF_BATCH to the .npz file\n'
+    assert not log.exists()
+    ref.rmdir()
     ref.write_bytes(b'stand-in')
     sample_cmd = ('sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 '
                   '--sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')
