@@ -10,12 +10,11 @@ one is an error.
 Under ``torchrun`` only local rank 0 of each node downloads; the other ranks wait and then find the file.
 """
 import os
-from typing import Dict, Optional
 
 from utils import dist
 from utils.errors import UserError
 
-__all__ = ['PUBLISHED', 'CKPT_DIR', 'MissingCheckpointError', 'hf_url', 'default_path', 'ensure_checkpoint']
+__all__ = ['CKPT_DIR', 'PUBLISHED', 'MissingCheckpointError', 'default_path', 'ensure_checkpoint', 'hf_url']
 
 CKPT_DIR = 'ckpts'
 
@@ -23,8 +22,9 @@ CKPT_DIR = 'ckpts'
 class MissingCheckpointError(UserError):
     """A checkpoint file is not there and was not (or could not be) downloaded; the message says how to get it."""
 
+
 # file name -> Hugging Face repository that publishes it
-PUBLISHED: Dict[str, str] = {
+PUBLISHED: dict[str, str] = {
     'vae_ch160v4096z32.pth': 'FoundationVision/var',
     'var_d16.pth': 'FoundationVision/var',
     'var_d20.pth': 'FoundationVision/var',
@@ -35,7 +35,7 @@ PUBLISHED: Dict[str, str] = {
 }
 
 
-def hf_url(filename: str, repo_id: Optional[str] = None) -> str:
+def hf_url(filename: str, repo_id: str | None = None) -> str:
     return f'https://huggingface.co/{repo_id or PUBLISHED[filename]}/resolve/main/{filename}'
 
 
@@ -43,7 +43,7 @@ def default_path(filename: str, ckpt_dir: str = CKPT_DIR) -> str:
     return os.path.join(ckpt_dir, filename)
 
 
-def _published_name(path: str, ckpt_dir: str) -> Optional[str]:
+def _published_name(path: str, ckpt_dir: str) -> str | None:
     """The published file name when ``path`` is its default place ``<ckpt_dir>/<file>``, else None."""
     name = os.path.basename(path)
     if name in PUBLISHED and os.path.abspath(path) == os.path.abspath(default_path(name, ckpt_dir)):

@@ -9,12 +9,20 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ['atomic_write', 'atomic_write_bytes', 'save_atomic', 'save_png_atomic', 'png_is_valid',
-           'read_npy_header', 'npz_array_header', 'npz_member_crc32', 'create_npz_from_sample_folder']
+__all__ = [
+    'atomic_write',
+    'atomic_write_bytes',
+    'create_npz_from_sample_folder',
+    'npz_array_header',
+    'npz_member_crc32',
+    'png_is_valid',
+    'read_npy_header',
+    'save_atomic',
+    'save_png_atomic',
+]
 
 
 def atomic_write(write, path, fsync: bool = True) -> None:
@@ -80,7 +88,7 @@ def png_is_valid(path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-def read_npy_header(f) -> Tuple[tuple, bool, np.dtype]:
+def read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy stream ``f`` (format 1.0 or 2.0), leaving ``f`` at the first data
     byte.  ``ValueError`` when ``f`` does not start with a readable header."""
     version = np.lib.format.read_magic(f)
@@ -91,7 +99,7 @@ def read_npy_header(f) -> Tuple[tuple, bool, np.dtype]:
     raise ValueError(f'unsupported .npy format version {version}')
 
 
-def npz_array_header(path, key: str = 'arr_0') -> Tuple[tuple, bool, np.dtype]:
+def npz_array_header(path, key: str = 'arr_0') -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) of the array ``key`` of the .npz at ``path``, without reading its data.
     Raises ``KeyError`` when the archive has no such array, ``OSError`` / ``zipfile.BadZipFile`` / ``ValueError``
     when it cannot be read."""
@@ -106,7 +114,7 @@ def npz_member_crc32(path, key: str = 'arr_0') -> int:
         return zf.getinfo(key + '.npy').CRC
 
 
-def create_npz_from_sample_folder(sample_folder: str, num: Optional[int] = None) -> str:
+def create_npz_from_sample_folder(sample_folder: str, num: int | None = None) -> str:
     """Packs ``{sample_folder}/000000.png ...`` (in index order) into ``{sample_folder}.npz`` with key ``arr_0``,
     uint8 (N, H, W, 3) — the layout the OpenAI evaluator reads.
 
@@ -139,14 +147,14 @@ def create_npz_from_sample_folder(sample_folder: str, num: Optional[int] = None)
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
 
     def write(f):
-        with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open('arr_0.npy', mode='w', force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, header)
-                for i in range(num):
-                    arr = first if i == 0 else read(i)
-                    if arr.shape != first.shape:
-                        raise ValueError(f'{folder / f"{i:06d}.png"} is {arr.shape}, expected {first.shape}')
-                    member.write(np.ascontiguousarray(arr).tobytes())
+        with (zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+              zf.open('arr_0.npy', mode='w', force_zip64=True) as member):
+            np.lib.format.write_array_header_2_0(member, header)
+            for i in range(num):
+                arr = first if i == 0 else read(i)
+                if arr.shape != first.shape:
+                    raise ValueError(f'{folder / f"{i:06d}.png"} is {arr.shape}, expected {first.shape}')
+                member.write(np.ascontiguousarray(arr).tobytes())
 
     npz_path = f'{str(folder).rstrip("/")}.npz'
     atomic_write(write, npz_path)
