@@ -26,7 +26,11 @@ relative and the default is several times faster); a complex square root keeps i
 instead of stopping.
 
 Only the feature extraction needs TensorFlow, and it is imported when it is needed; the metrics below are plain
-numpy/scipy functions.
+numpy/scipy functions.  The TensorFlow session grows its GPU memory as needed (``allow_growth``, as the ADM suite)
+instead of taking all of it, and places on the CPU what has no GPU kernel (``allow_soft_placement``).
+
+Bad input (a missing file, a folder instead of an .npz, a wrong array) ends with one line and exit status 1
+(``utils.errors.run_cli``), checked before TensorFlow is loaded or anything is downloaded.
 """
 import argparse
 import contextlib
@@ -41,6 +45,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from utils.errors import UserError, run_cli
+from utils.misc import atomic_write_bytes, npz_member_crc32, read_npy_header
 
 INCEPTION_URL = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb'
 INCEPTION_FILENAME = 'classify_image_graph_def.pb'
@@ -59,7 +66,10 @@ PR_BATCH_SIZE = 10000                 # rows/columns of one block of the distanc
 STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
 
 
-class EvalError(Exception):
+PROG = 'evaluator.py'
+
+
+class EvalError(UserError):
     """A problem with the user's input: reported as one line, without a traceback."""
 
 
@@ -253,13 +263,7 @@ class NpzImages:
 
     def _read_header(self, f):
         try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f'unsupported .npy format version {version}')
+            shape, fortran_order, dtype = read_npy_header(f)
         except ValueError as e:
             raise EvalError(f'{self.name}: {self.member} is not a readable .npy array ({e})') from None
         if fortran_order and len(shape) > 1:
@@ -292,6 +296,11 @@ def _npz_keys(zf):
 def open_npz(path, what):
     """Check that ``path`` is a readable .npz; return the names of the arrays it holds."""
     path = Path(path)
+    if path.is_dir():
+        packed = path.with_name(path.name + '.npz')
+        hint = f' ({packed} is one)' if packed.is_file() else ''
+        raise EvalError(f'{what} {path} is a directory, not an .npz file: pass an .npz archive whose arr_0 holds '
+                        f'the images{hint}')
     if not path.is_file():
         raise EvalError(f'{what} {path} not found')
     try:
@@ -341,6 +350,8 @@ def download(url, dest):
 def resolve_inception(path=None):
     """``--inception`` if given, else the cached copy, else a fresh download into the cache."""
     if path is not None:
+        if Path(path).is_dir():
+            raise EvalError(f'Inception graph {path} is a directory: pass the {INCEPTION_FILENAME} file itself')
         if not Path(path).is_file():
             raise EvalError(f'Inception graph {path} not found (omit --inception to use or download '
                             f'{INCEPTION_URL})')
@@ -364,6 +375,14 @@ def _tf_sq_distances(tf, u, v):
     norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
     norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
     return tf.maximum(norm_u - 2 * tf.matmul(u, v, transpose_b=True) + norm_v, 0.0)
+
+
+def session_config(tf1):
+    """The ADM suite's session options: GPU memory taken as needed instead of all at once, and ops without a GPU
+    kernel placed on the CPU."""
+    config = tf1.ConfigProto(allow_soft_placement=True)
+    config.gpu_options.allow_growth = True
+    return config
 
 
 class InceptionFeatures:
@@ -400,7 +419,7 @@ class InceptionFeatures:
             self.cols = tf1.placeholder(tf.float32, shape=[None, None])
             self.dist16 = _tf_sq_distances(tf, tf.cast(self.rows, tf.float16), tf.cast(self.cols, tf.float16))
             self.dist32 = _tf_sq_distances(tf, self.rows, self.cols)
-        self.session = tf1.Session(graph=self.graph)
+        self.session = tf1.Session(graph=self.graph, config=session_config(tf1))
 
     def activations(self, images, batch_size, desc):
         """(pool, spatial) float32 features of every image of an :class:`NpzImages`."""
@@ -467,7 +486,7 @@ class BatchFile:
             print(f'ignoring {cache}: not a statistics cache written by this evaluator', file=sys.stderr)
             return self
         meta = load_arrays(cache, ['source_bytes', 'source_crc32', 'graph_sha256'])
-        if (int(meta['source_bytes']) != self.path.stat().st_size or int(meta['source_crc32']) != arr0_crc32(self.path)
+        if (int(meta['source_bytes']) != self.path.stat().st_size or int(meta['source_crc32']) != npz_member_crc32(self.path)
                 or str(meta['graph_sha256']) != graph_sha):
             print(f'ignoring {cache}: made from another file or Inception graph', file=sys.stderr)
             return self
@@ -509,12 +528,6 @@ def check_finite(acts, path, what):
                         f'check the images and the Inception graph')
 
 
-def arr0_crc32(path):
-    """CRC-32 of the ``arr_0`` member as the zip directory records it: identifies the images without reading them."""
-    with zipfile.ZipFile(path) as zf:
-        return zf.getinfo('arr_0.npy').CRC
-
-
 def save_stats(path, pool, stats, source, graph_sha):
     """Write pool activations, statistics and what they were made from to ``path`` (temp file, then rename).
 
@@ -524,7 +537,7 @@ def save_stats(path, pool, stats, source, graph_sha):
     try:
         with open(tmp, 'wb') as f:
             np.savez(f, pool=pool, source_bytes=np.int64(Path(source).stat().st_size),
-                     source_crc32=np.int64(arr0_crc32(source)), graph_sha256=np.array(graph_sha), **stats)
+                     source_crc32=np.int64(npz_member_crc32(source)), graph_sha256=np.array(graph_sha), **stats)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -578,18 +591,27 @@ def evaluate(args):
     }
 
 
-def main(args):
-    """Evaluate, print the five lines, optionally write them as JSON; input problems end with one error line."""
-    try:
-        results = evaluate(args)
-    except EvalError as e:
-        sys.exit(f'error: {e}')
+def report(args):
+    """Evaluate, print the five lines, optionally write them as JSON; returns the numbers."""
+    results = evaluate(args)
     for name, value in results.items():
         print(f'{name}: {value}')
     if args.json:
         record = dict(results, ref_batch=str(args.ref_batch), sample_batch=str(args.sample_batch),
                       is_shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED, fid_sqrtm=args.sqrtm)
-        Path(args.json).write_text(json.dumps(record, indent=1) + '\n')
+        try:
+            atomic_write_bytes((json.dumps(record, indent=1) + '\n').encode(), args.json)
+        except OSError as e:
+            raise EvalError(f'cannot write --json {args.json} ({e}); the numbers are printed above') from None
+    return results
+
+
+def main(args):
+    """:func:`report`; an input problem ends the process with one error line and status 1 (``run_cli``)."""
+    results = {}
+    rc = run_cli(lambda: results.update(report(args)), PROG, interrupted='interrupted')
+    if rc:
+        raise SystemExit(rc)
     return results
 
 

@@ -10,20 +10,34 @@ classes in the order given, each class's seeds in order).  Missing default check
 
 Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
 script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.
+
+Every flag is checked before a model loads or a file is written; a problem ends with one line and status 1.
 """
 import argparse
 import os
-import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torchvision
 
-from models.checkpoint import CheckpointError
-from sampling import (SamplingError, add_common_args, dtype_name, effective_top_k, load_models, report_error,
-                      resolve_dtype, sample_batch, save_png_atomic, setup_backends, to_uint8, BOOL)
 from utils import dist
+from utils.errors import run_cli
+from utils.misc import save_png_atomic
+from utils.sampling_utils import (
+    BOOL,
+    SamplingError,
+    add_common_args,
+    check_args,
+    check_output_dir,
+    dtype_name,
+    load_models,
+    sample_batch,
+    sampler_kwargs,
+    setup_device,
+    to_uint8,
+)
+
+PROG = 'gen_img.py'
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -41,22 +55,15 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return get_parser().parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        generate(args)
-    except (CheckpointError, SamplingError) as e:
-        report_error(e)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        report_error(KeyboardInterrupt('interrupted; the images written so far are kept'))
-        sys.exit(130)
-    except OSError as e:    # disk full, an output folder that is a file, permissions ...
-        report_error(OSError(f'{e}; the images written so far are kept'))
-        sys.exit(1)
+    """Generates (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
+    rc = run_cli(lambda: generate(args), PROG, interrupted='interrupted; the images written so far are kept')
+    if rc:
+        raise SystemExit(rc)
 
 
 def grid_name(labels: Sequence[int], seeds: Sequence[int]) -> str:
@@ -65,34 +72,39 @@ def grid_name(labels: Sequence[int], seeds: Sequence[int]) -> str:
 
 
 def generate(args: argparse.Namespace) -> None:
-    if args.nrow < 1:
-        raise SamplingError('--nrow must be positive')
-    device = dist.init_distributed(args.device)
-    setup_backends(args.tf32)
-    amp_dtype = resolve_dtype(args.dtype, device)
+    check_args(args)
+    check_output_dir(args.output_dir, '--output_dir')
+    device, amp_dtype = setup_device(args)
+    try:
+        _generate(args, device, amp_dtype)
+    except OSError as e:    # disk full, an output folder that is a file, permissions ...
+        raise SamplingError(f'{e}; the images written so far are kept') from None
+    finally:
+        dist.destroy()
+
+
+def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
     if args.var_ckpt is None:
         args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or 30}.pth'
-
-    vae, var = load_models(args, device, args.var_ckpt)
+    _, var = load_models(args, device, args.var_ckpt)
     bad = [c for c in args.class_label if not 0 <= c < var.num_classes]
     if bad:
         raise SamplingError(f'--class_label {bad} out of range: {args.var_ckpt!r} has classes 0..{var.num_classes - 1}')
-    top_k = effective_top_k(args.top_k, var.V)
-    kind = (f'VIAR-d{var.depth}, iterations {args.iter_left}->{args.iter_right}' if var.use_implicit
-            else f'VAR-d{var.depth}')
+    kw = sampler_kwargs(args, var)
+    kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
     out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise SamplingError(f'cannot create the output folder {out_dir} ({e}): pass another --output_dir') from None
     print(f'[gen_img] {args.var_ckpt} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
-          f'top_k {top_k}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
+          f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
 
     imgs = []
     for c in args.class_label:
         for s in args.seeds:
             label_B = torch.tensor([c], dtype=torch.long, device=device)
-            img_B3HW = sample_batch(var, label_B, s, args, top_k, amp_dtype)
+            img_B3HW = sample_batch(var, label_B, s, kw, amp_dtype)
             save_png_atomic(to_uint8(img_B3HW)[0], os.path.join(out_dir, f'class{c}_seed{s}.png'))
             imgs.append(img_B3HW)
     print(f'[gen_img] saved {len(imgs)} images to {out_dir}')

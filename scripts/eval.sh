@@ -22,6 +22,10 @@ REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batche
 NPROC=${NPROC:-1}
 
 # the reference batch is checked first: no point in sampling for hours and failing at the last step
+if [ -d "$REF_BATCH" ]; then
+  echo "error: reference batch $(realpath -m -- "$REF_BATCH") is a directory: set REF_BATCH to the .npz file" >&2
+  exit 1
+fi
 if [ ! -f "$REF_BATCH" ]; then
   ABS=$(realpath -m -- "$REF_BATCH")
   echo "error: reference batch $ABS not found: download it with" \

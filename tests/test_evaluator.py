@@ -4,6 +4,7 @@ independent numpy/scipy computations, the streaming reader, the statistics cache
 Only the golden run and the non-finite-features case need TensorFlow; the rest runs on numpy/scipy in seconds.
 """
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -24,11 +25,12 @@ LINES = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
 
 def run_cli(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, str(REPO / 'evaluator.py'), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=900, check=False)
 
 
 def cli_args(ref, sample, **kw):
-    defaults = dict(inception=None, batch_size=64, json=None, save_ref_stats=False, no_is_shuffle=False, sqrtm=False)
+    defaults = {'inception': None, 'batch_size': 64, 'json': None, 'save_ref_stats': False, 'no_is_shuffle': False,
+                'sqrtm': False}
     return Namespace(ref_batch=str(ref), sample_batch=str(sample), **{**defaults, **kw})
 
 
@@ -325,7 +327,7 @@ def test_unwritable_statistics_cache_is_a_warning(tmp_path, capsys):
 def test_covariance_factors_come_with_computed_statistics_of_few_images(tmp_path):
     path = tmp_path / 'few.npz'
     np.savez(path, arr_0=images(6))
-    pool, stats, factors = evaluator.BatchFile(path, 'sample batch').read(FakeModel(), 4, 'sha')
+    _, stats, factors = evaluator.BatchFile(path, 'sample batch').read(FakeModel(), 4, 'sha')
     assert factors['sigma'] is None                                   # 6 images, 3 features
     assert factors['sigma_s'].shape == (6, 12)                        # 6 images, 12 features
     assert np.allclose(factors['sigma_s'].T @ factors['sigma_s'], stats['sigma_s'])
@@ -370,27 +372,43 @@ def _bad_inputs(tmp_path):
     np.savez(tmp_path / 'few.npz', arr_0=images(3))
     cases['too_few'] = (tmp_path / 'few.npz', 'holds 3 images; precision/recall need at least 4')
     cases['missing'] = (tmp_path / 'nowhere.npz', 'nowhere.npz not found')
+    (tmp_path / 'samples').mkdir()
+    cases['directory'] = (tmp_path / 'samples', 'samples is a directory, not an .npz file: pass an .npz archive')
     return cases
 
 
-@pytest.mark.parametrize('case', ['missing', 'not_npz', 'no_arr_0', 'float', 'one_channel', 'nchw', 'three_dims',
-                                  'too_few'])
+@pytest.mark.parametrize('case', ['missing', 'directory', 'not_npz', 'no_arr_0', 'float', 'one_channel', 'nchw',
+                                  'three_dims', 'too_few'])
 @pytest.mark.parametrize('which', ['reference', 'sample'])
 def test_bad_input_is_one_clear_line(tmp_path, good_npz, case, which):
     bad, message = _bad_inputs(tmp_path)[case]
     files = (bad, good_npz) if which == 'reference' else (good_npz, bad)
     # checked before the Inception graph is looked for: a missing graph must not mask the input error
     proc = run_cli(*files, '--inception', tmp_path / 'absent.pb')
-    assert proc.returncode != 0 and proc.stdout == ''
+    assert proc.returncode == 1 and proc.stdout == ''
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
-    assert err.startswith(f'error: {which} batch') and message in err, err
+    assert err.startswith(f'evaluator.py: error: {which} batch') and message in err, err
+
+
+def test_a_sample_folder_instead_of_its_npz_is_named(tmp_path, good_npz):
+    """D8: the folder sampling.py wrote, passed instead of the .npz packed next to it."""
+    folder = tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1'
+    folder.mkdir()
+    with pytest.raises(evaluator.EvalError, match='is a directory, not an .npz file') as e:
+        evaluator.BatchFile(folder, 'sample batch')
+    assert 'is one' not in str(e.value)
+    (tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1.npz').write_bytes(good_npz.read_bytes())
+    with pytest.raises(evaluator.EvalError, match=re.escape(f'({folder}.npz is one)')):
+        evaluator.BatchFile(folder, 'sample batch')
+    with pytest.raises(evaluator.EvalError, match='is a directory: pass the classify_image_graph_def.pb file'):
+        evaluator.resolve_inception(str(tmp_path))
 
 
 def test_missing_inception_graph(tmp_path, good_npz):
     proc = run_cli(good_npz, good_npz, '--inception', tmp_path / 'absent.pb')
-    assert proc.returncode != 0
-    assert proc.stderr.strip() == (f'error: Inception graph {tmp_path / "absent.pb"} not found '
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f'evaluator.py: error: Inception graph {tmp_path / "absent.pb"} not found '
                                    f'(omit --inception to use or download {evaluator.INCEPTION_URL})')
 
 
@@ -401,11 +419,13 @@ def test_offline_download_fails_with_url_and_destination(tmp_path, good_npz, mon
     with pytest.raises(SystemExit) as exc:
         evaluator.main(cli_args(good_npz, good_npz))
     dest = tmp_path / 'cache' / 'viar' / 'classify_image_graph_def.pb'
-    message = str(exc.value.code)
-    assert message.startswith(f'error: cannot download the Inception graph from {url} (')
-    assert f'save it as {dest}, or pass --inception PATH' in message and '\n' not in message
+    captured = capsys.readouterr()
+    note, message = captured.err.strip().splitlines()
+    assert exc.value.code == 1 and note == f'Inception graph not in the cache; downloading it to {dest}'
+    assert message.startswith(f'evaluator.py: error: cannot download the Inception graph from {url} (')
+    assert f'save it as {dest}, or pass --inception PATH' in message
     assert not dest.exists() and not dest.with_name(dest.name + '.part').exists()
-    assert capsys.readouterr().out == ''
+    assert captured.out == ''
 
 
 def test_cached_inception_graph_is_used_without_downloading(tmp_path, monkeypatch):
@@ -436,20 +456,43 @@ def test_non_finite_features(tmp_path, good_npz, capsys):
     write_nan_graph(tmp_path / 'nan.pb')
     with pytest.raises(SystemExit) as exc:
         evaluator.main(cli_args(good_npz, good_npz, inception=str(tmp_path / 'nan.pb')))
-    message = str(exc.value.code)
-    assert message == (f'error: reference batch {good_npz}: the Inception features are not finite (NaN or Inf); '
-                       f'check the images and the Inception graph')
-    assert capsys.readouterr().out == ''
+    captured = capsys.readouterr()
+    message = captured.err.strip().splitlines()[-1]        # after the progress bar
+    assert exc.value.code == 1
+    assert message == (f'evaluator.py: error: reference batch {good_npz}: the Inception features are not finite '
+                       f'(NaN or Inf); check the images and the Inception graph')
+    assert captured.out == ''
 
 
-def test_stored_non_finite_pool_and_bad_batch_size(tmp_path, good_npz, monkeypatch):
+def test_stored_non_finite_pool_and_bad_batch_size(tmp_path, good_npz, monkeypatch, capsys):
     stats = {'mu': np.zeros(3), 'sigma': np.eye(3), 'mu_s': np.zeros(3), 'sigma_s': np.eye(3)}
     path = tmp_path / 'stats.npz'
     np.savez(path, pool=np.full((10, 3), np.nan, np.float32), **stats)
     with pytest.raises(evaluator.EvalError, match='features are not finite'):
         evaluator.BatchFile(path, 'sample batch').read(FakeModel(), 8, 'sha')
-    with pytest.raises(SystemExit, match='--batch_size must be positive'):
+    with pytest.raises(SystemExit) as exc:
         evaluator.main(cli_args(good_npz, good_npz, batch_size=0))
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == 'evaluator.py: error: --batch_size must be positive, got 0\n'
+
+
+def test_errors_are_user_errors_and_the_session_grows_gpu_memory(tmp_path, monkeypatch):
+    """H6: the TensorFlow session gets the ADM suite's options (GPU memory as needed, soft placement)."""
+    from utils.errors import UserError
+    assert issubclass(evaluator.EvalError, UserError)
+    tf = pytest.importorskip('tensorflow')
+    config = evaluator.session_config(tf.compat.v1)
+    assert config.gpu_options.allow_growth is True and config.allow_soft_placement is True
+    made = []
+    real = tf.compat.v1.Session
+
+    def recording_session(*args, **kwargs):
+        made.append(kwargs.get('config'))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tf.compat.v1, 'Session', recording_session)
+    write_nan_graph(tmp_path / 'graph.pb')
+    evaluator.InceptionFeatures(tmp_path / 'graph.pb')
+    assert len(made) == 1 and made[0].gpu_options.allow_growth and made[0].allow_soft_placement
 
 
 def test_damaged_zip_member_is_reported(tmp_path):

@@ -6,10 +6,13 @@ byte for byte, resuming after an interruption without redoing finished images, r
 images and grid, the architecture-mismatch and offline-download messages (one line, exit code 1, no traceback),
 and scripts/eval.sh (reference batch checked first, then the README's commands).  Budget: about a minute on 2 cores.
 """
+import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,9 @@ from PIL import Image
 import gen_img
 import sampling
 from models import build_vae_var
-from models.checkpoint import CheckpointError, load_vae_var
+from models.checkpoint import load_vae_var
 from readme_commands import readme_command
-from utils import download
+from utils import download, sampling_utils
 
 PNS = (1, 2, 3, 4)
 NUM_CLASSES = 3
@@ -113,13 +116,13 @@ def test_flags_parse_booleans_and_defaults():
 def test_units_follow_the_official_layout():
     units = sampling.units_of(1000, 50, 25)
     assert len(units) == 2000
-    assert units[0] == (0, 0, list(range(0, 25))) and units[1] == (0, 1, list(range(25, 50)))
+    assert units[0] == (0, 0, list(range(25))) and units[1] == (0, 1, list(range(25, 50)))
     assert units[2 * 970 + 1] == (970, 1, [970 * 50 + 25 + j for j in range(25)])
     # a short last batch: class c holds c*5 .. c*5+4 in batches of 2, 2, 1 (g_seed = seed + 0, 1, 2)
     assert sampling.units_of(2, 5, 2) == [(0, 0, [0, 1]), (0, 1, [2, 3]), (0, 2, [4]),
                                           (1, 0, [5, 6]), (1, 1, [7, 8]), (1, 2, [9])]
-    assert sampling.effective_top_k(900, 64) == 64 and sampling.effective_top_k(900, 4096) == 900
-    assert sampling.effective_top_k(0, 64) == 0
+    assert sampling_utils.effective_top_k(900, 64) == 64 and sampling_utils.effective_top_k(900, 4096) == 900
+    assert sampling_utils.effective_top_k(0, 64) == 0
 
 
 def test_sampling_writes_official_names_images_and_npz(ckpts, tmp_path):
@@ -156,7 +159,7 @@ def test_torchrun_two_processes_give_byte_identical_pngs(ckpts, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
            '--master_addr=127.0.0.1', f'--master_port={free_port()}', str(repo / 'sampling.py'),
            '--sample_dir', str(tmp_path / 'two')] + common
-    r = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=tmp_path, env=script_env(), check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert '2 process(es)' in r.stdout
 
@@ -243,6 +246,213 @@ def test_sampling_rejects_bad_class_count_and_sample_dir(ckpts, tmp_path, capsys
     assert e.value.code == 1 and 'pass another --sample_dir' in err and len(err.strip().splitlines()) == 1
 
 
+BAD_FLAGS = [
+    (['--iter_left', '-3'], '--iter_left -3 must be >= 0'),
+    (['--iter_right', '-1'], '--iter_right -1 must be >= 0'),
+    (['--top_k', '-2'], '--top_k -2 must be >= 0'),
+    (['--top_p', '1.5'], '--top_p 1.5 must be in [0, 1]'),
+    (['--top_p', '-0.1'], '--top_p -0.1 must be in [0, 1]'),
+    (['--cfg', '-1'], '--cfg -1.0 must be >= 0'),
+    (['--cfg', 'nan'], '--cfg nan must be >= 0'),
+]
+
+
+@pytest.mark.parametrize('argv,expected', BAD_FLAGS + [
+    (['--per_class', '0'], '--per_class 0 must be >= 1'),
+    (['--batch_size', '0'], '--batch_size 0 must be >= 1'),
+    (['--num_classes', '-1'], '--num_classes -1 must be >= 1'),
+    (['--seed', str(2 ** 64)], f'--seed {2 ** 64} must be in'),
+    (['--seed', str(2 ** 64 - 1)], 'the last batch of a class would use g_seed'),
+    (['--iter_left', '-3', '--top_p', '2'], '--top_p 2.0 must be in [0, 1] (0: off); --iter_left -3 must be >= 0'),
+])
+def test_sampling_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, monkeypatch, capsys, argv, expected):
+    """D2: one line, status 1, before the device is set up or a model is loaded, nothing written."""
+    for name in ('setup_device', 'load_models'):
+        monkeypatch.setattr(sampling, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
+    with pytest.raises(SystemExit) as e:
+        run_sampling(['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                      '--sample_dir', str(tmp_path / 's'), '--num_classes', '1'] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and expected in err and err.startswith('sampling.py: error: '), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 's').exists()
+
+
+@pytest.mark.parametrize('argv,expected', BAD_FLAGS + [
+    (['--nrow', '0'], '--nrow 0 must be >= 1'),
+    (['--class_label', '3', '-1', '-2'], '--class_label -1 -2 must be >= 0'),
+    (['--seeds', '1', str(-2 ** 63 - 1)], f'--seeds {-2 ** 63 - 1} must be in'),
+])
+def test_gen_img_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, monkeypatch, capsys, argv, expected):
+    for name in ('setup_device', 'load_models'):
+        monkeypatch.setattr(gen_img, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                                         '--output_dir', str(tmp_path / 'g')] + argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and expected in err and err.startswith('gen_img.py: error: '), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
+
+
+def test_gen_img_rejects_classes_the_checkpoint_lacks_and_an_output_dir_that_is_a_file(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                                         '--class_label', '0', '3', '--output_dir', str(tmp_path / 'g')]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and '--class_label [3] out of range' in err and 'classes 0..2' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
+    (tmp_path / 'f').write_text('a file')
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(gen_img.parse_args(['--output_dir', str(tmp_path / 'f')]))
+    assert e.value.code == 1 and 'is a file, not a folder: pass another --output_dir' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('script', ['sampling.py', 'gen_img.py'])
+def test_scripts_reject_a_negative_iteration_count_without_a_traceback(tmp_path, script):
+    """D2 as a user meets it: a fresh folder, no checkpoints, a bad flag: one line, nothing created."""
+    r = subprocess.run([sys.executable, str(Path(sampling.__file__).parent / script), '--iter_left', '-3'],
+                       cwd=tmp_path, env=script_env(), check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip() == f'{script}: error: --iter_left -3 must be >= 0 (implicit iterations at the first scale)'
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_recorded_config_without_images_is_replaced(ckpts, tmp_path, capsys):
+    """D2: a config left by a run that stopped before its first image does not block the corrected command."""
+    argv = ['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir',
+            str(tmp_path), '--num_classes', '1', '--per_class', '1']
+    folder = tmp_path / 'd1-var.pth-cfg-1.5-seed-1'
+    folder.mkdir()
+    (folder / sampling.CONFIG_NAME).write_text(json.dumps({'ckpt': 'var.pth', 'top_k': 5, 'cfg': 1.5, 'seed': 1}))
+    run_sampling(argv)
+    assert (folder / '000000.png').is_file() and Path(str(folder) + '.npz').is_file()
+    record = json.loads((folder / sampling.CONFIG_NAME).read_text())
+    assert record['top_k'] == 900 and 'ckpt_fingerprint' in record and 'vae_fingerprint' in record
+
+
+def perturbed_copy(src, dst, key):
+    """``src`` trained a little further: the same state dict with ``key`` nudged, saved at ``dst``."""
+    sd = torch.load(src, weights_only=True)
+    sd[key] = sd[key] + 0.01
+    torch.save(sd, dst)
+
+
+def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, tmp_path, monkeypatch, capsys):
+    """D1: sampling local_output/ar-ckpt-last.pth, training on, and sampling again must not reuse the old images
+    (nor call the old npz up to date); neither for a tokenizer changed in place."""
+    run_dir = tmp_path / 'local_output'
+    run_dir.mkdir()
+    ckpt, vae = run_dir / 'ar-ckpt-last.pth', run_dir / 'vae.pth'
+    ckpt.write_bytes((ckpts / 'var.pth').read_bytes())
+    vae.write_bytes((ckpts / 'vae.pth').read_bytes())
+    argv = ['--ckpt_path', str(ckpt), '--vae_ckpt', str(vae), '--sample_dir', str(tmp_path / 's'), '--num_classes',
+            '2', '--per_class', '2', '--batch_size', '2']
+    run_sampling(argv)
+    folder = tmp_path / 's' / 'd1-ar-ckpt-last.pth-cfg-1.5-seed-1'
+    npz = Path(str(folder) + '.npz')
+    record = json.loads((folder / sampling.CONFIG_NAME).read_text())
+    assert record['ckpt_fingerprint'] == sampling_utils.weights_fingerprint(str(ckpt))
+    assert record['vae_fingerprint'] == sampling_utils.weights_fingerprint(str(vae))
+    assert record['npz_crc32'] == zipfile.ZipFile(npz).getinfo('arr_0.npy').CRC
+    pngs, npz_bytes, npz_mtime = snapshot(folder), npz.read_bytes(), npz.stat().st_mtime_ns
+    capsys.readouterr()
+
+    calls = []
+    real = sampling.sample_batch
+    monkeypatch.setattr(sampling, 'sample_batch', lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    for path, key, what in ((ckpt, 'head.weight', 'model checkpoint'), (vae, 'decoder.conv_out.weight', 'tokenizer checkpoint')):
+        original = path.read_bytes()
+        perturbed_copy(path, path, key)
+        with pytest.raises(SystemExit) as e:
+            run_sampling(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f'holds images sampled from other weights than the {what} {str(path)!r} now holds' in err
+        assert 'pass another --sample_dir or delete the folder' in err
+        assert calls == [] and snapshot(folder) == pngs
+        assert npz.read_bytes() == npz_bytes and npz.stat().st_mtime_ns == npz_mtime
+        path.write_bytes(original)
+
+    # the same weights again (rewritten, same bytes): resumed, nothing to do, the npz left alone
+    run_sampling(argv)
+    assert calls == [] and snapshot(folder) == pngs and npz.stat().st_mtime_ns == npz_mtime
+    assert f'{npz} is up to date' in capsys.readouterr().out
+
+    # a folder of an older version (no fingerprints recorded): assumed to be of these weights, as before, with a
+    # note; the fingerprints are recorded from then on
+    perturbed_copy(ckpt, ckpt, 'head.weight')
+    old = {k: v for k, v in record.items() if k not in ('ckpt_fingerprint', 'vae_fingerprint', 'npz_crc32')}
+    (folder / sampling.CONFIG_NAME).write_text(json.dumps(old))
+    run_sampling(argv)
+    out = capsys.readouterr().out
+    assert 'records no fingerprint of the weights' in out and f'{npz} is up to date' in out
+    assert calls == [] and snapshot(folder) == pngs and npz.stat().st_mtime_ns == npz_mtime
+    again = json.loads((folder / sampling.CONFIG_NAME).read_text())
+    assert again['ckpt_fingerprint'] == sampling_utils.weights_fingerprint(str(ckpt)) != record['ckpt_fingerprint']
+    assert again['npz_crc32'] == record['npz_crc32']
+    perturbed_copy(ckpt, ckpt, 'head.weight')
+    with pytest.raises(SystemExit):
+        run_sampling(argv)
+    assert 'other weights' in capsys.readouterr().err
+
+
+def test_an_npz_that_is_not_the_one_packed_is_packed_again(ckpts, tmp_path, capsys):
+    """D1, the npz: a newer npz of the right shape that is not the file this folder's run packed (another run's,
+    copied in) is not called up to date."""
+    argv = ['--ckpt_path', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir',
+            str(tmp_path), '--num_classes', '1', '--per_class', '3', '--batch_size', '3']
+    run_sampling(argv)
+    folder = tmp_path / 'd1-var.pth-cfg-1.5-seed-1'
+    npz = Path(str(folder) + '.npz')
+    with np.load(npz) as z:
+        good = z['arr_0']
+    np.savez(npz, arr_0=np.zeros_like(good))       # newer than every PNG, 3 uint8 images of the right size
+    capsys.readouterr()
+    run_sampling(argv)
+    assert 'up to date' not in capsys.readouterr().out
+    with np.load(npz) as z:
+        assert np.array_equal(z['arr_0'], good)
+
+
+def test_weights_fingerprint_reads_the_size_head_and_tail(tmp_path):
+    big = tmp_path / 'big.pth'
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 20 << 20, dtype=np.uint8).tobytes())
+    big.write_bytes(data)
+    chunk = sampling_utils.FINGERPRINT_CHUNK
+    want = hashlib.sha256(f'{len(data)}\n'.encode() + bytes(data[:chunk]) + bytes(data[-chunk:])).hexdigest()
+    fp = sampling_utils.weights_fingerprint(str(big))
+    assert fp == want
+    (tmp_path / 'copy.pth').write_bytes(data)
+    assert sampling_utils.weights_fingerprint(str(tmp_path / 'copy.pth')) == fp       # content, not name
+    for pos in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[pos] ^= 1
+        big.write_bytes(changed)
+        assert sampling_utils.weights_fingerprint(str(big)) != fp
+    big.write_bytes(data + b'\0')
+    assert sampling_utils.weights_fingerprint(str(big)) != fp
+    small = tmp_path / 'small.pth'
+    small.write_bytes(b'weights')
+    assert sampling_utils.weights_fingerprint(str(small)) == hashlib.sha256(b'7\nweights').hexdigest()
+
+
+def test_sampler_kwargs_come_from_the_flags():
+    """The one place flags become autoregressive_infer_cfg keywords; flags added later slot in by name."""
+    args = sampling.parse_args(['--more_smooth', '--top_k', '5000', '--iter_left', '3'])
+    kw = sampling_utils.sampler_kwargs(args)
+    assert kw == {'cfg': 1.5, 'top_k': 5000, 'top_p': 0.96, 'more_smooth': True, 'iter_left': 3, 'iter_right': 10}
+
+    class Model:
+        V = 1024
+    assert sampling_utils.sampler_kwargs(args, Model())['top_k'] == 1024
+    args.iter_tol = None                # a flag another script adds: passed and checked once set
+    assert 'iter_tol' not in sampling_utils.sampler_kwargs(args)
+    args.iter_tol = 0.01
+    assert sampling_utils.sampler_kwargs(args)['iter_tol'] == 0.01
+    args.iter_tol = -1.0
+    with pytest.raises(sampling_utils.SamplingError, match='--iter_tol -1.0 must be >= 0'):
+        sampling_utils.check_args(args)
+
+
 def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
     gen_img.main(gen_img.parse_args(['--use_implicit', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
                                      str(ckpts / 'vae.pth'), '--class_label', '0', '2', '--seeds', '3', '4', '5',
@@ -282,7 +492,7 @@ def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
 
 def test_missing_default_checkpoint_offline_gives_the_download_message(tmp_path):
     r = subprocess.run([sys.executable, str(Path(gen_img.__file__)), '--use_implicit'], cwd=tmp_path,
-                       env=script_env(), capture_output=True, text=True, timeout=120)
+                       env=script_env(), check=False, capture_output=True, text=True, timeout=120)
     url = 'https://huggingface.co/mobiushy/VIAR/resolve/main/viar.pth'
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     assert "'ckpts/viar.pth'" in r.stderr and url in r.stderr and f'wget -O ckpts/viar.pth {url}' in r.stderr
@@ -308,15 +518,19 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
     assert got == [('FoundationVision/var', 'var_d16.pth', 'ckpts'), ('mobiushy/VIAR', 'viar.pth', 'ckpts')]
     assert download.ensure_checkpoint('ckpts/viar.pth') == 'ckpts/viar.pth' and len(got) == 2   # present: no call
     for path in ('elsewhere/viar.pth', 'ckpts/mine.pth'):       # not a default place: never downloaded
-        with pytest.raises(CheckpointError, match='does not exist'):
+        with pytest.raises(download.MissingCheckpointError, match='does not exist'):
             download.ensure_checkpoint(path)
+    assert len(got) == 2
+    (tmp_path / 'ckpts' / 'var_d20.pth').mkdir()
+    with pytest.raises(download.MissingCheckpointError, match="'ckpts/var_d20.pth' is a directory: pass the checkpoint"):
+        download.ensure_checkpoint('ckpts/var_d20.pth')
     assert len(got) == 2
 
     def failing(**kw):
         raise OSError('connection refused')
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: failing())
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(download.MissingCheckpointError) as e:
         download.ensure_checkpoint('ckpts/vae_ch160v4096z32.pth')
     msg = str(e.value)
     assert 'connection refused' in msg and download.hf_url('vae_ch160v4096z32.pth') in msg
@@ -335,14 +549,18 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
     def run(**extra):
         env = dict(os.environ, PYTHON=str(stub), REF_BATCH=str(ref), **extra)
         return subprocess.run(['bash', str(repo / 'scripts' / 'eval.sh')], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
 
     r = run()
     url = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz'
     assert r.returncode == 1 and str(ref) in r.stderr and f'wget -O {ref} {url}' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not log.exists()     # checked before any sampling
 
-    ref.parent.mkdir()
+    ref.mkdir(parents=True)                                                 # a folder where the file should be
+    r = run()
+    assert r.returncode == 1 and r.stderr == f'error: reference batch {ref} is a directory: set REF_BATCH to the .npz file\n'
+    assert not log.exists()
+    ref.rmdir()
     ref.write_bytes(b'stand-in')
     # what README.md says `bash scripts/eval.sh` runs (the official VIAR README's commands; REF_BATCH set here)
     assert 'bash scripts/eval.sh' in (repo / 'README.md').read_text()

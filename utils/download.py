@@ -3,23 +3,28 @@
 ``ensure_checkpoint('ckpts/viar.pth')`` returns the path when the file is there; when it is one of the published
 files (``PUBLISHED``) at its default place ``ckpts/<file>`` and missing, it downloads it with
 ``huggingface_hub.hf_hub_download(repo_id, file, local_dir='ckpts')``.  Offline (``HF_HUB_OFFLINE=1``), without
-``huggingface_hub`` or on any other failure it raises ``CheckpointError`` with the file, its URL and the command
-that places it by hand.  A path the user chose (not the default) is never downloaded: a missing one is an error.
+``huggingface_hub`` or on any other failure it raises ``MissingCheckpointError`` (a ``UserError``) with the file, its
+URL and the command that places it by hand.  A path the user chose (not the default) is never downloaded: a missing
+one is an error.
 
 Under ``torchrun`` only local rank 0 of each node downloads; the other ranks wait and then find the file.
 """
 import os
-from typing import Dict, Optional
 
-from models.checkpoint import CheckpointError
 from utils import dist
+from utils.errors import UserError
 
-__all__ = ['PUBLISHED', 'CKPT_DIR', 'hf_url', 'default_path', 'ensure_checkpoint']
+__all__ = ['CKPT_DIR', 'PUBLISHED', 'MissingCheckpointError', 'default_path', 'ensure_checkpoint', 'hf_url']
 
 CKPT_DIR = 'ckpts'
 
+
+class MissingCheckpointError(UserError):
+    """A checkpoint file is not there and was not (or could not be) downloaded; the message says how to get it."""
+
+
 # file name -> Hugging Face repository that publishes it
-PUBLISHED: Dict[str, str] = {
+PUBLISHED: dict[str, str] = {
     'vae_ch160v4096z32.pth': 'FoundationVision/var',
     'var_d16.pth': 'FoundationVision/var',
     'var_d20.pth': 'FoundationVision/var',
@@ -30,7 +35,7 @@ PUBLISHED: Dict[str, str] = {
 }
 
 
-def hf_url(filename: str, repo_id: Optional[str] = None) -> str:
+def hf_url(filename: str, repo_id: str | None = None) -> str:
     return f'https://huggingface.co/{repo_id or PUBLISHED[filename]}/resolve/main/{filename}'
 
 
@@ -38,7 +43,7 @@ def default_path(filename: str, ckpt_dir: str = CKPT_DIR) -> str:
     return os.path.join(ckpt_dir, filename)
 
 
-def _published_name(path: str, ckpt_dir: str) -> Optional[str]:
+def _published_name(path: str, ckpt_dir: str) -> str | None:
     """The published file name when ``path`` is its default place ``<ckpt_dir>/<file>``, else None."""
     name = os.path.basename(path)
     if name in PUBLISHED and os.path.abspath(path) == os.path.abspath(default_path(name, ckpt_dir)):
@@ -66,7 +71,7 @@ def _download(path: str, name: str) -> None:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise CheckpointError(_manual_message(path, name, 'huggingface_hub is not installed')) from None
+        raise MissingCheckpointError(_manual_message(path, name, 'huggingface_hub is not installed')) from None
     url = hf_url(name)
     print(f'[download] {path} is missing: fetching {url} ...', flush=True)
     from huggingface_hub.utils import logging as hf_logging
@@ -76,42 +81,44 @@ def _download(path: str, name: str) -> None:
         local_dir = os.path.normpath(os.path.dirname(path) or '.')      # './ckpts/x.pth' -> 'ckpts'
         got = hf_hub_download(repo_id=PUBLISHED[name], filename=name, local_dir=local_dir)
     except Exception as e:     # offline, no network, 404, disk full, interrupted ...: all end the same way
-        raise CheckpointError(_manual_message(path, name, _reason(e))) from None
+        raise MissingCheckpointError(_manual_message(path, name, _reason(e))) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not os.path.isfile(path):
         if got and os.path.isfile(got):
             os.replace(got, path)
         else:
-            raise CheckpointError(_manual_message(path, name, f'the download did not produce {path!r}'))
+            raise MissingCheckpointError(_manual_message(path, name, f'the download did not produce {path!r}'))
     print(f'[download] saved {path} ({os.path.getsize(path) / 2 ** 20:,.1f} MiB)', flush=True)
 
 
 def ensure_checkpoint(path: str, what: str = 'checkpoint', ckpt_dir: str = CKPT_DIR, download: bool = True) -> str:
     """Returns ``path`` once the file exists; downloads a missing published file at its default place.
 
-    Raises ``CheckpointError`` (one actionable sentence) when the file is missing and cannot be fetched, or when
+    Raises ``MissingCheckpointError`` (one actionable sentence) when the file is missing and cannot be fetched, or when
     a non-default path does not exist.  ``download=False`` only checks that the path exists or can be downloaded
     (to reject a mistyped path before a long download of another file).  Call it on every rank: local rank 0
     downloads, the others wait."""
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):
+        raise MissingCheckpointError(f'{what} {path!r} is a directory: pass the checkpoint file (.pth) itself')
     name = _published_name(path, ckpt_dir)
     if name is None:
         known = ', '.join(sorted(PUBLISHED))
-        raise CheckpointError(f'{what} {path!r} does not exist: check the path (the published checkpoints {known} '
-                              f'are downloaded automatically only to their default place {ckpt_dir}/<file>)')
+        raise MissingCheckpointError(f'{what} {path!r} does not exist: check the path (the published checkpoints '
+                                     f'{known} are downloaded automatically only to their default place {ckpt_dir}/<file>)')
     if not download:
         return path
     error = None
     if dist.get_local_rank() == 0:
         try:
             _download(path, name)
-        except CheckpointError as e:
+        except MissingCheckpointError as e:
             error = e
     dist.barrier()
     if error is not None:
         raise error
     if not os.path.isfile(path):      # another rank's download failed; it reports the reason
-        raise CheckpointError(_manual_message(path, name, 'the download on local rank 0 failed'))
+        raise MissingCheckpointError(_manual_message(path, name, 'the download on local rank 0 failed'))
     return path

@@ -1,28 +1,51 @@
-"""Small utilities shared by the scripts: atomic writes and the npz packer the VAR README tells users to call."""
+"""Small utilities shared by the scripts: atomic writes (files, checkpoints, PNGs), the npz packer the VAR README
+tells users to call, and cheap reads of an npz's array header and checksum (no array data is read).
+
+Imports only numpy at module level (torch and PIL where they are needed), so that ``evaluator.py`` can use it
+without loading PyTorch next to TensorFlow.
+"""
 import io
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import torch
 
-__all__ = ['atomic_write_bytes', 'save_atomic', 'create_npz_from_sample_folder', 'png_is_valid']
+__all__ = [
+    'atomic_write',
+    'atomic_write_bytes',
+    'create_npz_from_sample_folder',
+    'npz_array_header',
+    'npz_member_crc32',
+    'png_is_valid',
+    'read_npy_header',
+    'save_atomic',
+    'save_png_atomic',
+]
 
 
-def _replace_atomically(write, path) -> None:
-    """Calls ``write(file_object)`` on a temporary file beside ``path``, fsyncs it, then renames it over ``path``:
-    a crash leaves either the old file or the new one, never a truncated one."""
+def atomic_write(write, path, fsync: bool = True) -> None:
+    """Calls ``write(file_object)`` on a temporary file beside ``path`` (``.<name>.<pid>.<random>.tmp``, created with
+    the usual permissions, i.e. 0o666 less the umask), then renames it over ``path``: a crash or an error leaves either
+    the old file or the new one, never a truncated one, and no temporary file.  ``fsync``: flush the data to disk
+    before the rename (also survives a power loss); files that are checked when read back can skip it.  Creates the
+    parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    while True:
+        tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -32,14 +55,25 @@ def _replace_atomically(write, path) -> None:
         raise
 
 
-def atomic_write_bytes(data: bytes, path) -> None:
-    _replace_atomically(lambda f: f.write(data), path)
+def atomic_write_bytes(data: bytes, path, fsync: bool = True) -> None:
+    atomic_write(lambda f: f.write(data), path, fsync=fsync)
 
 
 def save_atomic(obj, path) -> None:
     """``torch.save`` through a temporary file and a rename.  Save only tensors, numbers, strings, lists and dicts
     so that the file loads with ``torch.load(..., weights_only=True)``."""
-    _replace_atomically(lambda f: torch.save(obj, f), path)
+    import torch
+    atomic_write(lambda f: torch.save(obj, f), path)
+
+
+def save_png_atomic(arr_HW3: np.ndarray, path) -> None:
+    """A uint8 (H, W, 3) image as a PNG at ``path``: encoded in memory, then written atomically.  Not fsynced: the
+    sampler checks every PNG by decoding it (``png_is_valid``) before trusting it, so a file a power loss emptied is
+    simply sampled again."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr_HW3).save(buf, format='PNG')
+    atomic_write_bytes(buf.getbuffer(), path, fsync=False)
 
 
 def png_is_valid(path) -> bool:
@@ -53,7 +87,34 @@ def png_is_valid(path) -> bool:
         return False
 
 
-def create_npz_from_sample_folder(sample_folder: str, num: Optional[int] = None) -> str:
+# ----------------------------------------------------------------------------------------------------------------------
+def read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream ``f`` (format 1.0 or 2.0), leaving ``f`` at the first data
+    byte.  ``ValueError`` when ``f`` does not start with a readable header."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f'unsupported .npy format version {version}')
+
+
+def npz_array_header(path, key: str = 'arr_0') -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the array ``key`` of the .npz at ``path``, without reading its data.
+    Raises ``KeyError`` when the archive has no such array, ``OSError`` / ``zipfile.BadZipFile`` / ``ValueError``
+    when it cannot be read."""
+    with zipfile.ZipFile(path) as zf, zf.open(key + '.npy') as f:
+        return read_npy_header(f)
+
+
+def npz_member_crc32(path, key: str = 'arr_0') -> int:
+    """The CRC-32 of the array ``key`` of an .npz as its zip directory records it: identifies the array's bytes
+    without reading them."""
+    with zipfile.ZipFile(path) as zf:
+        return zf.getinfo(key + '.npy').CRC
+
+
+def create_npz_from_sample_folder(sample_folder: str, num: int | None = None) -> str:
     """Packs ``{sample_folder}/000000.png ...`` (in index order) into ``{sample_folder}.npz`` with key ``arr_0``,
     uint8 (N, H, W, 3) — the layout the OpenAI evaluator reads.
 
@@ -86,16 +147,16 @@ def create_npz_from_sample_folder(sample_folder: str, num: Optional[int] = None)
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
 
     def write(f):
-        with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open('arr_0.npy', mode='w', force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, header)
-                for i in range(num):
-                    arr = first if i == 0 else read(i)
-                    if arr.shape != first.shape:
-                        raise ValueError(f'{folder / f"{i:06d}.png"} is {arr.shape}, expected {first.shape}')
-                    member.write(np.ascontiguousarray(arr).tobytes())
+        with (zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+              zf.open('arr_0.npy', mode='w', force_zip64=True) as member):
+            np.lib.format.write_array_header_2_0(member, header)
+            for i in range(num):
+                arr = first if i == 0 else read(i)
+                if arr.shape != first.shape:
+                    raise ValueError(f'{folder / f"{i:06d}.png"} is {arr.shape}, expected {first.shape}')
+                member.write(np.ascontiguousarray(arr).tobytes())
 
     npz_path = f'{str(folder).rstrip("/")}.npz'
-    _replace_atomically(write, npz_path)
+    atomic_write(write, npz_path)
     print(f'Saved .npz file to {npz_path} [shape={shape}].')
     return npz_path

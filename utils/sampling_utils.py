@@ -1,0 +1,242 @@
+"""What the sampling scripts share: ``sampling.py`` (50,000 images for FID), ``gen_img.py`` (images and grids) and
+those to come (zero-shot editing, ...).  A script is built from these pieces, in this order:
+
+    p = argparse.ArgumentParser(...); <its own flags>; add_common_args(p)   # or the groups one by one
+    check_args(args)                           # every flag checked before anything is loaded or written
+    device, amp_dtype = setup_device(args)     # torchrun group, the official backend flags, the autocast dtype
+    vae, var = load_models(args, device, ckpt) # missing published files downloaded, --depth/--use_implicit checked
+    kw = sampler_kwargs(args, var)             # autoregressive_infer_cfg's keyword arguments from the flags
+    img_B3HW = sample_batch(var, label_B, g_seed, kw, amp_dtype)    # add keys to kw for more (edit_mask=...)
+    save_png_atomic(to_uint8(img_B3HW)[0], path)                    # utils.misc; the official uint8 conversion
+
+A new sampler flag (e.g. ``--iter_tol``) slots in with three lines: add it to a parser group, map it to its keyword
+of ``autoregressive_infer_cfg`` in ``SAMPLER_FLAGS`` and give it a rule in ``FLAG_RULES``.  ``sampler_kwargs``
+then passes it (unless it is None), ``check_args`` validates it, and ``sampling.py`` records it with the settings
+of a sample folder (images made with another value are never mixed in); an iteration flag, which a VAR model
+ignores, also goes in ``ITERATION_KWARGS``.
+
+Every user-fixable problem is a ``SamplingError`` (a ``utils.errors.UserError``): scripts end with
+``utils.errors.run_cli``, which prints it as one line and exits with status 1.
+
+Layering: this module loads models (it imports ``models.checkpoint``); nothing under ``models/`` imports it.
+"""
+import argparse
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_vae_var
+from utils import dist
+from utils.arg_util import str2bool
+from utils.download import ensure_checkpoint
+from utils.errors import UserError
+
+__all__ = ['BOOL', 'FLAG_RULES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError', 'add_common_args',
+           'add_device_args', 'add_model_args', 'add_sampler_args', 'check_args', 'check_output_dir', 'dtype_name',
+           'effective_top_k', 'load_models', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'setup_backends',
+           'setup_device', 'to_uint8', 'weights_fingerprint']
+
+BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
+
+
+class SamplingError(UserError):
+    """A user-caused problem (bad flag, folder of other settings or weights); the message says what to do."""
+
+
+# ================================ flags ===============================================================================
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The tokenizer, and the architecture the user states (checked against the checkpoint, never trusted)."""
+    p.add_argument('--vae_ckpt', type=str, default='ckpts/vae_ch160v4096z32.pth', help='tokenizer checkpoint')
+    p.add_argument('--depth', type=int, default=None,
+                   help='depth the checkpoint is expected to have (checked against the file; the architecture is '
+                        'always read from the checkpoint)')
+    p.add_argument('--use_implicit', default=False, help='the checkpoint is VIAR (checked against the file)', **BOOL)
+    p.add_argument('--pre_depth', type=int, default=None, help='VIAR pre blocks expected (checked; default: any)')
+    p.add_argument('--post_depth', type=int, default=None, help='VIAR post blocks expected (checked; default: any)')
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """The knobs of ``autoregressive_infer_cfg`` (see ``SAMPLER_FLAGS``)."""
+    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance (ramped linearly over scales)')
+    p.add_argument('--top_k', type=int, default=900, help='top-k filtering (0: off; clamped to the vocabulary size)')
+    p.add_argument('--top_p', type=float, default=0.96, help='top-p filtering, in [0, 1] (0: off)')
+    p.add_argument('--more_smooth', default=False, help='gumbel-softmax mixture of codes (visualisation, not for FID)',
+                   **BOOL)
+    p.add_argument('--iter_left', type=int, default=10, help='VIAR: implicit iterations at the first scale')
+    p.add_argument('--iter_right', type=int, default=10,
+                   help='VIAR: implicit iterations at the last scale (linear between)')
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--dtype', type=str, default='auto', choices=['auto', 'fp32', 'fp16', 'bf16'],
+                   help='autocast precision; auto = the official behaviour (fp16 on CUDA, fp32 on CPU)')
+    p.add_argument('--tf32', default=True, help='allow TF32 matmuls/convolutions on CUDA (official: on)', **BOOL)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every sampling script: model, sampler knobs, device and precision."""
+    add_model_args(p)
+    add_sampler_args(p)
+    add_device_args(p)
+
+
+# flag -> keyword argument of autoregressive_infer_cfg; a flag the namespace lacks, or that is None, is not passed
+SAMPLER_FLAGS: dict[str, str] = {
+    'cfg': 'cfg', 'top_k': 'top_k', 'top_p': 'top_p', 'more_smooth': 'more_smooth',
+    'iter_left': 'iter_left', 'iter_right': 'iter_right', 'iter_tol': 'iter_tol',
+}
+# keywords that only change the pixels of a model with an implicit block (VIAR)
+ITERATION_KWARGS = ('iter_left', 'iter_right', 'iter_tol')
+
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1      # what torch.Generator.manual_seed accepts
+
+
+def _at_least(lo):
+    return lambda v: v >= lo
+
+
+def _finite_at_least(lo):
+    return lambda v: math.isfinite(v) and v >= lo
+
+
+# flag -> (test of one value, what a valid value is); list flags are tested element by element, None is skipped
+FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'cfg': (_finite_at_least(0), 'must be >= 0 (0: no guidance)'),
+    'top_k': (_at_least(0), 'must be >= 0 (0: off; more than the vocabulary keeps every token)'),
+    'top_p': (lambda v: 0 <= v <= 1, 'must be in [0, 1] (0: off)'),
+    'iter_left': (_at_least(0), 'must be >= 0 (implicit iterations at the first scale)'),
+    'iter_right': (_at_least(0), 'must be >= 0 (implicit iterations at the last scale)'),
+    'iter_tol': (_finite_at_least(0), 'must be >= 0 (relative residual that stops the iterations of a scale)'),
+    'num_classes': (_at_least(1), 'must be >= 1'),
+    'per_class': (_at_least(1), 'must be >= 1'),
+    'batch_size': (_at_least(1), 'must be >= 1'),
+    'nrow': (_at_least(1), 'must be >= 1 (images per grid row)'),
+    'class_label': (_at_least(0), 'must be >= 0 (class indices)'),
+    'seed': (lambda v: SEED_MIN <= v <= SEED_MAX, 'must be in [-2**63, 2**64 - 1]'),
+    'seeds': (lambda v: SEED_MIN <= v <= SEED_MAX, 'must be in [-2**63, 2**64 - 1]'),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Tests every flag of ``args`` that ``FLAG_RULES`` knows; raises one ``SamplingError`` naming each bad flag.
+    Reads nothing and writes nothing: call it first, before models load or folders are made."""
+    bad = []
+    for flag, (ok, rule) in FLAG_RULES.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        wrong = [v for v in values if not ok(v)]
+        if wrong:
+            bad.append(f'--{flag} {" ".join(map(str, wrong))} {rule}')
+    if bad:
+        raise SamplingError('; '.join(bad))
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """An output folder that exists as something else (a file) is refused before anything is computed."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SamplingError(f'{flag} {path!r} is a file, not a folder: pass another {flag}')
+
+
+# ================================ device, precision, models ===========================================================
+def setup_backends(tf32: bool) -> None:
+    """The official flags: TF32 on, deterministic cuDNN without autotuning."""
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of ``--dtype``, or None for plain fp32 ('auto': fp16 on CUDA as the official scripts, else fp32)."""
+    if name == 'auto':
+        name = 'fp16' if device.type == 'cuda' else 'fp32'
+    return {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[name]
+
+
+def dtype_name(amp_dtype: torch.dtype | None) -> str:
+    return {None: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[amp_dtype]
+
+
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
+    """Joins the torchrun group (if launched by it), sets the backend flags of ``--tf32`` and returns (this rank's
+    device, autocast dtype of ``--dtype``).  Call ``utils.dist.destroy()`` when done."""
+    device = dist.init_distributed(args.device)
+    setup_backends(args.tf32)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
+    """(tokenizer, transformer) of ``args.vae_ckpt`` and ``var_ckpt``: missing published checkpoints at their default
+    place are downloaded (a mistyped path of either fails before any download starts), the architecture is read from
+    the file and checked against ``--depth / --use_implicit / --pre_depth / --post_depth``."""
+    for download in (False, True):
+        ensure_checkpoint(var_ckpt, 'model checkpoint', download=download)
+        ensure_checkpoint(args.vae_ckpt, 'tokenizer checkpoint', download=download)
+    expect = {'depth': args.depth, 'use_implicit': bool(args.use_implicit),
+              'pre_depth': args.pre_depth, 'post_depth': args.post_depth}
+    flags = {k: f'--{k}' for k in expect}
+    return load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=expect, flags=flags)
+
+
+FINGERPRINT_CHUNK = 8 << 20
+
+
+def weights_fingerprint(path: str) -> str:
+    """What identifies the contents of a checkpoint file, cheaply even for 9 GB: the hex sha256 of its size (decimal,
+    then a newline), its first 8 MiB and its last 8 MiB.  A torch zip archive ends with its directory, which holds
+    the CRC-32 of every tensor record, so weights trained further give another fingerprint; the same bytes under
+    another path or name give the same one."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f'{size}\n'.encode())
+    with open(path, 'rb') as f:
+        digest.update(f.read(FINGERPRINT_CHUNK))
+        if size > FINGERPRINT_CHUNK:
+            f.seek(max(FINGERPRINT_CHUNK, size - FINGERPRINT_CHUNK))
+            digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+# ================================ sampling ============================================================================
+def effective_top_k(top_k: int, V: int) -> int:
+    """top-k larger than the vocabulary keeps every token (the official code would crash in ``topk``)."""
+    return min(top_k, V) if top_k > 0 else top_k
+
+
+def sampler_kwargs(args: argparse.Namespace, var=None) -> dict[str, Any]:
+    """The keyword arguments of ``autoregressive_infer_cfg`` that the flags of ``args`` give (``SAMPLER_FLAGS``;
+    absent and None flags left out).  With the model, ``top_k`` is clamped to its vocabulary (what it samples with,
+    and what ``sampling.py`` records)."""
+    kw = {name: getattr(args, flag) for flag, name in SAMPLER_FLAGS.items() if getattr(args, flag, None) is not None}
+    if 'more_smooth' in kw:
+        kw['more_smooth'] = bool(kw['more_smooth'])
+    if var is not None and 'top_k' in kw:
+        kw['top_k'] = effective_top_k(kw['top_k'], var.V)
+    return kw
+
+
+@torch.inference_mode()
+def sample_batch(var, label_B: torch.Tensor, g_seed: int, kw: dict[str, Any],
+                 amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One ``autoregressive_infer_cfg(B=len(label_B), label_B, g_seed, **kw)`` call under the chosen autocast;
+    images (B, 3, H, W) in [0, 1] in the dtype the model returns (fp16 under fp16 autocast, as the official code)."""
+    dev = label_B.device
+    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return var.autoregressive_infer_cfg(B=label_B.numel(), label_B=label_B, g_seed=g_seed, **kw)
+
+
+def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 exactly as the official scripts convert: ``x * 255`` in the image's own dtype, then
+    truncation toward zero by ``astype(np.uint8)`` (no rounding)."""
+    x_BHW3 = img_B3HW.permute(0, 2, 3, 1).mul(255)
+    if x_BHW3.dtype == torch.bfloat16:      # numpy has no bfloat16; bf16 -> fp32 is exact
+        x_BHW3 = x_BHW3.float()
+    return x_BHW3.cpu().numpy().astype(np.uint8)
