@@ -242,6 +242,22 @@ def test_implicit_flexvar_trains_with_iters_and_a_drawn_schedule():
     assert not torch.allclose(a, b)
 
 
+def test_implicit_flexvar_checkpoint_round_trip(tmp_path):
+    vae, var = tiny(True)
+    torch.save({'model': vae.state_dict()}, tmp_path / 'FlexVAE.pth')
+    torch.save(var.state_dict(), tmp_path / 'flex_implicit.pth')
+    vae2, var2 = load_vae_var(str(tmp_path / 'FlexVAE.pth'), str(tmp_path / 'flex_implicit.pth'),
+                              expect={'flex': True, 'use_implicit': True, 'depth': 2})
+    assert isinstance(var2, FlexVAR) and var2.describe() == 'FlexVIAR-d2 (1 pre + 1 implicit + 1 post blocks)'
+    assert (vae2.ch, vae2.z_channels) == (TINY['ch'], TINY['z_channels'])
+    var2.cond_drop_rate = 0.0
+    schedule = (1, 2, 4)
+    x_BLCv = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(torch.rand(1, 3, 64, 64) * 2 - 1, schedule))
+    with torch.no_grad():
+        assert torch.equal(var(torch.tensor([1]), x_BLCv, schedule, iters=(1, 2)),
+                           var2(torch.tensor([1]), x_BLCv, schedule, iters=(1, 2)))
+
+
 def test_editing_keeps_the_input_tokens_where_the_mask_says():
     vae, var = tiny(False)
     schedule = (1, 2, 4)
