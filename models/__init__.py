@@ -1,6 +1,7 @@
-"""Models: the multi-scale VQVAE tokenizer and the VAR / VIAR transformers.
+"""Models: the multi-scale VQVAE tokenizer and the VAR / VIAR transformers; FlexVAR's tokenizer and transformer.
 
-``build_vae_var`` keeps the official signature and defaults.  ``device='meta'`` builds both models without
+``build_vae_var`` keeps the official signature and defaults; ``build_flexvar`` builds FlexVAR (``FlexVAE.pth`` +
+``FlexVARd{16,20,24}``), with an explicit or an implicit backbone.  ``device='meta'`` builds the models without
 allocating or initialising any weight (a 2B-parameter checkpoint then loads with ``load_state_dict(...,
 assign=True)``, see ``models.checkpoint``).
 """
@@ -8,14 +9,31 @@ from typing import Tuple
 
 import torch
 
+from .flexvae import FLEX_PATCH_NUMS, FlexVAE
+from .flexvar import FlexVAR, flex_train_schedule
 from .quant import VectorQuantizer2
 from .var import VAR, get_edit_mask, iterations_per_scale
 from .vqvae import VQVAE
 
-__all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale']
+__all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale',
+           'FlexVAE', 'FlexVAR', 'build_flexvar', 'flex_train_schedule']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def _build_transformer(cls, vae_local, depth: int, device, init_kw: dict, **model_kw) -> VAR:
+    """``cls`` (VAR or a scale paradigm deriving from it) of width 64*depth, depth heads, drop-path 0.1*depth/24, built
+    on ``meta``; on a real device materialised and given the fresh-training initialisation."""
+    heads, width, dpr = depth, depth * 64, 0.1 * depth / 24
+    with torch.device('meta'):
+        var = cls(vae_local=vae_local, depth=depth, embed_dim=width, num_heads=heads, drop_rate=0.0, attn_drop_rate=0.0,
+                  drop_path_rate=dpr, norm_eps=1e-6, cond_drop_rate=0.1, **model_kw)
+    if torch.device(device).type != 'meta':
+        var.to_empty(device=device)
+        with torch.no_grad():
+            var.init_weights(**init_kw)
+    return var
 
 
 def build_var(
@@ -26,19 +44,11 @@ def build_var(
     """The transformer on top of ``vae_local`` (held by reference): width 64*depth, depth heads, drop-path
     0.1*depth/24.  Built on ``meta`` (nothing allocated: load a state dict with ``assign=True``); on a real device it
     gets the fresh-training initialisation (``init_weights``)."""
-    heads, width, dpr = depth, depth * 64, 0.1 * depth / 24
-    with torch.device('meta'):
-        var = VAR(vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=heads,
-                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=dpr, norm_eps=1e-6, shared_aln=shared_aln,
-                  cond_drop_rate=0.1, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-                  flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth,
-                  post_depth=post_depth)
-    if torch.device(device).type != 'meta':
-        var.to_empty(device=device)
-        with torch.no_grad():
-            var.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
-                             init_std=init_std)
-    return var
+    return _build_transformer(
+        VAR, vae_local, depth, device,
+        dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
+        num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
+        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth)
 
 
 def build_vae_var(
@@ -73,3 +83,34 @@ def build_vae_var(
                            init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
                            init_std=init_std)
     return vae_local, var_wo_ddp
+
+
+def build_flexvar(
+    V=8912, Cvae=32, depth=16, num_classes=1000, device='cpu', patch_nums=FLEX_PATCH_NUMS,
+    # tokenizer (FlexVAE.pth: LlamaGen VQ-16)
+    ch=128, z_channels=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+    # transformer
+    shared_aln=False, attn_l2_norm=True, flash_if_available=True, fused_if_available=True, pos_grid=32,
+    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
+    # implicit backbone
+    use_implicit=False, pre_depth=5, post_depth=5,
+) -> Tuple[FlexVAE, FlexVAR]:
+    """(tokenizer, transformer) of FlexVAR with the published layouts (``FlexVAE.pth:model``, ``FlexVARd{depth}``);
+    ``use_implicit=True`` swaps the ``depth`` blocks for VIAR's pre / implicit / post blocks (any schedule, and the
+    per-scale iteration knob).  ``patch_nums``: the default schedule (the size of the stored mask buffer; every call
+    may use another).  ``fused_if_available`` is accepted and unused.  Initialisation as ``build_vae_var``
+    (tokenizer: PyTorch's default and a normalised uniform codebook); nothing is allocated with ``device='meta'``."""
+    with torch.device('meta'):
+        vae = FlexVAE(vocab_size=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult,
+                      num_res_blocks=num_res_blocks, v_patch_nums=patch_nums)
+    if torch.device(device).type != 'meta':
+        vae.to_empty(device=device)
+        with torch.no_grad():
+            vae.init_weights()
+    var = _build_transformer(
+        FlexVAR, vae, depth, device,
+        dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
+        num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
+        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth,
+        pos_grid=pos_grid)
+    return vae, var

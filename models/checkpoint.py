@@ -3,26 +3,31 @@
 * Files are read with ``torch.load(..., weights_only=True)``: a checkpoint from the internet cannot run code.
 * A file may be a bare state dict (the published ``var_d30.pth``, ``viar.pth``, ``vae_ch160v4096z32.pth``) or a
   training checkpoint ``{'trainer': {'var_wo_ddp': ...}, ...}``.
-* The architecture (VAR or VIAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer V, Cvae,
-  ch) is read from the state dict itself.  Where the caller also states it (``--depth 16`` for ``viar.pth``), a
+* The architecture (VAR, VIAR or FlexVAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer
+  kind, V, Cvae, ch, z_channels) is read from the state dict itself: FlexVAR's transformer has a 4-D position grid
+  ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
+  ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for ``viar.pth``), a
   contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag to fix.
 * Models are built on the ``meta`` device and the weights assigned, so a 2B-parameter checkpoint is never
   initialised first (nor held twice in memory).
 """
 import os
 import pickle
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from utils.errors import UserError
 
-from . import PATCH_NUMS_256, PATCH_NUMS_512, build_var
+from . import PATCH_NUMS_256, PATCH_NUMS_512, _build_transformer, build_var
+from .flexvae import FLEX_PATCH_NUMS, FlexVAE
+from .flexvar import FlexVAR
 from .var import VAR
 from .vqvae import VQVAE
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
-           'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var']
+           'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var', 'is_flexvar_state',
+           'is_flexvae_state']
 
 
 class CheckpointError(UserError):
@@ -74,9 +79,12 @@ def _not_a_checkpoint(what: str, path: str) -> CheckpointError:
 
 
 def model_state_dict(obj: Any, path: str, key: str = 'var_wo_ddp') -> Dict[str, torch.Tensor]:
-    """The model state dict in a bare state dict or in a training checkpoint ``{'trainer': {key: ...}}``."""
+    """The model state dict in a bare state dict, in a training checkpoint ``{'trainer': {key: ...}}`` or in a
+    LlamaGen-style file ``{'model': ...}`` (``FlexVAE.pth``)."""
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and key in obj['trainer']:
         obj = obj['trainer'][key]
+    elif isinstance(obj, dict) and isinstance(obj.get('model'), dict):
+        obj = obj['model']
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f'{path!r} is a PyTorch file but not a model state dict nor a training checkpoint '
                               f"with ['trainer']['{key}']")
@@ -100,14 +108,27 @@ def _patch_nums_for(sd: Dict[str, torch.Tensor], path: str) -> Tuple[int, ...]:
                           f'build it with build_vae_var(patch_nums=...) yourself')
 
 
+def is_flexvar_state(sd: Dict[str, torch.Tensor]) -> bool:
+    """FlexVAR's transformer: a 4-D position grid ``pos_1LC`` (1, C, 32, 32) and no level embedding."""
+    pos = sd.get('pos_1LC')
+    return isinstance(pos, torch.Tensor) and pos.dim() == 4 and 'lvl_embed.weight' not in sd
+
+
+def is_flexvae_state(sd: Dict[str, torch.Tensor]) -> bool:
+    """FlexVAR's tokenizer (LlamaGen VQ-16 layout)."""
+    return 'quantize.codebook_used' in sd or any(k.startswith('encoder.conv_blocks.') for k in sd)
+
+
 def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> Dict[str, Any]:
-    """Architecture of a VAR / VIAR state dict, as keyword arguments of ``build_vae_var``."""
-    need = ('class_emb.weight', 'pos_1LC', 'lvl_embed.weight', 'word_embed.weight', 'head.weight')
+    """Architecture of a VAR / VIAR state dict, as keyword arguments of ``build_vae_var``; of a FlexVAR one (explicit
+    or implicit backbone), keyword arguments of ``build_flexvar`` plus ``flex=True``."""
+    flex = is_flexvar_state(sd)
+    need = ('class_emb.weight', 'pos_1LC', 'word_embed.weight', 'head.weight') + (() if flex else ('lvl_embed.weight',))
     if not all(k in sd for k in need):
         if 'quantize.embedding.weight' in sd:
             raise CheckpointError(f'{path!r} is a tokenizer (VQVAE) checkpoint, not a VAR/VIAR one: '
                                   f'pass it as --vae_ckpt and the transformer checkpoint as the model')
-        raise CheckpointError(f'{path!r} is not a VAR/VIAR checkpoint (missing {[k for k in need if k not in sd]})')
+        raise CheckpointError(f'{path!r} is not a VAR/VIAR/FlexVAR checkpoint (missing {[k for k in need if k not in sd]})')
     C = sd['class_emb.weight'].shape[1]
     use_implicit = 'implicit_block.attn.mat_qkv.weight' in sd
 
@@ -115,7 +136,7 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
         return len({k.split('.')[1] for k in sd if k.startswith(prefix + '.')})
     cfg = dict(
         depth=C // 64, num_classes=sd['class_emb.weight'].shape[0] - 1,
-        patch_nums=_patch_nums_for(sd, path),
+        patch_nums=FLEX_PATCH_NUMS if flex else _patch_nums_for(sd, path),
         shared_aln='shared_ada_lin.1.weight' in sd,
         attn_l2_norm=any(k.endswith('attn.scale_mul_1H11') for k in sd),
         use_implicit=use_implicit,
@@ -123,6 +144,8 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
         post_depth=count('post_blocks') if use_implicit else 0,
         V=sd['head.weight'].shape[0], Cvae=sd['word_embed.weight'].shape[1],
     )
+    if flex:
+        cfg.update(flex=True, pos_grid=sd['pos_1LC'].shape[-1])
     if C % 64:
         raise CheckpointError(f'{path!r} has width {C}, not a multiple of 64 (width = 64 x depth)')
     if not use_implicit and count('blocks') != cfg['depth']:
@@ -131,6 +154,11 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
 
 
 def describe_var_config(cfg: Dict[str, Any]) -> str:
+    if cfg.get('flex'):
+        if cfg['use_implicit']:
+            return (f"an implicit FlexVAR model (depth {cfg['depth']}: {cfg['pre_depth']} pre + 1 implicit + "
+                    f"{cfg['post_depth']} post blocks)")
+        return f"a FlexVAR model (depth {cfg['depth']}{', shared AdaLN' if cfg['shared_aln'] else ''})"
     if cfg['use_implicit']:
         return (f"a VIAR model (depth {cfg['depth']}: {cfg['pre_depth']} pre + 1 implicit + {cfg['post_depth']} post "
                 f"blocks)")
@@ -141,7 +169,10 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The VQVAE constructor arguments of a tokenizer state dict: vocabulary, code width, base width, shared phi
     convs, and the conv net's shape (levels and width multipliers, residual blocks per level, attention), all read
-    from the keys.  ``extra`` holds what keys cannot tell (``norm_groups``; 32 when absent, as published)."""
+    from the keys.  ``extra`` holds what keys cannot tell (``norm_groups``; 32 when absent, as published).
+    FlexVAR's tokenizer: ``FlexVAE`` arguments plus ``flex=True``."""
+    if is_flexvae_state(sd):
+        return _infer_flexvae_config(sd, path)
     if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
         if 'class_emb.weight' in sd:
             raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
@@ -162,6 +193,22 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
                using_mid_sa=any(k.startswith('decoder.mid.attn_1.') for k in sd), norm_groups=32)
     cfg.update({k: v for k, v in (extra or {}).items() if k == 'norm_groups'})
     return cfg
+
+
+def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, Any]:
+    """V, Cvae, base width ``ch``, ``z_channels`` and the conv net's shape of a FlexVAE (LlamaGen VQ-16) state dict."""
+    try:
+        V, Cvae = sd['quantize.embedding.weight'].shape
+        ch = sd['encoder.conv_in.weight'].shape[0]
+        levels = sorted({int(k.split('.')[2]) for k in sd if k.startswith('encoder.conv_blocks.')})
+        ch_mult = tuple(sd[f'encoder.conv_blocks.{i}.res.0.conv1.weight'].shape[0] // ch for i in levels)
+        blocks = {k.split('.')[4] for k in sd if k.startswith('encoder.conv_blocks.0.res.')}
+        z_channels = sd['quant_conv.weight'].shape[1]
+    except (KeyError, IndexError, ValueError):
+        raise CheckpointError(f'{path!r} is not a complete FlexVAR tokenizer (FlexVAE) checkpoint: '
+                              f'the encoder, quant_conv or codebook is missing') from None
+    return dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
+                norm_groups=32)
 
 
 def _tokenizer_config(vae_ckpt: str, hint: str = ''):
@@ -186,8 +233,14 @@ def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
 
 
 def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str, flags: Dict[str, str]):
-    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint."""
+    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint.  ``flex``: whether
+    a FlexVAR model was asked for (VAR/VIAR configs have no such key: False)."""
     for key, want in (expect or {}).items():
+        if key == 'flex' and want is not None and bool(cfg.get('flex')) != bool(want):
+            flag = flags.get(key, '--flex')
+            asked = f'FlexVAR ({flag})' if want else f'VAR/VIAR (no {flag})'
+            raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)}, but {asked} was asked for: '
+                                  f'{"add" if cfg.get("flex") else "drop"} {flag}, or pass the matching checkpoint')
         if want is None or key not in cfg or cfg[key] == want:
             continue
         if key in ('pre_depth', 'post_depth') and not cfg['use_implicit']:
@@ -195,7 +248,10 @@ def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path:
         flag = flags.get(key, f'--{key}')
         if key == 'use_implicit':
             fix = f'drop {flag}' if not cfg['use_implicit'] else f'add {flag}'
-            asked = 'VIAR (--use_implicit)' if want else 'VAR (no --use_implicit)'
+            if cfg.get('flex'):
+                asked = f'an implicit FlexVAR ({flag})' if want else f'an explicit FlexVAR (no {flag})'
+            else:
+                asked = 'VIAR (--use_implicit)' if want else 'VAR (no --use_implicit)'
             raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)}, but {asked} was asked for: {fix}, '
                                   f'or pass the matching checkpoint')
         raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)} with {key}={cfg[key]}, but {flag} {want} '
@@ -207,10 +263,17 @@ def _float32(sd):
     return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in sd.items()}
 
 
-def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str = '') -> VQVAE:
-    """The tokenizer of ``vae_ckpt`` (bare state dict or a training checkpoint with ['trainer']['vae_wo_ddp']),
-    in eval mode without gradients."""
+def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str = '') -> Union[VQVAE, FlexVAE]:
+    """The tokenizer of ``vae_ckpt`` (bare state dict, ``{'model': ...}`` or a training checkpoint with
+    ['trainer']['vae_wo_ddp']), in eval mode without gradients: VAR's VQVAE or FlexVAR's FlexVAE, from its keys."""
     sd, cfg = _tokenizer_config(vae_ckpt, hint)
+    if cfg.get('flex'):
+        with torch.device('meta'):
+            vae = FlexVAE(vocab_size=cfg['V'], Cvae=cfg['Cvae'], ch=cfg['ch'], z_channels=cfg['z_channels'],
+                          ch_mult=cfg['ch_mult'], num_res_blocks=cfg['num_res_blocks'], norm_groups=cfg['norm_groups'],
+                          v_patch_nums=patch_nums)
+        return _load_strict(vae, sd, device, f'tokenizer checkpoint {vae_ckpt!r} does not fit the FlexVAE '
+                                             'architecture ({err})')
     with torch.device('meta'):
         vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
                     share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums, ch_mult=cfg['ch_mult'],
@@ -230,18 +293,31 @@ def _load_strict(model: torch.nn.Module, sd, device, message: str):
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str, Any]] = None,
+def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Optional[Dict[str, Any]] = None,
              flags: Optional[Dict[str, str]] = None, hint: str = '', state_dict=None) -> VAR:
-    """The VAR/VIAR model of ``var_ckpt`` on top of ``vae`` (eval mode, no gradients).
+    """The VAR/VIAR/FlexVAR model of ``var_ckpt`` on top of ``vae`` (eval mode, no gradients).
 
     ``expect``: architecture the caller states, e.g. ``{'depth': 30, 'use_implicit': True}`` (None = not stated);
     ``flags``: the command-line flag of each key, for the message (default ``--key``)."""
     sd = state_dict if state_dict is not None else model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', hint), var_ckpt)
     cfg = infer_var_config(sd, var_ckpt)
     _check_expected(cfg, expect, var_ckpt, flags or {})
+    flex = bool(cfg.get('flex'))
+    if flex != isinstance(vae, FlexVAE):
+        need, given = ("FlexVAR's tokenizer (FlexVAE.pth)", "VAR's multi-scale VQVAE") if flex else \
+            ("VAR's multi-scale VQVAE (vae_ch160v4096z32.pth)", "FlexVAR's FlexVAE")
+        raise CheckpointError(f'{var_ckpt!r} holds {describe_var_config(cfg)}, which needs {need}, but the tokenizer '
+                              f'given is {given}: pass the matching --vae_ckpt')
     if (cfg['V'], cfg['Cvae']) != (vae.vocab_size, vae.Cvae):
         raise CheckpointError(f'{var_ckpt!r} was trained on a tokenizer with V={cfg["V"]}, Cvae={cfg["Cvae"]}, but the '
                               f'tokenizer given has V={vae.vocab_size}, Cvae={vae.Cvae}: pass the matching --vae_ckpt')
+    if flex:
+        var = _build_transformer(
+            FlexVAR, vae, cfg['depth'], 'meta', {}, num_classes=cfg['num_classes'], patch_nums=cfg['patch_nums'],
+            shared_aln=cfg['shared_aln'], attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
+            pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5, pos_grid=cfg['pos_grid'])
+        return _load_strict(var, sd, device, f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); '
+                                             'is the file complete?')
     if tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
         raise CheckpointError(f'{var_ckpt!r} uses scales {cfg["patch_nums"]}, the tokenizer was built for '
                               f'{vae.quantize.v_patch_nums}: load the tokenizer with patch_nums={cfg["patch_nums"]}')
@@ -253,8 +329,10 @@ def load_var(var_ckpt: str, vae: VQVAE, device='cpu', expect: Optional[Dict[str,
 
 
 def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Dict[str, Any]] = None,
-                 flags: Optional[Dict[str, str]] = None, vae_hint: str = '', var_hint: str = '') -> Tuple[VQVAE, VAR]:
-    """Tokenizer and transformer from their checkpoints, architecture read from the files (see module doc)."""
+                 flags: Optional[Dict[str, str]] = None, vae_hint: str = '',
+                 var_hint: str = '') -> Tuple[Union[VQVAE, FlexVAE], VAR]:
+    """Tokenizer and transformer from their checkpoints, architecture read from the files (see module doc): VAR's
+    VQVAE with a VAR/VIAR model, or FlexVAR's FlexVAE with a FlexVAR model (explicit or implicit backbone)."""
     sd = model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', var_hint), var_ckpt)
     cfg = infer_var_config(sd, var_ckpt)
     _check_expected(cfg, expect, var_ckpt, flags or {})
