@@ -150,6 +150,10 @@ class FlexVAR(VAR):
     def top_k_at(self, si: int, pn: int, top_k: int, max_pn: int = 16, **kw) -> int:
         return 1 if pn > max_pn or pn not in FLEX_TOPK_SIDES else top_k
 
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: Optional[torch.Tensor]) -> torch.Tensor:
+        """The official FlexVAR head runs in the autocast dtype (VAR's forces fp32): same logits under autocast."""
+        return self.head(self.head_nm(h_BLC, cond_BD))
+
     # ---- checkpoints: the stored mask is the one of whatever schedule ran last; rebuilt, as the official loader does ---
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
