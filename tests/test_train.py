@@ -194,8 +194,8 @@ def ddp_run(request, toy, tmp_path_factory):
 
 
 def test_ddp_two_ranks_train_and_write_every_output(ddp_run):
-    import train
     from models import build_vae_var
+    from utils.training import param_fingerprint
     r, out = ddp_run['proc'], ddp_run['out']
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'Traceback' not in r.stderr
@@ -225,10 +225,10 @@ def test_ddp_two_ranks_train_and_write_every_output(ddp_run):
     viar = ddp_run['kind'] == 'VIAR'
     _, var = build_vae_var(device='cpu', patch_nums=PN, V=V, Cvae=CVAE, ch=CH, num_classes=3, depth=2,
                            use_implicit=viar, pre_depth=1, post_depth=1)
-    fresh = train.param_fingerprint(var)
+    fresh = param_fingerprint(var)
     var.load_state_dict(ckpt['trainer']['var_wo_ddp'], strict=True)
     # (float64 sums: equal up to the summation order of another thread count)
-    assert torch.allclose(train.param_fingerprint(var), fps[0], rtol=1e-10, atol=1e-13)
+    assert torch.allclose(param_fingerprint(var), fps[0], rtol=1e-10, atol=1e-13)
     assert not torch.allclose(fresh, fps[0], rtol=1e-3)
     if viar:    # a non-finite step under DDP is skipped on both ranks, logged, and training goes on
         assert 'non-finite loss or gradient' in r.stdout and log_lines(out)[1]['skipped'] == 1
