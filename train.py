@@ -49,8 +49,8 @@ EPOCH_SUMS = ('L_mean', 'L_tail', 'acc_mean', 'acc_tail', 'iters', 'skipped', 'g
 
 
 class Stats(NamedTuple):
-    """One iteration's metrics (averaged over ranks when read)."""
-    loss: float
+    """One iteration's metrics (averaged over ranks when read; the TensorBoard tags AR_iter_loss/<name>)."""
+    train_loss: float
     L_mean: float
     L_tail: float
     acc_mean: float
@@ -181,28 +181,22 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
         init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
         use_implicit=args.use_implicit, pre_depth=args.p_depth, post_depth=args.p_depth).train()
     var_wo_ddp.set_grad_checkpointing(args.grad_ckpt)
-    if ckpt:
-        try:
-            var_wo_ddp.load_state_dict(ckpt['trainer']['var_wo_ddp'], strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f'{last_path!r} does not fit the model of this command ({str(e).splitlines()[0]}); '
-                                  f'pass another --local_out_dir_path to start a new run') from None
-    n_params = sum(p.numel() for p in var_wo_ddp.parameters())
-    run.log.info(f'[model] {var_wo_ddp.extra_repr()}: {n_params / 1e6:.2f}M parameters{", activation checkpointing" if args.grad_ckpt else ""}; '
-                 f'tokenizer V={vae.vocab_size} Cvae={vae.Cvae} from {args.vae_ckpt}')
-    _, groups = param_groups(var_wo_ddp)
-    opt = torch.optim.AdamW(groups, lr=args.tlr, weight_decay=0, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(param_groups(var_wo_ddp)[1], lr=args.tlr, weight_decay=0, betas=(0.9, 0.95),
                             fused=True if dev.type == 'cuda' else None)
     scaler = (torch.amp.GradScaler('cuda', init_scale=2. ** 11, growth_interval=1000)
               if run.amp_dtype is torch.float16 else None)
     if ckpt:
         try:
+            var_wo_ddp.load_state_dict(ckpt['trainer']['var_wo_ddp'], strict=True)
             opt.load_state_dict(ckpt['trainer']['var_opt']['optimizer'])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f'the optimizer state in {last_path!r} does not fit this model ({e}); pass another '
-                                  f'--local_out_dir_path to start a new run') from None
-        if scaler is not None and ckpt['trainer']['var_opt'].get('scaler'):
-            scaler.load_state_dict(ckpt['trainer']['var_opt']['scaler'])
+            if scaler is not None and ckpt['trainer']['var_opt'].get('scaler'):
+                scaler.load_state_dict(ckpt['trainer']['var_opt']['scaler'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f'{last_path!r} does not fit the model of this command ({str(e).splitlines()[0]}); '
+                                  f'pass another --local_out_dir_path to start a new run') from None
+    run.log.info(f'[model] {var_wo_ddp.extra_repr()}: {sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6:.2f}M '
+                 f'parameters{", activation checkpointing" if args.grad_ckpt else ""}; tokenizer V={vae.vocab_size} '
+                 f'Cvae={vae.Cvae} from {args.vae_ckpt}')
     return Trainer(vae=vae, var_wo_ddp=var_wo_ddp, var=training.wrap_ddp(var_wo_ddp, dev), opt=opt, scaler=scaler,
                    vae_id=vae_id, ep_sums=Sums(EPOCH_SUMS, dev))
 
@@ -226,15 +220,9 @@ def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
     t.last_save_g_it = start_ep * t.iters_train + start_it
     t.best_val_tail = float(res.get('best_val_tail', t.best_val_tail))
     t.nonfinite_in_a_row = int(res.get('nonfinite_in_a_row', 0))
-    rngs, rank_sums = res.get('rng'), res.get('rank_ep_sums')
-    if start_it:
-        exact = rank_sums is not None and rank_sums.shape[0] == world_size
-        t.ep_sums.load(rank_sums[rank] if exact else res.get('ep_sums', torch.zeros(len(EPOCH_SUMS))))
-    if rngs is not None and len(rngs) == world_size:
-        training.set_rng_state(rngs[rank], run.dev)
-    else:
-        run.log.info(f'[resume] the checkpoint was written by {len(rngs or [])} processes, this run has {world_size}: '
-                     f'random streams are re-seeded (an approximate, not an exact, resume)')
+    if not training.restore_rank_states(run, res, t.ep_sums, mid_epoch=start_it > 0):
+        run.log.info(f'[resume] the checkpoint was written by {res.get("world_size", "?")} processes, this run has '
+                     f'{world_size}: random streams are re-seeded (an approximate, not an exact, resume)')
         training.seed_everything(args.seed, rank, world_size, offset=start_ep * t.iters_train + start_it)
     if 'iters_rng' in res:
         t.iters_rng.setstate(training.tensors_to_random(res['iters_rng'], res['iters_rng_gauss']))
@@ -253,8 +241,7 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
     fps = training.gather_tensor(training.param_fingerprint(t.var_wo_ddp))
     if dist.is_master() and not all(torch.equal(fps[0], f) for f in fps[1:]):
         run.log.warning('[save] WARNING: the parameters differ between ranks (DDP out of sync)')
-    rngs = training.gather_object(training.rng_state(run.dev))
-    rank_sums = training.gather_tensor(t.ep_sums.t)
+    ranks = training.rank_states(run, t.ep_sums)
     py_t, py_g = training.random_to_tensors(t.iters_rng.getstate())
     if dist.get_local_rank() == 0:
         state = {
@@ -264,17 +251,15 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
                 'var_opt': {'optimizer': t.opt.state_dict(), 'scaler': t.scaler.state_dict() if t.scaler else {},
                             'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
                 'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
-                           'use_implicit': bool(args.use_implicit),
-                           'pre_depth': args.p_depth if args.use_implicit else 0,
-                           'post_depth': args.p_depth if args.use_implicit else 0,
-                           'depth': args.depth, 'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id},
+                           'use_implicit': bool(args.use_implicit), 'depth': args.depth, 'num_classes': args.num_classes,
+                           **dict.fromkeys(('pre_depth', 'post_depth'), args.p_depth if args.use_implicit else 0),
+                           'vae_fingerprint': t.vae_id},
             },
             'args': args_to_dict(args),
-            'resume': {'g_it': g_it, 'rng': rngs, 'iters_rng': py_t, 'iters_rng_gauss': py_g,
-                       'world_size': dist.get_world_size(), 'glb_batch_size': args.glb_batch_size,
-                       'iters_train': t.iters_train, 'best_val_tail': t.best_val_tail,
-                       'nonfinite_in_a_row': t.nonfinite_in_a_row, 'ep_sums': rank_sums.mean(0),
-                       'rank_ep_sums': rank_sums, 'rank_fingerprints': fps},
+            'resume': {'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),
+                       'glb_batch_size': args.glb_batch_size, 'iters_train': t.iters_train,
+                       'best_val_tail': t.best_val_tail, 'nonfinite_in_a_row': t.nonfinite_in_a_row,
+                       'rank_fingerprints': fps, **ranks},
         }
         training.write_checkpoint(state, last_path, run.path('ar-ckpt-best.pth') if improved else None)
         del state
@@ -334,15 +319,8 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
     while it < iters:
         # ---- step boundary: the batches of the next step are read; every rank takes the same branch ----
         window = batches.take(min(args.ac - it % args.ac, iters - it))
-        stop, bad_data = training.agree(run.dev, run.stop.signame, batches.error)
-        if bad_data:
-            save_checkpoint(run, t, ep, it)
-            errors = [e for e in training.gather_object(batches.error) if e]
-            raise DataError(f'{errors[0]} [checkpoint saved in epoch {ep + 1} before iteration {it + 1}; '
-                            f'--check_data lists every unreadable image, --skip_bad_images replaces them]')
-        if stop:
-            save_checkpoint(run, t, ep, it)
-            raise run.stopped(f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("ar-ckpt-last.pth")})')
+        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+                               f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("ar-ckpt-last.pth")})')
         if it > first_it and args.ckpt_every_iters and ep * iters + it - t.last_save_g_it >= args.ckpt_every_iters:
             save_checkpoint(run, t, ep, it)
 
@@ -372,16 +350,14 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
 def count_step(run: Run, t: Trainer, ep: int, it: int, grad_norm: Optional[float], window_sums, n: int, metrics):
     """Epoch sums of a step; a non-finite step (skipped by every rank alike) is counted and, ``--max_nonfinite`` in
     a row, ends the run."""
-    if grad_norm is not None:
-        t.nonfinite_in_a_row = 0
-        t.ep_sums.add('L_mean', window_sums)
-        t.ep_sums.add('iters', n)
-        t.ep_sums.add('grad_norm', grad_norm)
-        t.ep_sums.add('steps', 1)
-        return
     args = run.args
+    if grad_norm is not None:
+        t.ep_sums.add('L_mean', window_sums)
+        t.ep_sums.inc(iters=n, grad_norm=grad_norm, steps=1)
+        t.nonfinite_in_a_row = 0
+        return
+    t.ep_sums.inc(skipped=n)
     t.nonfinite_in_a_row += 1
-    t.ep_sums.add('skipped', n)
     run.log.info(f'[ep {ep + 1}/{args.ep} it {it + 1}/{t.iters_train}] non-finite loss or gradient (loss='
                  f'{metrics[0].item()}): step skipped ({t.nonfinite_in_a_row} in a row)')
     if run.tb is not None:
@@ -396,19 +372,18 @@ def count_step(run: Run, t: Trainer, ep: int, it: int, grad_norm: Optional[float
 
 def log_iteration(run: Run, t: Trainer, ep: int, it: int, g_it: int, values: List[float], lr: float, wd: float,
                   grad_norm: Optional[float], n_iters, pace: Pace):
-    args, s = run.args, Stats(*values[:5])
+    """One line on the console, the iteration's scalars in TensorBoard."""
+    args, s, K = run.args, Stats(*values[:5]), len(run.args.patch_nums)
     img_per_s = args.glb_batch_size / max(pace.dt, 1e-9)
     if run.tb is not None:
-        K = len(args.patch_nums)
-        run.tb.scalars(g_it, {'AR_iter_loss/train_loss': s.loss, 'AR_iter_loss/L_mean': s.L_mean,
-                              'AR_iter_loss/L_tail': s.L_tail, 'AR_iter_loss/acc_mean': s.acc_mean,
-                              'AR_iter_loss/acc_tail': s.acc_tail, 'AR_opt_lr/lr': lr, 'AR_opt_wd/wd': wd,
-                              'AR_opt_grad/grad_norm': grad_norm, 'AR_speed/img_per_s': img_per_s,
-                              'AR_opt_grad/scale_log2': math.log2(t.scaler.get_scale()) if t.scaler else None})
-        if n_iters:
-            run.tb.scalars(g_it, {'AR_implicit/n0_no_grad': n_iters[0], 'AR_implicit/n1_with_grad': n_iters[1]})
-        run.tb.scalars(g_it, {f'AR_iter_scale/L_{r}': v for r, v in zip(args.resos, values[5:5 + K])})
-        run.tb.scalars(g_it, {f'AR_iter_scale/acc_{r}': v for r, v in zip(args.resos, values[5 + K:])})
+        run.tb.scalars(g_it, s._asdict(), prefix='AR_iter_loss/')
+        run.tb.scalars(g_it, {'AR_opt_lr/lr': lr, 'AR_opt_wd/wd': wd, 'AR_opt_grad/grad_norm': grad_norm,
+                              'AR_speed/img_per_s': img_per_s,
+                              'AR_opt_grad/scale_log2': math.log2(t.scaler.get_scale()) if t.scaler else None,
+                              **({'AR_implicit/n0_no_grad': n_iters[0], 'AR_implicit/n1_with_grad': n_iters[1]}
+                                 if n_iters else {})})
+        run.tb.scalars(g_it, {f'L_{r}': v for r, v in zip(args.resos, values[5:5 + K])}, prefix='AR_iter_scale/')
+        run.tb.scalars(g_it, {f'acc_{r}': v for r, v in zip(args.resos, values[5 + K:])}, prefix='AR_iter_scale/')
         run.tb.flush()
     gn_txt = f'{grad_norm:.3f}' if grad_norm is not None else '-'
     run.log.info(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{t.iters_train}]  eta {pace.left(args.ep * t.iters_train - g_it - 1)}  '
@@ -422,32 +397,30 @@ def evaluate(run: Run, t: Trainer, ld_val) -> Tuple[Optional[dict], Optional[str
     """Validation (eval mode; VIAR with its eval iteration count) -> (metrics, None), or (None, why) when an image
     was unreadable on some rank.  Runs on a forked RNG with a fixed seed: deterministic, and training's RNG stream is
     untouched."""
-    var, vae, dev = t.var_wo_ddp, t.vae, run.dev
+    var, vae, dev, last_l = t.var_wo_ddp, t.vae, run.dev, t.var_wo_ddp.patch_nums[-1] ** 2
+
+    def batch_sums(batch):
+        img, label = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+        gt_idx_Bl = vae.img_to_idxBl(img)
+        gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        with run.autocast():
+            logits_BLV = var(label, vae.quantize.idxBl_to_var_input(gt_idx_Bl)).float()
+        ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.view(-1), reduction='none').view(gt_BL.shape)
+        hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
+        B = gt_BL.shape[0]
+        return torch.cat([torch.stack([ce_BL.mean(), ce_BL[:, -last_l:].mean(), hit_BL.mean() * 100,
+                                       hit_BL[:, -last_l:].mean() * 100]).double() * B,
+                          torch.tensor([float(B)], dtype=torch.float64, device=dev)])
+
     var.eval()
-    last_l = var.patch_nums[-1] ** 2
-    sums = torch.zeros(5, dtype=torch.float64, device=dev)
-    batches = Batches(ld_val)
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
     with torch.random.fork_rng(devices=fork_devices, device_type='cuda'):
         torch.manual_seed(run.args.seed)
-        for img, label in batches:
-            img, label = img.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
-            gt_idx_Bl = vae.img_to_idxBl(img)
-            gt_BL = torch.cat(gt_idx_Bl, dim=1)
-            with run.autocast():
-                logits_BLV = var(label, vae.quantize.idxBl_to_var_input(gt_idx_Bl))
-            logits_BLV = logits_BLV.float()
-            ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.view(-1), reduction='none').view(gt_BL.shape)
-            hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
-            B = gt_BL.shape[0]
-            sums[:4] += torch.stack([ce_BL.mean(), ce_BL[:, -last_l:].mean(), hit_BL.mean() * 100,
-                                     hit_BL[:, -last_l:].mean() * 100]).double() * B
-            sums[4] += B
+        sums, bad = training.eval_sums(run, ld_val, batch_sums)
     var.train()
-    if training.agree(dev, batches.error)[0]:
-        return None, next(e for e in training.gather_object(batches.error) if e)
-    dist.allreduce_mean(sums)           # the ratios below do not depend on the division by the world size
-    n = sums[4].item()
+    if bad:
+        return None, bad
+    n = sums[4].item()      # the ratios below do not depend on the division by the world size
     vL_mean, vL_tail, vacc_mean, vacc_tail = (sums[:4] / max(n, 1e-12)).tolist()
     return {'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean, 'vacc_tail': vacc_tail,
             'n': round(n * dist.get_world_size())}, None
@@ -478,13 +451,12 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
     if is_save_ep:
         t0 = time.time()
         val, bad = evaluate(run, t, ld_val)
-        if bad:
+        if val is None:
             if dist.is_master():
                 training.append_json_line(run.path('log.txt'), record)
             t.ep_sums.zero_()
             save_checkpoint(run, t, ep + 1, 0)
-            raise DataError(f'{bad} [validation of epoch {ep + 1}; checkpoint saved at its end; --check_data lists '
-                            f'every unreadable image, --skip_bad_images replaces them]')
+            raise training.data_error(bad, f'validation of epoch {ep + 1}; checkpoint saved at the end of the epoch')
         improved = val['vL_tail'] < t.best_val_tail
         t.best_val_tail = min(t.best_val_tail, val['vL_tail'])
         val_record = {'kind': 'val', 'ep': ep + 1, **val, 'best_vL_tail': t.best_val_tail}

@@ -293,15 +293,9 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
     log_freq = args.log_freq or max(1, iters // 10)
     batches, pace, usages = Batches(ld_train), Pace(), []
     for it in range(first, iters):
-        batch = batches.take(1)
-        stop, bad_data = training.agree(run.dev, run.stop.signame, batches.error)
-        if bad_data or stop:
-            save_checkpoint(run, t, ep, it)
-            if bad_data:
-                raise DataError(f'{next(e for e in training.gather_object(batches.error) if e)} [checkpoint saved in '
-                                f'epoch {ep + 1} before iteration {it + 1}; --check_data lists every unreadable image, '
-                                f'--skip_bad_images replaces them]')
-            raise run.stopped(f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
+        batch = batches.take(1)         # step boundary: every rank agrees to go on, or saves and stops
+        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+                               f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it
         if g_it == args.debug_kill_at_iter:
@@ -324,7 +318,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
                 run.log.info(f'[codebook] re-seeded {n_re} unused codes')
         if s.grad_norm is None:
             t.bad_in_a_row += 1
-            t.ep_sums.add('skipped', 1)
+            t.ep_sums.inc(skipped=1)
             run.log.info(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped ({t.bad_in_a_row} in a row)')
             if t.bad_in_a_row >= args.max_nonfinite:
                 raise UserError(f'{t.bad_in_a_row} steps in a row were non-finite: lower --lr or set --clip 1, then '
@@ -332,8 +326,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
         else:
             t.bad_in_a_row = 0
             t.ep_sums.add('loss', s.metrics)
-            t.ep_sums.add('iters', 1)
-            t.ep_sums.add('grad_norm', s.grad_norm)
+            t.ep_sums.inc(iters=1, grad_norm=s.grad_norm)
         pace.tick()
         if log_now:     # a collective: every rank logs the same iterations
             loss, rec_mse, vq = dist.allreduce_mean(s.metrics).tolist()
@@ -358,35 +351,29 @@ def validate(run: Run, vae: VQVAE, ld_val, vis_B3HW):
     """Reconstruction metrics on the validation set (eval mode: the usage EMA is not touched), the share of the
     codebook hit per scale, and a grid: inputs, then the reconstruction after each scale -> (metrics, grid, None),
     or (None, None, why) when an image was unreadable on some rank."""
-    dev = run.dev
-    vae.eval()
-    K, V = len(vae.quantize.v_patch_nums), vae.vocab_size
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)       # L1, MSE, PSNR, n
-    hits_SV = torch.zeros(K, V, device=dev)
-    batches = Batches(ld_val)
-    for img, _ in batches:
-        img = img.to(dev, non_blocking=True)
-        for si, idx in enumerate(vae.img_to_idxBl(img)):
-            hits_SV[si] += idx.flatten().bincount(minlength=V).float()
+    dev, K, V = run.dev, len(vae.quantize.v_patch_nums), vae.vocab_size
+
+    def batch_sums(batch):          # L1, MSE, PSNR, n, then the hits of every code at every scale
+        img = batch[0].to(dev, non_blocking=True)
+        hits = [idx.flatten().bincount(minlength=V).double() for idx in vae.img_to_idxBl(img)]
         rec = vae.img_to_reconstructed_img(img, last_one=True)
         mse_B = (rec - img).square().mean(dim=(1, 2, 3))
-        sums += torch.stack([(rec - img).abs().mean(dim=(1, 2, 3)).sum(), mse_B.sum(),
-                             (10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))).sum(),       # peak-to-peak 2 in [-1, 1]
-                             torch.tensor(float(img.shape[0]), device=dev)]).double()
-    vae.train()
-    if training.agree(dev, batches.error)[0]:
-        return None, None, next(e for e in training.gather_object(batches.error) if e)
-    dist.allreduce_mean(sums)
-    dist.allreduce_mean(hits_SV)
-    l1, mse, psnr = (sums[:3] / max(sums[3].item(), 1e-12)).tolist()
+        return torch.cat([torch.stack([(rec - img).abs().mean(dim=(1, 2, 3)).sum(), mse_B.sum(),
+                                       (10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))).sum()]).double(),  # peak-to-peak 2
+                          torch.tensor([float(img.shape[0])], dtype=torch.float64, device=dev), *hits])
+
+    vae.eval()
+    sums, bad = training.eval_sums(run, ld_val, batch_sums)
     grid = None
-    if vis_B3HW is not None:
-        vae.eval()
-        grid = to_png(torch.cat([vis_B3HW.to(dev)] + vae.img_to_reconstructed_img(vis_B3HW.to(dev))).cpu(),
-                      nrow=vis_B3HW.shape[0])
-        vae.train()
-    return {'val_L1': l1, 'val_MSE': mse, 'val_PSNR': psnr,
-            'val_code_used_pct': [(h > 0).float().mean().item() * 100 for h in hits_SV]}, grid, None
+    if sums is not None and vis_B3HW is not None:
+        vis = vis_B3HW.to(dev)
+        grid = to_png(torch.cat([vis] + vae.img_to_reconstructed_img(vis)).cpu(), nrow=vis.shape[0])
+    vae.train()
+    if sums is None:
+        return None, None, bad
+    l1, mse, psnr = (sums[:3] / max(sums[3].item(), 1e-12)).tolist()
+    used = (sums[4:].view(K, V) > 0).float().mean(dim=1).mul(100).tolist()
+    return {'val_L1': l1, 'val_MSE': mse, 'val_PSNR': psnr, 'val_code_used_pct': used}, grid, None
 
 
 def to_png(img_B3HW: torch.Tensor, nrow: int, pad: int = 2):
@@ -420,11 +407,10 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, usages, ld_val, vis, t_run: floa
     metrics = None
     if (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep or stop_now:
         metrics, grid, bad = validate(run, t.vae, ld_val, vis)
-        if bad:
+        if metrics is None:
             t.ep_sums.zero_()
             save_checkpoint(run, t, ep + 1, 0)
-            raise DataError(f'{bad} [validation of epoch {ep + 1}; checkpoint saved at its end; --check_data lists '
-                            f'every unreadable image, --skip_bad_images replaces them]')
+            raise training.data_error(bad, f'validation of epoch {ep + 1}; checkpoint saved at the end of the epoch')
         rec_ep.update(metrics)
         if dist.is_master() and grid is not None:
             png, h, w = grid

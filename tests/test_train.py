@@ -170,18 +170,33 @@ def test_sampler_covers_data_and_resumes():
     assert len({seed for b in full[0] for _, seed in b}) == 6                   # one augmentation seed per sample
 
 
-def test_train_sh_runs_the_readme_command(tmp_path):
+def test_train_sh_runs_the_readme_command(tmp_path, toy):
     fake = tmp_path / 'bin'
     fake.mkdir()
     (fake / 'torchrun').write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@" > "$ARGV_OUT"\n')
-    (fake / 'torchrun').chmod(0o755)
-    env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', ARGV_OUT=str(tmp_path / 'argv.txt'))
+    (fake / 'python3').write_text('#!/usr/bin/env bash\nexit 0\n')        # a --data_path check that always passes
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
+    env.update(PATH=f'{fake}:{os.environ["PATH"]}', ARGV_OUT=str(tmp_path / 'argv.txt'))
     r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh')], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     cwd, *argv = (tmp_path / 'argv.txt').read_text().splitlines()
     assert Path(cwd) == REPO and argv == README_ARGS
     subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), '--data_path=/data/in1k'], env=env, check=True)
     assert (tmp_path / 'argv.txt').read_text().splitlines()[1:] == README_ARGS + ['--data_path=/data/in1k']
+
+    # with the real check, a wrong --data_path (or the placeholder) stops in one line before torchrun starts
+    env['PYTHON'] = sys.executable
+    for extra, want in ((['--data_path=/nonexistent'], "'/nonexistent' does not exist"), ([], 'placeholder'),
+                        (['--data_path', '/data/in1k', '--data_path', str(toy['root'])], 'has no train/ and no val/')):
+        (tmp_path / 'argv.txt').unlink(missing_ok=True)
+        r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), *extra], env=env, capture_output=True, text=True)
+        assert r.returncode == 1 and want in r.stderr and r.stderr.count('\n') == 1, r.stderr
+        assert r.stderr.startswith('scripts/train.sh: error:') and not (tmp_path / 'argv.txt').exists()
+    r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), '--data_path', toy['data']], env=env)
+    assert r.returncode == 0 and (tmp_path / 'argv.txt').read_text().splitlines()[1:] == README_ARGS + [
+        '--data_path', toy['data']]
 
 
 # ============================================== two processes (torchrun, gloo) ========================================
@@ -254,11 +269,39 @@ def test_checkpoint_loads_strictly_and_samples(ddp_run, toy):
 
 
 # ============================================== exact resume ==========================================================
-def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path):
-    base = lambda out, *extra: train_args(toy, out, '--use_implicit', '--p_depth', '1', '--hflip', *extra, ep=2)
-    A, B, C = tmp_path / 'A', tmp_path / 'B', tmp_path / 'C'
-    r = run_train(base(A))
+def resume_args(toy, out, *extra, data=None):
+    args = train_args(toy, out, '--use_implicit', '--p_depth', '1', '--hflip', *extra, ep=2)
+    if data:
+        args[1] = str(data)
+    return args
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(toy, tmp_path_factory):
+    """The run the interrupted ones must reproduce exactly: VIAR, 2 epochs of 6 iterations, h-flips."""
+    out = tmp_path_factory.mktemp('uninterrupted') / 'A'
+    r = run_train(resume_args(toy, out))
     assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def strip_times(records):
+    return [{k: v for k, v in rec.items() if k not in ('elapsed_s', 'remain_time')} for rec in records]
+
+
+def assert_same_run(a, b):
+    """Per-epoch records (the interrupted epoch included), final weights and optimizer state are identical."""
+    assert strip_times(log_lines(b)) == strip_times(log_lines(a))
+    ca, cb = (torch.load(o / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True) for o in (a, b))
+    assert all(torch.equal(v, cb['trainer']['var_wo_ddp'][k]) for k, v in ca['trainer']['var_wo_ddp'].items())
+    sa, sb = ca['trainer']['var_opt']['optimizer']['state'], cb['trainer']['var_opt']['optimizer']['state']
+    assert all(torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
+    base = lambda out, *extra: resume_args(toy, out, *extra)
+    A, B, C = uninterrupted, tmp_path / 'B', tmp_path / 'C'
 
     # SIGTERM during iteration 7 (0-based): a checkpoint after it, exit 143; the same command resumes
     cmd_b = base(B, '--debug_kill_at_iter', 7)
@@ -283,14 +326,60 @@ def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path):
             first, second = scalars(files[0], tag), scalars(files[1], tag)
             assert sorted(want) == list(range(12)) and min(second) == resumed_from and max(second) == 11
             assert {k: want[k] for k in first} == first and {k: want[k] for k in second} == second, (out, tag)
-        # per-epoch records (the interrupted epoch included) equal the uninterrupted run's
-        strip = lambda recs: [{k: v for k, v in rec.items() if k not in ('elapsed_s', 'remain_time')} for rec in recs]
-        assert strip(log_lines(out)) == strip(log_lines(A))
-        # and so do the final weights and optimizer state
-        ca, cb = (torch.load(o / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True) for o in (A, out))
-        assert all(torch.equal(v, cb['trainer']['var_wo_ddp'][k]) for k, v in ca['trainer']['var_wo_ddp'].items())
-        sa, sb = ca['trainer']['var_opt']['optimizer']['state'], cb['trainer']['var_opt']['optimizer']['state']
-        assert all(torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
+        # per-epoch records (the interrupted epoch included), final weights and optimizer state equal A's
+        assert_same_run(A, out)
+
+
+def test_activation_checkpointing_changes_nothing(toy, tmp_path, uninterrupted):
+    """--grad_ckpt recomputes activations in backward: the same losses, gradients (grad norms in log.txt) and
+    weights, bit for bit."""
+    r = run_train(resume_args(toy, tmp_path / 'ckpt', '--grad_ckpt'))
+    assert r.returncode == 0 and 'activation checkpointing' in r.stdout, r.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path / 'ckpt')
+
+
+def corrupt(path: Path) -> bytes:
+    good = path.read_bytes()
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not an image' * 10)
+    return good
+
+
+@pytest.mark.slow
+def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, uninterrupted, capsys):
+    from utils.data import ResumableBatchSampler, build_dataset
+    data, out = tmp_path / 'data', tmp_path / 'D'
+    shutil.copytree(toy['data'], data)
+    _, train_set, val_set = build_dataset(str(data), 64)
+    sampler = ResumableBatchSampler(len(train_set), 4, 0, 1, seed=0)
+    sampler.set_epoch(0, 2)                              # first read in epoch 1, iteration 3
+    bad_train = Path(train_set.samples[next(iter(sampler))[0][0]][0])
+    bad_val = Path(val_set.samples[-1][0])
+    good_train, good_val = corrupt(bad_train), corrupt(bad_val)
+
+    # --check_data: every unreadable image at once (one line, the full list in bad_images.txt), nothing trained
+    rc, stdout, err = run_inprocess(resume_args(toy, out, '--check_data', data=data), capsys)
+    assert rc == 1 and err.count('\n') == 1 and '2 of 30 images cannot be decoded' in err, err
+    assert str(bad_train) in err and str(bad_val) in err and '[model]' not in stdout
+    listed = (out / 'bad_images.txt').read_text().splitlines()
+    assert sorted(line.split('\t')[0] for line in listed) == sorted([str(bad_train), str(bad_val)])
+    assert not (out / 'ar-ckpt-last.pth').exists()
+
+    # --skip_bad_images: the run goes on over the bad images, counting them
+    r = run_train(resume_args(toy, tmp_path / 'skip', '--skip_bad_images', data=data))
+    assert r.returncode == 0 and 'reads of unreadable images so far' in r.stderr, r.stderr[-3000:]
+
+    # training (2 loader workers): the checkpoint of the last optimizer step is saved, then one line names the image
+    bad_val.write_bytes(good_val)
+    r = run_train(resume_args(toy, out, data=data))
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert 'cannot read image' in r.stderr and str(bad_train) in r.stderr and 'checkpoint saved' in r.stderr
+    ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['iter']) == (0, 2)
+    # once the image is replaced, the same command resumes and ends exactly where the uninterrupted run did
+    bad_train.write_bytes(good_train)
+    r = run_train(resume_args(toy, out, data=data))
+    assert r.returncode == 0 and '[resume]' in r.stdout, r.stderr[-3000:]
+    assert_same_run(uninterrupted, out)
 
 
 # ============================================== learning ==============================================================
@@ -328,6 +417,21 @@ def test_bad_data_path_stops_before_building_models(case, toy, tmp_path, capsys)
     assert '[model]' not in out and ('--data_path' in err or str(root) in err)
 
 
+def test_start_removes_temporary_files_of_an_interrupted_save(toy, tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    stale = ['.ar-ckpt-last.pth.k2j4h5g6.tmp', 'ar-ckpt-best.pth.tmp', '.log.txt.abcd_fgh.tmp']     # utils.misc's names
+    keep = ['notes.tmp', '.hidden', 'ar-ckpt-last.pth.bak', '.ar-ckpt-last.pth.tmp']
+    for name in stale + keep:
+        (out / name).write_bytes(b'x' * 1000)
+    argv = train_args(toy, out)
+    argv[1] = str(tmp_path / 'missing')
+    rc, stdout, err = run_inprocess(argv, capsys)
+    assert rc == 1 and 'removed 3 temporary file(s)' in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(keep + ['stdout.txt', 'stderr.txt'])
+    assert 'does not exist' in (out / 'stderr.txt').read_text()           # the error line is kept in the run folder
+
+
 def test_missing_tokenizer_says_where_to_get_it(toy, tmp_path, capsys):
     argv = train_args(toy, tmp_path / 'out')
     argv[3] = str(tmp_path / 'ckpts' / 'vae_ch160v4096z32.pth')
@@ -349,6 +453,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(ddp_run, toy, tmp_path, ca
     shutil.copytree(ddp_run['out'], out)
     rc, stdout, err = run_inprocess(train_args(toy, out, '--depth', '3'), capsys)
     assert rc == 1 and '--depth 2' in err and '--depth 3' in err and '[model]' not in stdout
+    # another tokenizer of the same shape is refused (its tokens change the targets), unless asked for
+    from models import VQVAE
+    torch.manual_seed(1)
+    other = VQVAE(vocab_size=V, z_channels=CVAE, ch=CH, v_patch_nums=PN)
+    other.init_weights()
+    torch.save(other.state_dict(), tmp_path / 'other_vae.pth')
+    argv = train_args(toy, out, *(['--use_implicit', '--p_depth', '1'] if ddp_run['kind'] == 'VIAR' else []))
+    argv[3] = str(tmp_path / 'other_vae.pth')
+    rc, stdout, err = run_inprocess(argv, capsys)
+    assert rc == 1 and '--vae_ckpt' in err and '--allow_other_vae' in err and '[model]' not in stdout, err
+    rc, stdout, err = run_inprocess(argv + ['--allow_other_vae'], capsys)
+    assert rc == 0 and 'nothing to do' in stdout and '--allow_other_vae' in err, err
     (out / 'ar-ckpt-last.pth').write_bytes(b'not a checkpoint' * 10)
     rc, _, err = run_inprocess(train_args(toy, out), capsys)
     assert rc == 1 and 'cannot resume' in err and 'Traceback' not in err

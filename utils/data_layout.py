@@ -49,10 +49,10 @@ def check_data_path(data_path: str) -> Tuple[List[str], List[str]]:
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        sys.exit('usage: python -m utils.data_layout DATA_PATH')
+    if len(sys.argv) not in (2, 3):
+        sys.exit('usage: python -m utils.data_layout DATA_PATH [NAME_IN_MESSAGES]')
     try:
         check_data_path(sys.argv[1])
     except DataError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'{sys.argv[2] if len(sys.argv) > 2 else "data_layout"}: error: {e}', file=sys.stderr)
         sys.exit(1)

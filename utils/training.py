@@ -42,8 +42,8 @@ from utils.errors import Preempted, UserError, one_line, run_cli
 from utils.misc import atomic_write_bytes, save_atomic
 
 __all__ = ['cli', 'start', 'Run', 'StopFlag', 'TBWriter', 'optimizer_step', 'Sums', 'agree', 'Batches', 'Pace',
-           'seed_everything', 'rng_state', 'set_rng_state', 'random_to_tensors', 'tensors_to_random',
-           'gather_object', 'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp', 'load_resume_checkpoint',
+           'step_boundary', 'data_error', 'eval_sums', 'seed_everything', 'rng_state', 'set_rng_state',
+           'random_to_tensors', 'tensors_to_random', 'rank_states', 'restore_rank_states', 'gather_object', 'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp', 'load_resume_checkpoint',
            'check_same_flags', 'write_checkpoint', 'remove_stale_temps', 'append_json_line', 'truncate_log',
            'make_loader', 'bad_image_reads', 'check_images']
 
@@ -260,13 +260,15 @@ class Sums:
         self.names = tuple(names)
         self.t = torch.zeros(len(self.names), dtype=torch.float64, device=dev)
 
-    def add(self, first: str, values):
-        """Adds ``values`` (a number, or a 1-D tensor of consecutive fields) from field ``first`` on."""
+    def add(self, first: str, values: torch.Tensor):
+        """Adds the 1-D device tensor ``values`` to consecutive fields from ``first`` on."""
         i = self.names.index(first)
-        if isinstance(values, torch.Tensor):
-            self.t[i:i + values.numel()] += values.detach().to(self.t)
-        else:
-            self.t[i] += values
+        self.t[i:i + values.numel()] += values.detach()
+
+    def inc(self, **numbers: float):
+        """Adds host numbers to the named fields (no host-to-device copy to wait for)."""
+        for k, v in numbers.items():
+            self.t[self.names.index(k)] += v
 
     def mean_over_ranks(self) -> Dict[str, float]:
         return dict(zip(self.names, dist.allreduce_mean(self.t.clone()).tolist()))
@@ -316,6 +318,37 @@ class Batches:
             if not batch:
                 return
             yield batch[0]
+
+
+def step_boundary(run: Run, batches: Batches, save: Callable[[], Any], where: str):
+    """At an optimizer-step boundary, on every rank: when any rank read an unreadable image or got SIGTERM / Ctrl-C,
+    every rank saves the checkpoint of this boundary (``save()``, a collective) and stops -- with a DataError naming
+    the image, or ``Preempted``.  ``where``: 'in epoch E before iteration I (path)'."""
+    stop, bad = agree(run.dev, run.stop.signame, batches.error)
+    if bad or stop:
+        save()
+        if bad:
+            raise data_error(batches.error, f'checkpoint saved {where}')
+        raise run.stopped(where)
+
+
+def data_error(error: Optional[str], context: str) -> DataError:
+    """The unreadable image of some rank (a collective: every rank passes its own error or None) as one DataError."""
+    first = next(e for e in gather_object(error) if e)
+    return DataError(f'{first} [{context}; --check_data lists every unreadable image at once, --skip_bad_images '
+                     f'replaces them]')
+
+
+def eval_sums(run: Run, loader, batch_sums: Callable[[Any], torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    """Sums of ``batch_sums(batch)`` (float64 vectors) over ``loader``, averaged over ranks -> (sums, None), or
+    (None, error) when some rank read an unreadable image (no rank raises alone: the others would wait for it)."""
+    total, batches = None, Batches(loader)
+    for batch in batches:
+        v = batch_sums(batch)
+        total = v if total is None else total + v
+    if agree(run.dev, batches.error)[0]:
+        return None, batches.error
+    return dist.allreduce_mean(total), None
 
 
 class Pace:
@@ -373,6 +406,25 @@ def set_rng_state(state: dict, dev: torch.device):
         random.setstate(tensors_to_random(state['python'], state['python_gauss']))
         pos, has_gauss, cached = state['numpy_extra'].tolist()
         np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+
+
+def rank_states(run: Run, sums: 'Sums') -> dict:
+    """Collective: what a checkpoint's 'resume' needs per rank for an exact resume: RNG states ('rng') and epoch
+    sums ('rank_ep_sums'; 'ep_sums' is their mean, for a resume by another number of ranks)."""
+    rank_sums = gather_tensor(sums.t)
+    return {'rng': gather_object(rng_state(run.dev)), 'rank_ep_sums': rank_sums, 'ep_sums': rank_sums.mean(0)}
+
+
+def restore_rank_states(run: Run, res: dict, sums: 'Sums', mid_epoch: bool) -> bool:
+    """This rank's RNG states and (``mid_epoch``) epoch sums from a checkpoint's 'resume'.  Returns False, restoring
+    only the mean epoch sums, when it was written by another number of ranks."""
+    rngs, rank_sums, rank = res.get('rng'), res.get('rank_ep_sums'), dist.get_rank()
+    exact = rngs is not None and len(rngs) == dist.get_world_size()
+    if exact:
+        set_rng_state(rngs[rank], run.dev)
+    if mid_epoch and (rank_sums is not None or 'ep_sums' in res):
+        sums.load(rank_sums[rank] if exact and rank_sums is not None else res['ep_sums'])
+    return exact
 
 
 def gather_object(obj) -> list:
@@ -490,12 +542,23 @@ def truncate_log(path: str, epoch: int):
 
 
 # ============================================== data ==================================================================
+def _die_with_parent(worker_id: int):
+    """DataLoader worker init (Linux): the worker gets SIGKILL when the training process dies, even by SIGKILL,
+    instead of lingering until its watchdog notices."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def make_loader(dataset, dev, workers: int, seed: int, **kw):
     """A DataLoader with its own generator (worker seeds never come from the global RNG: resuming stays exact
     whatever the worker count), pinned memory on CUDA, persistent workers for batch samplers (the training set)."""
     from torch.utils.data import DataLoader
     return DataLoader(dataset, num_workers=workers, pin_memory=dev.type == 'cuda',
                       persistent_workers=workers > 0 and 'batch_sampler' in kw,
+                      worker_init_fn=_die_with_parent if workers > 0 and sys.platform.startswith('linux') else None,
                       generator=torch.Generator().manual_seed(seed + dist.get_rank()), **kw)
 
 
