@@ -144,10 +144,6 @@ def find_checkpoint(run: Run) -> Optional[dict]:
     args = run.args
     ckpt = training.load_resume_checkpoint(run.path('ar-ckpt-last.pth'), 'train.py', ('var_wo_ddp', 'var_opt'),
                                            damaged_hint=', copy ar-ckpt-best.pth over it')
-    where = training.gather_object(None if ckpt is None else (ckpt['epoch'], ckpt['iter']))
-    if any(w != where[0] for w in where):
-        raise UserError(f'the ranks see different checkpoints in {args.local_out_dir_path!r} ({where}): on several '
-                        f'nodes, give every node the same --local_out_dir_path content (a shared filesystem)')
     if args.seed is None:
         saved_seed = ckpt['args'].get('seed') if ckpt else None
         args.seed = saved_seed if saved_seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
@@ -413,17 +409,14 @@ def evaluate(run: Run, t: Trainer, ld_val) -> Tuple[Optional[dict], Optional[str
                           torch.tensor([float(B)], dtype=torch.float64, device=dev)])
 
     var.eval()
-    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
-    with torch.random.fork_rng(devices=fork_devices, device_type='cuda'):
-        torch.manual_seed(run.args.seed)
-        sums, bad = training.eval_sums(run, ld_val, batch_sums)
+    sums, bad = training.eval_sums(run, ld_val, batch_sums, seed=run.args.seed)
     var.train()
-    if bad:
+    if sums is None:
         return None, bad
     n = sums[4].item()      # the ratios below do not depend on the division by the world size
     vL_mean, vL_tail, vacc_mean, vacc_tail = (sums[:4] / max(n, 1e-12)).tolist()
     return {'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean, 'vacc_tail': vacc_tail,
-            'n': round(n * dist.get_world_size())}, None
+            'best_vL_tail': min(t.best_val_tail, vL_tail), 'n': round(n * dist.get_world_size())}, None
 
 
 def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: float):
@@ -442,10 +435,7 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
     if run.tb is not None:
         run.tb.scalars(ep + 1, {k: record[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')}, prefix='AR_ep_loss/')
     if args.skip_bad_images:
-        n_bad = training.bad_image_reads(run.dev, *t.datasets)
-        if n_bad:
-            run.log.warning(f'[data] {n_bad} reads of unreadable images so far, each replaced by the next readable image '
-                            f'(--skip_bad_images); --check_data lists them')
+        training.report_bad_images(run, t.datasets)
     is_save_ep = (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep
     improved = False
     if is_save_ep:
@@ -459,10 +449,8 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
             raise training.data_error(bad, f'validation of epoch {ep + 1}; checkpoint saved at the end of the epoch')
         improved = val['vL_tail'] < t.best_val_tail
         t.best_val_tail = min(t.best_val_tail, val['vL_tail'])
-        val_record = {'kind': 'val', 'ep': ep + 1, **val, 'best_vL_tail': t.best_val_tail}
         if dist.is_master():
-            training.append_json_line(run.path('log.txt'), {k: val_record[k] for k in (
-                'kind', 'ep', 'vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail', 'best_vL_tail', 'n')})
+            training.append_json_line(run.path('log.txt'), {'kind': 'val', 'ep': ep + 1, **val})
         if run.tb is not None:
             run.tb.scalars(ep + 1, {k: val[k] for k in ('vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail')}, prefix='AR_val/')
         run.log.info(f' [*] [ep {ep + 1}] (val {val["n"]})  Lm {val["vL_mean"]:.4f}  Lt {val["vL_tail"]:.4f}  Accm '

@@ -400,10 +400,8 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, usages, ld_val, vis, t_run: floa
     rec_ep = {'kind': 'epoch', 'ep': ep + 1, 'loss': s['loss'] / n, 'rec_mse': s['rec_mse'] / n, 'vq': s['vq'] / n,
               'grad_norm': s['grad_norm'] / n, 'usage_pct': [round(u, 2) for u in usages],
               'elapsed_s': round(time.time() - t_run, 1)}
-    n_bad = training.bad_image_reads(run.dev, *datasets) if args.skip_bad_images else 0
-    if n_bad:
-        run.log.warning(f'[data] {n_bad} reads of unreadable images so far, each replaced by the next readable image '
-                        f'(--skip_bad_images); --check_data lists them')
+    if args.skip_bad_images:
+        training.report_bad_images(run, datasets)
     metrics = None
     if (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep or stop_now:
         metrics, grid, bad = validate(run, t.vae, ld_val, vis)

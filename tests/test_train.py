@@ -368,8 +368,18 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
     r = run_train(resume_args(toy, tmp_path / 'skip', '--skip_bad_images', data=data))
     assert r.returncode == 0 and 'reads of unreadable images so far' in r.stderr, r.stderr[-3000:]
 
+    # an unreadable validation image: the epoch is saved (and logged) first
+    bad_train.write_bytes(good_train)
+    args = train_args(toy, tmp_path / 'V', ep=1)
+    args[1] = str(data)
+    r = run_train(args)
+    assert r.returncode == 1 and 'validation of epoch 1' in r.stderr and str(bad_val) in r.stderr, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / 'V' / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['iter']) == (1, 0) and [rec['kind'] for rec in log_lines(tmp_path / 'V')] == ['epoch']
+
     # training (2 loader workers): the checkpoint of the last optimizer step is saved, then one line names the image
     bad_val.write_bytes(good_val)
+    corrupt(bad_train)
     r = run_train(resume_args(toy, out, data=data))
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert 'cannot read image' in r.stderr and str(bad_train) in r.stderr and 'checkpoint saved' in r.stderr
@@ -383,6 +393,25 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
 
 
 # ============================================== learning ==============================================================
+@pytest.mark.slow
+def test_ddp_rank_with_an_unreadable_image_saves_and_stops_every_rank(toy, tmp_path):
+    """Rank 1 alone meets the image: no rank waits forever for it; both save at the last step and stop."""
+    from utils.data import ResumableBatchSampler, build_dataset
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    shutil.copytree(toy['data'], data)
+    _, train_set, _ = build_dataset(str(data), 64)
+    sampler = ResumableBatchSampler(len(train_set), 2, rank=1, world_size=2, seed=0)
+    sampler.set_epoch(0, 2)
+    bad = train_set.samples[next(iter(sampler))[0][0]][0]
+    corrupt(Path(bad))
+    args = train_args(toy, out)
+    args[1] = str(data)
+    r = run_train(args, nproc=2, timeout=120)
+    assert r.returncode != 0 and f"train.py: error: cannot read image '{bad}'" in r.stderr, r.stderr[-3000:]
+    ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['iter']) == (0, 2) and ckpt['resume']['rank_fingerprints'].shape[0] == 2
+
+
 def test_loss_goes_down_on_toy_classes(toy, tmp_path):
     out = tmp_path / 'learn'
     r = run_train(train_args(toy, out, '--tblr', '0.05', '--save_freq', '4', '--log_freq', '0', ep=8, bs=8))

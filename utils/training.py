@@ -43,9 +43,10 @@ from utils.misc import atomic_write_bytes, save_atomic
 
 __all__ = ['cli', 'start', 'Run', 'StopFlag', 'TBWriter', 'optimizer_step', 'Sums', 'agree', 'Batches', 'Pace',
            'step_boundary', 'data_error', 'eval_sums', 'seed_everything', 'rng_state', 'set_rng_state',
-           'random_to_tensors', 'tensors_to_random', 'rank_states', 'restore_rank_states', 'gather_object', 'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp', 'load_resume_checkpoint',
+           'random_to_tensors', 'tensors_to_random', 'rank_states', 'restore_rank_states', 'gather_object',
+           'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp', 'load_resume_checkpoint',
            'check_same_flags', 'write_checkpoint', 'remove_stale_temps', 'append_json_line', 'truncate_log',
-           'make_loader', 'bad_image_reads', 'check_images']
+           'make_loader', 'report_bad_images', 'check_images']
 
 
 # ============================================== process: command line, run folder, logger ============================
@@ -217,7 +218,7 @@ def start(args, prog: str, subdirs: Sequence[str] = ()) -> Run:
 def remove_stale_temps(out_dir: str, subdirs: Sequence[str] = ()) -> Tuple[int, int]:
     """Deletes the temporary files of atomic writes (``utils.misc``: ``.{name}.{8 random}.tmp``; the best-checkpoint
     link ``{name}.tmp``) that a killed save left in the run folder.  Returns (files, bytes)."""
-    pattern = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$|^.+\.pth\.tmp$')
+    pattern = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$|^[^.].*\.pth\.tmp$')
     n = nbytes = 0
     for d in ('', *subdirs):
         folder = os.path.join(out_dir, d)
@@ -339,13 +340,19 @@ def data_error(error: Optional[str], context: str) -> DataError:
                      f'replaces them]')
 
 
-def eval_sums(run: Run, loader, batch_sums: Callable[[Any], torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+def eval_sums(run: Run, loader, batch_sums: Callable[[Any], torch.Tensor],
+              seed: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     """Sums of ``batch_sums(batch)`` (float64 vectors) over ``loader``, averaged over ranks -> (sums, None), or
-    (None, error) when some rank read an unreadable image (no rank raises alone: the others would wait for it)."""
-    total, batches = None, Batches(loader)
-    for batch in batches:
-        v = batch_sums(batch)
-        total = v if total is None else total + v
+    (None, this rank's error or None) when some rank read an unreadable image (no rank raises alone: the others
+    would wait for it).  ``seed``: run on a forked RNG seeded so (deterministic; the caller's RNG streams untouched)."""
+    total, batches, dev = None, Batches(loader), run.dev
+    fork = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == 'cuda' else []
+    with torch.random.fork_rng(devices=fork, device_type='cuda', enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for batch in batches:
+            v = batch_sums(batch)
+            total = v if total is None else total + v
     if agree(run.dev, batches.error)[0]:
         return None, batches.error
     return dist.allreduce_mean(total), None
@@ -477,8 +484,18 @@ def wrap_ddp(model: torch.nn.Module, dev: torch.device, find_unused: bool = Fals
 
 # ============================================== checkpoints and logs ==================================================
 def load_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged_hint: str = '') -> Optional[dict]:
-    """The run folder's training checkpoint (None when there is none), read with ``weights_only=True``; one
-    CheckpointError sentence when it is unreadable or not one ``writer`` wrote (``need``: keys of its 'trainer')."""
+    """The run folder's training checkpoint (None when there is none), read with ``weights_only=True``, the same on
+    every rank; one CheckpointError sentence when it is unreadable or not one ``writer`` wrote (``need``: keys of
+    its 'trainer')."""
+    ckpt = _read_resume_checkpoint(path, writer, need, damaged_hint)
+    where = gather_object(None if ckpt is None else (ckpt['epoch'], ckpt['iter']))
+    if any(w != where[0] for w in where):
+        raise UserError(f'the ranks see different checkpoints in {os.path.dirname(path)!r} ({where}): on several '
+                        f'nodes, give every node the same run folder content (a shared filesystem)')
+    return ckpt
+
+
+def _read_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged_hint: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
     try:
@@ -562,13 +579,18 @@ def make_loader(dataset, dev, workers: int, seed: int, **kw):
                       generator=torch.Generator().manual_seed(seed + dist.get_rank()), **kw)
 
 
-def bad_image_reads(dev, *datasets) -> int:
-    """Unreadable images replaced so far (``--skip_bad_images``), summed over ranks (a collective)."""
+def report_bad_images(run: Run, datasets) -> int:
+    """``--skip_bad_images``: logs how many reads of unreadable images were replaced so far, summed over ranks (a
+    collective), and returns it."""
     t = torch.tensor([float(sum(d.bad_reads.value for d in datasets if getattr(d, 'bad_reads', None) is not None))],
-                     device=dev)
+                     device=run.dev)
     if dist.initialized():
         tdist.all_reduce(t)
-    return int(t.item())
+    n = int(t.item())
+    if n:
+        run.log.warning(f'[data] {n} reads of unreadable images so far, each replaced by the next readable image '
+                        f'(--skip_bad_images); --check_data lists them')
+    return n
 
 
 def check_images(run: Run, datasets: Sequence, workers: int, shown: int = 5):
