@@ -239,17 +239,18 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
         run.log.warning('[save] WARNING: the parameters differ between ranks (DDP out of sync)')
     ranks = training.rank_states(run, t.ep_sums)
     py_t, py_g = training.random_to_tensors(t.iters_rng.getstate())
+    var, implicit = t.var_wo_ddp, t.var_wo_ddp.backbone.is_implicit
     if dist.get_local_rank() == 0:
         state = {
             'epoch': ep, 'iter': it,
             'trainer': {
-                'var_wo_ddp': t.var_wo_ddp.state_dict(), 'vae_local': t.vae.state_dict(),
+                'var_wo_ddp': var.state_dict(), 'vae_local': t.vae.state_dict(),
                 'var_opt': {'optimizer': t.opt.state_dict(), 'scaler': t.scaler.state_dict() if t.scaler else {},
                             'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
                 'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
-                           'use_implicit': bool(args.use_implicit), 'depth': args.depth, 'num_classes': args.num_classes,
-                           **dict.fromkeys(('pre_depth', 'post_depth'), args.p_depth if args.use_implicit else 0),
-                           'vae_fingerprint': t.vae_id},
+                           'use_implicit': implicit, 'pre_depth': var.pre_depth if implicit else 0,
+                           'post_depth': var.post_depth if implicit else 0, 'depth': args.depth,
+                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id},
             },
             'args': args_to_dict(args),
             'resume': {'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),

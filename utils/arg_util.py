@@ -127,8 +127,8 @@ def _data_flags(g, B):
                    'per process); 0: decode images in the training process)')
     g.add_argument('--check_data', default=False, help='decode every image of train/ and val/ (in parallel), list the '
                    'unreadable ones (all of them in <local_out_dir_path>/bad_images.txt), then exit', **B)
-    g.add_argument('--skip_bad_images', default=False, help='replace an unreadable image by the next readable one of '
-                   'its folder (counted in the log) instead of stopping the run', **B)
+    g.add_argument('--skip_bad_images', default=False, help='replace an unreadable image by the next readable one '
+                   '(in folder order, with its label; counted in the log) instead of stopping the run', **B)
 
 
 def _debug_flags(p):
@@ -269,10 +269,11 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, name) < lo:
             p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
     try:
-        args.ch_mult = tuple(int(m) for m in args.ch_mult.replace(',', '_').split('_'))
-        assert args.ch_mult and min(args.ch_mult) >= 1
+        ch_mult = tuple(int(m) for m in args.ch_mult.replace(',', '_').split('_'))
+        assert ch_mult and min(ch_mult) >= 1
     except (ValueError, AssertionError):
         p.error(f'--ch_mult must be positive integers like 1_1_2_2_4, got {args.ch_mult!r}')
+    args.ch_mult = ch_mult
     if args.norm_groups < 1 or any(args.ch * m % args.norm_groups for m in args.ch_mult):
         p.error(f'every level width (--ch {args.ch} x --ch_mult) must be a multiple of --norm_groups {args.norm_groups}')
     if args.num_res_blocks < 1:
