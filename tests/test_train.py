@@ -126,6 +126,11 @@ def test_boolean_flags_and_readme_command():
     assert args.tb_name.startswith('tb-VARd30__pn1_2_3_4_5_6_8_10_13_16')
     ac = finalize_args(parse_args(README_ARGS[6:] + ['--ac', '2']), world_size=8)
     assert ac.batch_size == 32 and math.isclose(ac.tlr, 8e-5 * 512 / 256)    # same lr per optimiser step of 512 images
+    # loader workers default to min(8, CPUs per process); --pn's help names the tokenizer's downsampling
+    from utils.arg_util import default_workers, get_parser
+    assert args.workers == min(default_workers(), 64) >= 1 and finalize_args(
+        parse_args(README_ARGS[6:] + ['--workers', '0']), world_size=8).workers == 0
+    assert "image side = the tokenizer's downsampling" in ' '.join(get_parser().format_help().split())
 
 
 def test_lr_wd_schedule_and_param_groups():
@@ -344,7 +349,6 @@ def corrupt(path: Path) -> bytes:
     return good
 
 
-@pytest.mark.slow
 def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, uninterrupted, capsys):
     from utils.data import ResumableBatchSampler, build_dataset
     data, out = tmp_path / 'data', tmp_path / 'D'
@@ -393,7 +397,6 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
 
 
 # ============================================== learning ==============================================================
-@pytest.mark.slow
 def test_ddp_rank_with_an_unreadable_image_saves_and_stops_every_rank(toy, tmp_path):
     """Rank 1 alone meets the image: no rank waits forever for it; both save at the last step and stop."""
     from utils.data import ResumableBatchSampler, build_dataset
@@ -419,7 +422,11 @@ def test_loss_goes_down_on_toy_classes(toy, tmp_path):
     epochs = [rec for rec in log_lines(out) if rec['kind'] == 'epoch']
     vals = [rec for rec in log_lines(out) if rec['kind'] == 'val']
     assert len(epochs) == 8 and len(vals) == 2
-    assert epochs[0]['L_mean'] > math.log(V) - 0.1                    # starts near chance
+    # margins, identical with ATEN_CPU_CAPABILITY=default / avx2 / native and 1 or 2 threads: the untrained loss is
+    # 0.005 from ln V (bound 0.1; the first epoch's mean, 0.006 inside its old bound, was too close to call); the
+    # epoch loss falls by 1.22 (bound 0.5); validation loss ln V - 1.33 (bound ln V - 0.5), accuracy 25.6 % (bound 4.7 %)
+    (events,) = read_events(tb_dir(out))
+    assert abs(scalars(events, 'AR_iter_loss/L_mean')[0] - math.log(V)) < 0.1        # starts at chance
     assert epochs[-1]['L_mean'] < epochs[0]['L_mean'] - 0.5
     assert vals[-1]['vL_mean'] < math.log(V) - 0.5 and vals[-1]['vacc_mean'] > 100 / V * 3
 

@@ -28,6 +28,7 @@ def data(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
     from models.checkpoint import load_vae
     common = ['--data_path', data, *TINY, '--bs', '32', '--ep', '2', '--seed', '3']
