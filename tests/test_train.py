@@ -349,6 +349,7 @@ def corrupt(path: Path) -> bytes:
     return good
 
 
+@pytest.mark.slow
 def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, uninterrupted, capsys):
     from utils.data import ResumableBatchSampler, build_dataset
     data, out = tmp_path / 'data', tmp_path / 'D'
@@ -369,7 +370,9 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
     assert not (out / 'ar-ckpt-last.pth').exists()
 
     # --skip_bad_images: the run goes on over the bad images, counting them
-    r = run_train(resume_args(toy, tmp_path / 'skip', '--skip_bad_images', data=data))
+    args = train_args(toy, tmp_path / 'skip', '--skip_bad_images')
+    args[1] = str(data)
+    r = run_train(args)
     assert r.returncode == 0 and 'reads of unreadable images so far' in r.stderr, r.stderr[-3000:]
 
     # an unreadable validation image: the epoch is saved (and logged) first
