@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # VIAR-d30 (5 pre + 1 implicit + 5 post blocks), ImageNet 256x256, one node with 8 GPUs: the README's command.
 #
-#   bash scripts/train.sh                                   # as published (edit --data_path below first), or
+#   bash scripts/train.sh                                   # as published (edit DATA_PATH below first), or
 #   bash scripts/train.sh --data_path=/data/imagenet-1k     # extra flags are appended and override the ones below
 #
 # Needs ckpts/vae_ch160v4096z32.pth (https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth).
 # Outputs go to local_output/; running the same command again resumes from local_output/ar-ckpt-last.pth.
+# DataLoader workers: train.py's default, min(8, CPUs per GPU process) (--workers=N to change).
+# Out of GPU memory (80 GB cards hold this recipe only at small n1): add --grad_ckpt=True (activation checkpointing,
+# same gradients) and/or --ac=2 (the same 512-image step in two halves).
 set -e
 cd "$(dirname "$0")/.."
+DATA_PATH=/path/to/imagenet-1k
+
+# a wrong --data_path stops here, in one line, before torchrun starts 8 processes (the last --data_path given wins)
+data_path=$DATA_PATH
+prev=
+for arg in "$@"; do
+  case "$arg" in --data_path=*) data_path=${arg#--data_path=} ;; esac
+  if [ "$prev" = --data_path ]; then data_path=$arg; fi
+  prev=$arg
+done
+"${PYTHON:-python3}" -m utils.data_layout "$data_path" scripts/train.sh || exit 1
 
 # d30, 256x256
 exec torchrun \
@@ -17,7 +31,7 @@ exec torchrun \
   --master_addr=127.0.0.1 \
   --master_port=7777 \
   train.py \
-  --data_path=/path/to/imagenet-1k \
+  --data_path="$DATA_PATH" \
   --depth=30 \
   --bs=512 \
   --ep=550 \

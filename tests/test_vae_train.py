@@ -65,6 +65,31 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
     (b / 'vae-ckpt-last.pth').write_bytes(b'not a checkpoint')
     r = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)])
     assert r.returncode == 1 and 'vae-ckpt-last.pth' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    # temporary files of a save killed midway are removed at the next start
+    (tmp_path / 'c' / 'recon').mkdir(parents=True)
+    for stale in ('.vae-ckpt-last.pth.a1b2c3d4.tmp', 'recon/.ep0001.png.qwertyui.tmp'):
+        (tmp_path / 'c' / stale).write_bytes(b'partial')
     r = run_vae(repo_dir, ['--data_path', str(tmp_path / 'nowhere'), *TINY, '--local_out_dir_path', str(tmp_path / 'c')])
     assert r.returncode == 1 and 'nowhere' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list((tmp_path / 'c').rglob('*.tmp')) and 'removed 2 temporary file(s)' in r.stdout
+
+
+def test_unreadable_image_saves_first(repo_dir, data, tmp_path):
+    import shutil
+    from utils.data import ResumableBatchSampler, build_dataset
+    copy = tmp_path / 'data'
+    shutil.copytree(data, copy)
+    _, train_set, _ = build_dataset(str(copy), 16)
+    sampler = ResumableBatchSampler(len(train_set), 32, 0, 1, seed=3)
+    sampler.set_epoch(0, 1)
+    bad = train_set.samples[next(iter(sampler))[5][0]][0]           # read first in iteration 2
+    with open(bad, 'wb') as f:
+        f.write(b'truncated')
+    out = tmp_path / 'out'
+    r = run_vae(repo_dir, ['--data_path', str(copy), *TINY, '--bs', '32', '--ep', '2', '--seed', '3',
+                           '--local_out_dir_path', str(out)])
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and bad in r.stderr, r.stderr
+    assert 'checkpoint saved in epoch 1 after iteration 1/' in r.stderr
+    ckpt = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['iter']) == (0, 1)

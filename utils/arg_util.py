@@ -1,4 +1,4 @@
-"""Command-line flags of ``train.py`` (SPEC §6) and the values derived from them.
+"""Command-line flags of ``train.py`` (SPEC §6) and ``train_vae.py``, and the values derived from them.
 
 Every flag of the official VAR / VIAR recipe keeps its name and default.  Booleans accept ``--flag``,
 ``--flag=True``, ``--flag True`` and the ``False`` forms (the official VIAR scripts parsed ``--x False`` as True).
@@ -9,7 +9,8 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ['get_parser', 'parse_args', 'finalize_args', 'str2bool', 'parse_patch_nums', 'PN_ALIASES']
+__all__ = ['get_parser', 'parse_args', 'finalize_args', 'get_vae_parser', 'parse_vae_args', 'str2bool',
+           'parse_patch_nums', 'default_workers', 'PN_ALIASES']
 
 PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
 PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py passes the one of --vae_ckpt)
@@ -39,6 +40,15 @@ def parse_patch_nums(pn: str) -> List[int]:
     return nums
 
 
+def default_workers() -> int:
+    """DataLoader workers per rank when ``--workers`` is not given: min(8, CPUs per local rank), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if os.environ.get('RANK', '0') != '0':     # under torchrun, rank 0 alone reports a bad command line
@@ -58,10 +68,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help='folder holding train/<class>/<images> and val/<class>/<images>')
     g.add_argument('--num_classes', type=int, default=0, help='class embeddings (0: number of class folders in train/)')
     g.add_argument('--pn', type=str, default='1_2_3_4_5_6_8_10_13_16',
-                   help="token-map sides per scale; '256' and '512' are aliases; image side = 16 x last one")
-    g.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to round(mid_reso x side), then crop')
-    g.add_argument('--hflip', default=False, help='random horizontal flip', **B)
-    g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes per rank (0: load in the main process)')
+                   help="token-map sides per scale; '256' and '512' are aliases; image side = the tokenizer's "
+                        "downsampling (16 for the published one) x the last side")
+    _data_flags(g, B)
 
     g = p.add_argument_group('model')
     g.add_argument('--depth', type=int, default=16, help='nominal depth: width 64 x depth, depth heads')
@@ -75,6 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--hd', type=float, default=0.02, help='head weight init multiplier')
     g.add_argument('--ini', type=float, default=-1, help='init std (<0: sqrt(1/3C))')
     g.add_argument('--vae_ckpt', type=str, default='ckpts/vae_ch160v4096z32.pth', help='frozen tokenizer checkpoint')
+    g.add_argument('--allow_other_vae', default=False, help='resume although --vae_ckpt holds other weights than the '
+                   'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **B)
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--bs', type=int, default=768, help='global batch size per optimiser step (all ranks, all accumulation steps)')
@@ -91,6 +102,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--sche', type=str, default='lin0', help='lr schedule after warm-up: lin0, lin, lin00, linX, cos, exp')
     g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler, 2: bf16')
     g.add_argument('--tf32', default=True, help='allow TF32 matmuls on CUDA', **B)
+    g.add_argument('--grad_ckpt', default=False, help='activation checkpointing: every block (and implicit step with '
+                   'gradient) recomputes its activations in backward: far less memory, about 1/3 more compute, the '
+                   'same gradients', **B)
 
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=None, help='seed (default: drawn once, then kept in the checkpoint)')
@@ -101,12 +115,26 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--log_freq', type=int, default=0, help='console / TensorBoard detail every this many iterations (0: ~10 per epoch)')
     g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
     g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)   # torch.distributed.launch
-
-    # test hooks (hidden): deliver a signal to ourselves / poison the loss at given global iterations
-    p.add_argument('--debug_kill_at_iter', type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT'), help=argparse.SUPPRESS)
+    _debug_flags(p)
     p.add_argument('--debug_nonfinite_at', type=str, default='', help=argparse.SUPPRESS)
     return p
+
+
+def _data_flags(g, B):
+    g.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to round(mid_reso x side), then crop')
+    g.add_argument('--hflip', default=False, help='random horizontal flip', **B)
+    g.add_argument('--workers', type=int, default=-1, help='DataLoader worker processes per rank (-1: min(8, CPUs '
+                   'per process); 0: decode images in the training process)')
+    g.add_argument('--check_data', default=False, help='decode every image of train/ and val/ (in parallel), list the '
+                   'unreadable ones (all of them in <local_out_dir_path>/bad_images.txt), then exit', **B)
+    g.add_argument('--skip_bad_images', default=False, help='replace an unreadable image by the next readable one '
+                   '(in folder order, with its label; counted in the log) instead of stopping the run', **B)
+
+
+def _debug_flags(p):
+    """Test hooks (hidden): deliver a signal to ourselves at a given global iteration."""
+    p.add_argument('--debug_kill_at_iter', type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT'), help=argparse.SUPPRESS)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -121,8 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
     if args.use_implicit and not 0 <= args.p_depth <= args.depth:
         p.error(f'--p_depth must be between 0 and --depth ({args.depth}), got {args.p_depth}')
-    if args.workers < 0 or args.num_classes < 0 or args.ckpt_every_iters < 0:
-        p.error('--workers, --num_classes and --ckpt_every_iters must be >= 0')
+    if args.num_classes < 0 or args.ckpt_every_iters < 0:
+        p.error('--num_classes and --ckpt_every_iters must be >= 0')
     try:
         args.debug_nonfinite_at = sorted({int(x) for x in args.debug_nonfinite_at.split(',') if x.strip()})
     except ValueError:
@@ -147,7 +175,7 @@ def finalize_args(args: argparse.Namespace, world_size: int, downsample: int = P
     args.twde = args.twde or args.twd
     if args.wp == 0:
         args.wp = args.ep / 50
-    args.workers = min(args.workers, args.batch_size)
+    args.workers = min(default_workers() if args.workers < 0 else args.workers, args.batch_size)
     # the official name tb-VARd{depth}__pn...; VIAR runs are marked at the end
     name = f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}adamlr{args.tblr:g}wd{args.twd:g}'
     if args.use_implicit:
@@ -168,3 +196,92 @@ def args_to_dict(args: argparse.Namespace) -> dict:
         else:
             out[k] = str(v)
     return out
+
+
+# ============================================== train_vae.py ==========================================================
+def get_vae_parser() -> argparse.ArgumentParser:
+    p = _Parser(description='Train the multi-scale residual VQVAE tokenizer of VAR / VIAR. Rerunning the same command '
+                            'resumes from <local_out_dir_path>/vae-ckpt-last.pth.',
+                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
+    g = p.add_argument_group('data')
+    g.add_argument('--data_path', type=str, required=True, help='folder with train/<class>/<images> and val/<class>/<images>')
+    g.add_argument('--pn', type=str, default='256', help="scales: '256', '512' or sides like 1_2_3_4; image side = "
+                   "downsampling x the last side")
+    _data_flags(g, B)
+    g = p.add_argument_group('model')
+    g.add_argument('--vocab_size', type=int, default=4096, help='codebook size V')
+    g.add_argument('--z_channels', type=int, default=32, help='latent / code dimension Cvae')
+    g.add_argument('--ch', type=int, default=160, help='base width of the conv encoder/decoder')
+    g.add_argument('--ch_mult', type=str, default='1_1_2_2_4', help='width multiplier per resolution level; '
+                   'downsampling = 2^(levels - 1): 16 for the published tokenizer')
+    g.add_argument('--num_res_blocks', type=int, default=2, help='residual blocks per level (decoder: one more)')
+    g.add_argument('--attn', default=True, help='spatial self-attention at the lowest resolution', **B)
+    g.add_argument('--norm_groups', type=int, default=32, help='GroupNorm groups (32 as published; a narrow --ch '
+                   'wants fewer, e.g. --ch 32 --norm_groups 8: 32 groups of 1 channel erase colour levels)')
+    g.add_argument('--beta', type=float, default=0.25, help='commitment loss weight')
+    g.add_argument('--share_quant_resi', type=int, default=4, help='phi convs shared across scales')
+    g.add_argument('--quant_resi', type=float, default=0.5, help='phi residual ratio')
+    g.add_argument('--init', type=str, default='', help='start from this tokenizer state dict (fine-tuning)')
+    g = p.add_argument_group('loss')
+    g.add_argument('--l2', type=float, default=1.0, help='weight of the MSE reconstruction loss')
+    g.add_argument('--l1', type=float, default=0.0, help='weight of the L1 reconstruction loss')
+    g.add_argument('--lp', type=float, default=0.0, help='weight of the perceptual loss (VGG16 features; needs '
+                   "torchvision's ImageNet VGG16 weights in the torch hub cache)")
+    g.add_argument('--disc', type=float, default=0.0, help='weight of the adversarial (hinge PatchGAN) loss; 0: off')
+    g.add_argument('--disc_start', type=float, default=0.5, help='start the adversarial loss after this fraction of training')
+    g.add_argument('--disc_ch', type=int, default=64, help='PatchGAN discriminator width')
+    g.add_argument('--ae_warmup', type=int, default=0, help='epochs of plain autoencoding (quantiser skipped) first; '
+                   'then every code is seeded from encoder outputs (helps small tokenizers trained briefly)')
+    g.add_argument('--code_restart', type=int, default=0, help='every this many iterations, re-seed codebook entries '
+                   'unused at every scale with encoder outputs of the batch (0: off)')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--bs', type=int, default=256, help='global batch size (all ranks)')
+    g.add_argument('--ep', type=int, default=100, help='epochs')
+    g.add_argument('--lr', type=float, default=1e-4, help='peak learning rate (not scaled with the batch)')
+    g.add_argument('--wd', type=float, default=0.0, help='AdamW weight decay (not on biases, norms, the codebook)')
+    g.add_argument('--wp', type=float, default=1.0, help='warm-up epochs')
+    g.add_argument('--lr_end', type=float, default=0.1, help='lr ratio at the end (cosine from 1)')
+    g.add_argument('--clip', type=float, default=0.0, help='grad-norm clipping (0: off)')
+    g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler (CUDA), 2: bf16')
+    g = p.add_argument_group('run')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', type=str, default='auto', choices=('auto', 'cpu', 'cuda'))
+    g.add_argument('--threads', type=int, default=0, help='CPU threads per process (0: torch default)')
+    g.add_argument('--local_out_dir_path', type=str, default='local_output_vae')
+    g.add_argument('--save_freq', type=int, default=1, help='validate, save and draw a reconstruction grid every N epochs')
+    g.add_argument('--log_freq', type=int, default=0, help='console / TensorBoard every N iterations (0: ~10 per epoch)')
+    g.add_argument('--n_vis', type=int, default=8, help='validation images in the reconstruction grids')
+    g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
+    _debug_flags(p)
+    return p
+
+
+def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = get_vae_parser()
+    args = p.parse_args(argv)
+    try:
+        args.patch_nums = parse_patch_nums(args.pn)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    args.pn = '_'.join(map(str, args.patch_nums))
+    for name, lo in (('vocab_size', 2), ('z_channels', 1), ('ch', 32), ('bs', 1), ('ep', 1), ('save_freq', 1)):
+        if getattr(args, name) < lo:
+            p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
+    try:
+        ch_mult = tuple(int(m) for m in args.ch_mult.replace(',', '_').split('_'))
+        assert ch_mult and min(ch_mult) >= 1
+    except (ValueError, AssertionError):
+        p.error(f'--ch_mult must be positive integers like 1_1_2_2_4, got {args.ch_mult!r}')
+    args.ch_mult = ch_mult
+    if args.norm_groups < 1 or any(args.ch * m % args.norm_groups for m in args.ch_mult):
+        p.error(f'every level width (--ch {args.ch} x --ch_mult) must be a multiple of --norm_groups {args.norm_groups}')
+    if args.num_res_blocks < 1:
+        p.error(f'--num_res_blocks must be >= 1, got {args.num_res_blocks}')
+    if len(args.patch_nums) < 2:
+        p.error('--pn needs at least two scales (e.g. 1_2_3_4)')
+    if min(args.l1, args.l2, args.lp, args.disc) < 0 or args.l1 + args.l2 + args.lp == 0:
+        p.error('loss weights must be >= 0 and at least one of --l1, --l2, --lp positive')
+    args.downsample = 2 ** (len(args.ch_mult) - 1)
+    args.data_load_reso = args.downsample * args.patch_nums[-1]
+    return args

@@ -1,5 +1,6 @@
-"""ImageNet-style data for train.py: checks of the folder layout, ``DatasetFolder`` datasets with the official
-augmentations, and a resumable distributed batch sampler.
+"""ImageNet-style data for train.py and train_vae.py: ``DatasetFolder`` datasets with the official augmentations
+(the folder layout is checked by ``utils.data_layout``), a resumable distributed batch sampler, and a scan that
+decodes every image to list the unreadable ones at once (``--check_data``).
 
 Reproducibility: the order of an epoch is a permutation drawn from ``(seed, epoch)`` (the same on every rank;
 rank r takes its slice of each global batch), and every sample's random crop / flip is drawn from a seed that
@@ -7,86 +8,72 @@ travels with its index.  Resuming at (epoch, iteration) therefore replays exactl
 run would have seen, whatever the number of DataLoader workers, and data loading never touches the global RNG.
 """
 import math
+import multiprocessing
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import PIL.Image as PImage
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder
 from torchvision.transforms import InterpolationMode, transforms
 
+from utils.data_layout import DataError, check_data_path, class_dirs
+
 __all__ = ['DataError', 'check_data_path', 'build_dataset', 'ResumableBatchSampler', 'ShardSampler',
-           'normalize_01_into_pm1']
+           'normalize_01_into_pm1', 'scan_images']
 
-
-class DataError(RuntimeError):
-    """The data folder is missing, malformed or holds an unreadable image; the message says what to do."""
+DECODE_ERRORS = (OSError, ValueError, PImage.DecompressionBombError)
 
 
 def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:   # [0, 1] -> [-1, 1]
     return x.add(x).add_(-1)
 
 
-def _class_dirs(folder: str) -> List[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
-
-
-def check_data_path(data_path: str) -> Tuple[List[str], List[str]]:
-    """(train classes, val classes) of ``data_path``; raises DataError saying what is missing."""
-    layout = f'expected {os.path.join(data_path, "train")}/<class>/<images> and {os.path.join(data_path, "val")}/<class>/<images>'
-    if data_path in ('/path/to/imagenet', '/path/to/imagenet-1k'):
-        raise DataError(f'--data_path is still the placeholder {data_path!r}: pass --data_path=/your/imagenet '
-                        f'(the folder holding train/ and val/), or edit it in scripts/train.sh')
-    if not os.path.exists(data_path):
-        raise DataError(f'--data_path {data_path!r} does not exist ({layout})')
-    if not os.path.isdir(data_path):
-        raise DataError(f'--data_path {data_path!r} is a file, not a folder ({layout})')
-    missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(data_path, s))]
-    if missing:
-        raise DataError(f'--data_path {data_path!r} has no {" and no ".join(m + "/" for m in missing)} folder ({layout})')
-    train_cls, val_cls = _class_dirs(os.path.join(data_path, 'train')), _class_dirs(os.path.join(data_path, 'val'))
-    for split, cls in (('train', train_cls), ('val', val_cls)):
-        if not cls:
-            raise DataError(f'{os.path.join(data_path, split)!r} holds no class folders ({layout}); '
-                            f'for ImageNet val, sort the images into one folder per class')
-    extra = sorted(set(val_cls) - set(train_cls))
-    if extra:
-        raise DataError(f'{os.path.join(data_path, "val")!r} has class folders that train/ lacks: {extra[:5]}'
-                        f'{" ..." if len(extra) > 5 else ""}; train/ and val/ must use the same class folder names')
-    return train_cls, val_cls
-
-
 def pil_loader(path: str) -> PImage.Image:
     try:
         with open(path, 'rb') as f:
             return PImage.open(f).convert('RGB')
-    except (OSError, ValueError, PImage.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise DataError(f'cannot read image {path!r} ({type(e).__name__}: {e}); delete or replace it, then rerun the '
-                        f'same command (training resumes from the last checkpoint)') from None
+                        f'same command (training resumes from the last checkpoint)', every_rank=True) from None
 
 
 class ImageFolder(DatasetFolder):
     """``DatasetFolder`` with a given class -> index map (val/ uses train/'s) whose items can be fetched as
     ``ds[(index, aug_seed)]``: the random augmentation is then drawn from ``aug_seed`` (the global RNG is left
-    untouched)."""
+    untouched).  ``skip_bad``: an unreadable image is replaced by the next readable one of the folder order (the
+    same one every time: resuming stays exact), and ``bad_reads`` counts such replacements over all processes."""
 
-    def __init__(self, root: str, class_to_idx: Dict[str, int], transform):
+    def __init__(self, root: str, class_to_idx: Dict[str, int], transform, skip_bad: bool = False):
         self._class_to_idx = class_to_idx
         try:
             super().__init__(root, loader=pil_loader, extensions=IMG_EXTENSIONS, transform=transform)
         except FileNotFoundError as e:
             raise DataError(f'{root!r}: {e}') from None
+        self.skip_bad = skip_bad
+        self.bad_reads = multiprocessing.Value('q', 0) if skip_bad else None    # shared with DataLoader workers
 
     def find_classes(self, directory: str):
-        present = set(_class_dirs(directory))
+        present = set(class_dirs(directory))
         cls = [c for c in self._class_to_idx if c in present]
         return cls, {c: self._class_to_idx[c] for c in cls}
 
+    def _load(self, index: int):
+        for k in range(len(self.samples)):
+            path, target = self.samples[(index + k) % len(self.samples)]
+            try:
+                return self.loader(path), target
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                with self.bad_reads.get_lock():
+                    self.bad_reads.value += 1
+        raise DataError(f'{self.root!r} holds no readable image')
+
     def __getitem__(self, key):
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
-        path, target = self.samples[index]
-        img = self.loader(path)
+        img, target = self._load(index)
         if aug_seed is None:
             return self.transform(img), target
         with torch.random.fork_rng(devices=[]):
@@ -107,14 +94,39 @@ def build_transforms(final_reso: int, hflip: bool = False, mid_reso: float = 1.1
     return transforms.Compose(train_aug), transforms.Compose(val_aug)
 
 
-def build_dataset(data_path: str, final_reso: int, hflip: bool = False, mid_reso: float = 1.125):
+def build_dataset(data_path: str, final_reso: int, hflip: bool = False, mid_reso: float = 1.125,
+                  skip_bad: bool = False):
     """-> (class names, train set, val set); raises DataError on a malformed folder."""
     train_cls, _ = check_data_path(data_path)
     class_to_idx = {c: i for i, c in enumerate(train_cls)}
     train_aug, val_aug = build_transforms(final_reso, hflip=hflip, mid_reso=mid_reso)
-    train_set = ImageFolder(os.path.join(data_path, 'train'), class_to_idx, train_aug)
-    val_set = ImageFolder(os.path.join(data_path, 'val'), class_to_idx, val_aug)
+    train_set = ImageFolder(os.path.join(data_path, 'train'), class_to_idx, train_aug, skip_bad=skip_bad)
+    val_set = ImageFolder(os.path.join(data_path, 'val'), class_to_idx, val_aug, skip_bad=skip_bad)
     return train_cls, train_set, val_set
+
+
+class _Decode(Dataset):
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        """'' when image ``i`` decodes, else why not."""
+        try:
+            with open(self.paths[i], 'rb') as f:
+                PImage.open(f).convert('RGB')
+            return ''
+        except DECODE_ERRORS as e:
+            return f'{type(e).__name__}: {e}'
+
+
+def scan_images(paths: Sequence[str], workers: int = 0) -> List[Tuple[str, str]]:
+    """Decodes every image of ``paths`` (with ``workers`` processes) -> [(path, reason)] of the unreadable ones."""
+    loader = DataLoader(_Decode(paths), batch_size=64, num_workers=workers, collate_fn=list)
+    reasons = [r for batch in loader for r in batch]
+    return [(p, r) for p, r in zip(paths, reasons) if r]
 
 
 class ResumableBatchSampler(Sampler):
