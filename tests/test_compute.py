@@ -1,0 +1,155 @@
+"""Compute control (issue #13): the fixed-point trace and ``iter_tol`` of ``autoregressive_infer_cfg``, the
+diagnostics script ``scripts/fixed_point.py`` and the quality-compute sweep ``scripts/sweep.py``, on tiny random
+models.  Every check is an exact equality (bytes, tokens, counts) or a recomputation to float rounding; none is a
+threshold on quality or speed."""
+import pytest
+import torch
+
+from models import build_vae_var
+
+PNS = (1, 2, 3, 4)
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread (float results on CPU depend on it; several spinning threads are slow on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(implicit: bool, seed: int = 0):
+    """(vae, var): 64 px, 4 scales, V=64, width 64 (VIAR: 1 pre + implicit + 1 post block).  The AdaLN gammas and the
+    head are initialised larger than for training so that the implicit block moves z (residuals from ~3 down to
+    ~1e-5 over 10 iterations) and the iteration count changes the tokens drawn."""
+    torch.manual_seed(seed)
+    vae, var = build_vae_var(device='cpu', patch_nums=PNS, V=64, Cvae=8, ch=32, num_classes=NUM_CLASSES, depth=1,
+                             use_implicit=implicit, pre_depth=1, post_depth=1, init_adaln_gamma=0.3, init_head=1.0)
+    return vae.eval(), var.eval()
+
+
+@pytest.fixture(scope='module')
+def viar():
+    return tiny(True)[1]
+
+
+@pytest.fixture(scope='module')
+def var():
+    return tiny(False)[1]
+
+
+def sample(model, iters=(10, 10), B=2, g_seed=3, dtype=None, **kw):
+    """(images, tokens of every scale concatenated) of one sampler call."""
+    labels = torch.arange(B) % NUM_CLASSES
+    with torch.inference_mode(), torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+        img, idx = model.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=g_seed, cfg=1.5, top_k=0, top_p=0.0,
+                                                  iter_left=iters[0], iter_right=iters[1], ret_idx_Bl=True, **kw)
+    return img, torch.cat(idx, dim=1)
+
+
+def assert_same(a, b):
+    assert a[0].dtype == b[0].dtype and torch.equal(a[0], b[0]), 'images differ'
+    assert torch.equal(a[1], b[1]), 'tokens differ'
+
+
+def assert_differ(a, b):
+    """The comparison is not vacuous: the two settings give other tokens."""
+    assert not torch.equal(a[1], b[1])
+
+
+# ============================================== the model: iter_tol ====================================================
+def test_iter_tol_zero_is_the_fixed_schedule(viar):
+    trace = {}
+    tol0 = sample(viar, (10, 5), iter_tol=0.0, trace=trace)
+    assert_same(tol0, sample(viar, (10, 5)))
+    assert trace['iters'] == [10, 8, 6, 5]                   # int(linspace(10, 5, 4)): no scale stopped early
+    assert_differ(tol0, sample(viar, (1, 1)))
+
+
+def test_huge_iter_tol_is_one_iteration_per_scale(viar):
+    trace = {}
+    huge = sample(viar, (10, 5), iter_tol=1e9, trace=trace)
+    assert trace['iters'] == [1, 1, 1, 1]
+    assert_same(huge, sample(viar, (1, 1)))
+    assert_differ(huge, sample(viar, (10, 5)))
+
+
+def test_early_exit_equals_the_schedule_it_ran(viar, monkeypatch):
+    """With a tolerance that stops some scales early, the result is exactly that of the per-scale schedule the trace
+    reports (a stop at i iterations is the schedule entry i: later scales see the caches of the iterations run)."""
+    trace = {}
+    run = sample(viar, (10, 4), iter_tol=1e-3, trace=trace)
+    iters = trace['iters']
+    assert iters[-1] == 4 and any(n < 10 for n in iters[:3]) and len(set(iters)) > 1, iters
+    monkeypatch.setattr(viar.backbone, 'schedule', lambda *a: list(iters))
+    assert_same(run, sample(viar, (10, 4)))
+
+
+@pytest.mark.parametrize('kw', [dict(iter_tol=0.0), dict(iter_tol=1e9), dict(trace={}), dict(iter_tol=1e-3, trace={})])
+def test_var_ignores_iter_tol_and_trace(var, kw):
+    assert_same(sample(var, **kw), sample(var))
+    if 'trace' in kw:
+        assert kw['trace'] == {'iters': [], 'residual': [], 'residual_rows': []}
+
+
+def test_negative_iter_tol_is_refused(viar):
+    with pytest.raises(ValueError, match='iter_tol must be >= 0'):
+        sample(viar, iter_tol=-1.0)
+
+
+# ============================================== the model: the trace ===================================================
+class Iterates:
+    """Forward hooks on the last pre block (u = z_0) and on the implicit block (z_1, z_2, ...): the iterates of every
+    scale, as the model computed them, collected independently of the trace."""
+
+    def __init__(self, model):
+        self.scales = []
+        self.handles = [model.pre_blocks[-1].register_forward_hook(lambda m, a, out: self.scales.append([out])),
+                        model.implicit_block.register_forward_hook(lambda m, a, out: self.scales[-1].append(out))]
+
+    def residuals(self):
+        """Per scale: (rows (iterations, 2B), whole batch [iterations]) recomputed in float64."""
+        out = []
+        for zs in self.scales:
+            zs = [z.double().flatten(1) for z in zs]
+            rows = [torch.linalg.vector_norm(b - a, dim=1) / torch.linalg.vector_norm(b, dim=1)
+                    for a, b in zip(zs, zs[1:])]
+            whole = [(torch.linalg.vector_norm(b - a) / torch.linalg.vector_norm(b)).item() for a, b in zip(zs, zs[1:])]
+            out.append((torch.stack(rows) if rows else torch.zeros(0, zs[0].shape[0], dtype=torch.float64), whole))
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize('iters, iter_tol', [((10, 4), None), ((8, 8), 3e-3), ((0, 3), None)])
+def test_reported_residuals_equal_a_recomputation_from_the_iterates(viar, iters, iter_tol):
+    hooks, trace, B = Iterates(viar), {}, 3
+    try:
+        sample(viar, iters, B=B, iter_tol=iter_tol, trace=trace)
+    finally:
+        hooks.remove()
+    mine = hooks.residuals()
+    assert len(mine) == len(PNS) == len(trace['iters']) == len(trace['residual']) == len(trace['residual_rows'])
+    for k, ((rows, whole), n) in enumerate(zip(mine, trace['iters'])):
+        assert rows.shape == (n, 2 * B) and trace['residual_rows'][k].shape == (n, 2 * B)
+        assert len(trace['residual'][k]) == n
+        torch.testing.assert_close(trace['residual_rows'][k].double(), rows, rtol=1e-5, atol=0)
+        assert trace['residual'][k] == pytest.approx(whole, rel=1e-5)
+        if iter_tol is not None:       # the stop rule, on the recomputed residuals: first iteration with all rows <= tol
+            below = [bool(r.max() <= iter_tol) for r in rows]
+            assert not any(below[:-1]) and (below[-1] or n == iters[0])
+    if iter_tol is not None:
+        assert any(n < iters[0] for n in trace['iters']), 'the tolerance should stop some scale early'
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_the_trace_leaves_images_unchanged(viar, dtype):
+    traced, trace = {}, {}
+    assert_same(sample(viar, (10, 5), dtype=dtype, trace=traced), sample(viar, (10, 5), dtype=dtype))
+    assert_same(sample(viar, (10, 5), dtype=dtype, iter_tol=3e-3, trace=trace),
+                sample(viar, (10, 5), dtype=dtype, iter_tol=3e-3))
+    assert traced['iters'] == [10, 8, 6, 5] and all(r.dtype == torch.float32 for r in traced['residual_rows'])
