@@ -59,7 +59,7 @@ def assert_differ(a, b):
     assert not torch.equal(a[1], b[1])
 
 
-# ============================================== the model: iter_tol ====================================================
+# ============================================== the model: iter_tol ===================================================
 def test_iter_tol_zero_is_the_fixed_schedule(viar):
     trace = {}
     tol0 = sample(viar, (10, 5), iter_tol=0.0, trace=trace)
@@ -99,7 +99,7 @@ def test_negative_iter_tol_is_refused(viar):
         sample(viar, iter_tol=-1.0)
 
 
-# ============================================== the model: the trace ===================================================
+# ============================================== the model: the trace ==================================================
 class Iterates:
     """Forward hooks on the last pre block (u = z_0) and on the implicit block (z_1, z_2, ...): the iterates of every
     scale, as the model computed them, collected independently of the trace."""
@@ -139,7 +139,7 @@ def test_reported_residuals_equal_a_recomputation_from_the_iterates(viar, iters,
         assert len(trace['residual'][k]) == n
         torch.testing.assert_close(trace['residual_rows'][k].double(), rows, rtol=1e-5, atol=0)
         assert trace['residual'][k] == pytest.approx(whole, rel=1e-5)
-        if iter_tol is not None:       # the stop rule, on the recomputed residuals: first iteration with all rows <= tol
+        if iter_tol is not None:       # the stop rule on the recomputed residuals: first iteration with all rows <= tol
             below = [bool(r.max() <= iter_tol) for r in rows]
             assert not any(below[:-1]) and (below[-1] or n == iters[0])
     if iter_tol is not None:
