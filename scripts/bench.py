@@ -6,10 +6,13 @@ VAR-d16, VAR-d30 and VIAR-d30 across iteration schedules and batch sizes.  Train
 backward), activation memory saved for backward and peak memory against the fixed-point steps without (n0) and
 with (n1) gradient.
 
-  python scripts/bench.py                                   # CPU: narrow models (width 128), a few minutes
-  python scripts/bench.py --device cuda --dtype fp16        # published widths, torch.cuda.max_memory_allocated
-  python scripts/bench.py --models viar_d30 --width 1024 --schedules 10-10 --batch_sizes 4 --train_grid none
-  python scripts/bench.py --json bench.json --plot bench.png
+  python -m scripts.bench                                   # CPU: narrow models (width 128), a few minutes
+  python -m scripts.bench --device cuda --dtype fp16        # published widths, torch.cuda.max_memory_allocated
+  python -m scripts.bench --models viar_d30 --width 1024 --schedules 10-10 --batch_sizes 4 --train_grid none
+  python -m scripts.bench --json bench.json --plot bench.png
+
+Run it from the repository root as a module (``python -m scripts.bench``).  A bad flag ends with one line and
+exit status 1.
 
 Widths other than the published ones keep depth, heads of 64 channels and everything else; ``--width 0`` means
 the published width (64 x depth).  Timings are the best of ``--reps`` runs after ``--warmup`` runs.
@@ -24,12 +27,11 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
+
+from utils.errors import UserError, run_cli
 
 MODELS = {
     'var_d16': dict(depth=16),
@@ -43,8 +45,8 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 PAPER = {'var_d30': dict(img_s=15.16, mem_gb=19.24), 'viar_d30': dict(img_s=32.08, mem_gb=8.53)}
 
 
-class BenchError(Exception):
-    """A user-caused problem (bad flag, unavailable device): printed as one line."""
+class BenchError(UserError):
+    """A user-caused problem (bad flag, unavailable device): printed as one line (``run_cli``)."""
 
 
 # ============================================== model and counting ====================================================
@@ -569,13 +571,10 @@ def get_parser():
     return p
 
 
+def cli(argv=None) -> int:
+    """Exit status of ``python -m scripts.bench ARGV``: main's, or 1 after one error line."""
+    return run_cli(lambda: main(get_parser().parse_args(argv)), 'scripts.bench')
+
+
 if __name__ == '__main__':
-    args = get_parser().parse_args()
-    try:
-        sys.exit(main(args))
-    except BenchError as e:
-        print(f'bench.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('bench.py: interrupted', file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli())
