@@ -27,6 +27,8 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,7 @@ class BenchError(UserError):
 # ============================================== model and counting ====================================================
 def build(name, width, vae_ch, device, patch_nums):
     """(vae, var) with the published structure of ``name`` at ``width`` channels (0: published), random weights."""
-    from models import VQVAE, VAR
+    from models import VAR, VQVAE
     cfg = MODELS[name]
     depth = cfg['depth']
     C = width or 64 * depth
@@ -250,8 +252,9 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
         schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None,
         img_s=B / best['wall'], wall_s=best['wall'], transformer_s=best['t_tf'], decoder_s=best['t_dec'],
         transformer_gflop=flops['total'] / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
-        frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops, peak_mem_mb=best['peak'] / 2 ** 20,
-        peak_mem_delta_mb=best['peak_delta'] / 2 ** 20, kv_cache_mb=best['kv'] / 2 ** 20)
+        frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops,
+        peak_mem_mb=best['peak'] / 2 ** 20, peak_mem_delta_mb=best['peak_delta'] / 2 ** 20,
+        kv_cache_mb=best['kv'] / 2 ** 20)
 
 
 def bench_training(var, vae, name, B, n0, n1, args, device, dtype):
@@ -280,7 +283,8 @@ def bench_training(var, vae, name, B, n0, n1, args, device, dtype):
         del logits_BLV, loss
         if rep >= args.warmup:
             times.append(dt)
-            act_peak, mem_peak, mem_delta = max(act_peak, meter.peak), max(mem_peak, mem.peak), max(mem_delta, mem.delta)
+            act_peak, mem_peak = max(act_peak, meter.peak), max(mem_peak, mem.peak)
+            mem_delta = max(mem_delta, mem.delta)
     var.zero_grad(set_to_none=True)
     var.eval()
     return dict(kind='train', model=name, width=var.C, B=B, dtype=args.dtype, n0=n0, n1=n1, step_s=min(times),
@@ -337,7 +341,8 @@ def checks(results) -> list:
         # a schedule "lower" than another: no more iterations at any scale, fewer at some
         for hi in rs:
             for lo in rs:
-                if lo is not hi and all(a <= b for a, b in zip(lo['iters'], hi['iters'])) and lo['iters'] != hi['iters']:
+                lower = all(a <= b for a, b in zip(lo['iters'], hi['iters'])) and lo['iters'] != hi['iters']
+                if lo is not hi and lower:
                     ok = lo['img_s'] > hi['img_s'] and lo['kv_cache_mb'] < hi['kv_cache_mb']
                     out.append((ok, f'{key[0]} B={key[2]} {key[3]}: {lo["schedule"]} vs {hi["schedule"]}: '
                                     f'{lo["img_s"] / hi["img_s"]:.2f}x images/s, '
@@ -388,8 +393,9 @@ def plot(results, path):
         d.text((x, H - 80), r['model'], fill='black')
         d.text((x, H - 66), r['schedule'], fill='black')
         d.text((x, H - 52), f'B={r["B"]}', fill='black')
-    from utils.misc import atomic_write_bytes
     import io
+
+    from utils.misc import atomic_write_bytes
     buf = io.BytesIO()
     img.save(buf, format='PNG')
     atomic_write_bytes(buf.getvalue(), path)
@@ -402,7 +408,7 @@ def parse_list(s, what, conv=int):
     try:
         return [conv(x) for x in s.split(',') if x.strip()]
     except ValueError:
-        raise BenchError(f'could not read {what} {s!r}')
+        raise BenchError(f'could not read {what} {s!r}') from None
 
 
 def parse_schedule(s):
@@ -416,13 +422,45 @@ def parse_schedule(s):
     raise BenchError(f'could not read the iteration schedule {s!r}; write LEFT-RIGHT, e.g. 10-5')
 
 
-def main(args):
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+@dataclass
+class Setup:
+    """What the flags resolve to (defaults filled in for the device)."""
+    device: torch.device
+    dtype: torch.dtype
+    width: int
+    train_width: int
+    vae_ch: int
+    patch_nums: Tuple[int, ...]
+    sample_models: List[str]
+    train_models: List[str]
+    schedules: List[Tuple[int, int]]
+    batch_sizes: List[int]
+    grid: List[Tuple[int, int]]
+
+
+def resolve_device(name: str) -> torch.device:
+    device = name if name != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise BenchError('--device cuda was asked for but no CUDA GPU is visible; use --device cpu')
     device = torch.device(device)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
+    return device
+
+
+def resolve_patch_nums(args) -> Tuple[int, ...]:
+    from models import PATCH_NUMS_256, PATCH_NUMS_512
+    if not args.patch_nums:
+        return PATCH_NUMS_512 if args.reso == 512 else PATCH_NUMS_256
+    patch_nums = tuple(parse_list(args.patch_nums.replace('_', ','), 'patch_nums'))
+    if not patch_nums or patch_nums[0] != 1 or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
+        raise BenchError(f'--patch_nums must be increasing and start at 1, got {args.patch_nums!r}')
+    return patch_nums
+
+
+def resolve_setup(args) -> Setup:
+    """Every flag checked and its device default filled in, before anything is built or measured."""
+    device = resolve_device(args.device)
     on_cpu = device.type == 'cpu'
     if args.dtype not in DTYPES:
         raise BenchError(f'--dtype must be one of {", ".join(DTYPES)}, got {args.dtype!r}')
@@ -431,78 +469,106 @@ def main(args):
         raise BenchError('fp16 autocast is a CUDA path; use --dtype bf16 or fp32 on CPU')
     if args.reps < 1 or args.warmup < 0:
         raise BenchError(f'--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}')
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
     width = args.width if args.width >= 0 else (128 if on_cpu else 0)
-    vae_ch = args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 160)
     train_width = args.train_width if args.train_width >= 0 else width
     for w in (width, train_width):
         if w % 64:
             raise BenchError(f'--width must be a multiple of 64 (heads of 64 channels), got {w}')
-    from models import PATCH_NUMS_256, PATCH_NUMS_512
-    patch_nums = PATCH_NUMS_512 if args.reso == 512 else PATCH_NUMS_256
-    if args.patch_nums:
-        patch_nums = tuple(parse_list(args.patch_nums.replace('_', ','), 'patch_nums'))
-        if not patch_nums or patch_nums[0] != 1 or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
-            raise BenchError(f'--patch_nums must be increasing and start at 1, got {args.patch_nums!r}')
     sample_models = parse_list(args.models, 'models', str)
     train_models = parse_list(args.train_models, 'training models', str)
     for m in sample_models + train_models:
         if m not in MODELS:
             raise BenchError(f'unknown model {m!r}; choose from {", ".join(MODELS)}')
-    schedules = [parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)]
-    batch_sizes = parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64])
-    grid = [parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)]
+    return Setup(
+        device=device, dtype=dtype, width=width, train_width=train_width,
+        vae_ch=args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 160), patch_nums=resolve_patch_nums(args),
+        sample_models=sample_models, train_models=train_models,
+        schedules=[parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)],
+        batch_sizes=parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64]),
+        grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)])
 
-    info = machine_info(device)
+
+def measure_matmul(args, setup: Setup) -> Tuple[float, float]:
+    """(fp32, --dtype) matmul FLOP/s of this machine now."""
+    fp32 = matmul_flops_per_s(setup.device, torch.float32, args.matmul_n)
+    return fp32, fp32 if setup.dtype == torch.float32 else matmul_flops_per_s(setup.device, setup.dtype, args.matmul_n)
+
+
+def print_header(args, setup: Setup, info: dict, peak_fp32: float, peak_dtype: float) -> None:
     print(f'# machine: {info["cpu"]} ({info["cpu_cores"]} cores), torch {info["torch"]}, {info["threads"]} threads'
           + (f', GPU {info["gpu"]}' if 'gpu' in info else ''))
-    peak_fp32 = matmul_flops_per_s(device, torch.float32, args.matmul_n)
-    peak_dtype = peak_fp32 if dtype == torch.float32 else matmul_flops_per_s(device, dtype, args.matmul_n)
     print(f'# matmul {args.matmul_n}^3: fp32 {peak_fp32 / 1e9:.1f} GFLOP/s'
-          + ('' if dtype == torch.float32 else f', {args.dtype} {peak_dtype / 1e9:.1f} GFLOP/s'))
-    if on_cpu and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+          + ('' if setup.dtype == torch.float32 else f', {args.dtype} {peak_dtype / 1e9:.1f} GFLOP/s'))
+    if setup.device.type == 'cpu' and setup.dtype == torch.bfloat16 and not cpu_has_native_bf16():
         print('# note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than fp32')
-    print(f'# dtype {args.dtype}, width {width or "published"}, tokenizer ch {vae_ch}, {16 * patch_nums[-1]} px, '
-          f'best of {args.reps} after {args.warmup} warm-up' + (', torch.compile' if args.compile else ''))
+    print(f'# dtype {args.dtype}, width {setup.width or "published"}, tokenizer ch {setup.vae_ch}, '
+          f'{16 * setup.patch_nums[-1]} px, best of {args.reps} after {args.warmup} warm-up'
+          + (', torch.compile' if args.compile else ''))
 
+
+def build_for(name: str, width: int, args, setup: Setup):
+    vae, var = build(name, width, setup.vae_ch, setup.device, setup.patch_nums)
+    if args.compile:
+        var.compile_blocks()
+    return vae, var
+
+
+def run_sampling(args, setup: Setup, peak_flops: float) -> List[dict]:
     results = []
-    for name in sample_models:
-        vae, var = build(name, width, vae_ch, device, patch_nums)
-        if args.compile:
-            var.compile_blocks()
+    for name in setup.sample_models:
+        vae, var = build_for(name, setup.width, args, setup)
         print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
-        for B in batch_sizes:
-            for sch in (schedules if var.use_implicit else [(0, 0)]):
-                r = bench_sampling(var, vae, name, B, sch, args, device, dtype, peak_dtype)
+        for B in setup.batch_sizes:
+            for sch in (setup.schedules if var.use_implicit else [(0, 0)]):
+                r = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops)
                 results.append(r)
                 print(table([r], SAMPLE_COLS).splitlines()[-1], flush=True)
         del vae, var
         trim_host_memory()
-    for name in train_models:
-        vae, var = build(name, train_width, vae_ch, device, patch_nums)
-        if args.compile:
-            var.compile_blocks()
-        for n0, n1 in (grid if var.use_implicit else [(0, 0)]):
-            r = bench_training(var, vae, name, args.train_bs, n0, n1, args, device, dtype)
+    return results
+
+
+def run_training(args, setup: Setup) -> List[dict]:
+    results = []
+    for name in setup.train_models:
+        vae, var = build_for(name, setup.train_width, args, setup)
+        for n0, n1 in (setup.grid if var.use_implicit else [(0, 0)]):
+            r = bench_training(var, vae, name, args.train_bs, n0, n1, args, setup.device, setup.dtype)
             results.append(r)
             print(table([r], TRAIN_COLS).splitlines()[-1], flush=True)
         del vae, var
         trim_host_memory()
+    return results
 
-    # the limit measured again after the runs (best of both): a shared machine may have been busy at the start
-    again_fp32 = matmul_flops_per_s(device, torch.float32, args.matmul_n)
-    again = again_fp32 if dtype == torch.float32 else matmul_flops_per_s(device, dtype, args.matmul_n)
+
+def remeasure_matmul(args, setup: Setup, results: List[dict], peak_fp32: float, peak_dtype: float):
+    """The limit measured again after the runs; the best of both is kept (a shared machine may have been busy at
+    the start) and the sampling rows' fraction of it recomputed.  Returns the (fp32, --dtype) limits kept."""
+    again_fp32, again = measure_matmul(args, setup)
     if again > peak_dtype:
         for r in results:
             if r['kind'] == 'sample':
                 r['frac_of_matmul'] = r['transformer_gflop_s'] * 1e9 / again
                 r['frac_pct'] = 100 * r['frac_of_matmul']
-    peak_fp32, peak_dtype = max(peak_fp32, again_fp32), max(peak_dtype, again)
     print(f'# matmul {args.matmul_n}^3 after the runs: fp32 {again_fp32 / 1e9:.1f} GFLOP/s'
-          + ('' if dtype == torch.float32 else f', {args.dtype} {again / 1e9:.1f} GFLOP/s')
-          + f' (using the best: {peak_dtype / 1e9:.1f})')
+          + ('' if setup.dtype == torch.float32 else f', {args.dtype} {again / 1e9:.1f} GFLOP/s')
+          + f' (using the best: {max(peak_dtype, again) / 1e9:.1f})')
+    return max(peak_fp32, again_fp32), max(peak_dtype, again)
+
+
+def paper_ratios(samp: List[dict]) -> List[str]:
+    """VIAR-d30 / VAR-d30 images/s and peak memory at each batch size, next to the paper's ratios."""
+    var30 = {r['B']: r for r in samp if r['model'] == 'var_d30'}
+    lines = []
+    for r in samp:
+        if r['model'] == 'viar_d30' and r['B'] in var30:
+            v = var30[r['B']]
+            lines.append(f'| {r["B"]} | {r["schedule"]} | {r["img_s"] / v["img_s"]:.2f}x '
+                         f'(paper 2.12x) | {r["peak_mem_mb"] / v["peak_mem_mb"]:.2f}x (paper 0.44x) |')
+    return lines
+
+
+def print_report(args, setup: Setup, results: List[dict], found) -> None:
     samp = [r for r in results if r['kind'] == 'sample']
     train = [r for r in results if r['kind'] == 'train']
     if samp:
@@ -512,34 +578,43 @@ def main(args):
     if train:
         print('\n## Training step (forward + backward) against the fixed-point steps\n')
         print(table(train, TRAIN_COLS))
-    if not on_cpu:
-        var30 = {r['B']: r for r in samp if r['model'] == 'var_d30'}
-        lines = []
-        for r in samp:
-            if r['model'] == 'viar_d30' and r['B'] in var30:
-                v = var30[r['B']]
-                lines.append(f'| {r["B"]} | {r["schedule"]} | {r["img_s"] / v["img_s"]:.2f}x '
-                             f'(paper 2.12x) | {r["peak_mem_mb"] / v["peak_mem_mb"]:.2f}x (paper 0.44x) |')
-        if lines:
-            print('\n## VIAR-d30 / VAR-d30\n\n| B | iters | images/s | peak memory |\n|--:|--:|--:|--:|')
-            print('\n'.join(lines))
-    found = checks(results)
+    lines = paper_ratios(samp) if setup.device.type != 'cpu' else []
+    if lines:
+        print('\n## VIAR-d30 / VAR-d30\n\n| B | iters | images/s | peak memory |\n|--:|--:|--:|--:|')
+        print('\n'.join(lines))
     if found:
         print('\n## Checks\n')
         for ok, msg in found:
             print(f'- [{"ok" if ok else "NOT MET"}] {msg}')
+
+
+def write_outputs(args, info: dict, peaks: Tuple[float, float], results: List[dict], found) -> None:
+    from utils.misc import atomic_write_bytes
     if args.json:
-        from utils.misc import atomic_write_bytes
-        doc = dict(machine=info, matmul_gflop_s={'fp32': peak_fp32 / 1e9, args.dtype: peak_dtype / 1e9},
+        doc = dict(machine=info, matmul_gflop_s={'fp32': peaks[0] / 1e9, args.dtype: peaks[1] / 1e9},
                    args=vars(args), results=results, checks=[dict(ok=ok, what=m) for ok, m in found])
         atomic_write_bytes(json.dumps(doc, indent=1).encode(), args.json)
         print(f'\nwrote {args.json}')
     if args.plot:
         plot(results, args.plot)
         print(f'wrote {args.plot}')
-    if args.strict and not all(ok for ok, _ in found):
-        return 1
-    return 0
+
+
+def main(args) -> int:
+    """Runs the benchmarks of ``args``; returns the exit status (1: ``--strict`` and a check not met)."""
+    setup = resolve_setup(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    info = machine_info(setup.device)
+    peak_fp32, peak_dtype = measure_matmul(args, setup)
+    print_header(args, setup, info, peak_fp32, peak_dtype)
+    results = run_sampling(args, setup, peak_dtype) + run_training(args, setup)
+    peaks = remeasure_matmul(args, setup, results, peak_fp32, peak_dtype)
+    found = checks(results)
+    print_report(args, setup, results, found)
+    write_outputs(args, info, peaks, results, found)
+    return 1 if args.strict and not all(ok for ok, _ in found) else 0
 
 
 def get_parser():
@@ -548,12 +623,14 @@ def get_parser():
                                 epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1 ...')
     p.add_argument('--dtype', default='fp32', help='fp32, bf16 (autocast; CPU and CUDA) or fp16 (autocast; CUDA)')
-    p.add_argument('--models', default='var_d16,var_d30,viar_d30', help=f'sampling benchmarks: {",".join(MODELS)} or none')
+    p.add_argument('--models', default='var_d16,var_d30,viar_d30',
+                   help=f'sampling benchmarks: {",".join(MODELS)} or none')
     p.add_argument('--schedules', default='10-10,10-5,5-5,10-1', help='VIAR iteration knobs iter_left-iter_right')
     p.add_argument('--batch_sizes', default='', help='comma-separated (default: 2 on CPU, 16,64 on CUDA)')
     p.add_argument('--width', type=int, default=-1, help='transformer width; 0: published (64 x depth); '
                    'default: 128 on CPU, published on CUDA')
-    p.add_argument('--vae_ch', type=int, default=0, help='tokenizer width (default: 32 on CPU, 160 = published on CUDA)')
+    p.add_argument('--vae_ch', type=int, default=0,
+                   help='tokenizer width (default: 32 on CPU, 160 = published on CUDA)')
     p.add_argument('--reso', type=int, default=256, choices=(256, 512))
     p.add_argument('--patch_nums', default='', help='scales, e.g. 1_2_3_4 (overrides --reso; for quick runs)')
     p.add_argument('--train_models', default='viar_d30', help='training benchmarks (none to skip)')
