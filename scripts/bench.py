@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -150,17 +150,22 @@ def trim_host_memory():
 
 class Probe:
     """Wraps the transformer part of the sampler (``backbone.sample_scale`` and ``get_logits``) and the decoder
-    (``vae.fhat_to_img``) to time them, and the KV caches to record their peak bytes.  ``around`` (a context
-    factory) can replace the timer, e.g. with ``torch.utils.flop_counter.FlopCounterMode``."""
+    (``vae.fhat_to_img``) to time them, the KV caches to record their peak bytes, and VIAR's fixed-point step to
+    count the iterations each scale ran (``iters_run``; fewer than the schedule's under ``iter_tol``).  ``around``
+    (a context factory) can replace the timer, e.g. with ``torch.utils.flop_counter.FlopCounterMode``."""
 
     def __init__(self, var, vae, device, around=None):
         self.var, self.device, self.around = var, torch.device(device), around
         self.t_transformer = self.t_decoder = 0.0
         self.kv_peak = 0
+        self.iters_run, self._steps = [], 0
         self._events = []
         bb = var.backbone
         self._saved = [(bb, 'sample_scale'), (var, 'get_logits'), (vae, 'fhat_to_img')]
         bb.sample_scale = self._timed(bb.sample_scale, 't_transformer', kv=True)
+        if bb.is_implicit:
+            self._saved.append((bb, 'implicit_step'))
+            bb.implicit_step = self._counted(bb.implicit_step)
         var.get_logits = self._timed(var.get_logits, 't_transformer')
         vae.fhat_to_img = self._timed(vae.fhat_to_img, 't_decoder', counted=False)
         for b in var.all_blocks():      # the implicit block frees per-iteration caches inside sample_scale
@@ -182,9 +187,17 @@ class Probe:
                 with ctx:
                     out = fn(*args, **kwargs)
                 setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
-            if kv:
+            if kv:      # the end of a scale
                 self.kv_peak = max(self.kv_peak, self.var.kv_cache_nbytes())
+                self.iters_run.append(self._steps)
+                self._steps = 0
             return out
+        return wrapper
+
+    def _counted(self, fn):
+        def wrapper(*args, **kwargs):
+            self._steps += 1
+            return fn(*args, **kwargs)
         return wrapper
 
     def collect(self):
@@ -204,6 +217,7 @@ class Probe:
     def reset(self):
         self.t_transformer = self.t_decoder = 0.0
         self.kv_peak = 0
+        self.iters_run, self._steps = [], 0
         self._events = []
 
     def remove(self):
@@ -218,7 +232,9 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops):
+def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, iter_tol=None, trace=False):
+    """One sampling configuration, best of ``args.reps`` after ``args.warmup``; ``iter_tol`` and ``trace`` are passed
+    to ``autoregressive_infer_cfg`` (VIAR's early exit; the fixed-point trace, a fresh dict per call)."""
     from models import iterations_per_scale
     from utils.memory import PeakMemory
     il, ir = schedule_lr if var.use_implicit else (0, 0)
@@ -234,24 +250,29 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
                 sync(device)
                 t0 = time.perf_counter()
                 var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
-                                             iter_left=il, iter_right=ir)
+                                             iter_left=il, iter_right=ir, iter_tol=iter_tol,
+                                             trace={} if trace else None)
                 sync(device)
                 wall = time.perf_counter() - t0
             probe.collect()
             if rep >= args.warmup:
                 runs.append(dict(wall=wall, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak,
-                                 peak=mem.peak, peak_delta=mem.delta))
+                                 peak=mem.peak, peak_delta=mem.delta, iters_run=probe.iters_run or schedule))
     finally:
         probe.remove()
     best = {k: min(r[k] for r in runs) for k in ('wall', 't_tf', 't_dec')}
     best.update({k: max(r[k] for r in runs) for k in ('kv', 'peak', 'peak_delta')})
-    flops = sampler_flops(var, B, schedule)
-    tf_flops_s = flops['total'] / best['t_tf']
+    # FLOPs of the iterations each run made (the same for every run of a fixed schedule)
+    flops = [sampler_flops(var, B, r['iters_run'])['total'] for r in runs]
+    tf_flops_s = max(f / r['t_tf'] for f, r in zip(flops, runs))
+    iters_run = [sum(col) / len(runs) for col in zip(*(r['iters_run'] for r in runs))]
     return dict(
         kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
         schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None,
+        iter_tol=iter_tol if var.use_implicit else None, trace=bool(trace and var.use_implicit),
+        iters_run=iters_run if var.use_implicit else None, iters_total=sum(iters_run) if var.use_implicit else None,
         img_s=B / best['wall'], wall_s=best['wall'], transformer_s=best['t_tf'], decoder_s=best['t_dec'],
-        transformer_gflop=flops['total'] / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
+        transformer_gflop=sum(flops) / len(flops) / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
         frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops,
         peak_mem_mb=best['peak'] / 2 ** 20, peak_mem_delta_mb=best['peak_delta'] / 2 ** 20,
         kv_cache_mb=best['kv'] / 2 ** 20)
@@ -304,15 +325,18 @@ def machine_info(device) -> dict:
     except OSError:
         pass
     info['cpu_cores'] = os.cpu_count()
+    if hasattr(os, 'getloadavg'):
+        info['load_avg_1_5_15'] = [round(x, 2) for x in os.getloadavg()]
     if torch.device(device).type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     return info
 
 
 def table(rows, cols) -> str:
-    """``cols``: (header, key, format)."""
-    cells = [[h for h, _, _ in cols]] + [[fmt.format(r[k]) if r.get(k) is not None else '-' for _, k, fmt in cols]
-                                        for r in rows]
+    """``cols``: (header, key, format string or function of the value); None shows as '-'."""
+    def cell(v, fmt):
+        return '-' if v is None else fmt(v) if callable(fmt) else fmt.format(v)
+    cells = [[h for h, _, _ in cols]] + [[cell(r.get(k), fmt) for _, k, fmt in cols] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = ['| ' + ' | '.join(c.rjust(w) for c, w in zip(row, widths)) + ' |' for row in cells]
     lines.insert(1, '|' + '|'.join('-' * (w + 1) + ':' for w in widths) + '|')
@@ -320,7 +344,9 @@ def table(rows, cols) -> str:
 
 
 SAMPLE_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
-               ('iters', 'schedule', '{}'), ('img/s', 'img_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
+               ('iters', 'schedule', '{}'), ('tol', 'iter_tol', '{:g}'),
+               ('trace', 'trace', lambda v: 'on' if v else 'off'), ('iters run', 'iters_total', '{:.1f}'),
+               ('img/s', 'img_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
                ('decoder s', 'decoder_s', '{:.3f}'), ('GFLOP', 'transformer_gflop', '{:.1f}'),
                ('GFLOP/s', 'transformer_gflop_s', '{:.1f}'), ('% of matmul', 'frac_pct', '{:.0f}%'),
                ('peak mem MB', 'peak_mem_mb', '{:.0f}'), ('KV cache MB', 'kv_cache_mb', '{:.1f}')]
@@ -335,7 +361,7 @@ def checks(results) -> list:
     out = []
     groups = defaultdict(list)
     for r in results:
-        if r['kind'] == 'sample' and r['iters']:
+        if r['kind'] == 'sample' and r['iters'] and r['iter_tol'] is None and not r['trace']:
             groups[(r['model'], r['width'], r['B'], r['dtype'])].append(r)
     for key, rs in groups.items():
         # a schedule "lower" than another: no more iterations at any scale, fewer at some
@@ -371,12 +397,32 @@ def checks(results) -> list:
     return out
 
 
+def compute_control_notes(results) -> List[str]:
+    """Each traced or early-exit VIAR run against the same schedule untraced and without ``iter_tol``: images/s
+    ratio and iterations run (timings: read them with the machine's load in mind)."""
+    base = {}
+    for r in results:
+        if r['kind'] == 'sample' and r['iters'] and r['iter_tol'] is None and not r['trace']:
+            base[(r['model'], r['width'], r['B'], r['dtype'], r['schedule'])] = r
+    out = []
+    for r in results:
+        b = base.get((r['model'], r['width'], r['B'], r['dtype'], r['schedule'])) if r['kind'] == 'sample' else None
+        if b is None or r is b:
+            continue
+        what = ' + '.join(x for x in ((f'iter_tol {r["iter_tol"]:g}' if r['iter_tol'] is not None else ''),
+                                      ('trace' if r['trace'] else '')) if x)
+        out.append(f'{r["model"]} B={r["B"]} {r["dtype"]} {r["schedule"]}, {what}: {r["img_s"] / b["img_s"]:.3f}x '
+                   f'images/s of the plain run ({r["img_s"]:.3f} vs {b["img_s"]:.3f}), {r["iters_total"]:.1f} of '
+                   f'{b["iters_total"]:.0f} iterations')
+    return out
+
+
 def plot(results, path):
     """A bar chart of images/s per (model, schedule, batch) drawn with Pillow (no plotting library needed)."""
     from PIL import Image, ImageDraw
     rows = [r for r in results if r['kind'] == 'sample']
     if not rows:
-        raise BenchError('--plot needs sampling results (do not pass --sample_models none)')
+        raise BenchError('--plot needs sampling results (do not pass --models none)')
     W, H, pad, bar = 160 + 70 * len(rows), 420, 50, 40
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
@@ -391,7 +437,8 @@ def plot(results, path):
         d.text((x, H - 90 - h - 28), f'{r["img_s"]:.3g}', fill='black')
         d.text((x, H - 90 - h - 14), f'{r["kv_cache_mb"]:.3g}MB', fill='gray')
         d.text((x, H - 80), r['model'], fill='black')
-        d.text((x, H - 66), r['schedule'], fill='black')
+        d.text((x, H - 66), r['schedule'] + (f' t{r["iter_tol"]:g}' if r.get('iter_tol') is not None else '')
+               + (' tr' if r.get('trace') else ''), fill='black')
         d.text((x, H - 52), f'B={r["B"]}', fill='black')
     import io
 
@@ -409,6 +456,24 @@ def parse_list(s, what, conv=int):
         return [conv(x) for x in s.split(',') if x.strip()]
     except ValueError:
         raise BenchError(f'could not read {what} {s!r}') from None
+
+
+def parse_tols(s) -> List[Optional[float]]:
+    """``--iter_tol``: comma-separated tolerances, ``none`` for the fixed schedule."""
+    tols = []
+    for x in (s or 'none').split(','):
+        x = x.strip().lower()
+        if x in ('none', ''):
+            tols.append(None)
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise BenchError(f'could not read the tolerance {x!r} of --iter_tol {s!r}; write e.g. none,1e-3') from None
+        if not (math.isfinite(v) and v >= 0):
+            raise BenchError(f'--iter_tol {x} must be >= 0 (relative residual that stops the iterations of a scale)')
+        tols.append(v)
+    return list(dict.fromkeys(tols))
 
 
 def parse_schedule(s):
@@ -434,6 +499,7 @@ class Setup:
     sample_models: List[str]
     train_models: List[str]
     schedules: List[Tuple[int, int]]
+    iter_tols: List[Optional[float]]
     batch_sizes: List[int]
     grid: List[Tuple[int, int]]
 
@@ -484,6 +550,7 @@ def resolve_setup(args) -> Setup:
         vae_ch=args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 160), patch_nums=resolve_patch_nums(args),
         sample_models=sample_models, train_models=train_models,
         schedules=[parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)],
+        iter_tols=parse_tols(args.iter_tol),
         batch_sizes=parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64]),
         grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)])
 
@@ -518,11 +585,15 @@ def run_sampling(args, setup: Setup, peak_flops: float) -> List[dict]:
     for name in setup.sample_models:
         vae, var = build_for(name, setup.width, args, setup)
         print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
+        implicit = var.use_implicit    # iter_tol and the trace are VIAR's: a VAR runs once per batch size
         for B in setup.batch_sizes:
-            for sch in (setup.schedules if var.use_implicit else [(0, 0)]):
-                r = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops)
-                results.append(r)
-                print(table([r], SAMPLE_COLS).splitlines()[-1], flush=True)
+            for sch in (setup.schedules if implicit else [(0, 0)]):
+                for tol in (setup.iter_tols if implicit else [None]):
+                    for trace in ((False, True) if implicit and args.trace else (False,)):
+                        r = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops,
+                                           iter_tol=tol, trace=trace)
+                        results.append(r)
+                        print(table([r], SAMPLE_COLS).splitlines()[-1], flush=True)
         del vae, var
         trim_host_memory()
     return results
@@ -582,6 +653,10 @@ def print_report(args, setup: Setup, results: List[dict], found) -> None:
     if lines:
         print('\n## VIAR-d30 / VAR-d30\n\n| B | iters | images/s | peak memory |\n|--:|--:|--:|--:|')
         print('\n'.join(lines))
+    notes = compute_control_notes(results)
+    if notes:
+        print('\n## Fixed-point trace and early exit (against the same schedule without them)\n')
+        print('\n'.join(f'- {n}' for n in notes))
     if found:
         print('\n## Checks\n')
         for ok, msg in found:
@@ -626,6 +701,11 @@ def get_parser():
     p.add_argument('--models', default='var_d16,var_d30,viar_d30',
                    help=f'sampling benchmarks: {",".join(MODELS)} or none')
     p.add_argument('--schedules', default='10-10,10-5,5-5,10-1', help='VIAR iteration knobs iter_left-iter_right')
+    p.add_argument('--iter_tol', default='none',
+                   help='VIAR early exit: comma-separated tolerances, each benched with every schedule (its maximum '
+                        'per scale); none = the fixed schedule; e.g. none,1e-2,1e-3')
+    p.add_argument('--trace', action='store_true',
+                   help='also bench every VIAR run with the fixed-point trace on (autoregressive_infer_cfg(trace=))')
     p.add_argument('--batch_sizes', default='', help='comma-separated (default: 2 on CPU, 16,64 on CUDA)')
     p.add_argument('--width', type=int, default=-1, help='transformer width; 0: published (64 x depth); '
                    'default: 128 on CPU, published on CUDA')

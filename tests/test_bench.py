@@ -97,3 +97,34 @@ def test_bad_flag_ends_in_one_line_from_the_command_line(repo_dir):
     assert p.returncode == 1
     assert 'could not read the iteration schedule' in p.stderr and 'Traceback' not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_iter_tol_and_trace_rows(tmp_path, capsys):
+    """``--iter_tol none,0,1e9 --trace``: every VIAR schedule is benched plain, traced, and under each tolerance;
+    a tolerance of 0 runs the whole schedule, a huge one a single iteration per scale, with the KV-cache bytes and
+    FLOPs of the 1->1 schedule exactly; the notes compare each run with the plain one."""
+    out_json = tmp_path / 'b.json'
+    args = bench.get_parser().parse_args(TINY + [
+        '--models', 'viar_d30', '--schedules', '3-3,1-1', '--iter_tol', 'none,0,1e9', '--trace',
+        '--train_models', 'none', '--json', str(out_json)])
+    assert bench.main(args) == 0
+    rows = [r for r in json.loads(out_json.read_text())['results'] if r['kind'] == 'sample']
+    assert len(rows) == 2 * 3 * 2
+    by = {(r['schedule'], r['iter_tol'], r['trace']): r for r in rows}
+    assert by[('3->3', 0.0, False)]['iters_run'] == [3, 3, 3] and by[('3->3', 1e9, True)]['iters_run'] == [1, 1, 1]
+    one = by[('1->1', None, False)]
+    for trace in (False, True):
+        huge = by[('3->3', 1e9, trace)]
+        assert huge['kv_cache_mb'] == one['kv_cache_mb'] and huge['transformer_gflop'] == one['transformer_gflop']
+        assert by[('3->3', None, trace)]['iters_total'] == 9 and by[('3->3', None, trace)]['trace'] is trace
+    printed = capsys.readouterr().out
+    assert '## Fixed-point trace and early exit' in printed
+    assert 'viar_d30 B=1 fp32 3->3, iter_tol 1e+09 + trace:' in printed
+    assert len([c for c in json.loads(out_json.read_text())['checks'] if 'KV-cache' in c['what']]) == 1
+
+
+def test_bad_iter_tol_is_reported():
+    with pytest.raises(bench.BenchError, match='--iter_tol -1 must be >= 0'):
+        bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'none,-1']))
+    with pytest.raises(bench.BenchError, match='could not read the tolerance'):
+        bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'tight']))
