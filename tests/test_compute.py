@@ -153,3 +153,84 @@ def test_the_trace_leaves_images_unchanged(viar, dtype):
     assert_same(sample(viar, (10, 5), dtype=dtype, iter_tol=3e-3, trace=trace),
                 sample(viar, (10, 5), dtype=dtype, iter_tol=3e-3))
     assert traced['iters'] == [10, 8, 6, 5] and all(r.dtype == torch.float32 for r in traced['residual_rows'])
+
+
+# ============================================== scripts/fixed_point.py ================================================
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """vae.pth, var.pth and viar.pth of the tiny models above."""
+    d = tmp_path_factory.mktemp('ckpts')
+    for implicit in (False, True):
+        vae, model = tiny(implicit)
+        torch.save(model.state_dict(), d / ('viar.pth' if implicit else 'var.pth'))
+    torch.save(vae.state_dict(), d / 'vae.pth')
+    return d
+
+
+def my_units_tokens_and_rows(model, classes, per_class, batch_size, seed, n, trace):
+    """sampling.py's units done here by hand: class c, batch i -> g_seed = seed + i, top-k 900 clamped to V=64."""
+    tokens, rows = [], [[] for _ in PNS]
+    for c in classes:
+        for i, lo in enumerate(range(0, per_class, batch_size)):
+            b, tr = min(batch_size, per_class - lo), ({} if trace else None)
+            with torch.inference_mode():
+                _, idx = model.autoregressive_infer_cfg(B=b, label_B=torch.tensor([c] * b), g_seed=seed + i, cfg=1.5,
+                                                        top_k=64, top_p=0.96, iter_left=n, iter_right=n,
+                                                        ret_idx_Bl=True, trace=tr)
+            tokens.append(torch.cat(idx, dim=1))
+            for k in range(len(PNS)) if trace else ():
+                rows[k].append(tr['residual_rows'][k].double())
+    return torch.cat(tokens), [torch.cat(r, dim=1) for r in rows] if trace else None
+
+
+def test_fixed_point_diagnostics(ckpts, tmp_path, viar):
+    import json
+    import statistics
+
+    from scripts import fixed_point
+    from utils.misc import png_is_valid
+    out = tmp_path / 'fp'
+    argv = ['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--classes', '1', '3',
+            '--per_class', '3', '--batch_size', '2', '--seed', '5', '--max_iters', '7', '--ref_iters', '4',
+            '--token_iters', '0,1,2,4,7', '--device', 'cpu', '--out', str(out)]
+    assert fixed_point.main(argv) == 0
+    doc = json.loads((tmp_path / 'fp.json').read_text())
+    assert png_is_valid(tmp_path / 'fp.png')
+    assert doc['images'] == 6 and doc['rows'] == 12 and doc['classes'] == [1, 3]
+
+    # residual curves: the quantiles of the rows of my own traced run of the same units
+    _, rows = my_units_tokens_and_rows(viar, [1, 3], 3, 2, 5, 7, trace=True)
+    for k, s in enumerate(doc['residual']['per_scale']):
+        assert rows[k].shape == (7, 12) and len(s['median']) == 7
+        assert s['median'] == pytest.approx([statistics.median(r.tolist()) for r in rows[k]], rel=1e-12)
+        assert s['max'] == pytest.approx(rows[k].max(dim=1).values.tolist(), rel=1e-12)
+        assert all(a <= b <= c for a, b, c in zip(s['p10'], s['median'], s['p90']))
+        first = [i + 1 for i in range(7) if rows[k][i].max() <= 1e-3]
+        assert doc['stop_iteration']['0.001'][k] == (first[0] if first else None)
+
+    # token change: my own n->n tokens against my own 4->4 tokens
+    ref, _ = my_units_tokens_and_rows(viar, [1, 3], 3, 2, 5, 4, trace=False)
+    tc = doc['token_change']
+    assert tc['n'] == [0, 1, 2, 4, 7] and tc['fraction'][tc['n'].index(4)] == 0.0
+    for n, frac, imgs in zip(tc['n'], tc['fraction'], tc['images_changed']):
+        tokens, _ = my_units_tokens_and_rows(viar, [1, 3], 3, 2, 5, n, trace=False)
+        assert frac == (tokens != ref).double().mean().item()
+        assert imgs == (tokens != ref).any(dim=1).double().mean().item()
+    assert tc['fraction'][0] > 0, 'no implicit iteration should change tokens of this model'
+
+
+@pytest.mark.parametrize('which, extra, message', [
+    ('var.pth', [], 'has no implicit block: the fixed-point diagnostics need a VIAR checkpoint'),
+    ('viar.pth', ['--classes', '9'], '--classes 9 is out of range'),
+    ('viar.pth', ['--max_iters', '0'], '--max_iters 0 must be >= 1'),
+    ('viar.pth', ['--token_iters', '1,x'], '--token_iters'),
+    ('missing.pth', [], 'missing.pth'),
+])
+def test_fixed_point_bad_input_is_one_line(ckpts, tmp_path, capsys, which, extra, message):
+    from scripts import fixed_point
+    argv = ['--var_ckpt', str(ckpts / which), '--vae_ckpt', str(ckpts / 'vae.pth'), '--device', 'cpu',
+            '--max_iters', '2', '--out', str(tmp_path / 'fp'), *extra]
+    assert fixed_point.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('scripts.fixed_point: error:') and message in err[0], err
+    assert not (tmp_path / 'fp.json').exists()

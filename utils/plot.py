@@ -50,9 +50,8 @@ def nice_ticks(lo: float, hi: float, log: bool, target: int = 6) -> List[float]:
             ticks = sorted(t * m for t in ticks for m in (1, 2, 5))
         return [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)] or [lo, hi]
     span = (hi - lo) or abs(hi) or 1.0
-    raw = span / target
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    mag = 10 ** math.floor(math.log10(span / target))
+    step = next(m * mag for m in (1, 2, 5, 10) if span / (m * mag) <= target + 1)
     first = math.ceil(lo / step - 1e-9) * step
     return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -157,11 +156,13 @@ class Panel:
             runs.append(cur)
             for run in runs:
                 if len(run) >= 2:
-                    if s['dashed']:
+                    if s['dashed']:     # 7 px on, 5 px off along each segment
                         for a, b in zip(run, run[1:]):
-                            for k in range(0, 10, 2):
-                                pd.line((a[0] + (b[0] - a[0]) * k / 10, a[1] + (b[1] - a[1]) * k / 10,
-                                         a[0] + (b[0] - a[0]) * (k + 1) / 10, a[1] + (b[1] - a[1]) * (k + 1) / 10),
+                            length = math.dist(a, b)
+                            for t in range(0, max(int(length), 1), 12):
+                                u, v = t / max(length, 1e-9), min(t + 7, length) / max(length, 1e-9)
+                                pd.line((a[0] + (b[0] - a[0]) * u, a[1] + (b[1] - a[1]) * u,
+                                         a[0] + (b[0] - a[0]) * v, a[1] + (b[1] - a[1]) * v),
                                         fill=s['color'], width=s['width'])
                     else:
                         pd.line(run, fill=s['color'], width=s['width'], joint='curve')
