@@ -234,3 +234,124 @@ def test_fixed_point_bad_input_is_one_line(ckpts, tmp_path, capsys, which, extra
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('scripts.fixed_point: error:') and message in err[0], err
     assert not (tmp_path / 'fp.json').exists()
+
+
+# ============================================== scripts/sweep.py ======================================================
+def sweep_argv(ckpts, out, *extra):
+    return ['--ckpts', str(ckpts / 'var.pth'), str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+            '--schedules', '3-3', '--num_classes', '2', '--per_class', '4', '--batch_size', '2', '--time_batches', '1',
+            '--time_warmup', '0', '--device', 'cpu', '--out', str(out), *extra]
+
+
+@pytest.fixture(scope='module')
+def golden_eval(golden_dir, tmp_path_factory):
+    """(a writable copy of the golden reference batch, the stand-in Inception graph)."""
+    gold = golden_dir / 'evaluator'
+    ref = tmp_path_factory.mktemp('ref') / 'ref_batch.npz'
+    ref.write_bytes((gold / 'ref_batch.npz').read_bytes())
+    return ref, gold / 'stand_in_inception.pb'
+
+
+def test_sweep_table_holds_the_evaluators_numbers(ckpts, golden_eval, tmp_path, monkeypatch, viar):
+    """Two operating points (VAR; VIAR 3->3) sampled, measured and scored; the table's FID, sFID, IS, precision and
+    recall are those of evaluator.py's functions on the same npz files, computed here; the npz holds the model's
+    own images (sampling.py's seeding); the KV-cache bytes are exactly those of the shapes; a second run reuses
+    everything."""
+    pytest.importorskip('tensorflow')
+    import json
+
+    import numpy as np
+
+    import evaluator
+    from scripts import sweep
+    from utils.misc import png_is_valid
+    from utils.sampling_utils import to_uint8
+    ref, graph = golden_eval
+    out = tmp_path / 'sw'
+    argv = sweep_argv(ckpts, out, '--ref_batch', str(ref), '--inception', str(graph))
+    assert sweep.main(argv) == 0
+    doc = json.loads((out / 'sweep.json').read_text())
+    rows = {r['point']: r for r in doc['points']}
+    label = f'{ckpts.name}-'
+    assert list(rows) == [label + 'var', label + 'viar-it3-3'] and png_is_valid(out / 'pareto.png')
+
+    model = evaluator.InceptionFeatures(str(graph))
+    ref_pool, ref_spatial = model.activations(evaluator.NpzImages(str(ref)), 64, 'ref')
+    ref_stats = evaluator.feature_statistics(ref_pool) + evaluator.feature_statistics(ref_spatial)
+    md = (out / 'sweep.md').read_text()
+    for r in rows.values():
+        pool, spatial = model.activations(evaluator.NpzImages(r['npz']), 64, 'sample')
+        mu, sigma, mu_s, sigma_s = evaluator.feature_statistics(pool) + evaluator.feature_statistics(spatial)
+        assert r['fid'] == pytest.approx(evaluator.frechet_distance(mu, sigma, *ref_stats[:2]), rel=1e-6)
+        assert r['sfid'] == pytest.approx(evaluator.frechet_distance(mu_s, sigma_s, *ref_stats[2:]), rel=1e-6)
+        assert r['inception_score'] == pytest.approx(evaluator.inception_score(model.class_probs(pool)), rel=1e-6)
+        precision, recall = evaluator.precision_recall(ref_pool, pool, distances=model.pairwise_sq_distances)
+        assert (r['precision'], r['recall']) == (precision, recall)
+        assert f'| {r["point"]} | {r["model"]} |' in md and f'{r["fid"]:.2f}' in md
+        assert r['images'] == 8 and r['images_timed'] == 2 and r['images_s'] > 0 and r['peak_mem_mb'] > 0
+
+    # the point's settings reach sampling.py: class 1, batch 1 (images 6, 7) is the model's g_seed = 1 + 1, 3->3
+    with torch.inference_mode():
+        img = viar.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 1]), g_seed=2, cfg=1.5, top_k=64, top_p=0.96,
+                                            iter_left=3, iter_right=3)
+    with np.load(rows[label + 'viar-it3-3']['npz']) as z:
+        assert np.array_equal(z['arr_0'][6:8], to_uint8(img))
+    # KV-cache bytes from the shapes: k and v of 2B = 4 rows x 64 channels x fp32 per token, L = 30 tokens;
+    # VAR-d1: one block; VIAR: pre + post blocks and one cache per iteration index
+    per_token = 2 * 4 * 64 * 4 / 2 ** 20
+    assert rows[label + 'var']['kv_cache_mb'] == per_token * 30
+    assert rows[label + 'viar-it3-3']['kv_cache_mb'] == per_token * (2 * 30 + 3 * 30)
+    assert rows[label + 'viar-it3-3']['iters_run'] == [3, 3, 3, 3] and rows[label + 'var']['iters_run'] is None
+
+    # resuming: nothing is sampled, timed or scored again
+    def fail(*a, **k):
+        raise AssertionError('should have been reused')
+    monkeypatch.setattr(sweep, 'measure_point', fail)
+    monkeypatch.setattr(sweep, 'score_point', fail)
+    monkeypatch.setattr(sweep.sampling, 'sample_batch', fail)
+    assert sweep.main(argv) == 0
+    assert json.loads((out / 'sweep.json').read_text())['points'] == doc['points']
+
+
+def test_sweep_under_torchrun_gives_the_same_npz(ckpts, tmp_path):
+    """Two processes sample the units of each point between them; the npz equals a one-process run's byte for byte,
+    and rank 0 alone measures (no reference batch: nothing is scored)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from scripts import sweep
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+           f'--master_port={port}', '-m', 'scripts.sweep', *sweep_argv(ckpts, tmp_path / 'two')]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '2 process(es)' in r.stdout and r.stdout.count('[sweep] timing') == 2
+    assert sweep.main(sweep_argv(ckpts, tmp_path / 'one')) == 0
+    for name in ('var', 'viar-it3-3'):
+        point = f'{ckpts.name}-{name}'
+        one, two = ([p for p in (tmp_path / run / 'samples' / point).iterdir() if p.suffix == '.npz'] for run in
+                    ('one', 'two'))
+        assert len(one) == len(two) == 1 and one[0].read_bytes() == two[0].read_bytes()
+    assert not (tmp_path / 'two' / 'pareto.png').exists() and (tmp_path / 'two' / 'sweep.md').is_file()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--schedules', '10to5'], "could not read the schedule '10to5'"),
+    (['--iter_tols', '-1'], '--iter_tols -1 must be >= 0'),
+    (['--per_class', '0'], '--per_class 0 must be >= 1'),
+    (['--ref_batch', 'nowhere.npz'], "--ref_batch 'nowhere.npz' not found"),
+    (['--num_classes', '9'], '--num_classes 9 but'),
+    (['--ckpts', 'missing.pth'], "'missing.pth' not found"),
+])
+def test_sweep_bad_input_is_one_line(ckpts, tmp_path, capsys, extra, message):
+    from scripts import sweep
+    assert sweep.main(sweep_argv(ckpts, tmp_path / 'sw') + extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('scripts.sweep: error:') and message in err[0], err
+    assert not (tmp_path / 'sw').exists()

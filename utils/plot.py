@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from utils.misc import atomic_write_bytes
 
-__all__ = ['COLORS', 'Panel', 'save_png', 'nice_ticks']
+__all__ = ['COLORS', 'Panel', 'save_png', 'nice_ticks', 'tick_labels']
 
 # matplotlib's tab10 colours
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -37,6 +37,15 @@ def _fmt(v: float) -> str:
         m, e = f'{v:.0e}'.split('e')
         return f'{m}e{int(e)}'
     return f'{v:.10g}' if v == int(v) else f'{v:.3g}'
+
+
+def tick_labels(ticks: Sequence[float], log: bool) -> List[str]:
+    """Labels of a tick row: as many decimals as the step between linear ticks needs (235.5 and 236 stay apart)."""
+    if log or len(ticks) < 2 or max(abs(t) for t in ticks) >= 1e5:
+        return [_fmt(t) for t in ticks]
+    step = min(b - a for a, b in zip(ticks, ticks[1:]))
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return [f'{t:.{decimals}f}' for t in ticks]
 
 
 def nice_ticks(lo: float, hi: float, log: bool, target: int = 6) -> List[float]:
@@ -119,14 +128,15 @@ class Panel:
             return (math.isfinite(x) and math.isfinite(y) and (x > 0 or not self.logx) and (y > 0 or not self.logy))
 
         # grid and ticks
-        for t in nice_ticks(x0, x1, self.logx):
+        xt, yt = nice_ticks(x0, x1, self.logx), nice_ticks(y0, y1, self.logy)
+        for t, text in zip(xt, tick_labels(xt, self.logx)):
             X = px(t, y0 if not self.logy else y1)[0]
             d.line((X, top, X, bottom), fill=(232, 232, 232))
-            d.text((X, bottom + 4), _fmt(t), fill='black', font=fs, anchor='ma')
-        for t in nice_ticks(y0, y1, self.logy):
+            d.text((X, bottom + 4), text, fill='black', font=fs, anchor='ma')
+        for t, text in zip(yt, tick_labels(yt, self.logy)):
             Y = px(x0 if not self.logx else x1, t)[1]
             d.line((left, Y, right, Y), fill=(232, 232, 232))
-            d.text((left - 5, Y), _fmt(t), fill='black', font=fs, anchor='rm')
+            d.text((left - 5, Y), text, fill='black', font=fs, anchor='rm')
         d.rectangle((left, top, right, bottom), outline='black')
         d.text(((left + right) / 2, 8), self.title, fill='black', font=f, anchor='ma')
         d.text(((left + right) / 2, H - 20), self.xlabel, fill='black', font=f, anchor='ma')

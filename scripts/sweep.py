@@ -1,0 +1,440 @@
+"""The quality-compute sweep: FID (and sFID, IS, precision, recall) against images/s, peak memory and KV-cache bytes
+for VAR checkpoints and for VIAR checkpoints under several iteration schedules and early-exit tolerances.
+
+    python -m scripts.sweep --ckpts ckpts/var_d30.pth ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \\
+        --schedules 10-10 10-5 5-5 10-1 3-3 --iter_tols 1e-2 1e-3 --num_classes 1000 --per_class 10 \\
+        --ref_batch data/VIRTUAL_imagenet256_labeled.npz --out sweep
+    torchrun --nproc_per_node=8 -m scripts.sweep ...             # the same flags: sampling is sharded, same images
+    python -m scripts.sweep --ckpts demo_output/var/ar-ckpt-last.pth demo_output/viar/ar-ckpt-last.pth \\
+        --vae_ckpt demo_output/vae/vae_ch32v256z16.pth --ref_batch demo_output/data/val \\
+        --inception stand_in_inception.pb --per_class 20 --out demo_output/sweep      # small models, on a CPU
+
+Operating points: every VAR checkpoint once; every VIAR checkpoint once per ``--schedules`` entry (iter_left-
+iter_right) and once per ``--iter_tols`` entry (early exit, with ``--tol_schedule`` as each scale's maximum).  The
+kind of each checkpoint is read from the file.  For every point:
+
+1. **Samples** ``--num_classes`` x ``--per_class`` images with sampling.py's own pipeline (its units: class c,
+   batch i of ``--batch_size`` -> ``g_seed = seed + i``; PNGs written atomically; resumable; under torchrun the
+   units are dealt to the ranks and the images do not depend on their number; settings and weights fingerprints
+   recorded in ``sampling_config.json``), into ``<out>/samples/<point>/<sampling.py's folder>`` and its npz.
+2. **Measures** (rank 0 alone, after all sampling, before TensorFlow is loaded): ``--time_batches`` sampler calls of
+   ``--batch_size`` images (the first units of the sample, after ``--time_warmup`` untimed calls): images/s of the
+   whole sampler call (transformer and decoder; PNG writing excluded), peak memory (CUDA:
+   ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, weights included, and its rise during
+   the calls), the peak KV-cache bytes (``var.kv_cache_nbytes()`` after every scale and before every cache is
+   freed) and the implicit iterations each scale ran.
+3. **Scores** the npz with ``evaluator.evaluate`` against ``--ref_batch`` (an npz, or a folder of images packed once
+   into ``<out>/ref_batch.npz``); the reference statistics are cached next to it (``evaluator.py
+   --save_ref_stats``).  Without ``--ref_batch`` the points are measured but not scored.
+
+Resuming: rerunning the same command skips finished images, and reuses a point's measurement and scores (stored in
+``<out>/points/<point>.json``) while its sampling settings, weights, measurement settings, npz, reference batch and
+Inception graph are the same (``--remeasure`` times every point again, e.g. on a quieter machine).
+
+Writes ``<out>/sweep.json`` (a row per point, the machine and its load average, the flags), ``<out>/sweep.md`` (the
+table) and ``<out>/pareto.png`` (FID against images/s and against KV-cache MB, one curve per checkpoint).  A bad flag
+or file ends with one line and exit status 1.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import sampling
+from models.checkpoint import infer_var_config, load_vae_var, model_state_dict, read_checkpoint
+from scripts.bench import Probe, machine_info, sync, trim_host_memory
+from utils import dist
+from utils.errors import UserError, run_cli
+from utils.memory import PeakMemory
+from utils.misc import atomic_write_bytes
+from utils.plot import Panel, save_png
+from utils.sampling_utils import add_device_args, dtype_name, sample_batch, sampler_kwargs, setup_device
+
+PROG = 'scripts.sweep'
+SCORE_NAMES = {'FID': 'fid', 'sFID': 'sfid', 'Inception Score': 'inception_score', 'Precision': 'precision',
+               'Recall': 'recall'}
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+
+class SweepError(UserError):
+    """A bad flag, checkpoint or reference batch: one line, exit status 1."""
+
+
+# ============================================== operating points ======================================================
+@dataclass
+class Point:
+    name: str                         # folder name under <out>/samples and <out>/points
+    ckpt: str
+    model: str                        # the curve it belongs to (one per checkpoint)
+    implicit: bool
+    depth: int
+    num_classes: int
+    iters: Optional[Tuple[int, int]]  # VIAR: (iter_left, iter_right); VAR: None
+    iter_tol: Optional[float]
+
+    @property
+    def label(self) -> str:
+        if not self.implicit:
+            return 'VAR'
+        return f'{self.iters[0]}->{self.iters[1]}' + (f' tol {self.iter_tol:g}' if self.iter_tol is not None else '')
+
+
+def parse_schedule(text: str) -> Tuple[int, int]:
+    m = re.fullmatch(r'\s*(\d+)\s*(?:-|->|:)\s*(\d+)\s*', text)
+    if not m:
+        raise SweepError(f'could not read the schedule {text!r}: write ITER_LEFT-ITER_RIGHT, e.g. 10-5')
+    return int(m.group(1)), int(m.group(2))
+
+
+def ckpt_label(path: str) -> str:
+    """``<folder>-<file stem>``: tells apart the ``ar-ckpt-last.pth`` of two training runs."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r'[^A-Za-z0-9._-]+', '_', f'{parent}-{stem}' if parent else stem)
+
+
+def inspect_ckpt(path: str) -> Dict[str, Any]:
+    """The architecture stored in a checkpoint (read memory-mapped; nothing is built)."""
+    return infer_var_config(model_state_dict(read_checkpoint(path, 'model checkpoint'), path), path)
+
+
+def plan_points(args) -> List[Point]:
+    """Every operating point of the flags, in order: each checkpoint's points together."""
+    schedules = [parse_schedule(s) for s in args.schedules]
+    tol_sched = parse_schedule(args.tol_schedule)
+    points, labels = [], {}
+    for ckpt in dict.fromkeys(args.ckpts):
+        cfg = inspect_ckpt(ckpt)
+        label = ckpt_label(ckpt)
+        labels[label] = labels.get(label, 0) + 1
+        if labels[label] > 1:
+            label = f'{label}-{labels[label]}'
+        common = dict(ckpt=ckpt, model=f'{"VIAR" if cfg["use_implicit"] else "VAR"}-d{cfg["depth"]} {label}',
+                      implicit=cfg['use_implicit'], depth=cfg['depth'], num_classes=cfg['num_classes'])
+        if not cfg['use_implicit']:
+            points.append(Point(name=label, iters=None, iter_tol=None, **common))
+            continue
+        for il, ir in dict.fromkeys(schedules):
+            points.append(Point(name=f'{label}-it{il}-{ir}', iters=(il, ir), iter_tol=None, **common))
+        for tol in dict.fromkeys(args.iter_tols):
+            points.append(Point(name=f'{label}-it{tol_sched[0]}-{tol_sched[1]}-tol{tol:g}', iters=tol_sched,
+                                iter_tol=tol, **common))
+    if not points:
+        raise SweepError('no operating point: pass VIAR checkpoints with --schedules or --iter_tols, or VAR ones')
+    return points
+
+
+# ============================================== 1. sampling (sampling.py's pipeline) ==================================
+def sampling_args(args, p: Point, num_classes: int) -> argparse.Namespace:
+    """The flags sampling.py would get for point ``p``."""
+    il, ir = p.iters or (10, 10)        # a VAR ignores them (and sampling.py does not record them for it)
+    return argparse.Namespace(
+        ckpt_path=p.ckpt, vae_ckpt=args.vae_ckpt, depth=None, use_implicit=p.implicit, pre_depth=None, post_depth=None,
+        sample_dir=os.path.join(args.out, 'samples', p.name), seed=args.seed, num_classes=num_classes,
+        per_class=args.per_class, batch_size=args.batch_size, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+        more_smooth=False, iter_left=il, iter_right=ir, iter_tol=p.iter_tol,
+        device=args.device, dtype=args.dtype, tf32=args.tf32)
+
+
+def sample_folder(ns: argparse.Namespace, p: Point) -> str:
+    return os.path.join(ns.sample_dir, sampling.folder_name(ns, p.depth))
+
+
+def sample_point(ns: argparse.Namespace, device, amp_dtype) -> None:
+    try:
+        sampling._sample(ns, device, amp_dtype)
+    except OSError as e:
+        raise SweepError(f'{e}; every image written so far is kept: fix this and rerun the same command to resume',
+                         every_rank=True) from None
+
+
+# ============================================== 2. measuring ==========================================================
+def measure_point(var, vae, ns: argparse.Namespace, args, device, amp_dtype) -> Dict[str, Any]:
+    """images/s, peak memory, peak KV-cache bytes and iterations run over ``--time_batches`` sampler calls."""
+    units = sampling.units_of(ns.num_classes, ns.per_class, ns.batch_size)
+    calls = [units[j % len(units)] for j in range(args.time_warmup + args.time_batches)]
+    kw = sampler_kwargs(ns, var)
+
+    def call(c, i, idx):
+        label_B = torch.full((len(idx),), c, dtype=torch.long, device=device)
+        return sample_batch(var, label_B, ns.seed + i, kw, amp_dtype)
+
+    for unit in calls[:args.time_warmup]:
+        call(*unit)
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+    probe = Probe(var, vae, device)
+    try:
+        trim_host_memory()
+        images, iters = 0, []
+        with PeakMemory(device) as mem:
+            sync(device)
+            t0 = time.perf_counter()
+            for unit in calls[args.time_warmup:]:
+                probe.iters_run = []
+                call(*unit)
+                images += len(unit[2])
+                iters.append(probe.iters_run)
+            sync(device)
+            wall = time.perf_counter() - t0
+        probe.collect()
+    finally:
+        probe.remove()
+    per_scale = [sum(col) / len(iters) for col in zip(*iters)] if var.use_implicit else None
+    return dict(images_s=images / wall, seconds=wall, images_timed=images, peak_mem_mb=mem.peak / 2 ** 20,
+                peak_mem_delta_mb=mem.delta / 2 ** 20, kv_cache_mb=probe.kv_peak / 2 ** 20,
+                iters_run=per_scale, iters_total=sum(per_scale) if per_scale else None, load_avg_1_5_15=load,
+                timed_at=time.strftime('%Y-%m-%d %H:%M:%S'))
+
+
+def measure_key(ns: argparse.Namespace, folder: str, args, device, amp_dtype) -> Dict[str, Any]:
+    """What a measurement depends on: the recorded sampling settings and weights, and how it was timed."""
+    config = {k: v for k, v in (sampling.read_config(folder) or {}).items() if k != sampling.NPZ_KEY}
+    return dict(sampling=config, device=str(device), dtype=dtype_name(amp_dtype), batch_size=ns.batch_size,
+                time_batches=args.time_batches, time_warmup=args.time_warmup, threads=torch.get_num_threads())
+
+
+# ============================================== 3. scoring ============================================================
+def reference_npz(args) -> Optional[str]:
+    """``--ref_batch`` as an npz: a folder of images is packed (sorted paths, all of one size) into
+    ``<out>/ref_batch.npz`` once."""
+    ref = args.ref_batch
+    if not ref or not os.path.isdir(ref):
+        return ref
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if len(paths) < 4:
+        raise SweepError(f'--ref_batch {ref!r} holds {len(paths)} images; precision/recall need at least 4')
+    out = os.path.join(args.out, 'ref_batch.npz')
+    if os.path.isfile(out):
+        with np.load(out) as z:
+            if 'arr_0' in z.files and len(z['arr_0']) == len(paths):
+                return out
+    from PIL import Image
+    arrays = []
+    for path in paths:
+        with Image.open(path) as im:
+            arrays.append(np.asarray(im.convert('RGB')))
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise SweepError(f'--ref_batch {ref!r}: the images differ in size ({sorted(sizes)[:3]}); resize them first')
+
+    def write(f):
+        np.savez(f, arr_0=np.stack(arrays))
+    from utils.misc import atomic_write
+    atomic_write(write, out)
+    print(f'[sweep] packed {len(paths)} reference images of {ref} into {out}', flush=True)
+    return out
+
+
+def score_key(npz: str, ref: str, args) -> Dict[str, Any]:
+    from evaluator import file_sha256, resolve_inception
+    from utils.misc import npz_member_crc32
+    st = os.stat(ref)
+    return dict(npz_crc32=npz_member_crc32(npz), ref=os.path.abspath(ref), ref_bytes=st.st_size,
+                ref_mtime_ns=st.st_mtime_ns, inception_sha256=file_sha256(resolve_inception(args.inception)))
+
+
+def score_point(npz: str, ref: str, args) -> Dict[str, float]:
+    import evaluator
+    ev = argparse.Namespace(ref_batch=ref, sample_batch=npz, inception=args.inception, batch_size=args.eval_batch_size,
+                            json=None, save_ref_stats=True, no_is_shuffle=False, sqrtm=False)
+    return {SCORE_NAMES[k]: float(v) for k, v in evaluator.evaluate(ev).items()}
+
+
+# ============================================== the records and the report ============================================
+def record_path(args, p: Point) -> str:
+    return os.path.join(args.out, 'points', p.name + '.json')
+
+
+def read_record(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(obj, path: str) -> None:
+    atomic_write_bytes((json.dumps(obj, indent=1) + '\n').encode(), path)
+
+
+def table_md(rows: List[Dict[str, Any]]) -> str:
+    def f(v, fmt):
+        return '-' if v is None else fmt.format(v)
+    head = ('| point | model | iterations | iter_tol | iterations run | images/s | peak mem MB | KV cache MB | FID | '
+            'sFID | IS | precision | recall |')
+    lines = [head, '|' + '---|' * 3 + '--:|' * 10]
+    for r in rows:
+        lines.append(f'| {r["point"]} | {r["model"]} | {r["iters"] or "-"} | {f(r["iter_tol"], "{:g}")} | '
+                     f'{f(r["iters_total"], "{:.1f}")} | {r["images_s"]:.3f} | {r["peak_mem_mb"]:.0f} | '
+                     f'{r["kv_cache_mb"]:.2f} | {f(r.get("fid"), "{:.2f}")} | {f(r.get("sfid"), "{:.2f}")} | '
+                     f'{f(r.get("inception_score"), "{:.2f}")} | {f(r.get("precision"), "{:.3f}")} | '
+                     f'{f(r.get("recall"), "{:.3f}")} |')
+    return '\n'.join(lines)
+
+
+def pareto_plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
+    """FID against images/s and against KV-cache MB, a curve per checkpoint (points in order of images/s)."""
+    speed = Panel('FID vs images/s (lower right is better)', 'images/s', 'FID', legend='upper left')
+    kv = Panel('FID vs KV-cache MB (lower left is better)', 'KV-cache MB (peak)', 'FID', legend='upper right')
+    for model in dict.fromkeys(r['model'] for r in rows):
+        rs = sorted((r for r in rows if r['model'] == model and r.get('fid') is not None), key=lambda r: r['images_s'])
+        if rs:
+            speed.line([r['images_s'] for r in rs], [r['fid'] for r in rs], label=model, texts=[r['label'] for r in rs])
+            rs = sorted(rs, key=lambda r: r['kv_cache_mb'])
+            kv.line([r['kv_cache_mb'] for r in rs], [r['fid'] for r in rs], label=model, texts=[r['label'] for r in rs])
+    save_png([speed, kv], path, title=title)
+
+
+# ============================================== main ==================================================================
+def check_flags(args) -> None:
+    bad = [f'--{k} {getattr(args, k)} must be >= {lo}' for k, lo in (('per_class', 1), ('batch_size', 1),
+           ('time_batches', 1), ('time_warmup', 0), ('eval_batch_size', 1)) if getattr(args, k) < lo]
+    bad += [f'--iter_tols {t:g} must be >= 0' for t in args.iter_tols if not (math.isfinite(t) and t >= 0)]
+    if args.num_classes is not None and args.num_classes < 1:
+        bad.append(f'--num_classes {args.num_classes} must be >= 1')
+    if args.ref_batch and not os.path.exists(args.ref_batch):
+        bad.append(f'--ref_batch {args.ref_batch!r} not found')
+    if bad:
+        raise SweepError('; '.join(bad))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SweepError(f'--out {args.out!r} is a file, not a folder: pass another --out')
+
+
+def run(args) -> List[Dict[str, Any]]:
+    """The sweep of ``args``; returns the table's rows (rank 0; other ranks return [] after sampling)."""
+    check_flags(args)
+    points = plan_points(args)
+    num_classes = args.num_classes or min(p.num_classes for p in points)
+    too_few = [p for p in points if p.num_classes < num_classes]
+    if too_few:
+        raise SweepError(f'--num_classes {num_classes} but {too_few[0].ckpt!r} has {too_few[0].num_classes} classes')
+    spaces = [sampling_args(args, p, num_classes) for p in points]
+    for ns in spaces:
+        sampling.check_sampling_args(ns)
+    device, amp_dtype = setup_device(args)
+    master = dist.is_master()
+    try:
+        for i, (p, ns) in enumerate(zip(points, spaces)):
+            if master:
+                print(f'\n[sweep] point {i + 1}/{len(points)}: {p.name} ({p.model}, {p.label})', flush=True)
+            sample_point(ns, device, amp_dtype)
+        dist.barrier()
+    finally:
+        dist.destroy()
+    if not master:      # measuring and scoring are rank 0's: the other ranks are done
+        return []
+    records = measure_all(points, spaces, args, device, amp_dtype)
+    ref = reference_npz(args)
+    rows = []
+    for p, ns in zip(points, spaces):
+        rec, npz = records[p.name], sample_folder(ns, p) + '.npz'
+        if ref:
+            key = score_key(npz, ref, args)
+            if rec.get('score_key') != key or 'scores' not in rec:
+                print(f'[sweep] scoring {p.name}', flush=True)
+                rec.update(scores=score_point(npz, ref, args), score_key=key)
+                write_json(rec, record_path(args, p))
+        rows.append(dict(point=p.name, model=p.model, label=p.label, ckpt=p.ckpt, kind='VIAR' if p.implicit else 'VAR',
+                         iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None, iter_tol=p.iter_tol,
+                         images=num_classes * args.per_class, npz=npz, **rec['measure'],
+                         **(rec.get('scores', {}) if ref else {})))
+    write_report(rows, args, device, amp_dtype, ref)
+    return rows
+
+
+def measure_all(points, spaces, args, device, amp_dtype) -> Dict[str, Dict[str, Any]]:
+    """The record of every point, measured where no valid measurement is stored; one model loaded at a time."""
+    records, loaded = {}, (None, None, None)
+    for p, ns in zip(points, spaces):
+        rec = read_record(record_path(args, p))
+        key = measure_key(ns, sample_folder(ns, p), args, device, amp_dtype)
+        if args.remeasure or rec.get('measure_key') != key or 'measure' not in rec:
+            if loaded[0] != p.ckpt:
+                loaded = (None, None, None)
+                trim_host_memory()
+                loaded = (p.ckpt, *load_vae_var(args.vae_ckpt, p.ckpt, device=device))
+            print(f'[sweep] timing {p.name}: {args.time_batches} calls of {ns.batch_size} images', flush=True)
+            rec = dict(point=asdict(p), measure=measure_point(loaded[2], loaded[1], ns, args, device, amp_dtype),
+                       measure_key=key)
+            write_json(rec, record_path(args, p))
+        records[p.name] = rec
+    return records
+
+
+def write_report(rows, args, device, amp_dtype, ref) -> None:
+    info = machine_info(device)
+    loads = [r['load_avg_1_5_15'][0] for r in rows if r.get('load_avg_1_5_15')]
+    doc = dict(machine=info, dtype=dtype_name(amp_dtype), ref_batch=ref, inception=args.inception,
+               args=vars(args), points=rows)
+    write_json(doc, os.path.join(args.out, 'sweep.json'))
+    md = table_md(rows)
+    load = f'{min(loads):.2f} to {max(loads):.2f}' if loads else 'unknown'
+    note = (f'\n\n{info["cpu"]}' + (f', GPU {info["gpu"]}' if 'gpu' in info else '')
+            + f', {info["threads"]} thread(s), {dtype_name(amp_dtype)}; 1-minute load average when the points were '
+            f'timed: {load} ({info.get("cpu_cores")} cores); {args.time_batches} calls of {args.batch_size} images '
+            f'timed per point; {rows[0]["images"]} images scored per point.\n')
+    atomic_write_bytes((md + note).encode(), os.path.join(args.out, 'sweep.md'))
+    print('\n' + md + note)
+    if ref and any(r.get('fid') is not None for r in rows):
+        pareto_plot(rows, os.path.join(args.out, 'pareto.png'), title=f'{rows[0]["images"]} images per point, '
+                    f'{dtype_name(amp_dtype)} on {device.type}')
+        print(f'[sweep] wrote {args.out}/sweep.json, sweep.md and pareto.png')
+    else:
+        print(f'[sweep] wrote {args.out}/sweep.json and sweep.md (no --ref_batch: not scored, no Pareto plot)')
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m scripts.sweep', description=__doc__.split('\n\n')[0],
+                                epilog='\n\n'.join(__doc__.split('\n\n')[1:]), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('operating points')
+    g.add_argument('--ckpts', nargs='+', required=True, help='VAR and VIAR checkpoints (kind read from each file)')
+    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='their tokenizer')
+    g.add_argument('--schedules', nargs='*', default=['10-10', '10-5', '5-5', '10-1', '3-3'],
+                   help='VIAR iteration schedules ITER_LEFT-ITER_RIGHT, one point each')
+    g.add_argument('--iter_tols', type=float, nargs='*', default=[],
+                   help='VIAR early-exit tolerances, one point each (relative residual; e.g. 1e-2 1e-3)')
+    g.add_argument('--tol_schedule', default='10-10',
+                   help='the schedule (each scale\'s maximum) of the tolerance points')
+    g = p.add_argument_group('images (sampling.py\'s flags and defaults)')
+    g.add_argument('--num_classes', type=int, default=None,
+                   help='classes 0..num_classes-1 (default: all classes of the checkpoints)')
+    g.add_argument('--per_class', type=int, default=50, help='images per class')
+    g.add_argument('--batch_size', type=int, default=25, help='images per sampler call (also for the timing)')
+    g.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
+    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance')
+    g.add_argument('--top_k', type=int, default=900, help='top-k (0: off; clamped to the vocabulary)')
+    g.add_argument('--top_p', type=float, default=0.96, help='top-p (0: off)')
+    g = p.add_argument_group('measuring and scoring')
+    g.add_argument('--time_batches', type=int, default=3, help='timed sampler calls per point')
+    g.add_argument('--time_warmup', type=int, default=1, help='untimed sampler calls before them')
+    g.add_argument('--remeasure', action='store_true', help='time every point again, even if a measurement is stored')
+    g.add_argument('--ref_batch', default=None,
+                   help='reference batch: an npz for evaluator.py, or a folder of images (one size) packed once into '
+                        'OUT/ref_batch.npz; without it nothing is scored')
+    g.add_argument('--inception', default=None, help='Inception graph for evaluator.py (default: its cache/download)')
+    g.add_argument('--eval_batch_size', type=int, default=64, help='images per Inception forward pass')
+    p.add_argument('--out', default='sweep', help='output folder')
+    add_device_args(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status of ``python -m scripts.sweep ARGV``: 0, or 1 after one error line (130: Ctrl-C)."""
+    def go():
+        run(get_parser().parse_args(argv))
+    return run_cli(go, PROG, interrupted='interrupted; every image and measurement written so far is kept: rerun '
+                                         'the same command to resume')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
