@@ -232,45 +232,55 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, iter_tol=None, trace=False):
-    """One sampling configuration, best of ``args.reps`` after ``args.warmup``; ``iter_tol`` and ``trace`` are passed
-    to ``autoregressive_infer_cfg`` (VIAR's early exit; the fixed-point trace, a fresh dict per call)."""
+def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, variants=((None, False),)):
+    """One schedule and batch size under each (iter_tol, trace) of ``variants`` (passed to
+    ``autoregressive_infer_cfg``: VIAR's early exit; the fixed-point trace, a fresh dict per call); a row per variant,
+    best of ``args.reps`` after ``args.warmup``.  The variants take turns within every repetition, so that a change
+    of the machine's load during the run falls on all of them alike."""
     from models import iterations_per_scale
     from utils.memory import PeakMemory
     il, ir = schedule_lr if var.use_implicit else (0, 0)
     schedule = iterations_per_scale(il, ir, len(var.patch_nums)) if var.use_implicit else [0] * len(var.patch_nums)
     labels = torch.arange(B, device=device) % var.num_classes
     probe = Probe(var, vae, device)
+    runs = {v: [] for v in variants}
     try:
-        runs = []
         for rep in range(args.warmup + args.reps):
-            probe.reset()
-            trim_host_memory()
-            with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, dtype):
-                sync(device)
-                t0 = time.perf_counter()
-                var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
-                                             iter_left=il, iter_right=ir, iter_tol=iter_tol,
-                                             trace={} if trace else None)
-                sync(device)
-                wall = time.perf_counter() - t0
-            probe.collect()
-            if rep >= args.warmup:
-                runs.append(dict(wall=wall, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak,
-                                 peak=mem.peak, peak_delta=mem.delta, iters_run=probe.iters_run or schedule))
+            for iter_tol, trace in variants:
+                probe.reset()
+                trim_host_memory()
+                with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, dtype):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
+                                                 iter_left=il, iter_right=ir, iter_tol=iter_tol,
+                                                 trace={} if trace else None)
+                    sync(device)
+                    wall = time.perf_counter() - t0
+                probe.collect()
+                if rep >= args.warmup:
+                    runs[(iter_tol, trace)].append(dict(
+                        wall=wall, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak, peak=mem.peak,
+                        peak_delta=mem.delta, iters_run=probe.iters_run or schedule))
     finally:
         probe.remove()
+    common = dict(kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
+                  schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None)
+    return [dict(common, **sampling_row(var, B, rs, tol, trace, peak_flops)) for (tol, trace), rs in runs.items()]
+
+
+def sampling_row(var, B, runs, iter_tol, trace, peak_flops) -> dict:
+    """The numbers of one variant: best times, largest memory, FLOPs of the iterations each run made (the same for
+    every run of a fixed schedule)."""
     best = {k: min(r[k] for r in runs) for k in ('wall', 't_tf', 't_dec')}
     best.update({k: max(r[k] for r in runs) for k in ('kv', 'peak', 'peak_delta')})
-    # FLOPs of the iterations each run made (the same for every run of a fixed schedule)
     flops = [sampler_flops(var, B, r['iters_run'])['total'] for r in runs]
     tf_flops_s = max(f / r['t_tf'] for f, r in zip(flops, runs))
     iters_run = [sum(col) / len(runs) for col in zip(*(r['iters_run'] for r in runs))]
+    implicit = var.use_implicit
     return dict(
-        kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
-        schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None,
-        iter_tol=iter_tol if var.use_implicit else None, trace=bool(trace and var.use_implicit),
-        iters_run=iters_run if var.use_implicit else None, iters_total=sum(iters_run) if var.use_implicit else None,
+        iter_tol=iter_tol if implicit else None, trace=bool(trace and implicit),
+        iters_run=iters_run if implicit else None, iters_total=sum(iters_run) if implicit else None,
         img_s=B / best['wall'], wall_s=best['wall'], transformer_s=best['t_tf'], decoder_s=best['t_dec'],
         transformer_gflop=sum(flops) / len(flops) / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
         frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops,
@@ -585,15 +595,14 @@ def run_sampling(args, setup: Setup, peak_flops: float) -> List[dict]:
     for name in setup.sample_models:
         vae, var = build_for(name, setup.width, args, setup)
         print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
-        implicit = var.use_implicit    # iter_tol and the trace are VIAR's: a VAR runs once per batch size
+        # iter_tol and the trace are VIAR's: a VAR runs once per batch size
+        variants = [(tol, trace) for tol in setup.iter_tols for trace in ((False, True) if args.trace else (False,))]
         for B in setup.batch_sizes:
-            for sch in (setup.schedules if implicit else [(0, 0)]):
-                for tol in (setup.iter_tols if implicit else [None]):
-                    for trace in ((False, True) if implicit and args.trace else (False,)):
-                        r = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops,
-                                           iter_tol=tol, trace=trace)
-                        results.append(r)
-                        print(table([r], SAMPLE_COLS).splitlines()[-1], flush=True)
+            for sch in (setup.schedules if var.use_implicit else [(0, 0)]):
+                rows = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops,
+                                      variants=variants if var.use_implicit else [(None, False)])
+                results += rows
+                print('\n'.join(table(rows, SAMPLE_COLS).splitlines()[2:]), flush=True)
         del vae, var
         trim_host_memory()
     return results

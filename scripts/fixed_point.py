@@ -267,7 +267,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: run(get_parser().parse_args(argv)) and 0, PROG)
+    """Exit status of ``python -m scripts.fixed_point ARGV``: 0, or 1 after one error line."""
+    def go():
+        run(get_parser().parse_args(argv))
+    return run_cli(go, PROG)
 
 
 if __name__ == '__main__':
