@@ -15,7 +15,9 @@ Run it from the repository root as a module (``python -m scripts.bench``).  A ba
 exit status 1.
 
 Widths other than the published ones keep depth, heads of 64 channels and everything else; ``--width 0`` means
-the published width (64 x depth).  Timings are the best of ``--reps`` runs after ``--warmup`` runs.
+the published width (64 x depth).  Timings are the best of ``--reps`` runs after ``--warmup`` runs.  ``CPU s`` is
+the process's CPU time of a sampler call (all threads): on a shared machine it moves much less with the other
+processes' load than the wall time, so compare it between variants of one run (``--iter_tol``, ``--trace``).
 """
 import argparse
 import ctypes
@@ -251,17 +253,17 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
                 trim_host_memory()
                 with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, dtype):
                     sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
                                                  iter_left=il, iter_right=ir, iter_tol=iter_tol,
                                                  trace={} if trace else None)
                     sync(device)
-                    wall = time.perf_counter() - t0
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 probe.collect()
                 if rep >= args.warmup:
                     runs[(iter_tol, trace)].append(dict(
-                        wall=wall, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak, peak=mem.peak,
-                        peak_delta=mem.delta, iters_run=probe.iters_run or schedule))
+                        wall=wall, cpu=cpu, t_tf=probe.t_transformer, t_dec=probe.t_decoder, kv=probe.kv_peak,
+                        peak=mem.peak, peak_delta=mem.delta, iters_run=probe.iters_run or schedule))
     finally:
         probe.remove()
     common = dict(kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
@@ -272,7 +274,7 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
 def sampling_row(var, B, runs, iter_tol, trace, peak_flops) -> dict:
     """The numbers of one variant: best times, largest memory, FLOPs of the iterations each run made (the same for
     every run of a fixed schedule)."""
-    best = {k: min(r[k] for r in runs) for k in ('wall', 't_tf', 't_dec')}
+    best = {k: min(r[k] for r in runs) for k in ('wall', 'cpu', 't_tf', 't_dec')}
     best.update({k: max(r[k] for r in runs) for k in ('kv', 'peak', 'peak_delta')})
     flops = [sampler_flops(var, B, r['iters_run'])['total'] for r in runs]
     tf_flops_s = max(f / r['t_tf'] for f, r in zip(flops, runs))
@@ -281,8 +283,8 @@ def sampling_row(var, B, runs, iter_tol, trace, peak_flops) -> dict:
     return dict(
         iter_tol=iter_tol if implicit else None, trace=bool(trace and implicit),
         iters_run=iters_run if implicit else None, iters_total=sum(iters_run) if implicit else None,
-        img_s=B / best['wall'], wall_s=best['wall'], transformer_s=best['t_tf'], decoder_s=best['t_dec'],
-        transformer_gflop=sum(flops) / len(flops) / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
+        img_s=B / best['wall'], wall_s=best['wall'], cpu_s=best['cpu'], transformer_s=best['t_tf'],
+        decoder_s=best['t_dec'], transformer_gflop=sum(flops) / len(flops) / 1e9, transformer_gflop_s=tf_flops_s / 1e9,
         frac_of_matmul=tf_flops_s / peak_flops, frac_pct=100 * tf_flops_s / peak_flops,
         peak_mem_mb=best['peak'] / 2 ** 20, peak_mem_delta_mb=best['peak_delta'] / 2 ** 20,
         kv_cache_mb=best['kv'] / 2 ** 20)
@@ -356,7 +358,7 @@ def table(rows, cols) -> str:
 SAMPLE_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
                ('iters', 'schedule', '{}'), ('tol', 'iter_tol', '{:g}'),
                ('trace', 'trace', lambda v: 'on' if v else 'off'), ('iters run', 'iters_total', '{:.1f}'),
-               ('img/s', 'img_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
+               ('img/s', 'img_s', '{:.3f}'), ('CPU s', 'cpu_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
                ('decoder s', 'decoder_s', '{:.3f}'), ('GFLOP', 'transformer_gflop', '{:.1f}'),
                ('GFLOP/s', 'transformer_gflop_s', '{:.1f}'), ('% of matmul', 'frac_pct', '{:.0f}%'),
                ('peak mem MB', 'peak_mem_mb', '{:.0f}'), ('KV cache MB', 'kv_cache_mb', '{:.1f}')]
@@ -422,8 +424,8 @@ def compute_control_notes(results) -> List[str]:
         what = ' + '.join(x for x in ((f'iter_tol {r["iter_tol"]:g}' if r['iter_tol'] is not None else ''),
                                       ('trace' if r['trace'] else '')) if x)
         out.append(f'{r["model"]} B={r["B"]} {r["dtype"]} {r["schedule"]}, {what}: {r["img_s"] / b["img_s"]:.3f}x '
-                   f'images/s of the plain run ({r["img_s"]:.3f} vs {b["img_s"]:.3f}), {r["iters_total"]:.1f} of '
-                   f'{b["iters_total"]:.0f} iterations')
+                   f'images/s of the plain run ({r["img_s"]:.3f} vs {b["img_s"]:.3f}), {r["cpu_s"] / b["cpu_s"]:.3f}x '
+                   f'its CPU time, {r["iters_total"]:.1f} of {b["iters_total"]:.0f} iterations')
     return out
 
 
