@@ -36,12 +36,14 @@ table) and ``<out>/pareto.png`` (FID against images/s and against KV-cache MB, o
 or file ends with one line and exit status 1.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -54,7 +56,7 @@ from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.errors import UserError, run_cli
 from utils.memory import PeakMemory
-from utils.misc import atomic_write_bytes
+from utils.misc import atomic_write, atomic_write_bytes
 from utils.plot import Panel, save_png
 from utils.sampling_utils import add_device_args, dtype_name, sample_batch, sampler_kwargs, setup_device
 
@@ -204,18 +206,23 @@ def measure_key(ns: argparse.Namespace, folder: str, args, device, amp_dtype) ->
 # ============================================== 3. scoring ============================================================
 def reference_npz(args) -> Optional[str]:
     """``--ref_batch`` as an npz: a folder of images is packed (sorted paths, all of one size) into
-    ``<out>/ref_batch.npz`` once."""
+    ``<out>/ref_batch.npz``, again only when the folder's files (names, sizes, times) changed."""
     ref = args.ref_batch
     if not ref or not os.path.isdir(ref):
         return ref
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref) for f in fs if f.lower().endswith(IMAGE_EXTS))
     if len(paths) < 4:
         raise SweepError(f'--ref_batch {ref!r} holds {len(paths)} images; precision/recall need at least 4')
+    listing = '\n'.join(f'{os.path.relpath(p, ref)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}' for p in paths)
+    source = hashlib.sha256(listing.encode()).hexdigest()
     out = os.path.join(args.out, 'ref_batch.npz')
     if os.path.isfile(out):
-        with np.load(out) as z:
-            if 'arr_0' in z.files and len(z['arr_0']) == len(paths):
-                return out
+        try:
+            with np.load(out) as z:
+                if str(z['source_files']) == source:
+                    return out
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass
     from PIL import Image
     arrays = []
     for path in paths:
@@ -224,11 +231,7 @@ def reference_npz(args) -> Optional[str]:
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise SweepError(f'--ref_batch {ref!r}: the images differ in size ({sorted(sizes)[:3]}); resize them first')
-
-    def write(f):
-        np.savez(f, arr_0=np.stack(arrays))
-    from utils.misc import atomic_write
-    atomic_write(write, out)
+    atomic_write(lambda f: np.savez(f, arr_0=np.stack(arrays), source_files=np.array(source)), out)
     print(f'[sweep] packed {len(paths)} reference images of {ref} into {out}', flush=True)
     return out
 

@@ -355,3 +355,33 @@ def test_sweep_bad_input_is_one_line(ckpts, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('scripts.sweep: error:') and message in err[0], err
     assert not (tmp_path / 'sw').exists()
+
+
+def test_reference_folder_is_packed_once(tmp_path):
+    """--ref_batch as a folder of images (an ImageFolder, e.g. the demo's val/ split): packed in sorted path order
+    into OUT/ref_batch.npz, reused by the next run while the files are unchanged; images of several sizes are
+    refused."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from scripts import sweep
+    rng = np.random.default_rng(0)
+    imgs = {f'{c}/{k}.png': rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for c in ('b', 'a') for k in range(3)}
+    for name, arr in imgs.items():
+        (tmp_path / 'ref' / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / 'ref' / name)
+    args = argparse.Namespace(ref_batch=str(tmp_path / 'ref'), out=str(tmp_path / 'out'))
+    npz = sweep.reference_npz(args)
+    assert npz == str(tmp_path / 'out' / 'ref_batch.npz')
+    with np.load(npz) as z:
+        assert np.array_equal(z['arr_0'], np.stack([imgs[n] for n in sorted(imgs)]))
+    mtime = (tmp_path / 'out' / 'ref_batch.npz').stat().st_mtime_ns
+    assert sweep.reference_npz(args) == npz and (tmp_path / 'out' / 'ref_batch.npz').stat().st_mtime_ns == mtime
+    Image.fromarray(imgs['a/0.png'][::-1]).save(tmp_path / 'ref' / 'a' / '0.png')     # changed: packed again
+    with np.load(sweep.reference_npz(args)) as z:
+        assert np.array_equal(z['arr_0'][0], imgs['a/0.png'][::-1])
+    Image.fromarray(imgs['a/0.png'][:8]).save(tmp_path / 'ref' / 'a' / 'small.png')
+    with pytest.raises(sweep.SweepError, match='the images differ in size'):
+        sweep.reference_npz(args)
