@@ -285,3 +285,150 @@ def test_masked_preview_marks_the_generated_region():
     assert prev.shape == img.shape
     assert torch.equal(prev[:, :16], img[:, :16]) and torch.equal(prev[:, :, 48:], img[:, :, 48:])
     assert not torch.equal(prev[:, 16:48, 16:48], img[:, 16:48, 16:48])
+
+
+# ================================ scripts/edit.py =====================================================================
+from scripts import edit as edit_cli        # noqa: E402
+from sampling import to_uint8               # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """Random-weight tokenizer, VAR and VIAR saved as bare state dicts (64 px, 4x4 tokens, 5 classes), and images."""
+    d = tmp_path_factory.mktemp('edit_cli')
+    torch.manual_seed(1)
+    vae, var = models.build_vae_var(V=64, Cvae=8, ch=32, patch_nums=PN, num_classes=5, depth=2)
+    _, viar = models.build_vae_var(V=64, Cvae=8, ch=32, patch_nums=PN, num_classes=5, depth=2, use_implicit=True,
+                                   pre_depth=1, post_depth=1)
+    torch.save(vae.state_dict(), d / 'vae.pth')
+    torch.save(var.state_dict(), d / 'var.pth')
+    torch.save(viar.state_dict(), d / 'viar.pth')
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (64, 64, 3), np.uint8)).save(d / 'sq.png')
+    Image.fromarray(rng.randint(0, 256, (60, 90, 3), np.uint8)).save(d / 'wide.jpg')
+    m = np.zeros((40, 60), np.uint8)
+    m[10:30, 20:50] = 255
+    Image.fromarray(m).save(d / 'mask_wide.png')
+    (d / 'notes.txt').write_text('not an image')
+    return d
+
+
+def _run(ckpts, tmp_path, *args, model='var'):
+    argv = ['--vae_ckpt', str(ckpts / 'vae.pth'), '--var_ckpt', str(ckpts / f'{model}.pth'),
+            '--output_dir', str(tmp_path / 'out'), '--device', 'cpu', *map(str, args)]
+    if model == 'viar':
+        argv.append('--use_implicit')
+    return edit_cli.main(argv)
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def _expected(ckpts, model, img_path, keep, label, seed, **kw):
+    """What the library gives for the same input: the reference the command must reproduce byte for byte."""
+    from models.checkpoint import load_vae_var
+    vae, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / f'{model}.pth'))
+    x = image_to_tensor(fit_square(load_image(img_path), 64))
+    with torch.inference_mode():
+        tokens = vae.img_to_idxBl(x, var.patch_nums)
+        out = var.autoregressive_infer_cfg(1, torch.tensor([label]), g_seed=seed, input_img_tokens=tokens,
+                                           edit_mask=keep, **kw)
+    return to_uint8(out)[0]
+
+
+NOTEBOOK_KW = dict(cfg=3.0, top_k=64, top_p=0.95, more_smooth=True)
+
+
+def test_cli_inpaint_box(ckpts, tmp_path, capsys):
+    assert _run(ckpts, tmp_path, '--input_img', ckpts / 'sq.png', ckpts / 'wide.jpg', '--box', '0.25,0.25,0.75,0.75',
+                '--seeds', 3, 4) == 0
+    out = tmp_path / 'out' / 'var'
+    assert sorted(p.name for p in out.iterdir()) == [
+        'sq_inpaint_grid.png', 'sq_inpaint_seed3.png', 'sq_inpaint_seed4.png',
+        'wide_inpaint_grid.png', 'wide_inpaint_seed3.png', 'wide_inpaint_seed4.png']
+    keep = models.get_edit_mask(PN, 0.25, 0.25, 0.75, 0.75, inpainting=True)
+    exp = _expected(ckpts, 'var', ckpts / 'wide.jpg', keep, 5, 4, **NOTEBOOK_KW)       # unconditional class = 5
+    assert np.array_equal(_png(out / 'wide_inpaint_seed4.png'), exp)
+    grid = _png(out / 'sq_inpaint_grid.png')
+    assert grid.shape == (64 + 4, 4 * (64 + 2) + 2, 3)      # original, masked input, 2 results
+    assert np.array_equal(grid[2:66, 2:66], np.asarray(fit_square(load_image(ckpts / 'sq.png'), 64)))
+    assert np.array_equal(grid[2:66, 2 + 3 * 66:66 + 3 * 66], _png(out / 'sq_inpaint_seed4.png'))
+    masked = grid[2:66, 68:132].astype(int)
+    assert (masked[16:48, 16:48] != grid[2:66, 2:66][16:48, 16:48]).any()      # the region is marked
+    assert np.array_equal(masked[:16], grid[2:66, 2:66][:16])                     # the rest is the input
+    assert 'VAR-d2, 64 px, 4x4 tokens' in capsys.readouterr().out
+
+
+def test_cli_outpaint_class_and_viar(ckpts, tmp_path):
+    assert _run(ckpts, tmp_path, '--input_img', ckpts / 'sq.png', '--box', '0.25,0.25,0.75,0.75', '--outpaint',
+                '--class_label', 2, 4, '--seeds', 0, '--more_smooth', 'false', '--cfg', 1.5, '--top_k', 10,
+                '--iter_left', 3, '--iter_right', 1, model='viar') == 0
+    out = tmp_path / 'out' / 'viar'
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ['sq_outpaint_class2_4_grid.png', 'sq_outpaint_class2_seed0.png', 'sq_outpaint_class4_seed0.png']
+    keep = models.get_edit_mask(PN, 0.25, 0.25, 0.75, 0.75, inpainting=False)
+    exp = _expected(ckpts, 'viar', ckpts / 'sq.png', keep, 4, 0, cfg=1.5, top_k=10, top_p=0.95, more_smooth=False,
+                    iter_left=3, iter_right=1)
+    assert np.array_equal(_png(out / 'sq_outpaint_class4_seed0.png'), exp)
+
+
+def test_cli_mask_image_on_a_non_square_input(ckpts, tmp_path):
+    assert _run(ckpts, tmp_path, '--input_img', ckpts / 'wide.jpg', ckpts / 'wide.jpg', '--mask',
+                ckpts / 'mask_wide.png', '--seeds', 1, '--dtype', 'bf16') == 0
+    out = tmp_path / 'out' / 'var'
+    assert sorted(p.name for p in out.iterdir()) == ['wide-2_mask_grid.png', 'wide-2_mask_seed1.png',
+                                                    'wide_mask_grid.png', 'wide_mask_seed1.png']
+    keep = edit_mask_from_image(str(ckpts / 'mask_wide.png'), 4, image_size=(90, 60))
+    assert keep.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]      # crop x 10..50 of 60
+    assert np.array_equal(_png(out / 'wide_mask_seed1.png'), _png(out / 'wide-2_mask_seed1.png'))
+
+
+def _error(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith('edit.py: error: '), err
+    return err
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--input_img', '{d}/notes.txt', '--box', '0,0,.5,.5'], 'cannot be read as an image'),
+    (['--input_img', '{d}/nothing.png', '--box', '0,0,.5,.5'], 'does not exist'),
+    (['--input_img', '{d}', '--box', '0,0,.5,.5'], 'is a folder'),
+    (['--input_img', '{d}/sq.png', '--box', '0,0,1.5,1'], 'outside the image'),
+    (['--input_img', '{d}/sq.png', '--box', '0.5,0,0.5,1'], 'is empty'),
+    (['--input_img', '{d}/sq.png', '--box', '0.5,0.5,0.6,0.6'], 'no token of the 4x4 token grid'),
+    (['--input_img', '{d}/sq.png', '--box', '0,0,1,1', '--outpaint'], 'no token of the 4x4 token grid'),
+    (['--input_img', '{d}/sq.png', '--mask', '{d}/mask_wide.png'], 'aspect ratio 1.500) but --input_img'),
+    (['--input_img', '{d}/sq.png', '--mask', '{d}/notes.txt'], '--mask'),
+    (['--input_img', '{d}/wide.jpg', '--mask', '{d}/mask_wide.png', '--outpaint'], '--outpaint keeps a --box'),
+    (['--input_img', '{d}/sq.png', '--box', '0,0,.5,.5', '--class_label', '5'], 'out of range'),
+    (['--input_img', '{d}/sq.png', '--box', '0,0,.5,.5', '--class_label', '-1'], 'must be >= 0'),
+    (['--input_img', '{d}/sq.png', '--box', '0,0,.5,.5', '--top_p', '2'], '--top_p'),
+])
+def test_cli_bad_input_is_one_line(ckpts, tmp_path, capsys, args, msg):
+    err = _error(capsys, _run(ckpts, tmp_path, *[a.replace('{d}', str(ckpts)) for a in args]))
+    assert msg in err
+    assert not (tmp_path / 'out' / 'var').exists() or not any((tmp_path / 'out' / 'var').iterdir())
+
+
+def test_cli_missing_checkpoints(ckpts, tmp_path, capsys):
+    base = ['--input_img', str(ckpts / 'sq.png'), '--box', '0,0,.5,.5', '--device', 'cpu']
+    err = _error(capsys, edit_cli.main(base + ['--vae_ckpt', str(ckpts / 'vae.pth'), '--var_ckpt',
+                                               str(tmp_path / 'missing.pth')]))
+    assert 'missing.pth' in err and 'does not exist' in err
+    err = _error(capsys, edit_cli.main(base + ['--vae_ckpt', str(tmp_path / 'no_vae.pth'), '--var_ckpt',
+                                               str(ckpts / 'var.pth')]))
+    assert 'no_vae.pth' in err
+    err = _error(capsys, edit_cli.main(base + ['--vae_ckpt', str(ckpts / 'vae.pth'), '--var_ckpt',
+                                               str(ckpts / 'viar.pth')]))
+    assert 'add --use_implicit' in err
+
+
+def test_cli_runs_as_a_module(ckpts, repo_dir, tmp_path):
+    """``python -m scripts.edit`` from the repository root: an error is one line and exit status 1."""
+    p = subprocess.run([sys.executable, '-m', 'scripts.edit', '--input_img', str(ckpts / 'sq.png'), '--box',
+                        '0,0,2,1', '--var_ckpt', str(ckpts / 'var.pth')], cwd=repo_dir, capture_output=True,
+                       text=True, env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path)})
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip() == ('edit.py: error: --box 0,0,2,1 is outside the image: every fraction must be in [0, 1] '
+                                '(y0,x0 = top-left corner, y1,x1 = bottom-right corner)')

@@ -22,7 +22,7 @@ from PIL import Image
 from utils.errors import UserError
 
 __all__ = ['EditError', 'load_image', 'fit_square', 'image_to_tensor', 'parse_box', 'check_box', 'check_region',
-           'edit_mask_from_image', 'masked_preview', 'ASPECT_TOLERANCE']
+           'check_same_aspect', 'edit_mask_from_image', 'masked_preview', 'ASPECT_TOLERANCE']
 
 # mask and input image may differ this much in aspect ratio (relative), e.g. one pixel of rounding in a resized copy
 ASPECT_TOLERANCE = 0.01
@@ -126,6 +126,15 @@ def _mask_array(mask: ImageLike, flag: str) -> Tuple[np.ndarray, str]:
     return a.astype(np.float32), 'the mask'
 
 
+def check_same_aspect(mask_size: Tuple[int, int], image_size: Tuple[int, int], mask_name: str = 'the mask',
+                      image_name: str = 'the input image') -> None:
+    """One EditError line when a mask (width, height) has another aspect ratio than its image (width, height)."""
+    (w, h), (iw, ih) = mask_size, image_size
+    if abs(math.log((w / h) / (iw / ih))) > ASPECT_TOLERANCE:
+        raise EditError(f'{mask_name} is {w}x{h} (aspect ratio {w / h:.3f}) but {image_name} is {iw}x{ih} (aspect '
+                        f'ratio {iw / ih:.3f}): draw the mask on the input image (any size of the same aspect ratio)')
+
+
 def edit_mask_from_image(mask: ImageLike, grid: int, image_size: Optional[Tuple[int, int]] = None,
                          flag: str = '--mask', image_name: str = 'the input image') -> torch.Tensor:
     """The keep-mask (grid, grid) float32 (1 = keep the input's token, 0 = generate) of a mask image of any size whose
@@ -140,10 +149,8 @@ def edit_mask_from_image(mask: ImageLike, grid: int, image_size: Optional[Tuple[
     if h == 0 or w == 0:
         raise EditError(f'{name} is empty (0 pixels)')
     if image_size is not None:
+        check_same_aspect((w, h), image_size, name, image_name)
         iw, ih = image_size
-        if abs(math.log((w / h) / (iw / ih))) > ASPECT_TOLERANCE:
-            raise EditError(f'{name} is {w}x{h} (aspect ratio {w / h:.3f}) but {image_name} is {iw}x{ih} (aspect ratio '
-                            f'{iw / ih:.3f}): draw the mask on the input image (any size of the same aspect ratio)')
     else:
         iw, ih = w, h
     white = Image.fromarray(np.ascontiguousarray(a >= 0.5, dtype=np.float32))      # mode 'F'
