@@ -1,8 +1,8 @@
 """Zero-shot editing with a VAR or VIAR checkpoint: in-painting, out-painting and class-conditional editing.
 
-    python -m scripts.edit --input_img photo.jpg --box 0.1,0.1,0.8,0.8                  # in-paint the box (VAR-d36, 512 px)
-    python -m scripts.edit --input_img photo.jpg --box 0.25,0.25,0.75,0.75 --outpaint   # keep the box, generate the rest
-    python -m scripts.edit --input_img photo.jpg --mask mask.png --class_label 207      # re-draw the white region as class 207
+    python -m scripts.edit --input_img photo.jpg --box 0.1,0.1,0.8,0.8           # in-paint the box (VAR-d36, 512 px)
+    python -m scripts.edit --input_img photo.jpg --box 0.25,0.25,0.75,0.75 --outpaint     # keep the box only
+    python -m scripts.edit --input_img photo.jpg --mask mask.png --class_label 207   # white region -> class 207
     python -m scripts.edit --use_implicit --input_img a.png b.png --box 0,0.5,1,1 --seeds 0 1 2   # VIAR (256 px)
 
 The model keeps the input image's tokens outside the region to generate and samples the rest, scale by scale (the
@@ -127,9 +127,14 @@ def edit(args: argparse.Namespace) -> None:
     grid = var.patch_nums[-1]
     reso = grid * vae.downsample
     region = 'mask' if mask is not None else ('outpaint' if args.outpaint else 'inpaint')
-    if args.box is not None:
+    if args.box is not None:      # the keep-mask (grid, grid) of every input, all checked before any sampling
         shown = f'--box {",".join(f"{v:g}" for v in args.box)}' + (' with --outpaint' if args.outpaint else '')
-        keep_box = check_region(get_edit_mask(var.patch_nums, *args.box, inpainting=not args.outpaint), shown)
+        keep = check_region(get_edit_mask(var.patch_nums, *args.box, inpainting=not args.outpaint), shown)
+        keeps = [keep] * len(images)
+    else:
+        keeps = [check_region(edit_mask_from_image(mask, grid, image_size=im.size, flag='--mask'),
+                              f'--mask {args.mask!r} on --input_img {path!r}')
+                 for path, im in zip(args.input_img, images)]
     classes = args.class_label or [None]
     kw = dict(cfg=args.cfg, top_k=effective_top_k(args.top_k, var.V), top_p=args.top_p,
               more_smooth=bool(args.more_smooth), iter_left=args.iter_left, iter_right=args.iter_right)
@@ -145,9 +150,7 @@ def edit(args: argparse.Namespace) -> None:
           f'seeds {args.seeds}, cfg {args.cfg}, top_k {kw["top_k"]}, top_p {args.top_p}, more_smooth '
           f'{kw["more_smooth"]}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
 
-    for path, im, stem in zip(args.input_img, images, output_stems(args.input_img)):
-        keep = keep_box if mask is None else check_region(
-            edit_mask_from_image(mask, grid, image_size=im.size, flag='--mask'), f'--mask {args.mask!r}')
+    for path, im, keep, stem in zip(args.input_img, images, keeps, output_stems(args.input_img)):
         crop = fit_square(im, reso)
         x = image_to_tensor(crop).to(device)
         with torch.inference_mode():
@@ -155,7 +158,8 @@ def edit(args: argparse.Namespace) -> None:
         orig = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)     # (3, H, W) uint8
         preview = masked_preview(orig.float() / 255, keep).mul(255).round().to(torch.uint8)
         tiles = [orig, preview]     # the grid is made of the PNGs' own bytes
-        name = f'{stem}_{region}' + ('' if args.class_label is None else f'_class{"_".join(map(str, args.class_label))}')
+        classes_str = '' if args.class_label is None else '_class' + '_'.join(map(str, args.class_label))
+        name = f'{stem}_{region}{classes_str}'
         for c in classes:
             label_B = torch.tensor([var.num_classes if c is None else c], dtype=torch.long, device=device)
             for s in args.seeds:

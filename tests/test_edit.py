@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
+from sampling import to_uint8
+from scripts import edit as edit_cli
 from utils.editing import (EditError, check_region, edit_mask_from_image, fit_square, image_to_tensor, load_image,
                            masked_preview, parse_box)
 
@@ -181,7 +183,7 @@ def test_autocast_keeps_the_inputs_codes_exact(small):
 
 
 def test_editing_needs_tokens_and_mask(small):
-    (vae, var), img = small[0]['var'], small[1]
+    var = small[0]['var'][1]
     with pytest.raises(ValueError, match='both'):
         var.autoregressive_infer_cfg(1, 0, edit_mask=torch.ones(4, 4))
 
@@ -288,10 +290,6 @@ def test_masked_preview_marks_the_generated_region():
 
 
 # ================================ scripts/edit.py =====================================================================
-from scripts import edit as edit_cli        # noqa: E402
-from sampling import to_uint8               # noqa: E402
-
-
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
     """Random-weight tokenizer, VAR and VIAR saved as bare state dicts (64 px, 4x4 tokens, 5 classes), and images."""
