@@ -31,9 +31,9 @@ import torch
 import torchvision
 
 from models import get_edit_mask
-from sampling import (BOOL, add_common_args, dtype_name, effective_top_k, load_models, resolve_dtype,
-                      save_png_atomic, setup_backends, to_uint8)
-from utils import dist
+from utils.misc import save_png_atomic
+from utils.sampling_utils import (BOOL, add_common_args, check_args, check_output_dir, dtype_name, load_models,
+                                  sample_batch, sampler_kwargs, setup_device, to_uint8)
 from utils.editing import (EditError, check_region, check_same_aspect, edit_mask_from_image, fit_square,
                            image_to_tensor, load_image, masked_preview, parse_box)
 from utils.errors import run_cli
@@ -76,15 +76,8 @@ def check_flags(args: argparse.Namespace) -> None:
         args.box = parse_box(args.box)
     elif args.outpaint:
         raise EditError('--outpaint keeps a --box; with --mask paint the region to generate in white instead')
-    bad = [f'--class_label {c} must be >= 0 (a class index)' for c in args.class_label or [] if c < 0]
-    bad += [f'--{k} {getattr(args, k)} must be >= 0' for k in ('cfg', 'top_k', 'iter_left', 'iter_right')
-            if not getattr(args, k) >= 0]
-    if not 0 <= args.top_p <= 1:
-        bad.append(f'--top_p {args.top_p} must be in [0, 1] (0: off)')
-    if bad:
-        raise EditError('; '.join(bad))
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise EditError(f'--output_dir {args.output_dir!r} is a file, not a folder: pass another --output_dir')
+    check_args(args)
+    check_output_dir(args.output_dir, '--output_dir')
 
 
 def output_stems(paths: Sequence[str]) -> List[str]:
@@ -97,14 +90,6 @@ def output_stems(paths: Sequence[str]) -> List[str]:
     return stems
 
 
-@torch.inference_mode()
-def edit_batch(var, label_B: torch.Tensor, g_seed: int, kw: dict, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """One ``autoregressive_infer_cfg(B=len(label_B), label_B, g_seed, **kw)`` call under the chosen autocast (``kw``
-    holds the sampler knobs and ``input_img_tokens`` / ``edit_mask``); images (B, 3, H, W) in [0, 1]."""
-    with torch.autocast(label_B.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return var.autoregressive_infer_cfg(B=label_B.numel(), label_B=label_B, g_seed=g_seed, **kw)
-
-
 def edit(args: argparse.Namespace) -> None:
     check_flags(args)
     images = [load_image(p, '--input_img') for p in args.input_img]
@@ -114,9 +99,7 @@ def edit(args: argparse.Namespace) -> None:
         for path, im in zip(args.input_img, images):
             check_same_aspect(mask.size, im.size, f'--mask {args.mask!r}', f'--input_img {path!r}')
 
-    device = dist.init_distributed(args.device)
-    setup_backends(args.tf32)
-    amp_dtype = resolve_dtype(args.dtype, device)
+    device, amp_dtype = setup_device(args)
     if args.var_ckpt is None:
         args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or 36}.pth'
     vae, var = load_models(args, device, args.var_ckpt)
@@ -136,8 +119,7 @@ def edit(args: argparse.Namespace) -> None:
                               f'--mask {args.mask!r} on --input_img {path!r}')
                  for path, im in zip(args.input_img, images)]
     classes = args.class_label or [None]
-    kw = dict(cfg=args.cfg, top_k=effective_top_k(args.top_k, var.V), top_p=args.top_p,
-              more_smooth=bool(args.more_smooth), iter_left=args.iter_left, iter_right=args.iter_right)
+    kw = sampler_kwargs(args, var)
 
     out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
     try:
@@ -163,8 +145,8 @@ def edit(args: argparse.Namespace) -> None:
         for c in classes:
             label_B = torch.tensor([var.num_classes if c is None else c], dtype=torch.long, device=device)
             for s in args.seeds:
-                img_B3HW = edit_batch(var, label_B, s, dict(kw, input_img_tokens=tokens, edit_mask=keep.to(device)),
-                                      amp_dtype)
+                img_B3HW = sample_batch(var, label_B, s, dict(kw, input_img_tokens=tokens, edit_mask=keep.to(device)),
+                                        amp_dtype)
                 res = f'{stem}_{region}' + ('' if c is None else f'_class{c}') + f'_seed{s}.png'
                 res_HW3 = to_uint8(img_B3HW)[0]
                 save_png_atomic(res_HW3, os.path.join(out_dir, res))
