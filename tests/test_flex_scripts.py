@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,221 @@ def test_eval_sh_flexvar_commands_name_the_folder_sampling_py_writes(tmp_path):
         r = subprocess.run(['bash', str(REPO / 'scripts' / 'eval.sh')], cwd=tmp_path, capture_output=True, text=True,
                            env=dict(os.environ, PYTHON=str(stub), REF_BATCH=str(ref), **bad), timeout=60)
         assert r.returncode == 1 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ================================ train.py --flex =====================================================================
+TRAIN_PN = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    """3 colour classes of 64 px PNGs (4 train / 1 val each), FlexVAR's tokenizer (FlexVAE.pth: V=64, Cvae 8, ch 32,
+    z_channels 32) and VAR's (vae.pth), random weights."""
+    root = tmp_path_factory.mktemp('flex_toy')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 4), ('val', 1)):
+        for c, colour in enumerate([(220, 30, 30), (30, 200, 40), (40, 60, 230)]):
+            d = root / 'data' / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(np.array(colour) + rng.integers(-20, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+                a[:, ::8 * (c + 1)] = 0
+                Image.fromarray(a).save(d / f'{i}.png')
+    torch.manual_seed(0)
+    vae, _ = build_flexvar(V=64, Cvae=8, ch=32, z_channels=32, num_classes=3, depth=1, patch_nums=TRAIN_PN)
+    torch.save({'model': vae.state_dict()}, root / 'FlexVAE.pth')
+    var_vae, _ = build_vae_var(device='cpu', patch_nums=TRAIN_PN, V=64, Cvae=8, ch=32, num_classes=3, depth=1)
+    torch.save(var_vae.state_dict(), root / 'vae.pth')
+    return root
+
+
+def flex_args(toy, out, *extra, ep=1):
+    return ['--flex', '--data_path', str(toy / 'data'), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--pn', '1_2_3_4',
+            '--depth', '2', '--bs', '2', '--ep', str(ep), '--seed', '0', '--log_freq', '1', '--save_freq', '1',
+            '--workers', '0', '--local_out_dir_path', str(out), *map(str, extra)]
+
+
+def run_train(args, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    if nproc == 1:
+        cmd = [sys.executable, 'train.py', *args]
+    else:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}',
+               'train.py', *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_events(tb_dir):
+    """Events of every event file in ``tb_dir`` (by name = by start time), parsed without TensorFlow."""
+    import struct
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    files = []
+    for f in sorted(Path(tb_dir).glob('events.out.tfevents.*')):
+        data, pos, events = f.read_bytes(), 0, []
+        while pos + 12 <= len(data):
+            n, = struct.unpack('<Q', data[pos:pos + 8])
+            events.append(Event.FromString(data[pos + 12:pos + 12 + n]))
+            pos += 12 + n + 4
+        files.append(events)
+    return files
+
+
+def scalars(events, tag):
+    return {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == tag}
+
+
+def replay(n, implicit, seed=0):
+    """The (schedule, (n0, n1)) of the first ``n`` iterations: the draws of one random.Random(seed) shared by the
+    ranks -- the schedule (flex_train_schedule_for of --pn), then an implicit backbone's (n0, n1) (U{0..10},
+    U{1..12})."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        pns = flex_train_schedule_for(rng, TRAIN_PN)
+        out.append((pns, (rng.randint(0, 10), rng.randint(1, 12)) if implicit else None))
+    return out
+
+
+def logged_steps(stdout):
+    """(schedule, (n0, n1) or None) of every logged iteration, from the console lines."""
+    steps = []
+    for line in stdout.splitlines():
+        m = re.search(r'\[ep .*?(?:n0/n1 (\d+)/(\d+))?  pn ([\d_]+)$', line)
+        if m:
+            steps.append(([int(x) for x in m.group(3).split('_')],
+                          (int(m.group(1)), int(m.group(2))) if m.group(1) else None))
+    return steps
+
+
+def strip_times(records):
+    return [{k: v for k, v in rec.items() if k not in ('elapsed_s', 'remain_time')} for rec in records]
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (Path(out) / 'log.txt').read_text().splitlines()]
+
+
+def test_flex_training_draws_schedules_and_samples_two_schedules(toy, tmp_path):
+    """Explicit FlexVAR: every iteration's schedule is the seeded draw (the tail loss and per-scale metrics follow
+    it); the checkpoint is a FlexVAR one that gen_img samples at 64 and 128 px, equal to the model called directly."""
+    out = tmp_path / 'explicit'
+    r = run_train(flex_args(toy, out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '[model] FlexVAR-d2' in r.stdout
+    want = replay(6, implicit=False)
+    assert len({tuple(p) for p, _ in want}) >= 2                # the seed draws more than one schedule
+    assert logged_steps(r.stdout) == want
+    (tb,) = list(out.glob('tb-*'))
+    assert tb.name.startswith('tb-VARd2__pn1_2_3_4') and tb.name.endswith('__flexvar')
+    (events,) = read_events(tb)
+    assert scalars(events, 'AR_flex/tokens') == {i: float(sum(p * p for p in pns)) for i, (pns, _) in enumerate(want)}
+    assert scalars(events, 'AR_flex/scales') == {i: float(len(pns)) for i, (pns, _) in enumerate(want)}
+    # per-scale metrics: a scale is logged at the iterations whose schedule holds it (tags by resolution)
+    assert sorted(scalars(events, 'AR_iter_scale/L_48')) == [i for i, (pns, _) in enumerate(want) if 3 in pns]
+    assert sorted(scalars(events, 'AR_iter_scale/acc_64')) == list(range(6))
+    assert [rec['kind'] for rec in log_lines(out)] == ['val', 'epoch'] and math.isfinite(log_lines(out)[0]['vL_tail'])
+
+    ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert ckpt['trainer']['config']['flex'] is True and ckpt['args']['flex'] is True
+    vae, var = load_vae_var(str(toy / 'FlexVAE.pth'), str(out / 'ar-ckpt-last.pth'), expect={'flex': True})
+    assert isinstance(var, FlexVAR) and not var.backbone.is_implicit
+    for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
+        gen_img.main(gen_img.parse_args(['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
+                                         str(toy / 'FlexVAE.pth'), '--infer_pn', pn, '--class_label', '1',
+                                         '--seeds', '5', '--top_k', '10', '--output_dir', str(tmp_path / 'g')]))
+        img = read_png(tmp_path / 'g' / f'ar-ckpt-last-pn{pn}' / 'class1_seed5.png')
+        assert img.shape == (side, side, 3)
+        assert np.array_equal(img, direct(var, vae, 1, 5, 1, tuple(map(int, pn.split('_'))), top_k=10)[0])
+
+
+@pytest.fixture(scope='module')
+def implicit_run(toy, tmp_path_factory):
+    """The run the interrupted one must reproduce exactly: implicit FlexVAR, 2 epochs of 6 iterations."""
+    out = tmp_path_factory.mktemp('flex_implicit') / 'A'
+    r = run_train(flex_args(toy, out, '--use_implicit', '--p_depth', '1', '--hflip', ep=2))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+def test_implicit_flex_training_resumes_exactly(toy, tmp_path, implicit_run):
+    A, ra = implicit_run
+    assert '[model] FlexVIAR-d2 (1 pre + 1 implicit + 1 post blocks)' in ra.stdout
+    assert logged_steps(ra.stdout) == replay(12, implicit=True)     # the schedule, then (n0, n1), per iteration
+    B = tmp_path / 'B'
+    cmd = flex_args(toy, B, '--use_implicit', '--p_depth', '1', '--hflip', ep=2)
+    r1 = run_train(cmd + ['--debug_kill_at_iter', '7'])             # SIGTERM during iteration 7: saved after it
+    assert r1.returncode == 143 and 'rerun the same command' in r1.stdout, r1.stdout[-3000:] + r1.stderr[-3000:]
+    r2 = run_train(cmd)
+    assert r2.returncode == 0 and '[resume]' in r2.stdout, r2.stderr[-3000:]
+    assert logged_steps(r1.stdout) + logged_steps(r2.stdout) == replay(12, implicit=True)
+    # per-epoch records, final weights and optimizer state identical to the uninterrupted run
+    assert strip_times(log_lines(B)) == strip_times(log_lines(A))
+    ca, cb = (torch.load(o / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True) for o in (A, B))
+    assert all(torch.equal(v, cb['trainer']['var_wo_ddp'][k]) for k, v in ca['trainer']['var_wo_ddp'].items())
+    sa, sb = ca['trainer']['var_opt']['optimizer']['state'], cb['trainer']['var_opt']['optimizer']['state']
+    assert all(torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
+    (ev_a,) = read_events(next(A.glob('tb-*')))
+    first, second = read_events(next(B.glob('tb-*')))
+    for tag in ('AR_iter_loss/train_loss', 'AR_flex/tokens', 'AR_implicit/n1_with_grad'):
+        want = scalars(ev_a, tag)
+        got = {**scalars(first, tag), **scalars(second, tag)}
+        assert sorted(want) == list(range(12)) and got == want, tag
+
+
+def test_implicit_flexvar_samples_with_fewer_steps_and_fewer_iterations(toy, tmp_path, implicit_run):
+    """Trained on 1_2_3_4 (4 steps), sampled with 1_2_4 (3 steps) and 2 -> 1 implicit iterations (2, 1, 1) from the
+    same checkpoint: gen_img's image is the model's, and the trace shows the iterations run."""
+    A, _ = implicit_run
+    ckpt = A / 'ar-ckpt-last.pth'
+    vae, var = load_vae_var(str(toy / 'FlexVAE.pth'), str(ckpt), expect={'flex': True, 'use_implicit': True})
+    full, few = {}, {}
+    with torch.inference_mode():
+        var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([2]), infer_patch_nums=TRAIN_PN, g_seed=7, top_k=10,
+                                     trace=full)
+        var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([2]), infer_patch_nums=(1, 2, 4), g_seed=7, top_k=10,
+                                     iter_left=2, iter_right=1, trace=few)
+    assert full['iters'] == [10, 10, 10, 10] and few['iters'] == [2, 1, 1]
+    gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpt), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--use_implicit',
+                                     '--infer_pn', '1_2_4', '--iter_left', '2', '--iter_right', '1', '--class_label',
+                                     '2', '--seeds', '7', '--top_k', '10', '--output_dir', str(tmp_path)]))
+    img = read_png(tmp_path / 'ar-ckpt-last-pn1_2_4' / 'class2_seed7.png')
+    assert img.shape == (64, 64, 3)
+    assert np.array_equal(img, direct(var, vae, 2, 7, 1, (1, 2, 4), top_k=10, iter_left=2, iter_right=1)[0])
+
+
+def test_flex_training_under_ddp_shares_the_schedule(toy, tmp_path):
+    """Two ranks (torchrun, gloo): the same schedule on both (their metrics are all-reduced per scale) and the same
+    parameters at the end."""
+    out = tmp_path / 'ddp'
+    r = run_train(flex_args(toy, out, '--use_implicit', '--p_depth', '1', '--bs', '4'), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert logged_steps((out / 'stdout.txt').read_text()) == replay(3, implicit=True)
+    ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    fps = ckpt['resume']['rank_fingerprints']
+    assert fps.shape[0] == 2 and torch.equal(fps[0], fps[1])
+
+
+def test_flex_training_refuses_the_wrong_tokenizer_or_a_changed_flag(toy, tmp_path, implicit_run, capsys):
+    import train
+
+    def run(argv):
+        rc = train.run(argv)
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+    argv = flex_args(toy, tmp_path / 'a')
+    argv[argv.index('--vae_ckpt') + 1] = str(toy / 'vae.pth')
+    rc, out, err = run(argv)
+    assert rc == 1 and "--flex trains FlexVAR on FlexVAR's tokenizer" in err and 'pass FlexVAE.pth' in err, err
+    assert err.count('\n') == 1 and '[model]' not in out
+    rc, out, err = run(flex_args(toy, tmp_path / 'b')[1:])          # FlexVAE.pth without --flex
+    assert rc == 1 and "is FlexVAR's tokenizer (FlexVAE): add --flex" in err and err.count('\n') == 1, err
+    # resuming a --flex run without --flex (or the reverse) is refused before any model is built
+    shutil.copytree(implicit_run[0], tmp_path / 'c')
+    rc, out, err = run(flex_args(toy, tmp_path / 'c', '--use_implicit', '--p_depth', '1', ep=3)[1:])
+    assert rc == 1 and '--flex True, but this command gives --flex False' in err and '[model]' not in out, err
+    from utils.arg_util import parse_args
+    assert parse_args(['--flex']).vae_ckpt == 'ckpts/FlexVAE.pth'
+    assert parse_args([]).vae_ckpt == 'ckpts/vae_ch160v4096z32.pth'
