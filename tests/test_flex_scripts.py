@@ -376,6 +376,26 @@ def log_lines(out):
     return [json.loads(line) for line in (Path(out) / 'log.txt').read_text().splitlines()]
 
 
+def test_training_schedule_rule_for_any_scales():
+    """At the official scales the official rule, draw for draw; at others its carried-over form: strictly increasing,
+    the same first side, never more tokens than --pn, the first two sides kept."""
+    from models import flex_train_schedule
+    a, b = random.Random(3), random.Random(3)
+    assert [flex_train_schedule_for(a) for _ in range(500)] == [flex_train_schedule(b) for _ in range(500)]
+    assert a.random() == b.random()                                     # the same number of draws
+    for pn in (TRAIN_PN, (1, 2, 4), (1, 2), (1, 2, 3, 8), (1, 2, 3, 4, 6, 8, 11, 14, 18, 24, 32)):
+        rng, budget = random.Random(0), sum(p * p for p in pn)
+        draws = [flex_train_schedule_for(rng, pn) for _ in range(2000)]
+        for s in draws:
+            assert s[:2] == list(pn[:2]) and all(x < y for x, y in zip(s, s[1:])) and sum(p * p for p in s) <= budget
+            assert set(s) <= set(range(pn[0], pn[-1] + 1))
+        if len(pn) >= 4:
+            assert len({tuple(s) for s in draws}) > 1 and list(pn) in draws
+    counts = [flex_train_schedule_for(r, TRAIN_PN) for r in [random.Random(0)] for _ in range(4000)]
+    assert {tuple(s) for s in counts} == {(1, 2, 3, 4), (1, 2, 4)}
+    assert 0.08 < sum(s == [1, 2, 4] for s in counts) / len(counts) < 0.12     # the 10 % scale drop
+
+
 def test_flex_training_draws_schedules_and_samples_two_schedules(toy, tmp_path):
     """Explicit FlexVAR: every iteration's schedule is the seeded draw (the tail loss and per-scale metrics follow
     it); the checkpoint is a FlexVAR one that gen_img samples at 64 and 128 px, equal to the model called directly."""
