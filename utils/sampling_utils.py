@@ -83,15 +83,17 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 def add_flex_args(p: argparse.ArgumentParser) -> None:
     """FlexVAR's sampling knobs (``FlexVAR.autoregressive_infer_cfg``); refused for a VAR/VIAR model.  Their defaults,
-    applied for a FlexVAR model only, are the official ``eval_c2i.py``'s."""
+    applied for a FlexVAR model only (``FLEX_KWARGS``), are the official ``eval_c2i.py``'s; a flag not given is absent
+    from the namespace (read them with ``getattr(args, flag, None)``)."""
     g = p.add_argument_group('FlexVAR (checkpoints of github jiaosiyu1999/FlexVAR or train.py --flex)')
-    g.add_argument('--infer_pn', '--infer_patch_nums', dest='infer_pn', type=str, default=None, metavar='SCHEDULE',
+    unset = argparse.SUPPRESS
+    g.add_argument('--infer_pn', '--infer_patch_nums', dest='infer_pn', type=str, default=unset, metavar='SCHEDULE',
                    help="token-map sides, strictly increasing from 1, e.g. 1_2_3_4_5_6_8_10_13_16 (alias '256', the "
                         "default: 10 steps, 256 px) or 1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 (alias '512': the official "
                         "512 px zero-shot schedule); image side = 16 x the last side")
-    g.add_argument('--max_pn', '--maxpn', dest='max_pn', type=int, default=None,
+    g.add_argument('--max_pn', '--maxpn', dest='max_pn', type=int, default=unset,
                    help='scales with a larger side use the full --cfg and greedy (top-1) draws (default 16)')
-    g.add_argument('--used_llamagen_cfg', default=None, help="LlamaGen's guidance u + (c - u) cfg at every scale "
+    g.add_argument('--used_llamagen_cfg', default=unset, help="LlamaGen's guidance u + (c - u) cfg at every scale "
                    "instead of VAR's ramp (default off)", **BOOL)
 
 
