@@ -78,7 +78,8 @@ def read_png(path):
 
 def direct(var, vae, c, g_seed, B, schedule, cfg=1.5, top_k=900, top_p=0.96, max_pn=16, llamagen=False, **iters):
     """The model called directly, in the official FlexVAR call form (``vqvae=``, ``infer_patch_nums=``), with
-    ``g_seed`` as sampling.py / gen_img.py seed it; fp32 on CPU, converted as the official VAR scripts (x 255, uint8)."""
+    ``g_seed`` as sampling.py / gen_img.py seed it; fp32 on CPU, converted as the official VAR scripts (x 255,
+    uint8)."""
     with torch.inference_mode():
         img = var.autoregressive_infer_cfg(vqvae=vae, B=B, label_B=torch.tensor([c] * B), infer_patch_nums=schedule,
                                            cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=False,
@@ -132,8 +133,8 @@ def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer
                                 '--iter_left', '3', '--iter_right', '1', '--cfg', '3'])
     sampling.main(args)
     assert args.vae_ckpt == 'ckpts/FlexVAE.pth'
-    folder = tmp_path / 's' / ('flexvar-implicit-d1-flex_implicit.pth-pn1_2_3_4_5_6_8_10_13_16-cfg-3.0-maxpn-4-llamagen-'
-                               'seed-1')
+    folder = tmp_path / 's' / ('flexvar-implicit-d1-flex_implicit.pth-pn1_2_3_4_5_6_8_10_13_16-cfg-3.0-maxpn-4-'
+                               'llamagen-seed-1')
     record = json.loads((folder / sampling.CONFIG_NAME).read_text())
     assert (record['infer_patch_nums'], record['max_pn'], record['used_llamagen_cfg']) == \
         ([1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 4, True)
@@ -147,9 +148,10 @@ def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer
 def test_gen_img_two_schedules_and_resolutions(ckpts, tmp_path):
     vae, var = load_vae_var(str(ckpts / 'FlexVAE.pth'), str(ckpts / 'flex.pth'))
     for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'flex.pth'), '--vae_ckpt', str(ckpts / 'FlexVAE.pth'),
-                                         '--infer_patch_nums', pn, '--class_label', '0', '2', '--seeds', '3', '4',
-                                         '--save_grid', '--nrow', '2', '--output_dir', str(tmp_path)]))
+        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'flex.pth'), '--vae_ckpt',
+                                         str(ckpts / 'FlexVAE.pth'), '--infer_patch_nums', pn, '--class_label', '0',
+                                         '2', '--seeds', '3', '4', '--save_grid', '--nrow', '2', '--output_dir',
+                                         str(tmp_path)]))
         out = tmp_path / f'flex-pn{pn}'
         singles = [f'class{c}_seed{s}.png' for c in (0, 2) for s in (3, 4)]
         assert sorted(p.name for p in out.glob('*.png')) == sorted(singles + ['class0_2_seeds3_4_grid.png'])
