@@ -1,12 +1,18 @@
-"""Class-conditional images from a VAR or VIAR checkpoint, one PNG per (class, seed), optionally a grid.
+"""Class-conditional images from a VAR, VIAR or FlexVAR checkpoint, one PNG per (class, seed), optionally a grid.
 
     python gen_img.py --use_implicit --save_grid              # VIAR (ckpts/viar.pth), class 970, seeds 10..19
     python gen_img.py --depth 16 --class_label 207 88 --seeds 0 1 2 3 --save_grid --nrow 4   # VAR-d16
+    python gen_img.py --var_ckpt ckpts/FlexVARd24-epo349.pth --infer_pn 512 --cfg 3.0 --top_p 0.95 --save_grid
+                                                              # FlexVAR-d24, zero-shot 512 px (15 steps)
 
-Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` and the grid to
+Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` (a FlexVAR model: ``<checkpoint
+name>-pn{schedule}/``, so that other schedules of the same checkpoint do not overwrite them) and the grid to
 ``class{c}_seeds{s0_s1_s2_s3}_etc{n}_grid.png`` (``make_grid`` with ``--nrow`` images per row, 2 px white padding;
 classes in the order given, each class's seeds in order).  Missing default checkpoints (``ckpts/viar.pth``,
-``ckpts/var_d{depth}.pth``, ``ckpts/vae_ch160v4096z32.pth``) are downloaded from Hugging Face.
+``ckpts/var_d{depth}.pth``, ``ckpts/vae_ch160v4096z32.pth``, and the published FlexVAR files ``ckpts/FlexVAE.pth``,
+``ckpts/FlexVARd{16,20,24}-epo*.pth``) are downloaded from Hugging Face.  A FlexVAR checkpoint (the kind is read from
+the file) takes any schedule ``--infer_pn`` and FlexVAR's guidance flags ``--max_pn`` / ``--used_llamagen_cfg``;
+its tokenizer defaults to ``ckpts/FlexVAE.pth``.
 
 Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
 script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.
@@ -33,6 +39,7 @@ from utils.sampling_utils import (
     load_models,
     sample_batch,
     sampler_kwargs,
+    schedule_name,
     setup_device,
     to_uint8,
 )
@@ -44,8 +51,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--var_ckpt', type=str, default=None,
-                   help='VAR/VIAR checkpoint (default: ckpts/viar.pth with --use_implicit, else ckpts/var_d{depth}.pth, '
-                        'depth 30 when not given)')
+                   help='VAR/VIAR/FlexVAR checkpoint (default: ckpts/viar.pth with --use_implicit, else '
+                        'ckpts/var_d{depth}.pth, depth 30 when not given)')
     p.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or several ImageNet classes')
     p.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
     p.add_argument('--output_dir', type=str, default='gen_images')
@@ -92,7 +99,13 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
         raise SamplingError(f'--class_label {bad} out of range: {args.var_ckpt!r} has classes 0..{var.num_classes - 1}')
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
-    out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
+    name = os.path.splitext(os.path.basename(args.var_ckpt))[0]
+    if 'infer_patch_nums' in kw:        # FlexVAR: the schedule decides the size (and the images)
+        pns = kw['infer_patch_nums']
+        kind += (f', schedule {schedule_name(pns)} ({len(pns)} steps, {var.vae_proxy[0].downsample * pns[-1]} px), '
+                 f'max_pn {kw["max_pn"]}{", LlamaGen guidance" if kw["used_llamagen_cfg"] else ""}')
+        name += f'-pn{schedule_name(pns)}'
+    out_dir = os.path.join(args.output_dir, name)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:

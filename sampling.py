@@ -8,19 +8,31 @@ writes ``samples/implicit-viar.pth-cfg-1.5-seed-1/000000.png ... 049999.png`` an
 ``samples/implicit-viar.pth-cfg-1.5-seed-1.npz`` (key ``arr_0``, uint8 (N, H, W, 3), index order) for
 ``evaluator.py``.  A VAR checkpoint (no ``--use_implicit``) goes to ``samples/d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}/``.
 
+FlexVAR checkpoints (the kind is read from the file; the tokenizer defaults to ``ckpts/FlexVAE.pth``) sample any
+schedule, ``--infer_pn`` (default ``256`` = 1_2_3_4_5_6_8_10_13_16; image side 16 x the last side), with FlexVAR's
+guidance knobs ``--max_pn`` (16) and ``--used_llamagen_cfg`` (off); the official evaluation uses ``--cfg 2.5
+--top_p 0.95``:
+
+    python sampling.py --ckpt_path ckpts/FlexVARd24-epo349.pth --cfg 2.5 --top_p 0.95 --infer_pn 1_2_3_4_5_7_10_13_16
+
+writes ``samples/flexvar-d24-FlexVARd24-epo349.pth-pn1_2_3_4_5_7_10_13_16-cfg-2.5-maxpn-16-seed-1/`` (an implicit
+FlexVAR: ``flexvar-implicit-d{depth}-...``; ``-llamagen`` before ``-seed`` with ``--used_llamagen_cfg``).
+
 Seeding (the official one): the images of class ``c`` are drawn in batches of ``--batch_size`` (25); batch ``i``
 holds images ``c * per_class + i * batch_size + j`` and is sampled with ``g_seed = seed + i``.  With the defaults
 this is exactly the official layout, so a published checkpoint gives the official images (on CUDA with the official
 fp16 autocast).  When ``per_class`` is not a multiple of ``batch_size`` the last batch of a class is shorter and
-uses the same rule (``g_seed = seed + i``).  A (class, batch) unit is the unit of work: units are dealt to the
-``torchrun`` ranks round-robin, so the images do not depend on the number of processes.
+uses the same rule (``g_seed = seed + i``); so do FlexVAR models (the official ``eval_c2i.py`` shuffles the classes
+and samples without a seed: its images cannot be reproduced).  A (class, batch) unit is the unit of work: units are
+dealt to the ``torchrun`` ranks round-robin, so the images do not depend on the number of processes.
 
 Resuming: rerunning the same command skips every PNG that exists and decodes; a unit is sampled again only if one
 of its PNGs is missing or broken, and then only those are written.  PNGs are written atomically (temporary file +
 rename).  Every flag is checked before anything is loaded or written.
 
 ``<folder>/sampling_config.json`` records what decides the pixels: the settings (checkpoint and tokenizer file names,
-cfg, seed, top_k, top_p, more_smooth, per_class, batch_size, dtype, and for VIAR iter_left/iter_right) and the
+cfg, seed, top_k, top_p, more_smooth, per_class, batch_size, dtype, for VIAR and implicit FlexVAR
+iter_left/iter_right, for FlexVAR infer_patch_nums/max_pn/used_llamagen_cfg) and the
 fingerprints of the weights (``ckpt_fingerprint``, ``vae_fingerprint``: sha256 of the file size and its first and
 last 8 MiB, see ``utils.sampling_utils.weights_fingerprint``).  Resuming into a folder whose images were sampled with
 other settings, or from other weights under the same file name (``local_output/ar-ckpt-last.pth`` trained further),
@@ -55,6 +67,7 @@ from utils.misc import (
     save_png_atomic,
 )
 from utils.sampling_utils import (
+    FLEX_KWARGS,
     ITERATION_KWARGS,
     SEED_MAX,
     SamplingError,
@@ -65,6 +78,7 @@ from utils.sampling_utils import (
     load_models,
     sample_batch,
     sampler_kwargs,
+    schedule_name,
     setup_device,
     to_uint8,
     weights_fingerprint,
@@ -90,8 +104,17 @@ def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[in
     return units
 
 
-def folder_name(args, ckpt_depth: int) -> str:
+def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
+    """``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR), ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}`` (VAR); a FlexVAR
+    model (``kw`` from ``sampler_kwargs``, holding its schedule) names its schedule and guidance too:
+    ``flexvar-d{depth}-{ckpt}-pn{1_2_..._16}-cfg-{cfg}-maxpn-{max_pn}[-llamagen]-seed-{seed}`` (implicit backbone:
+    ``flexvar-implicit-d{depth}-...``)."""
     base = os.path.basename(args.ckpt_path)
+    if kw and 'infer_patch_nums' in kw:
+        kw = {**FLEX_KWARGS, **kw}
+        prefix = f'flexvar-{"implicit-" if args.use_implicit else ""}d{ckpt_depth}'
+        guidance = f'cfg-{args.cfg}-maxpn-{kw["max_pn"]}{"-llamagen" if kw["used_llamagen_cfg"] else ""}'
+        return f'{prefix}-{base}-pn{schedule_name(kw["infer_patch_nums"])}-{guidance}-seed-{args.seed}'
     prefix = 'implicit' if args.use_implicit else f'd{ckpt_depth}'
     return f'{prefix}-{base}-cfg-{args.cfg}-seed-{args.seed}'
 
@@ -183,7 +206,7 @@ def npz_is_current(npz_path: str, folder: str, num: int, crc32: int | None = Non
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt_path', type=str, default='ckpts/viar.pth', help='VAR or VIAR checkpoint')
+    p.add_argument('--ckpt_path', type=str, default='ckpts/viar.pth', help='VAR, VIAR or FlexVAR checkpoint')
     p.add_argument('--sample_dir', type=str, default='samples', help='parent folder of the sample folder and npz')
     p.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
     p.add_argument('--num_classes', type=int, default=1000, help='sample classes 0 .. num_classes-1')
@@ -239,7 +262,7 @@ def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
     kw = sampler_kwargs(args, var)
 
     # 2. the folder, its recorded settings and weights, the units of this rank
-    folder = os.path.join(args.sample_dir, folder_name(args, var.depth))
+    folder = os.path.join(args.sample_dir, folder_name(args, var.depth, kw))
     error, record, legacy = None, {}, False
     if master:
         fingerprints = {key: weights_fingerprint(getattr(args, flag)) for key, (_, flag) in FINGERPRINT_KEYS.items()}

@@ -1,7 +1,10 @@
-"""Trains VAR, or VIAR with ``--use_implicit``, on an ImageNet-style folder with a frozen VQVAE tokenizer.
+"""Trains VAR, or VIAR with ``--use_implicit``, on an ImageNet-style folder with a frozen VQVAE tokenizer; FlexVAR
+with ``--flex`` (and an implicit FlexVAR with both) on its FlexVAE tokenizer.
 
     torchrun --nproc_per_node=8 train.py --data_path=/path/to/imagenet-1k --depth=30 --bs=512 --ep=550 \
         --tblr=8e-5 --fp16=1 --alng=1e-5 --wpe=0.01 --twde=0.08 --use_implicit=True --p_depth=5
+    torchrun --nproc_per_node=8 train.py --flex --data_path=/path/to/imagenet-1k --depth=24 --bs=768 --ep=350 \
+        --tblr=8e-5 --fp16=1 --alng=1e-4 --wpe=0.01          # FlexVAR-d24's official recipe, ckpts/FlexVAE.pth
 
 One process per GPU under ``torchrun`` (NCCL; gloo on CPU), or a plain ``python train.py ...`` (one process).
 Teacher forcing: the tokenizer turns each image into its multi-scale token maps ``gt_idx_Bl``; the transformer
@@ -9,6 +12,13 @@ predicts every token from the class and the earlier scales; the loss is the cros
 over the L tokens.  VIAR trains its implicit block with Jacobian-free backprop: (n0, n1) fixed-point steps
 without / with gradient, drawn per iteration from one seeded generator shared by all ranks (every rank runs the
 same counts: no rank waits for a slower one, and the draw is part of the checkpoint).
+
+FlexVAR (``--flex``): every iteration first draws its schedule from that same generator
+(``models.flex_train_schedule_for``: the official rule at the official scales ``--pn 256``; an implicit FlexVAR then
+draws its (n0, n1)); the token maps of that schedule are the targets (``vae.img_to_idxBl(img, pns)``), the previous
+scale's codes bicubic-resized the input (``idxBl_to_var_input(idx, pns)``), the loss is averaged uniformly over
+that schedule's tokens, and the tail / per-scale metrics follow it.  Validation uses ``--pn`` (deterministic).
+What a step feeds the model is the one difference between the families, chosen once (``Feed``, ``FlexFeed``).
 
 Outputs in ``--local_out_dir_path``: stdout.txt / stderr.txt, log.txt (one JSON line per epoch and per
 validation), TensorBoard ``tb-VARd{depth}__pn...``, ar-ckpt-last.pth and ar-ckpt-best.pth (best validation tail
@@ -27,10 +37,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import build_var
+from models import FlexVAE, build_flex_var, build_var, flex_train_schedule_for
 from models.checkpoint import CheckpointError, load_vae, tokenizer_downsample
 from utils import dist, training
 from utils.arg_util import args_to_dict, finalize_args, parse_args
@@ -40,12 +51,75 @@ from utils.errors import UserError
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
 from utils.training import Batches, Pace, Run, Sums
 
-VAE_HINT = (f'download it from {hf_url("vae_ch160v4096z32.pth")} and place it in ckpts/ (or pass --vae_ckpt '
-            f'/path/to/it)')
-ARCH_FLAGS = ('depth', 'use_implicit', 'p_depth', 'pn', 'saln', 'anorm', 'num_classes')   # a resume must keep them
+ARCH_FLAGS = ('depth', 'use_implicit', 'p_depth', 'pn', 'saln', 'anorm', 'num_classes', 'flex')  # a resume keeps them
 VAE_ID_KEYS = ('quantize.embedding.weight', 'quant_conv.weight', 'quant_conv.bias', 'encoder.conv_in.weight',
                'encoder.conv_out.weight', 'decoder.conv_out.weight')     # their bytes identify the tokenizer
 EPOCH_SUMS = ('L_mean', 'L_tail', 'acc_mean', 'acc_tail', 'iters', 'skipped', 'grad_norm', 'steps')
+
+
+def vae_hint(flex: bool) -> str:
+    name = 'FlexVAE.pth' if flex else 'vae_ch160v4096z32.pth'
+    return f'download it from {hf_url(name)} and place it in ckpts/ (or pass --vae_ckpt /path/to/it)'
+
+
+class Step(NamedTuple):
+    """What one iteration feeds the model besides the images: its scales and, implicit backbone, (n0, n1)."""
+    patch_nums: Tuple[int, ...]
+    iters: Optional[Tuple[int, int]]
+
+
+class Feed:
+    """VAR / VIAR: the model's fixed scales; VIAR's (n0, n1) drawn from the generator all ranks share."""
+    flex = False
+
+    def __init__(self, var_wo_ddp):
+        self.patch_nums, self.backbone = tuple(var_wo_ddp.patch_nums), var_wo_ddp.backbone
+
+    def draw(self, rng: random.Random) -> Step:
+        return Step(self.patch_nums, self.backbone.draw_iters(rng))
+
+    def tokens(self, vae, img: torch.Tensor, pns: Tuple[int, ...]):
+        """(token maps of every scale, teacher-forcing input (B, L - 1, Cvae)) of ``img``, without gradient."""
+        gt_idx_Bl = vae.img_to_idxBl(img)
+        return gt_idx_Bl, vae.quantize.idxBl_to_var_input(gt_idx_Bl)
+
+    def logits(self, var, label: torch.Tensor, x_BLCv: torch.Tensor, step: Step) -> torch.Tensor:
+        return var(label, x_BLCv, **({'iters': step.iters} if step.iters else {}))
+
+
+class FlexFeed(Feed):
+    """FlexVAR: a random schedule per iteration (``flex_train_schedule_for`` of ``--pn``, then the backbone's draw),
+    its token maps and teacher-forcing input, the model called with it."""
+    flex = True
+
+    def draw(self, rng: random.Random) -> Step:
+        pns = tuple(flex_train_schedule_for(rng, self.patch_nums))
+        return Step(pns, self.backbone.draw_iters(rng))
+
+    def tokens(self, vae, img: torch.Tensor, pns: Tuple[int, ...]):
+        gt_idx_Bl = vae.img_to_idxBl(img, pns)
+        return gt_idx_Bl, vae.quantize.idxBl_to_var_input(gt_idx_Bl, pns)
+
+    def logits(self, var, label: torch.Tensor, x_BLCv: torch.Tensor, step: Step) -> torch.Tensor:
+        return var(label, x_BLCv, step.patch_nums, **({'iters': step.iters} if step.iters else {}))
+
+
+def build_model(args, vae, dev):
+    """The one place the family is chosen: (transformer with the fresh-training initialisation, its ``Feed``).
+    ``--flex`` needs FlexVAR's tokenizer and the other families VAR's (one sentence otherwise)."""
+    if args.flex != isinstance(vae, FlexVAE):
+        if args.flex:
+            raise CheckpointError(f"--flex trains FlexVAR on FlexVAR's tokenizer, but --vae_ckpt {args.vae_ckpt!r} is "
+                                  f"VAR's multi-scale VQVAE: pass FlexVAE.pth as --vae_ckpt (or drop --flex)")
+        raise CheckpointError(f"--vae_ckpt {args.vae_ckpt!r} is FlexVAR's tokenizer (FlexVAE): add --flex to train "
+                              f"FlexVAR, or pass VAR's tokenizer (vae_ch160v4096z32.pth)")
+    build, feed = (build_flex_var, FlexFeed) if args.flex else (build_var, Feed)
+    var_wo_ddp = build(
+        vae, device=dev, patch_nums=tuple(args.patch_nums), num_classes=args.num_classes, depth=args.depth,
+        shared_aln=args.saln, attn_l2_norm=args.anorm, flash_if_available=args.fuse, init_adaln=args.aln,
+        init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
+        use_implicit=args.use_implicit, pre_depth=args.p_depth, post_depth=args.p_depth).train()
+    return var_wo_ddp, feed(var_wo_ddp)
 
 
 class Stats(NamedTuple):
@@ -66,8 +140,9 @@ class Trainer:
     opt: torch.optim.Optimizer
     scaler: Any                         # GradScaler (fp16) or None
     vae_id: str                         # fingerprint of the tokenizer's weights
+    feed: Feed = None                   # what a step feeds the model (the family's one difference)
     iters_train: int = 0
-    iters_rng: random.Random = None     # VIAR (n0, n1): the same draws on every rank
+    iters_rng: random.Random = None     # each step's draws (FlexVAR's schedule, VIAR's (n0, n1)), same on every rank
     ep_sums: Sums = None                # this rank's sums over the epoch (EPOCH_SUMS)
     start_ep: int = 0
     start_it: int = 0
@@ -157,7 +232,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
     """Frozen tokenizer (the checkpoint's own, by fingerprint), transformer (same init on every rank, or the
     checkpoint's weights), DDP, AdamW (betas 0.9/0.95, no decay on 1-D tensors and embeddings), fp16 GradScaler."""
     args, dev, last_path = run.args, run.dev, run.path('ar-ckpt-last.pth')
-    vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=VAE_HINT)
+    vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=vae_hint(args.flex))
     vae_id = training.fingerprint(vae.state_dict(), VAE_ID_KEYS)
     if ckpt:
         saved = ckpt['trainer'].get('config', {}).get('vae_fingerprint') or training.fingerprint(
@@ -171,11 +246,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
             run.log.warning(f'[train] note: --allow_other_vae: continuing with the tokenizer {args.vae_ckpt!r}, not the '
                             f'one the checkpoint was trained with (losses change from here)')
     torch.manual_seed(args.seed)
-    var_wo_ddp = build_var(
-        vae, device=dev, patch_nums=tuple(args.patch_nums), num_classes=args.num_classes, depth=args.depth,
-        shared_aln=args.saln, attn_l2_norm=args.anorm, flash_if_available=args.fuse, init_adaln=args.aln,
-        init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
-        use_implicit=args.use_implicit, pre_depth=args.p_depth, post_depth=args.p_depth).train()
+    var_wo_ddp, feed = build_model(args, vae, dev)
     var_wo_ddp.set_grad_checkpointing(args.grad_ckpt)
     opt = torch.optim.AdamW(param_groups(var_wo_ddp)[1], lr=args.tlr, weight_decay=0, betas=(0.9, 0.95),
                             fused=True if dev.type == 'cuda' else None)
@@ -194,7 +265,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                  f'parameters{", activation checkpointing" if args.grad_ckpt else ""}; tokenizer V={vae.vocab_size} '
                  f'Cvae={vae.Cvae} from {args.vae_ckpt}')
     return Trainer(vae=vae, var_wo_ddp=var_wo_ddp, var=training.wrap_ddp(var_wo_ddp, dev), opt=opt, scaler=scaler,
-                   vae_id=vae_id, ep_sums=Sums(EPOCH_SUMS, dev))
+                   vae_id=vae_id, feed=feed, ep_sums=Sums(EPOCH_SUMS, dev))
 
 
 def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
@@ -250,7 +321,7 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
                 'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
                            'use_implicit': implicit, 'pre_depth': var.pre_depth if implicit else 0,
                            'post_depth': var.post_depth if implicit else 0, 'depth': args.depth,
-                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id},
+                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id, 'flex': t.feed.flex},
             },
             'args': args_to_dict(args),
             'resume': {'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),
@@ -267,20 +338,20 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
 
 
 # ============================================== one epoch =============================================================
-def forward_backward(run: Run, t: Trainer, img, label, iters, g_it: int, sync: bool, detail: bool) -> torch.Tensor:
-    """Teacher-forcing forward and backward of one iteration (gradients accumulate over ``--ac`` iterations; DDP
-    all-reduces them when ``sync``).  Returns this rank's metrics as a device tensor, read out later (no host sync
-    here): loss, L_mean, L_tail, acc_mean, acc_tail, then with ``detail`` the loss and accuracy of every scale."""
+def forward_backward(run: Run, t: Trainer, img, label, step: Step, g_it: int, sync: bool, detail: bool) -> torch.Tensor:
+    """Teacher-forcing forward and backward of one iteration over the scales of ``step`` (gradients accumulate over
+    ``--ac`` iterations; DDP all-reduces them when ``sync``).  Returns this rank's metrics as a device tensor, read out
+    later (no host sync here): loss, L_mean, L_tail, acc_mean, acc_tail (tail: ``step``'s last scale), then with
+    ``detail`` the loss and accuracy of each of ``step``'s scales."""
     args, dev, vae = run.args, run.dev, t.vae
     img, label = img.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
     with torch.no_grad():      # the teacher-forcing input from the frozen tokenizer
-        gt_idx_Bl = vae.img_to_idxBl(img)
+        gt_idx_Bl, x_BLCv_wo_first_l = t.feed.tokens(vae, img, step.patch_nums)
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
-        x_BLCv_wo_first_l = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
     no_sync = t.var.no_sync() if not sync and t.var is not t.var_wo_ddp else contextlib.nullcontext()
     with no_sync:
         with run.autocast():
-            logits_BLV = t.var(label, x_BLCv_wo_first_l, **({'iters': iters} if iters else {}))
+            logits_BLV = t.feed.logits(t.var, label, x_BLCv_wo_first_l, step)
         logits_BLV = logits_BLV.float()
         V = logits_BLV.shape[-1]
         loss_BL = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=args.ls,
@@ -295,11 +366,12 @@ def forward_backward(run: Run, t: Trainer, img, label, iters, g_it: int, sync: b
         del logits_BLV                 # the (B, L, V) logits are not needed by backward: free them now
         loss_scaled = loss / args.ac
         (t.scaler.scale(loss_scaled) if t.scaler else loss_scaled).backward()
-    last_l = args.patch_nums[-1] ** 2
+    last_l = step.patch_nums[-1] ** 2
     parts = [loss.detach(), ce_BL.mean(), ce_BL[:, -last_l:].mean(), hit_BL.mean() * 100, hit_BL[:, -last_l:].mean() * 100]
     if detail:
-        parts += [ce_BL[:, bg:ed].mean() for bg, ed in t.var_wo_ddp.begin_ends]
-        parts += [hit_BL[:, bg:ed].mean() * 100 for bg, ed in t.var_wo_ddp.begin_ends]
+        ends = np.cumsum([0] + [pn * pn for pn in step.patch_nums]).tolist()
+        parts += [ce_BL[:, bg:ed].mean() for bg, ed in zip(ends, ends[1:])]
+        parts += [hit_BL[:, bg:ed].mean() * 100 for bg, ed in zip(ends, ends[1:])]
     return torch.stack(parts)
 
 
@@ -328,9 +400,9 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
                 os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
             lr, wd = lr_wd_annealing(args.sche, t.opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
                                      wp0=args.wp0, wpe=args.wpe)
-            n_iters = t.var_wo_ddp.backbone.draw_iters(t.iters_rng)      # VIAR's (n0, n1); None for VAR
+            step = t.feed.draw(t.iters_rng)        # the same on every rank: scales (FlexVAR: drawn), VIAR's (n0, n1)
             log_now = it == first_it or (it + 1) % log_freq == 0 or it + 1 == iters
-            metrics = forward_backward(run, t, img, label, n_iters, g_it, sync=k == len(window) - 1, detail=log_now)
+            metrics = forward_backward(run, t, img, label, step, g_it, sync=k == len(window) - 1, detail=log_now)
             window_sums += metrics[1:5].double()
             if k == len(window) - 1:
                 gn = training.optimizer_step(t.opt, t.scaler, params, args.tclip, max_scale=2. ** 15,
@@ -339,7 +411,8 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
                 grad_norm = gn if gn is not None else grad_norm
             pace.tick()
             if log_now:      # console and TensorBoard (a collective: every rank logs the same iterations)
-                log_iteration(run, t, ep, it, g_it, dist.allreduce_mean(metrics).tolist(), lr, wd, grad_norm, n_iters, pace)
+                log_iteration(run, t, ep, it, g_it, dist.allreduce_mean(metrics).tolist(), lr, wd, grad_norm, step,
+                              pace)
             it += 1
     return pace
 
@@ -368,9 +441,11 @@ def count_step(run: Run, t: Trainer, ep: int, it: int, grad_norm: Optional[float
 
 
 def log_iteration(run: Run, t: Trainer, ep: int, it: int, g_it: int, values: List[float], lr: float, wd: float,
-                  grad_norm: Optional[float], n_iters, pace: Pace):
-    """One line on the console, the iteration's scalars in TensorBoard."""
-    args, s, K = run.args, Stats(*values[:5]), len(run.args.patch_nums)
+                  grad_norm: Optional[float], step: Step, pace: Pace):
+    """One line on the console, the iteration's scalars in TensorBoard (per scale: ``step``'s scales, tagged by their
+    resolution; FlexVAR: the schedule's length and tokens under AR_flex/)."""
+    args, s, K, n_iters = run.args, Stats(*values[:5]), len(step.patch_nums), step.iters
+    resos = [args.data_load_reso // args.patch_nums[-1] * pn for pn in step.patch_nums]
     img_per_s = args.glb_batch_size / max(pace.dt, 1e-9)
     if run.tb is not None:
         run.tb.scalars(g_it, s._asdict(), prefix='AR_iter_loss/')
@@ -378,30 +453,36 @@ def log_iteration(run: Run, t: Trainer, ep: int, it: int, g_it: int, values: Lis
                               'AR_speed/img_per_s': img_per_s,
                               'AR_opt_grad/scale_log2': math.log2(t.scaler.get_scale()) if t.scaler else None,
                               **({'AR_implicit/n0_no_grad': n_iters[0], 'AR_implicit/n1_with_grad': n_iters[1]}
-                                 if n_iters else {})})
-        run.tb.scalars(g_it, {f'L_{r}': v for r, v in zip(args.resos, values[5:5 + K])}, prefix='AR_iter_scale/')
-        run.tb.scalars(g_it, {f'acc_{r}': v for r, v in zip(args.resos, values[5 + K:])}, prefix='AR_iter_scale/')
+                                 if n_iters else {}),
+                              **({'AR_flex/scales': K, 'AR_flex/tokens': sum(pn * pn for pn in step.patch_nums),
+                                  'AR_flex/last_pn': step.patch_nums[-1]} if t.feed.flex else {})})
+        run.tb.scalars(g_it, {f'L_{r}': v for r, v in zip(resos, values[5:5 + K])}, prefix='AR_iter_scale/')
+        run.tb.scalars(g_it, {f'acc_{r}': v for r, v in zip(resos, values[5 + K:])}, prefix='AR_iter_scale/')
         run.tb.flush()
     gn_txt = f'{grad_norm:.3f}' if grad_norm is not None else '-'
     run.log.info(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{t.iters_train}]  eta {pace.left(args.ep * t.iters_train - g_it - 1)}  '
                  f'Lm {s.L_mean:.4f}  Lt {s.L_tail:.4f}  Accm {s.acc_mean:.2f}  Acct {s.acc_tail:.2f}  lr {lr:.3e}  '
-                 f'wd {wd:.3g}  tnm {gn_txt}  {img_per_s:.1f} img/s' + (f'  n0/n1 {n_iters[0]}/{n_iters[1]}' if n_iters else ''))
+                 f'wd {wd:.3g}  tnm {gn_txt}  {img_per_s:.1f} img/s'
+                 + (f'  n0/n1 {n_iters[0]}/{n_iters[1]}' if n_iters else '')
+                 + (f'  pn {"_".join(map(str, step.patch_nums))}' if t.feed.flex else ''))
 
 
 # ============================================== end of an epoch: logs, validation, checkpoint ==========================
 @torch.no_grad()
 def evaluate(run: Run, t: Trainer, ld_val) -> Tuple[Optional[dict], Optional[str]]:
-    """Validation (eval mode; VIAR with its eval iteration count) -> (metrics, None), or (None, why) when an image
-    was unreadable on some rank.  Runs on a forked RNG with a fixed seed: deterministic, and training's RNG stream is
-    untouched."""
-    var, vae, dev, last_l = t.var_wo_ddp, t.vae, run.dev, t.var_wo_ddp.patch_nums[-1] ** 2
+    """Validation on the scales of ``--pn`` (eval mode; VIAR with its eval iteration count) -> (metrics, None), or
+    (None, why) when an image was unreadable on some rank.  Runs on a forked RNG with a fixed seed: deterministic, and
+    training's RNG stream is untouched."""
+    var, vae, dev = t.var_wo_ddp, t.vae, run.dev
+    step = Step(t.feed.patch_nums, None)        # --pn; VIAR: the eval-mode iteration count
+    last_l = step.patch_nums[-1] ** 2
 
     def batch_sums(batch):
         img, label = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-        gt_idx_Bl = vae.img_to_idxBl(img)
+        gt_idx_Bl, x_BLCv = t.feed.tokens(vae, img, step.patch_nums)
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
         with run.autocast():
-            logits_BLV = var(label, vae.quantize.idxBl_to_var_input(gt_idx_Bl)).float()
+            logits_BLV = t.feed.logits(var, label, x_BLCv, step).float()
         ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.view(-1), reduction='none').view(gt_BL.shape)
         hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
         B = gt_BL.shape[0]

@@ -10,13 +10,13 @@ from typing import Tuple
 import torch
 
 from .flexvae import FLEX_PATCH_NUMS, FlexVAE
-from .flexvar import FlexVAR, flex_train_schedule
+from .flexvar import FlexVAR, flex_train_schedule, flex_train_schedule_for
 from .quant import VectorQuantizer2
 from .var import VAR, get_edit_mask, iterations_per_scale
 from .vqvae import VQVAE
 
 __all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale',
-           'FlexVAE', 'FlexVAR', 'build_flexvar', 'flex_train_schedule']
+           'FlexVAE', 'FlexVAR', 'build_flexvar', 'build_flex_var', 'flex_train_schedule', 'flex_train_schedule_for']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -85,6 +85,22 @@ def build_vae_var(
     return vae_local, var_wo_ddp
 
 
+def build_flex_var(
+    vae_local: FlexVAE, depth=16, num_classes=1000, patch_nums=FLEX_PATCH_NUMS, shared_aln=False, attn_l2_norm=True,
+    flash_if_available=True, use_implicit=False, pre_depth=5, post_depth=5, pos_grid=32, device='meta',
+    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
+) -> FlexVAR:
+    """FlexVAR's transformer on top of an existing ``FlexVAE`` (held by reference), as ``build_var`` is VAR's:
+    nothing allocated on ``meta``, the fresh-training initialisation on a real device.  ``patch_nums``: the default
+    schedule (training's validation scales, the stored mask's size); ``use_implicit``: VIAR's backbone."""
+    return _build_transformer(
+        FlexVAR, vae_local, depth, device,
+        dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
+        num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
+        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth,
+        pos_grid=pos_grid)
+
+
 def build_flexvar(
     V=8912, Cvae=32, depth=16, num_classes=1000, device='cpu', patch_nums=FLEX_PATCH_NUMS,
     # tokenizer (FlexVAE.pth: LlamaGen VQ-16)
@@ -107,10 +123,9 @@ def build_flexvar(
         vae.to_empty(device=device)
         with torch.no_grad():
             vae.init_weights()
-    var = _build_transformer(
-        FlexVAR, vae, depth, device,
-        dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
-        num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth,
-        pos_grid=pos_grid)
+    var = build_flex_var(vae, depth=depth, num_classes=num_classes, patch_nums=patch_nums, shared_aln=shared_aln,
+                         attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available, use_implicit=use_implicit,
+                         pre_depth=pre_depth, post_depth=post_depth, pos_grid=pos_grid, device=device,
+                         init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                         init_std=init_std)
     return vae, var

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .flexvae import FLEX_PATCH_NUMS
 from .var import VAR, block_causal_mask
 
-__all__ = ['FlexVAR', 'sincos_grid', 'flex_train_schedule', 'FLEX_TOPK_SIDES', 'FLEX_MAX_TOKENS']
+__all__ = ['FlexVAR', 'sincos_grid', 'flex_train_schedule', 'flex_train_schedule_for', 'FLEX_TOPK_SIDES',
+           'FLEX_MAX_TOKENS']
 
 # sides FlexVAR samples with the user's top-k; any other side (or one above max_pn) is drawn greedily (top-1)
 FLEX_TOPK_SIDES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
@@ -71,6 +72,36 @@ def flex_train_schedule(rng: random.Random, max_tokens: int = FLEX_MAX_TOKENS) -
         pns.pop(rng.choice(range(len(pns) - 4, len(pns))))
     return pns
 
+
+
+def flex_train_schedule_for(rng: random.Random, patch_nums: Sequence[int] = FLEX_PATCH_NUMS) -> List[int]:
+    """The schedule of one training step for the training scales ``patch_nums`` (``train.py --flex --pn``).
+
+    At the official scales (1 2 3 4 5 6 8 10 13 16) this is exactly ``flex_train_schedule(rng)``.  At other scales
+    (e.g. a small model at 1 2 3 4), the same rule carried over: with probability 5 % ``patch_nums`` itself,
+    otherwise its first two sides + ``len(patch_nums) - 3`` distinct sides drawn from those strictly between its
+    second and last side (sorted) + its last side; the same scale drops (x ~ U[0, 1) past 0.9, 0.95, 0.98, 0.99,
+    never the first two nor the last); then, while the schedule has more tokens than ``patch_nums``, one of its last
+    four scales but the first two is dropped.  The result is strictly increasing, starts with ``patch_nums[0]``, holds
+    at most as many tokens as ``patch_nums``.  Fewer than three scales: ``patch_nums`` every step."""
+    pns = [int(pn) for pn in patch_nums]
+    if tuple(pns) == tuple(FLEX_PATCH_NUMS):
+        return flex_train_schedule(rng)
+    if len(pns) < 3:
+        return pns
+    budget = sum(pn * pn for pn in pns)
+    if rng.random() < 0.05:
+        out = list(pns)
+    else:
+        middle = range(pns[1] + 1, pns[-1])
+        out = pns[:2] + sorted(rng.sample(middle, min(len(pns) - 3, len(middle)))) + pns[-1:]
+    x = rng.random()
+    for threshold in (0.9, 0.95, 0.98, 0.99):
+        if x > threshold and len(out) > 3:
+            out.pop(rng.choice(range(2, len(out) - 1)))
+    while sum(pn * pn for pn in out) > budget and len(out) > 2:
+        out.pop(rng.choice(range(max(2, len(out) - 4), len(out))))
+    return out
 
 class FlexVAR(VAR):
     """``VAR`` with FlexVAR's scale paradigm.  ``patch_nums`` is the default schedule (training's default scales and

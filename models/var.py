@@ -564,7 +564,9 @@ class VAR(nn.Module):
                 if edit_mask is not None:       # zero-shot editing: the kept positions get the input image's codes
                     keep_Bl1 = _keep_map(edit_mask.to(dev), B, pn)
                     gt_Bl = input_img_tokens[si].to(dev)
-                    h_BlC = torch.where(keep_Bl1, F.embedding(gt_Bl, codes_VC).to(h_BlC.dtype), h_BlC)
+                    # promoted as the notebook's gt * m + h * (1 - m): exact fp32 codes even where more_smooth's
+                    # mixture came out of an autocast matmul in half precision
+                    h_BlC = torch.where(keep_Bl1, F.embedding(gt_Bl, codes_VC), h_BlC)
                     idx_Bl = torch.where(keep_Bl1[..., 0], gt_Bl, idx_Bl)
                 idx_Bl_per_scale.append(idx_Bl)
                 h_BChw = h_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn)

@@ -11,15 +11,62 @@
 #
 # Fewer implicit iterations per scale (faster sampling): change --iter_left / --iter_right below (scale k of 10
 # runs int(linspace(iter_left, iter_right, 10)[k]) iterations; 10/10 is the paper's setting).
-# Environment: REF_BATCH (reference batch, default below), NPROC (processes, default 1), MASTER_PORT, PYTHON.
+#
+# FlexVAR (github jiaosiyu1999/FlexVAR): FLEXVAR=d16|d20|d24 evaluates the published ckpts/FlexVAR{d}-epo*.pth on
+# ckpts/FlexVAE.pth (both downloaded when missing) with the official evaluation settings (README, scripts/
+# evaluate_c2i.sh, eval_c2i.py: top_k 900, top_p 0.95, max_pn 16, VAR's guidance ramp; cfg 2.5, 3.0 at 512 px) and
+# any schedule INFER_PN (default 256 = 1_2_3_4_5_6_8_10_13_16; 512 = the zero-shot 1_2_3_4_5_6_7_8_9_10_12_14_16_23_32,
+# against the 512 px reference batch); images go to samples/flexvar-d{depth}-{ckpt}-pn{schedule}-cfg-{cfg}-maxpn-16-seed-1/:
+#   FLEXVAR=d24 bash scripts/eval.sh                                              # 10 steps, 256 px
+#   FLEXVAR=d20 INFER_PN=1_2_3_4_5_6_7_8_9_10_12_14_16 bash scripts/eval.sh       # 13 steps (zero-shot)
+#   FLEXVAR=d20 INFER_PN=512 bash scripts/eval.sh                                 # 512 px (zero-shot)
+# Environment: REF_BATCH (reference batch, default below), NPROC (processes, default 1), MASTER_PORT, PYTHON;
+# FlexVAR: FLEXVAR, INFER_PN, CFG.
 set -euo pipefail
 REF_BATCH=${REF_BATCH:+$(realpath -m -- "$REF_BATCH")}     # a path given by the caller is relative to their folder
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
-REF_BATCH=${REF_BATCH:-data/VIRTUAL_imagenet256_labeled.npz}
-REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
 NPROC=${NPROC:-1}
+FLEXVAR=${FLEXVAR:-}
+RESO=256
+if [ -n "$FLEXVAR" ]; then
+  case "$FLEXVAR" in
+    d16) FLEX_CKPT=FlexVARd16-epo179.pth ;;
+    d20) FLEX_CKPT=FlexVARd20-epo249.pth ;;
+    d24) FLEX_CKPT=FlexVARd24-epo349.pth ;;
+    *) echo "error: FLEXVAR must be d16, d20 or d24 (the published FlexVAR checkpoints), got '$FLEXVAR'" >&2; exit 1 ;;
+  esac
+  INFER_PN=${INFER_PN:-256}
+  case "$INFER_PN" in
+    256) PN=1_2_3_4_5_6_8_10_13_16 ;;
+    512) PN=1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 ;;
+    *) PN=${INFER_PN//-/_} ;;
+  esac
+  if ! [[ "$PN" =~ ^[0-9]+(_[0-9]+)*$ ]]; then
+    echo "error: INFER_PN must be token-map sides like 1_2_3_4_5_6_8_10_13_16, or 256 / 512, got '$INFER_PN'" >&2
+    exit 1
+  fi
+  IFS=_ read -ra SIDES <<< "$PN"
+  PN=""
+  for s in "${SIDES[@]}"; do PN+="${PN:+_}$((10#$s))"; done      # as sampling.py names it (no leading zeros)
+  RESO=$((16 * ${PN##*_}))
+  if [ "$RESO" = 512 ]; then CFG=${CFG:-3.0}; else CFG=${CFG:-2.5}; fi
+  if ! [[ "$CFG" =~ ^([0-9]+)(\.([0-9]*))?$ ]]; then
+    echo "error: CFG must be a number like 2.5, got '$CFG'" >&2
+    exit 1
+  fi
+  INT=$((10#${BASH_REMATCH[1]})) FRAC=${BASH_REMATCH[3]}
+  while [[ "$FRAC" == *0 ]]; do FRAC=${FRAC%0}; done
+  CFG="$INT.${FRAC:-0}"                                           # as Python prints the float: 3 -> 3.0, 2.50 -> 2.5
+fi
+if [ "$RESO" = 512 ]; then
+  REF_BATCH=${REF_BATCH:-data/VIRTUAL_imagenet512.npz}
+  REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/VIRTUAL_imagenet512.npz
+else
+  REF_BATCH=${REF_BATCH:-data/VIRTUAL_imagenet256_labeled.npz}
+  REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
+fi
 
 # the reference batch is checked first: no point in sampling for hours and failing at the last step
 if [ -d "$REF_BATCH" ]; then
@@ -38,6 +85,25 @@ if [ "$NPROC" -gt 1 ]; then
           --master_port="${MASTER_PORT:-7778}")
 else
   LAUNCH=("$PY")
+fi
+
+# For FlexVAR (FLEXVAR=d16|d20|d24, see the top)
+if [ -n "$FLEXVAR" ]; then
+  "${LAUNCH[@]}" sampling.py \
+      --ckpt_path "ckpts/$FLEX_CKPT" \
+      --vae_ckpt ckpts/FlexVAE.pth \
+      --depth "${FLEXVAR#d}" \
+      --infer_pn "$PN" \
+      --cfg "$CFG" \
+      --top_k 900 \
+      --top_p 0.95 \
+      --max_pn 16 \
+      --sample_dir samples
+
+  "$PY" evaluator.py \
+      "$REF_BATCH" \
+      "samples/flexvar-$FLEXVAR-$FLEX_CKPT-pn$PN-cfg-$CFG-maxpn-16-seed-1.npz"
+  exit 0
 fi
 
 # For VAR

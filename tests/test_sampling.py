@@ -97,8 +97,10 @@ def script_env(**extra):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_flags_parse_booleans_and_defaults():
     a = sampling.parse_args([])
-    assert (a.ckpt_path, a.vae_ckpt, a.cfg, a.seed, a.top_k, a.top_p, a.num_classes, a.per_class, a.batch_size) == \
-        ('ckpts/viar.pth', 'ckpts/vae_ch160v4096z32.pth', 1.5, 1, 900, 0.96, 1000, 50, 25)
+    assert (a.ckpt_path, a.cfg, a.seed, a.top_k, a.top_p, a.num_classes, a.per_class, a.batch_size) == \
+        ('ckpts/viar.pth', 1.5, 1, 900, 0.96, 1000, 50, 25)
+    # the tokenizer follows the model's kind (tests/test_flex_scripts.py): VAR's for the published VAR/VIAR files
+    assert a.vae_ckpt is None and sampling_utils.default_vae_ckpt(a.ckpt_path) == 'ckpts/vae_ch160v4096z32.pth'
     assert a.use_implicit is False and a.more_smooth is False and a.depth is None
     for text, want in (('True', True), ('False', False), ('1', True), ('0', False), ('yes', True), ('no', False)):
         assert sampling.parse_args(['--use_implicit', text]).use_implicit is want

@@ -140,7 +140,7 @@ def test_boolean_flags_and_readme_command():
     # loader workers default to min(8, CPUs per process); --pn's help names the tokenizer's downsampling
     from utils.arg_util import default_workers, get_parser
     assert args.workers == min(default_workers(), 64) >= 1 and finalize_args(
-        parse_args(README_ARGS[6:] + ['--workers', '0']), world_size=8).workers == 0
+        parse_args(OFFICIAL_ARGS[6:] + ['--workers', '0']), world_size=8).workers == 0
     assert "image side = the tokenizer's downsampling" in ' '.join(get_parser().format_help().split())
 
 
@@ -212,7 +212,7 @@ def test_train_sh_runs_the_readme_command(tmp_path, toy):
         assert r.returncode == 1 and want in r.stderr and r.stderr.count('\n') == 1, r.stderr
         assert r.stderr.startswith('scripts/train.sh: error:') and not (tmp_path / 'argv.txt').exists()
     r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), '--data_path', toy['data']], env=env)
-    assert r.returncode == 0 and (tmp_path / 'argv.txt').read_text().splitlines()[1:] == README_ARGS + [
+    assert r.returncode == 0 and (tmp_path / 'argv.txt').read_text().splitlines()[1:] == OFFICIAL_ARGS + [
         '--data_path', toy['data']]
 
 

@@ -14,6 +14,7 @@ __all__ = ['get_parser', 'parse_args', 'finalize_args', 'get_vae_parser', 'parse
 
 PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
 PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py passes the one of --vae_ckpt)
+VAR_VAE, FLEX_VAE = 'ckpts/vae_ch160v4096z32.pth', 'ckpts/FlexVAE.pth'     # train.py's default tokenizers
 
 
 def str2bool(v) -> bool:
@@ -58,8 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 def get_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        description='Train VAR or VIAR (--use_implicit) on an ImageNet-style folder with a frozen VQVAE tokenizer. '
-                    'Rerunning the same command resumes from <local_out_dir_path>/ar-ckpt-last.pth.',
+        description='Train VAR, VIAR (--use_implicit), FlexVAR (--flex) or an implicit FlexVAR (--flex --use_implicit) '
+                    'on an ImageNet-style folder with a frozen tokenizer. Rerunning the same command resumes from '
+                    '<local_out_dir_path>/ar-ckpt-last.pth.',
         allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
 
@@ -83,7 +85,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--alng', type=float, default=1e-5, help='AdaLN gamma-rows init multiplier')
     g.add_argument('--hd', type=float, default=0.02, help='head weight init multiplier')
     g.add_argument('--ini', type=float, default=-1, help='init std (<0: sqrt(1/3C))')
-    g.add_argument('--vae_ckpt', type=str, default='ckpts/vae_ch160v4096z32.pth', help='frozen tokenizer checkpoint')
+    g.add_argument('--flex', default=False, help='FlexVAR (github jiaosiyu1999/FlexVAR): every step predicts the token '
+                   'maps of a random schedule of scales (the official rule, drawn from the seeded generator all ranks '
+                   'share), on its FlexVAE tokenizer; --use_implicit gives an implicit FlexVAR', **B)
+    g.add_argument('--vae_ckpt', type=str, default=None, help=f'frozen tokenizer checkpoint (default: {VAR_VAE}, with '
+                   f'--flex {FLEX_VAE})')
     g.add_argument('--allow_other_vae', default=False, help='resume although --vae_ckpt holds other weights than the '
                    'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **B)
 
@@ -140,6 +146,8 @@ def _debug_flags(p):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
+    if args.vae_ckpt is None:
+        args.vae_ckpt = FLEX_VAE if args.flex else VAR_VAE
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except argparse.ArgumentTypeError as e:
@@ -176,10 +184,12 @@ def finalize_args(args: argparse.Namespace, world_size: int, downsample: int = P
     if args.wp == 0:
         args.wp = args.ep / 50
     args.workers = min(default_workers() if args.workers < 0 else args.workers, args.batch_size)
-    # the official name tb-VARd{depth}__pn...; VIAR runs are marked at the end
+    # the official name tb-VARd{depth}__pn...; VIAR and FlexVAR runs are marked at the end
     name = f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}adamlr{args.tblr:g}wd{args.twd:g}'
     if args.use_implicit:
         name += f'__viar_p{args.p_depth}'
+    if args.flex:
+        name += '__flexvar'
     args.tb_name = re.sub(r'[^\w\-+,.]', '_', name)
     return args
 

@@ -14,7 +14,8 @@ import os
 from utils import dist
 from utils.errors import UserError
 
-__all__ = ['CKPT_DIR', 'PUBLISHED', 'MissingCheckpointError', 'default_path', 'ensure_checkpoint', 'hf_url']
+__all__ = ['CKPT_DIR', 'FLEX_TOKENIZER', 'PUBLISHED', 'VAR_TOKENIZER', 'MissingCheckpointError', 'default_path',
+           'ensure_checkpoint', 'hf_url']
 
 CKPT_DIR = 'ckpts'
 
@@ -32,7 +33,15 @@ PUBLISHED: dict[str, str] = {
     'var_d30.pth': 'FoundationVision/var',
     'var_d36.pth': 'FoundationVision/var',
     'viar.pth': 'mobiushy/VIAR',
+    # FlexVAR (github jiaosiyu1999/FlexVAR, README "VAR zoo"): its tokenizer and the three transformers
+    'FlexVAE.pth': 'jiaosiyu1999/FlexVAR',
+    'FlexVARd16-epo179.pth': 'jiaosiyu1999/FlexVAR',
+    'FlexVARd20-epo249.pth': 'jiaosiyu1999/FlexVAR',
+    'FlexVARd24-epo349.pth': 'jiaosiyu1999/FlexVAR',
 }
+# the tokenizer each published transformer needs
+FLEX_TOKENIZER = 'FlexVAE.pth'
+VAR_TOKENIZER = 'vae_ch160v4096z32.pth'
 
 
 def hf_url(filename: str, repo_id: str | None = None) -> str:

@@ -9,6 +9,11 @@ those to come (zero-shot editing, ...).  A script is built from these pieces, in
     img_B3HW = sample_batch(var, label_B, g_seed, kw, amp_dtype)    # add keys to kw for more (edit_mask=...)
     save_png_atomic(to_uint8(img_B3HW)[0], path)                    # utils.misc; the official uint8 conversion
 
+FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``,
+``--max_pn``, ``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
+``--vae_ckpt`` is not given and refuses those flags for a VAR/VIAR model, ``sampler_kwargs`` gives a FlexVAR model its
+schedule and guidance keywords (defaults filled in), and ``sample_batch`` passes keywords only.
+
 A new sampler flag (e.g. ``--iter_tol``) slots in with three lines: add it to a parser group, map it to its keyword
 of ``autoregressive_infer_cfg`` in ``SAMPLER_FLAGS`` and give it a rule in ``FLAG_RULES``.  ``sampler_kwargs``
 then passes it (unless it is None), ``check_args`` validates it, and ``sampling.py`` records it with the settings
@@ -30,16 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import load_vae_var
+from models.checkpoint import is_flexvar_state, load_vae_var, model_state_dict, read_checkpoint
+from models.flexvar import FlexVAR
 from utils import dist
 from utils.arg_util import str2bool
-from utils.download import ensure_checkpoint
+from utils.download import CKPT_DIR, FLEX_TOKENIZER, PUBLISHED, VAR_TOKENIZER, default_path, ensure_checkpoint
 from utils.errors import UserError
 
-__all__ = ['BOOL', 'FLAG_RULES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError', 'add_common_args',
-           'add_device_args', 'add_model_args', 'add_sampler_args', 'check_args', 'check_output_dir', 'dtype_name',
-           'effective_top_k', 'load_models', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'setup_backends',
-           'setup_device', 'to_uint8', 'weights_fingerprint']
+__all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError',
+           'add_common_args', 'add_device_args', 'add_flex_args', 'add_model_args', 'add_sampler_args', 'check_args',
+           'check_output_dir', 'default_vae_ckpt', 'dtype_name', 'effective_top_k', 'load_models', 'parse_schedule', 'resolve_dtype',
+           'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device', 'to_uint8',
+           'weights_fingerprint']
 
 BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
 
@@ -51,7 +58,9 @@ class SamplingError(UserError):
 # ================================ flags ===============================================================================
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The tokenizer, and the architecture the user states (checked against the checkpoint, never trusted)."""
-    p.add_argument('--vae_ckpt', type=str, default='ckpts/vae_ch160v4096z32.pth', help='tokenizer checkpoint')
+    p.add_argument('--vae_ckpt', type=str, default=None,
+                   help=f'tokenizer checkpoint (default: {default_path(VAR_TOKENIZER)}, or '
+                        f'{default_path(FLEX_TOKENIZER)} for a FlexVAR model)')
     p.add_argument('--depth', type=int, default=None,
                    help='depth the checkpoint is expected to have (checked against the file; the architecture is '
                         'always read from the checkpoint)')
@@ -72,6 +81,22 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help='VIAR: implicit iterations at the last scale (linear between)')
 
 
+def add_flex_args(p: argparse.ArgumentParser) -> None:
+    """FlexVAR's sampling knobs (``FlexVAR.autoregressive_infer_cfg``); refused for a VAR/VIAR model.  Their defaults,
+    applied for a FlexVAR model only (``FLEX_KWARGS``), are the official ``eval_c2i.py``'s; a flag not given is absent
+    from the namespace (read them with ``getattr(args, flag, None)``)."""
+    g = p.add_argument_group('FlexVAR (checkpoints of github jiaosiyu1999/FlexVAR or train.py --flex)')
+    unset = argparse.SUPPRESS
+    g.add_argument('--infer_pn', '--infer_patch_nums', dest='infer_pn', type=str, default=unset, metavar='SCHEDULE',
+                   help="token-map sides, strictly increasing from 1, e.g. 1_2_3_4_5_6_8_10_13_16 (alias '256', the "
+                        "default: 10 steps, 256 px) or 1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 (alias '512': the official "
+                        "512 px zero-shot schedule); image side = 16 x the last side")
+    g.add_argument('--max_pn', '--maxpn', dest='max_pn', type=int, default=unset,
+                   help='scales with a larger side use the full --cfg and greedy (top-1) draws (default 16)')
+    g.add_argument('--used_llamagen_cfg', default=unset, help="LlamaGen's guidance u + (c - u) cfg at every scale "
+                   "instead of VAR's ramp (default off)", **BOOL)
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--dtype', type=str, default='auto', choices=['auto', 'fp32', 'fp16', 'bf16'],
@@ -80,9 +105,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Flags of every sampling script: model, sampler knobs, device and precision."""
+    """Flags of every sampling script: model, sampler knobs (FlexVAR's too), device and precision."""
     add_model_args(p)
     add_sampler_args(p)
+    add_flex_args(p)
     add_device_args(p)
 
 
@@ -90,9 +116,16 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 SAMPLER_FLAGS: dict[str, str] = {
     'cfg': 'cfg', 'top_k': 'top_k', 'top_p': 'top_p', 'more_smooth': 'more_smooth',
     'iter_left': 'iter_left', 'iter_right': 'iter_right', 'iter_tol': 'iter_tol',
+    'infer_pn': 'infer_patch_nums', 'max_pn': 'max_pn', 'used_llamagen_cfg': 'used_llamagen_cfg',
 }
 # keywords that only change the pixels of a model with an implicit block (VIAR)
 ITERATION_KWARGS = ('iter_left', 'iter_right', 'iter_tol')
+# keywords only a FlexVAR model takes, and their defaults for one (official eval_c2i.py: --maxpn 16, VAR's guidance
+# ramp; the schedule: the model's default, 1_2_3_4_5_6_8_10_13_16 for every checkpoint file)
+FLEX_KWARGS = {'infer_patch_nums': None, 'max_pn': 16, 'used_llamagen_cfg': False}
+# --infer_pn aliases: the official default (256 px) and the official 512 px zero-shot schedule (FlexVAR README,
+# scripts/evaluate_c2i.sh); not train.py's '512' alias of VAR's scales
+FLEX_PN_ALIASES = {'256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), '512': (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 23, 32)}
 
 SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1      # what torch.Generator.manual_seed accepts
 
@@ -105,6 +138,28 @@ def _finite_at_least(lo):
     return lambda v: math.isfinite(v) and v >= lo
 
 
+def parse_schedule(text) -> tuple[int, ...] | None:
+    """``--infer_pn``: '256', '512' or sides like 1_2_4_8_16 (``-`` also separates) -> a tuple, or None when it is not a
+    schedule (strictly increasing, starting with 1).  A tuple or list is checked as it is."""
+    if isinstance(text, (tuple, list)):
+        pns = tuple(text)
+    else:
+        text = str(text).strip()
+        if text in FLEX_PN_ALIASES:
+            return FLEX_PN_ALIASES[text]
+        try:
+            pns = tuple(int(x) for x in text.replace('-', '_').split('_'))
+        except ValueError:
+            return None
+    if not pns or pns[0] != 1 or any(b <= a for a, b in zip(pns, pns[1:])):
+        return None
+    return pns
+
+
+def schedule_name(pns) -> str:
+    return '_'.join(map(str, pns))
+
+
 # flag -> (test of one value, what a valid value is); list flags are tested element by element, None is skipped
 FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'cfg': (_finite_at_least(0), 'must be >= 0 (0: no guidance)'),
@@ -113,6 +168,9 @@ FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'iter_left': (_at_least(0), 'must be >= 0 (implicit iterations at the first scale)'),
     'iter_right': (_at_least(0), 'must be >= 0 (implicit iterations at the last scale)'),
     'iter_tol': (_finite_at_least(0), 'must be >= 0 (relative residual that stops the iterations of a scale)'),
+    'infer_pn': (lambda v: parse_schedule(v) is not None,
+                 "must be token-map sides, strictly increasing from 1, like 1_2_3_4_5_6_8_10_13_16, or '256' / '512'"),
+    'max_pn': (_at_least(1), 'must be >= 1 (a token-map side)'),
     'num_classes': (_at_least(1), 'must be >= 1'),
     'per_class': (_at_least(1), 'must be >= 1'),
     'batch_size': (_at_least(1), 'must be >= 1'),
@@ -174,17 +232,42 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | 
     return device, resolve_dtype(args.dtype, device)
 
 
+def default_vae_ckpt(var_ckpt: str) -> str:
+    """The tokenizer ``var_ckpt`` needs when ``--vae_ckpt`` is not given: ``ckpts/FlexVAE.pth`` for a FlexVAR model
+    (read from the file's keys; for a published file not downloaded yet, from its name), else
+    ``ckpts/vae_ch160v4096z32.pth``."""
+    flex = PUBLISHED.get(os.path.basename(var_ckpt)) == PUBLISHED[FLEX_TOKENIZER]
+    if os.path.isfile(var_ckpt):
+        try:
+            flex = is_flexvar_state(model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint'), var_ckpt))
+        except UserError:
+            pass        # load_vae_var reports what is wrong with the file
+    return default_path(FLEX_TOKENIZER if flex else VAR_TOKENIZER, CKPT_DIR)
+
+
 def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
     """(tokenizer, transformer) of ``args.vae_ckpt`` and ``var_ckpt``: missing published checkpoints at their default
     place are downloaded (a mistyped path of either fails before any download starts), the architecture is read from
-    the file and checked against ``--depth / --use_implicit / --pre_depth / --post_depth``."""
+    the file and checked against ``--depth / --use_implicit / --pre_depth / --post_depth``.  ``args.vae_ckpt`` None:
+    the tokenizer of the model's kind (``default_vae_ckpt``; set in ``args``).  FlexVAR's flags on a VAR/VIAR model
+    are refused."""
+    ensure_checkpoint(var_ckpt, 'model checkpoint', download=False)
+    if args.vae_ckpt is None:
+        args.vae_ckpt = default_vae_ckpt(var_ckpt)
     for download in (False, True):
         ensure_checkpoint(var_ckpt, 'model checkpoint', download=download)
         ensure_checkpoint(args.vae_ckpt, 'tokenizer checkpoint', download=download)
     expect = {'depth': args.depth, 'use_implicit': bool(args.use_implicit),
               'pre_depth': args.pre_depth, 'post_depth': args.post_depth}
     flags = {k: f'--{k}' for k in expect}
-    return load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=expect, flags=flags)
+    vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=expect, flags=flags)
+    given = [f'--{flag}' for flag, name in SAMPLER_FLAGS.items()
+             if name in FLEX_KWARGS and getattr(args, flag, None) is not None]
+    if given and not isinstance(var, FlexVAR):
+        raise SamplingError(f'{" ".join(given)} {"is a FlexVAR flag" if len(given) == 1 else "are FlexVAR flags"}, but '
+                            f'{var_ckpt!r} holds {var.describe()}, whose scales are fixed: drop '
+                            f'{"it" if len(given) == 1 else "them"}, or pass a FlexVAR checkpoint')
+    return vae, var
 
 
 FINGERPRINT_CHUNK = 8 << 20
@@ -213,21 +296,33 @@ def effective_top_k(top_k: int, V: int) -> int:
 
 def sampler_kwargs(args: argparse.Namespace, var=None) -> dict[str, Any]:
     """The keyword arguments of ``autoregressive_infer_cfg`` that the flags of ``args`` give (``SAMPLER_FLAGS``;
-    absent and None flags left out).  With the model, ``top_k`` is clamped to its vocabulary (what it samples with,
-    and what ``sampling.py`` records)."""
+    absent and None flags left out; ``--infer_pn`` as a tuple of sides).  With the model, ``top_k`` is clamped to its
+    vocabulary (what it samples with, and what ``sampling.py`` records), and a FlexVAR model gets every keyword of
+    ``FLEX_KWARGS`` (the defaults where a flag is not given; the schedule: the model's default scales), so that the
+    settings recorded beside its images always name its schedule and guidance."""
     kw = {name: getattr(args, flag) for flag, name in SAMPLER_FLAGS.items() if getattr(args, flag, None) is not None}
-    if 'more_smooth' in kw:
-        kw['more_smooth'] = bool(kw['more_smooth'])
+    for name in ('more_smooth', 'used_llamagen_cfg'):
+        if name in kw:
+            kw[name] = bool(kw[name])
+    if 'infer_patch_nums' in kw:
+        pns = parse_schedule(kw['infer_patch_nums'])
+        if pns is None:
+            raise SamplingError(f'--infer_pn {kw["infer_patch_nums"]} {FLAG_RULES["infer_pn"][1]}')
+        kw['infer_patch_nums'] = pns
     if var is not None and 'top_k' in kw:
         kw['top_k'] = effective_top_k(kw['top_k'], var.V)
+    if isinstance(var, FlexVAR):
+        for name, default in FLEX_KWARGS.items():
+            kw.setdefault(name, tuple(var.patch_nums) if name == 'infer_patch_nums' else default)
     return kw
 
 
 @torch.inference_mode()
 def sample_batch(var, label_B: torch.Tensor, g_seed: int, kw: dict[str, Any],
                  amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """One ``autoregressive_infer_cfg(B=len(label_B), label_B, g_seed, **kw)`` call under the chosen autocast;
-    images (B, 3, H, W) in [0, 1] in the dtype the model returns (fp16 under fp16 autocast, as the official code)."""
+    """One ``autoregressive_infer_cfg(B=len(label_B), label_B=label_B, g_seed=g_seed, **kw)`` call under the chosen
+    autocast, keyword arguments only (FlexVAR's third positional parameter is the schedule, VAR's is g_seed); images
+    (B, 3, H, W) in [0, 1] in the dtype the model returns (fp16 under fp16 autocast, as the official code)."""
     dev = label_B.device
     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         return var.autoregressive_infer_cfg(B=label_B.numel(), label_B=label_B, g_seed=g_seed, **kw)
