@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 import sampling
-from models.checkpoint import infer_var_config, load_vae_var, model_state_dict, read_checkpoint
+from models.checkpoint import describe_var_config, infer_var_config, load_vae_var, model_state_dict, read_checkpoint
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.errors import UserError, run_cli
@@ -115,6 +115,9 @@ def plan_points(args) -> List[Point]:
     points, labels = [], {}
     for ckpt in dict.fromkeys(args.ckpts):
         cfg = inspect_ckpt(ckpt)
+        if cfg.get('flex'):
+            raise SweepError(f'{ckpt!r} holds {describe_var_config(cfg)}: the sweep takes VAR and VIAR checkpoints '
+                             f'(FlexVAR scale schedules are not operating points here)')
         label = ckpt_label(ckpt)
         labels[label] = labels.get(label, 0) + 1
         if labels[label] > 1:
