@@ -315,8 +315,8 @@ def check_flags(args) -> None:
         raise SweepError(f'--out {args.out!r} is a file, not a folder: pass another --out')
 
 
-def run(args) -> List[Dict[str, Any]]:
-    """The sweep of ``args``; returns the table's rows (rank 0; other ranks return [] after sampling)."""
+def plan(args) -> Tuple[List[Point], List[argparse.Namespace]]:
+    """The operating points and sampling.py's flags for each, every flag checked (nothing loaded or written)."""
     check_flags(args)
     points = plan_points(args)
     num_classes = args.num_classes or min(p.num_classes for p in points)
@@ -326,6 +326,12 @@ def run(args) -> List[Dict[str, Any]]:
     spaces = [sampling_args(args, p, num_classes) for p in points]
     for ns in spaces:
         sampling.check_sampling_args(ns)
+    return points, spaces
+
+
+def run(args) -> List[Dict[str, Any]]:
+    """The sweep of ``args``; returns the table's rows (rank 0; the other ranks return [] once sampling is done)."""
+    points, spaces = plan(args)
     device, amp_dtype = setup_device(args)
     master = dist.is_master()
     try:
@@ -340,21 +346,26 @@ def run(args) -> List[Dict[str, Any]]:
         return []
     records = measure_all(points, spaces, args, device, amp_dtype)
     ref = reference_npz(args)
-    rows = []
-    for p, ns in zip(points, spaces):
-        rec, npz = records[p.name], sample_folder(ns, p) + '.npz'
-        if ref:
-            key = score_key(npz, ref, args)
-            if rec.get('score_key') != key or 'scores' not in rec:
-                print(f'[sweep] scoring {p.name}', flush=True)
-                rec.update(scores=score_point(npz, ref, args), score_key=key)
-                write_json(rec, record_path(args, p))
-        rows.append(dict(point=p.name, model=p.model, label=p.label, ckpt=p.ckpt, kind='VIAR' if p.implicit else 'VAR',
-                         iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None, iter_tol=p.iter_tol,
-                         images=num_classes * args.per_class, npz=npz, **rec['measure'],
-                         **(rec.get('scores', {}) if ref else {})))
+    if ref:
+        score_all(points, spaces, records, ref, args)
+    rows = [dict(point=p.name, model=p.model, label=p.label, ckpt=p.ckpt, kind='VIAR' if p.implicit else 'VAR',
+                 iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None, iter_tol=p.iter_tol,
+                 images=ns.num_classes * ns.per_class, npz=sample_folder(ns, p) + '.npz', **records[p.name]['measure'],
+                 **(records[p.name].get('scores', {}) if ref else {}))
+            for p, ns in zip(points, spaces)]
     write_report(rows, args, device, amp_dtype, ref)
     return rows
+
+
+def score_all(points, spaces, records, ref: str, args) -> None:
+    """Adds the scores to every record that has none for this npz, reference batch and Inception graph."""
+    for p, ns in zip(points, spaces):
+        rec, npz = records[p.name], sample_folder(ns, p) + '.npz'
+        key = score_key(npz, ref, args)
+        if rec.get('score_key') != key or 'scores' not in rec:
+            print(f'[sweep] scoring {p.name}', flush=True)
+            rec.update(scores=score_point(npz, ref, args), score_key=key)
+            write_json(rec, record_path(args, p))
 
 
 def measure_all(points, spaces, args, device, amp_dtype) -> Dict[str, Dict[str, Any]]:
