@@ -96,6 +96,24 @@ def parse_schedule(text: str) -> Tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def split_list(values: Sequence[str]) -> List[str]:
+    """Flag values given space- or comma-separated (``10-10 5-5`` or ``10-10,5-5``)."""
+    return [x for v in values for x in v.split(',') if x.strip()]
+
+
+def parse_tols(values: Sequence[str]) -> List[float]:
+    tols = []
+    for x in split_list(values):
+        try:
+            t = float(x)
+        except ValueError:
+            raise SweepError(f'could not read the tolerance {x!r} of --iter_tols: write e.g. 1e-2 1e-3') from None
+        if not (math.isfinite(t) and t >= 0):
+            raise SweepError(f'--iter_tols {x} must be >= 0 (relative residual that stops the iterations of a scale)')
+        tols.append(t)
+    return tols
+
+
 def ckpt_label(path: str) -> str:
     """``<folder>-<file stem>``: tells apart the ``ar-ckpt-last.pth`` of two training runs."""
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
@@ -110,7 +128,7 @@ def inspect_ckpt(path: str) -> Dict[str, Any]:
 
 def plan_points(args) -> List[Point]:
     """Every operating point of the flags, in order: each checkpoint's points together."""
-    schedules = [parse_schedule(s) for s in args.schedules]
+    schedules = [parse_schedule(s) for s in split_list(args.schedules)]
     tol_sched = parse_schedule(args.tol_schedule)
     points, labels = [], {}
     for ckpt in dict.fromkeys(args.ckpts):
@@ -129,7 +147,7 @@ def plan_points(args) -> List[Point]:
             continue
         for il, ir in dict.fromkeys(schedules):
             points.append(Point(name=f'{label}-it{il}-{ir}', iters=(il, ir), iter_tol=None, **common))
-        for tol in dict.fromkeys(args.iter_tols):
+        for tol in dict.fromkeys(parse_tols(args.iter_tols)):
             points.append(Point(name=f'{label}-it{tol_sched[0]}-{tol_sched[1]}-tol{tol:g}', iters=tol_sched,
                                 iter_tol=tol, **common))
     if not points:
@@ -304,7 +322,7 @@ def pareto_plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
 def check_flags(args) -> None:
     bad = [f'--{k} {getattr(args, k)} must be >= {lo}' for k, lo in (('per_class', 1), ('batch_size', 1),
            ('time_batches', 1), ('time_warmup', 0), ('eval_batch_size', 1)) if getattr(args, k) < lo]
-    bad += [f'--iter_tols {t:g} must be >= 0' for t in args.iter_tols if not (math.isfinite(t) and t >= 0)]
+    parse_tols(args.iter_tols)
     if args.num_classes is not None and args.num_classes < 1:
         bad.append(f'--num_classes {args.num_classes} must be >= 1')
     if args.ref_batch and not os.path.exists(args.ref_batch):
@@ -418,7 +436,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='their tokenizer')
     g.add_argument('--schedules', nargs='*', default=['10-10', '10-5', '5-5', '10-1', '3-3'],
                    help='VIAR iteration schedules ITER_LEFT-ITER_RIGHT, one point each')
-    g.add_argument('--iter_tols', type=float, nargs='*', default=[],
+    g.add_argument('--iter_tols', nargs='*', default=[],
                    help='VIAR early-exit tolerances, one point each (relative residual; e.g. 1e-2 1e-3)')
     g.add_argument('--tol_schedule', default='10-10',
                    help='the schedule (each scale\'s maximum) of the tolerance points')

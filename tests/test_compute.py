@@ -239,8 +239,8 @@ def test_fixed_point_bad_input_is_one_line(ckpts, tmp_path, capsys, which, extra
 # ============================================== scripts/sweep.py ======================================================
 def sweep_argv(ckpts, out, *extra):
     return ['--ckpts', str(ckpts / 'var.pth'), str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
-            '--schedules', '3-3', '--num_classes', '2', '--per_class', '4', '--batch_size', '2', '--time_batches', '1',
-            '--time_warmup', '0', '--device', 'cpu', '--out', str(out), *extra]
+            '--schedules', '3-3,3-3', '--num_classes', '2', '--per_class', '4', '--batch_size', '2',   # one point
+            '--time_batches', '1', '--time_warmup', '0', '--device', 'cpu', '--out', str(out), *extra]
 
 
 @pytest.fixture(scope='module')
@@ -343,7 +343,8 @@ def test_sweep_under_torchrun_gives_the_same_npz(ckpts, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     (['--schedules', '10to5'], "could not read the schedule '10to5'"),
-    (['--iter_tols', '-1'], '--iter_tols -1 must be >= 0'),
+    (['--iter_tols', '1e-2,-1'], '--iter_tols -1 must be >= 0'),
+    (['--iter_tols', 'tight'], "could not read the tolerance 'tight'"),
     (['--per_class', '0'], '--per_class 0 must be >= 1'),
     (['--ref_batch', 'nowhere.npz'], "--ref_batch 'nowhere.npz' not found"),
     (['--num_classes', '9'], '--num_classes 9 but'),
