@@ -99,6 +99,7 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
         raise SamplingError(f'--class_label {bad} out of range: {args.var_ckpt!r} has classes 0..{var.num_classes - 1}')
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
+    kind += f', iter_tol {args.iter_tol:g}' if var.use_implicit and args.iter_tol is not None else ''
     name = os.path.splitext(os.path.basename(args.var_ckpt))[0]
     if 'infer_patch_nums' in kw:        # FlexVAR: the schedule decides the size (and the images)
         pns = kw['infer_patch_nums']

@@ -105,7 +105,8 @@ def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[in
 
 
 def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
-    """``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR), ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}`` (VAR); a FlexVAR
+    """``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR; ``-tol{t}`` before ``-seed`` with ``--iter_tol``),
+    ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}`` (VAR); a FlexVAR
     model (``kw`` from ``sampler_kwargs``, holding its schedule) names its schedule and guidance too:
     ``flexvar-d{depth}-{ckpt}-pn{1_2_..._16}-cfg-{cfg}-maxpn-{max_pn}[-llamagen]-seed-{seed}`` (implicit backbone:
     ``flexvar-implicit-d{depth}-...``)."""
@@ -116,7 +117,8 @@ def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
         guidance = f'cfg-{args.cfg}-maxpn-{kw["max_pn"]}{"-llamagen" if kw["used_llamagen_cfg"] else ""}'
         return f'{prefix}-{base}-pn{schedule_name(kw["infer_patch_nums"])}-{guidance}-seed-{args.seed}'
     prefix = 'implicit' if args.use_implicit else f'd{ckpt_depth}'
-    return f'{prefix}-{base}-cfg-{args.cfg}-seed-{args.seed}'
+    tol = f'-tol{args.iter_tol:g}' if args.use_implicit and getattr(args, 'iter_tol', None) is not None else ''
+    return f'{prefix}-{base}-cfg-{args.cfg}{tol}-seed-{args.seed}'
 
 
 def image_settings(args, kw: dict[str, Any], use_implicit: bool, amp_dtype) -> dict[str, Any]:

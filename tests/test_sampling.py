@@ -152,6 +152,26 @@ def test_sampling_writes_official_names_images_and_npz(ckpts, tmp_path):
     assert not np.array_equal(pngs[0], pngs[4])
 
 
+def test_iter_tol_is_a_flag_recorded_with_its_own_folder(ckpts, tmp_path):
+    """--iter_tol 0 never stops early (same PNGs as the fixed schedule), lands in a folder of its own and is recorded;
+    a huge tolerance is the 1->1 schedule."""
+    out = tmp_path / 'samples'
+    base = ['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir', str(out),
+            '--use_implicit', 'True', '--iter_left', '3', '--iter_right', '2', '--num_classes', '2', '--per_class', '2',
+            '--batch_size', '2']
+    run_sampling(base)
+    run_sampling(base + ['--iter_tol', '0'])
+    plain, tol0 = out / 'implicit-viar.pth-cfg-1.5-seed-1', out / 'implicit-viar.pth-cfg-1.5-tol0-seed-1'
+    pngs = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.glob('*.png'))}
+    assert len(pngs(plain)) == 4 and pngs(plain) == pngs(tol0)
+    assert json.loads((tol0 / 'sampling_config.json').read_text())['iter_tol'] == 0
+    run_sampling(base + ['--iter_tol', '1e9'])
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    huge = out / 'implicit-viar.pth-cfg-1.5-tol1e+09-seed-1'
+    want = np.concatenate([official_batch(var, c, 1, 2, iters=(1, 1)) for c in range(2)])
+    assert np.array_equal(np.stack([read_png(huge / f'{k:06d}.png') for k in range(4)]), want)
+
+
 def test_torchrun_two_processes_give_byte_identical_pngs(ckpts, tmp_path):
     """VAR checkpoint (folder d{depth}-...).  Both runs with one intra-op thread: on CPU, float results depend on
     the thread count (torchrun sets OMP_NUM_THREADS=1), not on how the units are split."""

@@ -79,6 +79,10 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--iter_left', type=int, default=10, help='VIAR: implicit iterations at the first scale')
     p.add_argument('--iter_right', type=int, default=10,
                    help='VIAR: implicit iterations at the last scale (linear between)')
+    p.add_argument('--iter_tol', type=float, default=None,
+                   help='VIAR early exit: a scale stops iterating after iteration i >= 1 once the relative residual '
+                        '|z_i - z_(i-1)| / |z_i| of every row of the batch is <= this; --iter_left/--iter_right then '
+                        "give each scale's maximum (default: off, the fixed schedule)")
 
 
 def add_flex_args(p: argparse.ArgumentParser) -> None:
