@@ -190,7 +190,7 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     from the keys.  ``extra`` holds what keys cannot tell (``norm_groups``; 32 when absent, as published).
     FlexVAR's tokenizer: ``FlexVAE`` arguments plus ``flex=True``."""
     if is_flexvae_state(sd):
-        return _infer_flexvae_config(sd, path)
+        return _infer_flexvae_config(sd, path, extra)
     if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
         if 'class_emb.weight' in sd:
             raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
@@ -213,8 +213,10 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     return cfg
 
 
-def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, Any]:
-    """V, Cvae, base width ``ch``, ``z_channels`` and the conv net's shape of a FlexVAE (LlamaGen VQ-16) state dict."""
+def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str,
+                          extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """V, Cvae, base width ``ch``, ``z_channels`` and the conv net's shape of a FlexVAE (LlamaGen VQ-16) state dict;
+    ``norm_groups`` from ``extra`` (32 when absent, as published)."""
     try:
         V, Cvae = sd['quantize.embedding.weight'].shape
         ch = sd['encoder.conv_in.weight'].shape[0]
@@ -225,20 +227,22 @@ def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, A
     except (KeyError, IndexError, ValueError):
         raise CheckpointError(f'{path!r} is not a complete FlexVAR tokenizer (FlexVAE) checkpoint: '
                               f'the encoder, quant_conv or codebook is missing') from None
-    return dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
-                norm_groups=32)
+    cfg = dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
+               norm_groups=32)
+    cfg.update({k: v for k, v in (extra or {}).items() if k == 'norm_groups'})
+    return cfg
 
 
 def _tokenizer_config(vae_ckpt: str, hint: str = ''):
-    """(state dict, VQVAE config) of a tokenizer file: a bare state dict, or a training checkpoint with
-    ['trainer']['vae_wo_ddp'] (train_vae.py; its 'vae_config' says what the keys cannot) or ['vae_local'] (train.py)."""
+    """(state dict, tokenizer config) of a tokenizer file: a bare state dict, ``{'model': state dict}`` (FlexVAE.pth),
+    or a training checkpoint with ['trainer']['vae_wo_ddp'] (train_vae.py) or ['vae_local'] (train.py); a
+    'vae_config' beside the weights (train_vae.py's exports) says what the keys cannot."""
     obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
-    extra = None
+    extra = obj.get('vae_config') if isinstance(obj, dict) and isinstance(obj.get('vae_config'), dict) else None
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
-        extra = obj.get('vae_config')
         obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
     sd = model_state_dict(obj, vae_ckpt)
-    return sd, infer_vae_config(sd, vae_ckpt, extra if isinstance(extra, dict) else None)
+    return sd, infer_vae_config(sd, vae_ckpt, extra)
 
 
 def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
