@@ -116,6 +116,19 @@ def epoch_records(out):
             for line in (out / 'log.txt').read_text().splitlines()]
 
 
+def test_flex_defaults_are_the_published_tokenizers():
+    """Without size flags each family gets its published file's architecture (FlexVAE.pth: ch 128, z_channels 256,
+    V 8912, Cvae 32; vae_ch160v4096z32.pth); flags given win."""
+    from utils.arg_util import parse_vae_args
+    a = parse_vae_args(['--data_path', 'd', '--flex'])
+    assert (a.ch, a.z_channels, a.vocab_size, a.codebook_dim, a.ch_mult, a.downsample) == \
+        (128, 256, 8912, 32, (1, 1, 2, 2, 4), 16)
+    b = parse_vae_args(['--data_path', 'd'])
+    assert (b.ch, b.z_channels, b.vocab_size, b.flex) == (160, 32, 4096, False) and not hasattr(b, 'codebook_dim')
+    c = parse_vae_args(['--data_path', 'd', '--flex', '--vocab_size', '64', '--codebook_dim', '8'])
+    assert (c.vocab_size, c.codebook_dim, c.z_channels) == (64, 8, 256)
+
+
 @pytest.mark.slow
 def test_flex_resumes_exactly_learns_and_exports_what_train_py_reads(repo_dir, data, tmp_path):
     from models import FlexVAE
