@@ -11,8 +11,9 @@ name>-pn{schedule}/``, so that other schedules of the same checkpoint do not ove
 classes in the order given, each class's seeds in order).  Missing default checkpoints (``ckpts/viar.pth``,
 ``ckpts/var_d{depth}.pth``, ``ckpts/vae_ch160v4096z32.pth``, and the published FlexVAR files ``ckpts/FlexVAE.pth``,
 ``ckpts/FlexVARd{16,20,24}-epo*.pth``) are downloaded from Hugging Face.  A FlexVAR checkpoint (the kind is read from
-the file) takes any schedule ``--infer_pn`` and FlexVAR's guidance flags ``--max_pn`` / ``--used_llamagen_cfg``;
-its tokenizer defaults to ``ckpts/FlexVAE.pth``.
+the file) takes any schedule ``--infer_pn`` (default: the model's own: the ``--pn`` a ``train.py --flex`` checkpoint
+was trained on, 1_2_3_4_5_6_8_10_13_16 for the published files) and FlexVAR's guidance flags ``--max_pn`` /
+``--used_llamagen_cfg``; its tokenizer defaults to ``ckpts/FlexVAE.pth``.
 
 Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
 script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.

@@ -9,7 +9,8 @@ writes ``samples/implicit-viar.pth-cfg-1.5-seed-1/000000.png ... 049999.png`` an
 ``evaluator.py``.  A VAR checkpoint (no ``--use_implicit``) goes to ``samples/d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}/``.
 
 FlexVAR checkpoints (the kind is read from the file; the tokenizer defaults to ``ckpts/FlexVAE.pth``) sample any
-schedule, ``--infer_pn`` (default ``256`` = 1_2_3_4_5_6_8_10_13_16; image side 16 x the last side), with FlexVAR's
+schedule, ``--infer_pn`` (default: the model's own, ``256`` = 1_2_3_4_5_6_8_10_13_16 for the published files, the
+``--pn`` it was trained on for a ``train.py --flex`` checkpoint; image side 16 x the last side), with FlexVAR's
 guidance knobs ``--max_pn`` (16) and ``--used_llamagen_cfg`` (off); the official evaluation uses ``--cfg 2.5
 --top_p 0.95``:
 

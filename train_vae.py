@@ -1,10 +1,14 @@
-"""Trains the multi-scale residual VQVAE tokenizer of VAR / VIAR (the piece the official code never released).
+"""Trains the multi-scale residual VQVAE tokenizer of VAR / VIAR (the piece the official code never released), or with
+``--flex`` FlexVAR's FlexVAE tokenizer.
 
     # the published tokenizer's architecture (vae_ch160v4096z32.pth) on ImageNet, 8 GPUs
     torchrun --nproc_per_node=8 train_vae.py --data_path=/path/to/imagenet --pn 256 --ch 160 --vocab_size 4096 \
         --z_channels 32 --bs 256 --ep 100 --lr 1e-4 --lp 1.0 --disc 0.1
     # the laptop demo (64 px images, 4 scales 1-2-3-4)
     python train_vae.py --data_path demo_output/data --pn 1_2_3_4 --ch 32 --vocab_size 256 --z_channels 16 ...
+    # FlexVAR's tokenizer at FlexVAE.pth's architecture (the --flex defaults: ch 128, z_channels 256, V 8912, Cvae 32)
+    torchrun --nproc_per_node=8 train_vae.py --flex --data_path=/path/to/imagenet --pn 256 --bs 256 --ep 100 \
+        --lr 1e-4 --lp 1.0 --disc 0.1
 
 Training forward (``VQVAE.forward``): encoder -> quant_conv -> residual quantiser over the scales (nearest code,
 straight-through estimator, loss = beta * commitment + codebook, beta = 0.25, averaged over scales) ->
@@ -13,13 +17,26 @@ features, off by default) + disc * hinge-GAN generator loss (PatchGAN, off by de
 the codebook restarts are in ``models/vq_losses.py``, the flags in ``utils/arg_util.py``, the harness (logging,
 checkpoints, steps, preemption) in ``utils/training.py``.
 
+``--flex`` (``FlexVAE.forward``, LlamaGen's VQ-16 layout): encoder -> quant_conv (z_channels -> codebook_dim) ->
+l2-normalised nearest code (straight-through estimator; LlamaGen's vq loss: codebook + beta * commitment on the
+normalised vectors) -> post_quant_conv -> decoder.  FlexVAR tokenises every scale of a schedule independently (the
+features area-resized to pn x pn, then quantised) and decodes the last scale's map at its own size, so besides the
+full map (with every loss above) each step also quantises the features area-resized to one smaller scale of
+``--pn``, drawn at random (the generator every rank shares, kept in the checkpoint), decodes it at its own size and
+adds ``ms_weight * (l2 * MSE + l1 * L1)`` against the image area-resized to that size.  The FlexVAR paper trains its
+tokenizer on latents "downsampled at K random scales", each decoded (Î_1..Î_K) with LlamaGen's losses; its code
+decodes each scale's map at its own size (``VQModel.forward(x, v_patch_nums)``).  What differs between the two
+tokenizers is chosen once (``Recipe``, ``FlexRecipe``), as train.py's ``Feed`` / ``FlexFeed``.
+
 Outputs in ``--local_out_dir_path``: stdout.txt / stderr.txt, log.txt (JSON lines), TensorBoard ``tb-VAE...``
-(losses, PSNR, codebook usage per scale, reconstruction grids), ``recon/ep{N}.png`` (rows: inputs, then the
-reconstruction after scale 1, 2, ..., K), ``vae-ckpt-last.pth`` (training checkpoint, resumed exactly by
-rerunning the same command) and ``vae_ch{ch}v{V}z{Cvae}.pth``: the tokenizer that train.py (--vae_ckpt),
-sampling.py and ``models.checkpoint.load_vae`` read: the bare state dict of the official format, or, with
-``--norm_groups`` other than 32 (which a state dict cannot tell), ``{'trainer': {'vae_wo_ddp': state dict},
-'vae_config': {...}}``.  SIGTERM / Ctrl-C -- and an unreadable image -- save a checkpoint first.
+(``tb-FlexVAE...``; losses, PSNR, codebook usage per scale, reconstruction grids), ``recon/ep{N}.png`` (rows: inputs,
+then the reconstruction after scale 1, 2, ..., K; FlexVAE: of scale 1, 2, ..., K, each decoded at its own size and
+bicubic-upsampled for the grid), ``vae-ckpt-last.pth`` (training checkpoint, resumed exactly by rerunning the same
+command) and the tokenizer that train.py (--vae_ckpt), sampling.py and ``models.checkpoint.load_vae`` read:
+``vae_ch{ch}v{V}z{Cvae}.pth``, the bare state dict of the official format, or, with ``--norm_groups`` other than 32
+(which a state dict cannot tell), ``{'trainer': {'vae_wo_ddp': state dict}, 'vae_config': {...}}``; with ``--flex``
+``FlexVAE_ch{ch}z{z_channels}v{V}c{Cvae}.pth``, ``{'model': state dict}`` as FlexVAE.pth (plus ``'vae_config'`` with
+``--norm_groups`` other than 32).  SIGTERM / Ctrl-C -- and an unreadable image -- save a checkpoint first.
 """
 import io
 import math
@@ -29,12 +46,13 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
-from models import VQVAE
+from models import VQVAE, FlexVAE
 from models.checkpoint import CheckpointError, load_vae
 from models.vq_losses import PatchDiscriminator, VGGPerceptual, restart_dead_codes
 from utils import dist, training
@@ -45,15 +63,188 @@ from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes
 from utils.training import Batches, Pace, Run, Sums
 
-ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'attn', 'norm_groups', 'pn',
-              'share_quant_resi', 'quant_resi', 'disc_ch')
+ARCH_FLAGS = ('flex', 'vocab_size', 'z_channels', 'codebook_dim', 'ch', 'ch_mult', 'num_res_blocks', 'attn',
+              'norm_groups', 'pn', 'share_quant_resi', 'quant_resi', 'disc_ch')     # the tokenizer family first
 EPOCH_SUMS = ('loss', 'rec_mse', 'vq', 'iters', 'grad_norm', 'skipped')
+
+
+class Out(NamedTuple):
+    """What a recipe's training forward gives the losses."""
+    rec: torch.Tensor                   # reconstruction of the full-resolution tokens (B, 3, H, W)
+    vq_loss: torch.Tensor
+    usages: Optional[list]              # codebook usage % per scale (logged iterations only)
+    small: Optional[tuple] = None       # FlexVAE: (scale side, its reconstruction, the image area-resized to its size)
+
+
+class Recipe:
+    """VAR's multi-scale residual VQVAE (``VQVAE.forward``).  What differs between the tokenizers train_vae.py trains
+    is chosen once, here or in ``FlexRecipe`` (as train.py's ``Feed`` / ``FlexFeed``)."""
+    flex = False
+    sums = EPOCH_SUMS
+
+    def build(self, args) -> VQVAE:
+        return VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, beta=args.beta,
+                     share_quant_resi=args.share_quant_resi, quant_resi=args.quant_resi,
+                     v_patch_nums=tuple(args.patch_nums), test_mode=False, ch_mult=args.ch_mult,
+                     num_res_blocks=args.num_res_blocks, using_sa=args.attn, using_mid_sa=args.attn,
+                     norm_groups=args.norm_groups)
+
+    def describe(self, args) -> str:
+        return f'VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}'
+
+    @classmethod
+    def export_name(cls, args) -> str:
+        return f'vae_ch{args.ch}v{args.vocab_size}z{args.z_channels}.pth'
+
+    def tb_name(self, args) -> str:
+        return f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'
+
+    def export(self, sd: dict, vae_config: dict):
+        """The official bare state dict when the keys tell the whole architecture (norm_groups 32)."""
+        return sd if vae_config['norm_groups'] == 32 else {'trainer': {'vae_wo_ddp': sd}, 'vae_config': vae_config}
+
+    def unused_params(self, args, vae) -> bool:
+        """Whether some parameters get no gradient in some steps (DDP must look for them)."""
+        K = len(args.patch_nums)            # with few scales some phi convs get no gradient
+        used = {id(vae.quantize.phi(si, K)) for si in range(K)}
+        return args.ae_warmup > 0 or any(isinstance(m, torch.nn.Conv2d) and id(m) not in used
+                                         for m in vae.quantize.quant_resi.modules())
+
+    def forward(self, t: 'Trainer', img: torch.Tensor, warm: bool, log_now: bool) -> Out:
+        rec, usages, vq_loss = t.model(img, ret_usages=log_now, quantize=not warm)
+        return Out(rec, vq_loss, usages)
+
+    def hits(self, vae) -> Optional[torch.Tensor]:
+        """The EMA codebook hits per scale that ``restart_dead_codes`` reads (None: the VQVAE's own buffer)."""
+        return None
+
+    def forget_hits(self, vae):
+        vae.quantize.ema_vocab_hit_SV.zero_()
+
+    def resume_state(self, vae) -> dict:
+        return {'record_hit': vae.quantize.record_hit}
+
+    def load_resume(self, vae, res: dict):
+        vae.quantize.record_hit = int(res.get('record_hit', 1))
+
+    @torch.no_grad()
+    def val_batch(self, vae, img):
+        """(token maps of every scale, reconstruction, per-scale MSE sums over the batch or None)."""
+        return vae.img_to_idxBl(img), vae.img_to_reconstructed_img(img, last_one=True), None
+
+    @torch.no_grad()
+    def grid_rows(self, vae, vis) -> List[torch.Tensor]:
+        """The reconstruction rows of the grid: after scale 1, 2, ..., K."""
+        return vae.img_to_reconstructed_img(vis)
+
+
+class FlexRecipe(Recipe):
+    """FlexVAR's FlexVAE (``FlexVAE.forward``): every step the full map and one smaller scale of --pn drawn from the
+    generator every rank shares; its own codebook-usage EMA per scale (the published layout has no such buffer)."""
+    flex = True
+    sums = EPOCH_SUMS + ('ms_mse', 'ms_steps')
+
+    def __init__(self, args, dev):
+        K, V = len(args.patch_nums), args.vocab_size
+        self.hits_SV = torch.zeros(K, V, device=dev)
+        self.n_hits = [0] * K               # updates of each scale's EMA
+
+    def build(self, args) -> FlexVAE:
+        return FlexVAE(vocab_size=args.vocab_size, Cvae=args.codebook_dim, ch=args.ch, z_channels=args.z_channels,
+                       ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, norm_groups=args.norm_groups,
+                       v_patch_nums=tuple(args.patch_nums), test_mode=False)
+
+    def describe(self, args) -> str:
+        return (f'FlexVAE ch={args.ch} z_channels={args.z_channels} V={args.vocab_size} Cvae={args.codebook_dim} '
+                f'(ms_weight {args.ms_weight})')
+
+    @classmethod
+    def export_name(cls, args) -> str:
+        return f'FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}.pth'
+
+    def tb_name(self, args) -> str:
+        return f'tb-FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}__pn{args.pn}'
+
+    def export(self, sd: dict, vae_config: dict):
+        """FlexVAE.pth's format ``{'model': state dict}``, with the config the keys cannot tell when it is not the
+        published one."""
+        return {'model': sd} if vae_config['norm_groups'] == 32 else {'model': sd, 'vae_config': vae_config}
+
+    def unused_params(self, args, vae) -> bool:
+        return args.ae_warmup > 0          # the codebook gets no gradient in the warm-up
+
+    def forward(self, t: 'Trainer', img: torch.Tensor, warm: bool, log_now: bool) -> Out:
+        args = t.args
+        K = len(args.patch_nums)
+        si = int(torch.randint(K - 1, (1,), generator=t.gen))     # drawn every step: the stream never depends on flags
+        small = args.patch_nums[si] if args.ms_weight > 0 else None
+        out = t.model(img, small_pn=small, beta=args.beta, quantize=not warm)
+        if out.idx:
+            self.count_hits(out.idx, [K - 1, si][:len(out.idx)])
+        usages = None
+        if log_now:
+            world = dist.get_world_size()
+            margins = [world * img.shape[0] * pn * pn / args.vocab_size * 0.08 for pn in args.patch_nums]
+            usages = [(self.hits_SV[k] >= m).float().mean().item() * 100 for k, m in enumerate(margins)]
+        if small is None:
+            return Out(out.rec, out.vq_loss, usages)
+        target = F.interpolate(img, size=out.rec_small.shape[-2:], mode='area')
+        return Out(out.rec, out.vq_loss, usages, (small, out.rec_small, target))
+
+    @torch.no_grad()
+    def count_hits(self, idx: List[torch.Tensor], scales: List[int]):
+        """EMA of the codes hit at each quantised scale, summed over ranks (VQVAE's rates: 0.9 for 100 updates, then
+        0.99)."""
+        hit_nV = torch.stack([i.bincount(minlength=self.hits_SV.shape[1]).float() for i in idx])
+        if dist.initialized():
+            tdist.all_reduce(hit_nV)
+        for k, hit_V in zip(scales, hit_nV):
+            n = self.n_hits[k]
+            if n == 0:
+                self.hits_SV[k].copy_(hit_V)
+            else:
+                rate = 0.1 if n < 100 else 0.01
+                self.hits_SV[k].mul_(1 - rate).add_(hit_V.mul(rate))
+            self.n_hits[k] = n + 1
+
+    def hits(self, vae) -> Optional[torch.Tensor]:
+        return self.hits_SV
+
+    def forget_hits(self, vae):
+        self.hits_SV.zero_()
+
+    def resume_state(self, vae) -> dict:
+        return {'hits_SV': self.hits_SV.cpu(), 'n_hits': torch.tensor(self.n_hits)}
+
+    def load_resume(self, vae, res: dict):
+        if 'hits_SV' in res and res['hits_SV'].shape == self.hits_SV.shape:
+            self.hits_SV.copy_(res['hits_SV'])
+            self.n_hits = [int(n) for n in res['n_hits']]
+
+    @torch.no_grad()
+    def val_batch(self, vae, img):
+        """Every scale decoded at its own size: the full one is the reconstruction, each scale's MSE is against the
+        image area-resized to its size."""
+        idx = vae.img_to_idxBl(img)
+        recs = vae.idxBl_to_img(idx, last_one=False)
+        mse = torch.stack([(r - F.interpolate(img, size=r.shape[-2:], mode='area')).square().mean(dim=(1, 2, 3)).sum()
+                           for r in recs])
+        return idx, recs[-1], mse
+
+    @torch.no_grad()
+    def grid_rows(self, vae, vis) -> List[torch.Tensor]:
+        """Each scale's image (decoded at its own size), bicubic-upsampled to the full size as FlexVAR shows them."""
+        H = vis.shape[-1]
+        return [F.interpolate(r, size=(H, H), mode='bicubic').clamp(-1, 1)
+                for r in vae.idxBl_to_img(vae.img_to_idxBl(vis), last_one=False)]
 
 
 @dataclass
 class Trainer:
     """The tokenizer and its loss networks and optimisers, and the progress a checkpoint restores."""
-    vae: VQVAE
+    args: Any
+    recipe: Recipe                      # the tokenizer family's differences
+    vae: Any                            # VQVAE or FlexVAE
     model: Any                          # vae, or its DDP wrapper
     disc: Any                           # PatchGAN (DDP under torchrun) or None
     perc: Any                           # VGG16 perceptual distance or None
@@ -70,11 +261,12 @@ class Trainer:
 
 
 class Step(NamedTuple):
-    metrics: torch.Tensor               # this rank's loss, rec MSE, vq loss (on the device)
+    metrics: torch.Tensor               # this rank's loss, rec MSE, vq loss (FlexVAE: and the smaller scale's MSE)
     usages: list                        # codebook usage % per scale (logged iterations only)
     grad_norm: Optional[float]          # None: non-finite, the step was skipped
     g_loss: Optional[torch.Tensor]
     d_loss: Optional[torch.Tensor]
+    small_pn: Optional[int] = None      # FlexVAE: the smaller scale of this step
 
 
 def main(args):
@@ -115,8 +307,7 @@ def main(args):
                      f'(--ep {args.ep}); the tokenizer is {export_path(run)}')
         return
     if dist.is_master():
-        run.tb = training.TBWriter(run.path(f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'),
-                                   purge_step=t.start_ep * t.iters + t.start_it)
+        run.tb = training.TBWriter(run.path(t.recipe.tb_name(args)), purge_step=t.start_ep * t.iters + t.start_it)
 
     # ---- the epochs ----
     t_run = time.time()
@@ -135,8 +326,7 @@ def main(args):
 
 
 def export_path(run: Run) -> str:
-    a = run.args
-    return run.path(f'vae_ch{a.ch}v{a.vocab_size}z{a.z_channels}.pth')
+    return run.path((FlexRecipe if run.args.flex else Recipe).export_name(run.args))
 
 
 def find_checkpoint(run: Run) -> Optional[dict]:
@@ -149,23 +339,21 @@ def find_checkpoint(run: Run) -> Optional[dict]:
 
 
 def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
-    """The VQVAE (from scratch, ``--init`` or the checkpoint), optional discriminator and perceptual loss, AdamW
-    optimisers (betas 0.5/0.9; no decay on biases, norms and the codebook), GradScaler, DDP."""
+    """The tokenizer of the recipe (VQVAE, or FlexVAE with --flex; from scratch, ``--init`` or the checkpoint),
+    optional discriminator and perceptual loss, AdamW optimisers (betas 0.5/0.9; no decay on biases, norms and the
+    codebook), GradScaler, DDP."""
     args, dev = run.args, run.dev
+    recipe = FlexRecipe(args, dev) if args.flex else Recipe()
     torch.manual_seed(args.seed)
-    vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, beta=args.beta,
-                share_quant_resi=args.share_quant_resi, quant_resi=args.quant_resi,
-                v_patch_nums=tuple(args.patch_nums), test_mode=False, ch_mult=args.ch_mult,
-                num_res_blocks=args.num_res_blocks, using_sa=args.attn, using_mid_sa=args.attn,
-                norm_groups=args.norm_groups).to(dev)
+    vae = recipe.build(args).to(dev)
     vae.init_weights()
     if args.init and not ckpt:
         src = load_vae(args.init, 'cpu', patch_nums=tuple(args.patch_nums))
         try:
             vae.load_state_dict(src.state_dict(), strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f'--init {args.init!r} does not fit --ch/--vocab_size/--z_channels '
-                                  f'({str(e).splitlines()[0]})') from None
+            raise CheckpointError(f'--init {args.init!r} does not fit --flex/--ch/--vocab_size/--z_channels'
+                                  f'{"/--codebook_dim" if args.flex else ""} ({str(e).splitlines()[0]})') from None
     vae.train()
     disc = PatchDiscriminator(args.disc_ch).to(dev).train() if args.disc > 0 else None
     perc = None
@@ -190,26 +378,24 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{run.path("vae-ckpt-last.pth")!r} does not fit this command '
                                   f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new run') from None
-    run.log.info(f'[model] VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}: '
+    run.log.info(f'[model] {recipe.describe(args)}: '
                  f'{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters; losses: l2 {args.l2} l1 {args.l1} '
                  f'vq (beta {args.beta}) lp {args.lp} disc {args.disc}')
-    K = len(args.patch_nums)            # with few scales some phi convs get no gradient
-    used = {id(vae.quantize.phi(si, K)) for si in range(K)}
-    unused = args.ae_warmup > 0 or any(isinstance(m, torch.nn.Conv2d) and id(m) not in used
-                                       for m in vae.quantize.quant_resi.modules())
-    return Trainer(vae=vae, model=training.wrap_ddp(vae, dev, find_unused=unused),
+    return Trainer(args=args, recipe=recipe, vae=vae,
+                   model=training.wrap_ddp(vae, dev, find_unused=recipe.unused_params(args, vae)),
                    disc=training.wrap_ddp(disc, dev) if disc is not None else None, perc=perc, opt=opt, opt_d=opt_d,
                    scaler=torch.amp.GradScaler('cuda') if run.amp_dtype is torch.float16 else None,
-                   gen=torch.Generator().manual_seed(args.seed + 12345), ep_sums=Sums(EPOCH_SUMS, dev))
+                   gen=torch.Generator().manual_seed(args.seed + 12345), ep_sums=Sums(recipe.sums, dev))
 
 
 def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
-    """Schedule position, best validation MSE, epoch sums, RNG states and the code-restart generator."""
+    """Schedule position, best validation MSE, epoch sums, RNG states, the generator of code restarts (and FlexVAE's
+    scale draws) and the codebook-usage statistics."""
     if not ckpt:
         return
     t.start_ep, t.start_it = int(ckpt['epoch']), int(ckpt['iter'])
     res = ckpt.get('resume', {})
-    t.vae.quantize.record_hit = int(res.get('record_hit', 1))
+    t.recipe.load_resume(t.vae, res)
     t.best, t.bad_in_a_row = float(res.get('best', t.best)), int(res.get('bad_in_a_row', 0))
     rngs, rank_sums, rank = res.get('rng', []), res.get('rank_ep_sums'), dist.get_rank()
     if len(rngs) == dist.get_world_size():
@@ -226,9 +412,10 @@ def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
 
 def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, val_mse: Optional[float] = None) -> bool:
     """Collective.  Local rank 0 writes ``vae-ckpt-last.pth`` and the tokenizer export (``vae-best.pth`` too when
-    the validation MSE improved), atomically.  The export is the official bare state dict when the keys tell the
-    whole architecture (norm_groups 32), else ``{'trainer': {'vae_wo_ddp': ...}, 'vae_config': {'norm_groups': G}}``
-    (``models.checkpoint.load_vae`` reads both).  Returns whether the MSE improved."""
+    the validation MSE improved), atomically.  The export (``Recipe.export``) is the official format when the keys
+    tell the whole architecture (norm_groups 32): VQVAE a bare state dict, FlexVAE ``{'model': state dict}``; else
+    with ``'vae_config': {'norm_groups': G}`` beside the weights (``models.checkpoint.load_vae`` reads all of them).
+    Returns whether the MSE improved."""
     args, vae = run.args, t.vae
     improved = val_mse is not None and val_mse < t.best
     t.best = min(t.best, val_mse) if val_mse is not None else t.best
@@ -240,12 +427,11 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, val_mse: Optional[fl
             tr['disc'] = getattr(t.disc, 'module', t.disc).state_dict()
             tr['disc_opt'] = t.opt_d.state_dict()
         state = {'epoch': ep, 'iter': it, 'trainer': tr, 'args': args_to_dict(args), 'vae_config': vae_config,
-                 'resume': {'rng': rngs, 'gen': t.gen.get_state(), 'record_hit': vae.quantize.record_hit,
+                 'resume': {'rng': rngs, 'gen': t.gen.get_state(), **t.recipe.resume_state(vae),
                             'best': t.best, 'bad_in_a_row': t.bad_in_a_row, 'rank_ep_sums': rank_sums}}
-        sd = vae.state_dict()
         training.write_checkpoint(state, run.path('vae-ckpt-last.pth'))
-        training.write_checkpoint(sd if args.norm_groups == 32 else {'trainer': {'vae_wo_ddp': sd}, 'vae_config': vae_config},
-                                  export_path(run), run.path('vae-best.pth') if improved else None)
+        training.write_checkpoint(t.recipe.export(vae.state_dict(), vae_config), export_path(run),
+                                  run.path('vae-best.pth') if improved else None)
     dist.barrier()
     return improved
 
@@ -257,12 +443,19 @@ def train_step(run: Run, t: Trainer, img: torch.Tensor, g_it: int, warm: bool, l
     args, disc = run.args, t.disc
     use_disc = disc is not None and g_it >= int(args.disc_start * args.ep * t.iters)
     with run.autocast():
-        rec, usages, vq_loss = t.model(img, ret_usages=log_now, quantize=not warm)
-        rec = rec.float()
+        out = t.recipe.forward(t, img, warm, log_now)
+        rec, vq_loss = out.rec.float(), out.vq_loss
         mse = F.mse_loss(rec, img)
         loss = args.l2 * mse + vq_loss
         if args.l1:
             loss = loss + args.l1 * (rec - img).abs().mean()
+        ms_mse = None
+        if out.small is not None:       # FlexVAE: one smaller scale, decoded at its own size (pixel losses only)
+            _, rec_s, target = out.small
+            rec_s = rec_s.float()
+            ms_mse = F.mse_loss(rec_s, target)
+            ms_loss = args.l2 * ms_mse + (args.l1 * (rec_s - target).abs().mean() if args.l1 else 0)
+            loss = loss + args.ms_weight * ms_loss
         if t.perc is not None:
             loss = loss + args.lp * t.perc(rec, img)
         g_loss = None
@@ -281,8 +474,11 @@ def train_step(run: Run, t: Trainer, img: torch.Tensor, g_it: int, warm: bool, l
         t.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         t.opt_d.step()
-    metrics = torch.stack([loss.detach().float(), mse.detach(), vq_loss.detach().float()])
-    return Step(metrics, usages or [0.0] * len(args.patch_nums), gn, g_loss, d_loss)
+    parts = [loss.detach().float(), mse.detach(), vq_loss.detach().float()]
+    if t.recipe.flex:
+        parts.append(ms_mse.detach() if ms_mse is not None else mse.new_zeros(()))
+    return Step(torch.stack(parts), out.usages or [0.0] * len(args.patch_nums), gn, g_loss, d_loss,
+                out.small[0] if out.small is not None else None)
 
 
 def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list:
@@ -307,13 +503,14 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
         warm = ep < args.ae_warmup
         if args.ae_warmup and g_it == args.ae_warmup * iters:   # the warm-up ends: codes from encoder outputs
             with torch.no_grad():
-                vae.quantize.ema_vocab_hit_SV.zero_()
-                run.log.info(f'[codebook] seeded {restart_dead_codes(vae, vae.img_to_f(img), t.gen)} codes from encoder outputs')
+                t.recipe.forget_hits(vae)
+                n_seeded = restart_dead_codes(vae, vae.img_to_f(img), t.gen, t.recipe.hits(vae))
+                run.log.info(f'[codebook] seeded {n_seeded} codes from encoder outputs')
         log_now = it == first or (it + 1) % log_freq == 0 or it + 1 == iters
         s = train_step(run, t, img, g_it, warm, log_now)
         if args.code_restart and not warm and (g_it + 1) % args.code_restart == 0 and g_it + 1 < max_it:
             with torch.no_grad():
-                n_re = restart_dead_codes(vae, vae.img_to_f(img), t.gen)
+                n_re = restart_dead_codes(vae, vae.img_to_f(img), t.gen, t.recipe.hits(vae))
             if n_re and g_it + 1 < max_it * 0.8:
                 run.log.info(f'[codebook] re-seeded {n_re} unused codes')
         if s.grad_norm is None:
@@ -325,19 +522,24 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
                                 f'rerun (it resumes from {run.path("vae-ckpt-last.pth")} if one was saved)')
         else:
             t.bad_in_a_row = 0
-            t.ep_sums.add('loss', s.metrics)
+            t.ep_sums.add('loss', s.metrics[:3])
             t.ep_sums.inc(iters=1, grad_norm=s.grad_norm)
+            if s.small_pn is not None:
+                t.ep_sums.add('ms_mse', s.metrics[3:])
+                t.ep_sums.inc(ms_steps=1)
         pace.tick()
         if log_now:     # a collective: every rank logs the same iterations
-            loss, rec_mse, vq = dist.allreduce_mean(s.metrics).tolist()
+            loss, rec_mse, vq, *ms = dist.allreduce_mean(s.metrics).tolist()
             usages, gn = s.usages, s.grad_norm if s.grad_norm is not None else float('nan')
             gan = {'G': s.g_loss.item(), 'D': s.d_loss.item()} if s.d_loss is not None else {}
+            ms_txt = f'  ms_mse {ms[0]:.4f} (pn {s.small_pn})' if s.small_pn is not None else ''
             run.log.info(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:4d}/{iters}] eta {pace.left(max_it - g_it - 1)}  loss '
-                         f'{loss:.4f}  rec_mse {rec_mse:.4f}  vq {vq:.4f}  lr {args.lr * ratio:.2e}  gnorm {gn:.2f}  '
-                         f'usage% [{" ".join(f"{u:.0f}" for u in usages)}]'
+                         f'{loss:.4f}  rec_mse {rec_mse:.4f}  vq {vq:.4f}{ms_txt}  lr {args.lr * ratio:.2e}  '
+                         f'gnorm {gn:.2f}  usage% [{" ".join(f"{u:.0f}" for u in usages)}]'
                          + (f'  G {gan["G"]:.3f} D {gan["D"]:.3f}' if gan else ''))
             if tb:
-                tb.scalars(g_it, {'loss': loss, 'rec_mse': rec_mse, 'vq_loss': vq}, prefix='VAE_iter/')
+                tb.scalars(g_it, {'loss': loss, 'rec_mse': rec_mse, 'vq_loss': vq,
+                                  **({'ms_mse': ms[0]} if s.small_pn is not None else {})}, prefix='VAE_iter/')
                 tb.scalars(g_it, {'lr': args.lr * ratio, 'grad_norm': gn}, prefix='VAE_opt/')
                 tb.scalars(g_it, {f'scale{si}_pn{pn}': u for si, (pn, u) in enumerate(zip(args.patch_nums, usages))},
                            prefix='VAE_usage/')
@@ -347,33 +549,39 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
 
 # ============================================== end of an epoch: validation, grids, checkpoint ========================
 @torch.no_grad()
-def validate(run: Run, vae: VQVAE, ld_val, vis_B3HW):
-    """Reconstruction metrics on the validation set (eval mode: the usage EMA is not touched), the share of the
-    codebook hit per scale, and a grid: inputs, then the reconstruction after each scale -> (metrics, grid, None),
-    or (None, None, why) when an image was unreadable on some rank."""
-    dev, K, V = run.dev, len(vae.quantize.v_patch_nums), vae.vocab_size
+def validate(run: Run, recipe: Recipe, vae, ld_val, vis_B3HW):
+    """Reconstruction metrics on the validation set (eval mode: the usage statistics are not touched), the share of
+    the codebook hit per scale (FlexVAE: the MSE of each scale too, decoded at its own size), and a grid: inputs,
+    then the reconstruction after (FlexVAE: of) each scale -> (metrics, grid, None), or (None, None, why) when an
+    image was unreadable on some rank."""
+    dev, K, V = run.dev, len(run.args.patch_nums), vae.vocab_size
 
-    def batch_sums(batch):          # L1, MSE, PSNR, n, then the hits of every code at every scale
+    def batch_sums(batch):          # L1, MSE, PSNR, n, then the hits of every code at every scale (, scale MSEs)
         img = batch[0].to(dev, non_blocking=True)
-        hits = [idx.flatten().bincount(minlength=V).double() for idx in vae.img_to_idxBl(img)]
-        rec = vae.img_to_reconstructed_img(img, last_one=True)
+        idx, rec, scale_mse = recipe.val_batch(vae, img)
+        hits = [i.flatten().bincount(minlength=V).double() for i in idx]
         mse_B = (rec - img).square().mean(dim=(1, 2, 3))
         return torch.cat([torch.stack([(rec - img).abs().mean(dim=(1, 2, 3)).sum(), mse_B.sum(),
                                        (10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))).sum()]).double(),  # peak-to-peak 2
-                          torch.tensor([float(img.shape[0])], dtype=torch.float64, device=dev), *hits])
+                          torch.tensor([float(img.shape[0])], dtype=torch.float64, device=dev), *hits,
+                          *([] if scale_mse is None else [scale_mse.double()])])
 
     vae.eval()
     sums, bad = training.eval_sums(run, ld_val, batch_sums)
     grid = None
     if sums is not None and vis_B3HW is not None:
         vis = vis_B3HW.to(dev)
-        grid = to_png(torch.cat([vis] + vae.img_to_reconstructed_img(vis)).cpu(), nrow=vis.shape[0])
+        grid = to_png(torch.cat([vis] + recipe.grid_rows(vae, vis)).cpu(), nrow=vis.shape[0])
     vae.train()
     if sums is None:
         return None, None, bad
-    l1, mse, psnr = (sums[:3] / max(sums[3].item(), 1e-12)).tolist()
-    used = (sums[4:].view(K, V) > 0).float().mean(dim=1).mul(100).tolist()
-    return {'val_L1': l1, 'val_MSE': mse, 'val_PSNR': psnr, 'val_code_used_pct': used}, grid, None
+    n = max(sums[3].item(), 1e-12)
+    l1, mse, psnr = (sums[:3] / n).tolist()
+    used = (sums[4:4 + K * V].view(K, V) > 0).float().mean(dim=1).mul(100).tolist()
+    metrics = {'val_L1': l1, 'val_MSE': mse, 'val_PSNR': psnr, 'val_code_used_pct': used}
+    if sums.numel() > 4 + K * V:
+        metrics['val_MSE_scales'] = (sums[4 + K * V:] / n).tolist()
+    return metrics, grid, None
 
 
 def to_png(img_B3HW: torch.Tensor, nrow: int, pad: int = 2):
@@ -400,11 +608,13 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, usages, ld_val, vis, t_run: floa
     rec_ep = {'kind': 'epoch', 'ep': ep + 1, 'loss': s['loss'] / n, 'rec_mse': s['rec_mse'] / n, 'vq': s['vq'] / n,
               'grad_norm': s['grad_norm'] / n, 'usage_pct': [round(u, 2) for u in usages],
               'elapsed_s': round(time.time() - t_run, 1)}
+    if 'ms_mse' in s:
+        rec_ep['ms_mse'] = s['ms_mse'] / max(s['ms_steps'], 1)
     if args.skip_bad_images:
         training.report_bad_images(run, datasets)
     metrics = None
     if (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep or stop_now:
-        metrics, grid, bad = validate(run, t.vae, ld_val, vis)
+        metrics, grid, bad = validate(run, t.recipe, t.vae, ld_val, vis)
         if metrics is None:
             t.ep_sums.zero_()
             save_checkpoint(run, t, ep + 1, 0)
@@ -419,14 +629,19 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, usages, ld_val, vis, t_run: floa
             tb.scalars(ep + 1, {k: metrics[k] for k in ('val_L1', 'val_MSE', 'val_PSNR')}, prefix='VAE_val/')
             tb.scalars(ep + 1, {f'code_used_pct_scale{si}': u for si, u in enumerate(metrics['val_code_used_pct'])},
                        prefix='VAE_val/')
+            tb.scalars(ep + 1, {f'MSE_scale{si}_pn{pn}': v for si, (pn, v) in
+                                enumerate(zip(args.patch_nums, metrics.get('val_MSE_scales', [])))}, prefix='VAE_val/')
     if tb:
-        tb.scalars(ep + 1, {k: rec_ep[k] for k in ('loss', 'rec_mse', 'vq')}, prefix='VAE_ep/')
+        tb.scalars(ep + 1, {k: rec_ep[k] for k in ('loss', 'rec_mse', 'vq', 'ms_mse') if k in rec_ep}, prefix='VAE_ep/')
         tb.flush()
     if dist.is_master():
         training.append_json_line(run.path('log.txt'), rec_ep)
     val_txt = (f"  val: L1 {metrics['val_L1']:.4f} MSE {metrics['val_MSE']:.4f} PSNR {metrics['val_PSNR']:.2f} dB  "
                f"codes used% [{' '.join(f'{u:.0f}' for u in metrics['val_code_used_pct'])}]") if metrics else ''
-    run.log.info(f'     [ep {ep + 1}] train rec_mse {rec_ep["rec_mse"]:.4f} vq {rec_ep["vq"]:.4f}{val_txt}')
+    if metrics and 'val_MSE_scales' in metrics:
+        val_txt += f"  MSE per scale [{' '.join(f'{v:.4f}' for v in metrics['val_MSE_scales'])}]"
+    ms_txt = f' ms_mse {rec_ep["ms_mse"]:.4f}' if 'ms_mse' in rec_ep else ''
+    run.log.info(f'     [ep {ep + 1}] train rec_mse {rec_ep["rec_mse"]:.4f} vq {rec_ep["vq"]:.4f}{ms_txt}{val_txt}')
     if metrics is not None:
         t.ep_sums.zero_()
         save_checkpoint(run, t, ep + 1, 0, metrics['val_MSE'])

@@ -8,12 +8,15 @@
   ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
   ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for ``viar.pth``), a
   contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag to fix.
+* A FlexVAR model samples any schedule; its default one (``var.patch_nums``) is the schedule a ``train.py --flex``
+  training checkpoint records it was trained on (``trained_schedule``), the official 1_2_3_4_5_6_8_10_13_16 for a
+  bare state dict (the published files).
 * Models are built on the ``meta`` device and the weights assigned, so a 2B-parameter checkpoint is never
   initialised first (nor held twice in memory).
 """
 import os
 import pickle
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,7 +30,7 @@ from .vqvae import VQVAE
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
            'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var', 'is_flexvar_state',
-           'is_flexvae_state']
+           'is_flexvae_state', 'trained_schedule']
 
 
 class CheckpointError(UserError):
@@ -108,6 +111,21 @@ def _patch_nums_for(sd: Dict[str, torch.Tensor], path: str) -> Tuple[int, ...]:
                           f'build it with build_vae_var(patch_nums=...) yourself')
 
 
+def trained_schedule(obj: Any) -> Optional[Tuple[int, ...]]:
+    """The scales a ``train.py`` training checkpoint was trained on (``['trainer']['config']['patch_nums']``, else
+    ``['args']['patch_nums']``): a FlexVAR model's own default schedule.  None for a bare state dict (a published file)
+    or when no valid schedule (increasing positive sides) is recorded."""
+    if not isinstance(obj, dict) or not isinstance(obj.get('trainer'), dict):
+        return None
+    config, args = obj['trainer'].get('config'), obj.get('args')
+    for rec in (config, args):
+        pns = rec.get('patch_nums') if isinstance(rec, dict) else None
+        if isinstance(pns, (list, tuple)) and pns and all(isinstance(p, int) and not isinstance(p, bool) for p in pns) \
+                and pns[0] >= 1 and all(b > a for a, b in zip(pns, pns[1:])):
+            return tuple(pns)
+    return None
+
+
 def is_flexvar_state(sd: Dict[str, torch.Tensor]) -> bool:
     """FlexVAR's transformer: a 4-D position grid ``pos_1LC`` (1, C, 32, 32) and no level embedding."""
     pos = sd.get('pos_1LC')
@@ -172,7 +190,7 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     from the keys.  ``extra`` holds what keys cannot tell (``norm_groups``; 32 when absent, as published).
     FlexVAR's tokenizer: ``FlexVAE`` arguments plus ``flex=True``."""
     if is_flexvae_state(sd):
-        return _infer_flexvae_config(sd, path)
+        return _infer_flexvae_config(sd, path, extra)
     if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
         if 'class_emb.weight' in sd:
             raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
@@ -195,8 +213,10 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     return cfg
 
 
-def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, Any]:
-    """V, Cvae, base width ``ch``, ``z_channels`` and the conv net's shape of a FlexVAE (LlamaGen VQ-16) state dict."""
+def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str,
+                          extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """V, Cvae, base width ``ch``, ``z_channels`` and the conv net's shape of a FlexVAE (LlamaGen VQ-16) state dict;
+    ``norm_groups`` from ``extra`` (32 when absent, as published)."""
     try:
         V, Cvae = sd['quantize.embedding.weight'].shape
         ch = sd['encoder.conv_in.weight'].shape[0]
@@ -207,20 +227,22 @@ def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, A
     except (KeyError, IndexError, ValueError):
         raise CheckpointError(f'{path!r} is not a complete FlexVAR tokenizer (FlexVAE) checkpoint: '
                               f'the encoder, quant_conv or codebook is missing') from None
-    return dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
-                norm_groups=32)
+    cfg = dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
+               norm_groups=32)
+    cfg.update({k: v for k, v in (extra or {}).items() if k == 'norm_groups'})
+    return cfg
 
 
 def _tokenizer_config(vae_ckpt: str, hint: str = ''):
-    """(state dict, VQVAE config) of a tokenizer file: a bare state dict, or a training checkpoint with
-    ['trainer']['vae_wo_ddp'] (train_vae.py; its 'vae_config' says what the keys cannot) or ['vae_local'] (train.py)."""
+    """(state dict, tokenizer config) of a tokenizer file: a bare state dict, ``{'model': state dict}`` (FlexVAE.pth),
+    or a training checkpoint with ['trainer']['vae_wo_ddp'] (train_vae.py) or ['vae_local'] (train.py); a
+    'vae_config' beside the weights (train_vae.py's exports) says what the keys cannot."""
     obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)
-    extra = None
+    extra = obj.get('vae_config') if isinstance(obj, dict) and isinstance(obj.get('vae_config'), dict) else None
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):
-        extra = obj.get('vae_config')
         obj = obj['trainer'].get('vae_wo_ddp', obj['trainer'].get('vae_local', obj))
     sd = model_state_dict(obj, vae_ckpt)
-    return sd, infer_vae_config(sd, vae_ckpt, extra if isinstance(extra, dict) else None)
+    return sd, infer_vae_config(sd, vae_ckpt, extra)
 
 
 def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
@@ -294,13 +316,23 @@ def _load_strict(model: torch.nn.Module, sd, device, message: str):
 
 
 def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Optional[Dict[str, Any]] = None,
-             flags: Optional[Dict[str, str]] = None, hint: str = '', state_dict=None) -> VAR:
+             flags: Optional[Dict[str, str]] = None, hint: str = '', state_dict=None,
+             schedule: Optional[Sequence[int]] = None) -> VAR:
     """The VAR/VIAR/FlexVAR model of ``var_ckpt`` on top of ``vae`` (eval mode, no gradients).
 
     ``expect``: architecture the caller states, e.g. ``{'depth': 30, 'use_implicit': True}`` (None = not stated);
-    ``flags``: the command-line flag of each key, for the message (default ``--key``)."""
-    sd = state_dict if state_dict is not None else model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', hint), var_ckpt)
+    ``flags``: the command-line flag of each key, for the message (default ``--key``).  ``schedule``: a FlexVAR
+    model's default schedule (``var.patch_nums``: what sampling uses without ``--infer_pn``); when not given, the
+    scales a ``train.py --flex`` checkpoint was trained on (``trained_schedule``), else FlexVAR's official
+    1_2_3_4_5_6_8_10_13_16 (the published files)."""
+    if state_dict is None:
+        obj = read_checkpoint(var_ckpt, 'model checkpoint', hint)
+        sd, schedule = model_state_dict(obj, var_ckpt), schedule or trained_schedule(obj)
+    else:
+        sd = state_dict
     cfg = infer_var_config(sd, var_ckpt)
+    if cfg.get('flex') and schedule:
+        cfg['patch_nums'] = tuple(schedule)
     _check_expected(cfg, expect, var_ckpt, flags or {})
     flex = bool(cfg.get('flex'))
     if flex != isinstance(vae, FlexVAE):
@@ -332,9 +364,13 @@ def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Di
                  flags: Optional[Dict[str, str]] = None, vae_hint: str = '',
                  var_hint: str = '') -> Tuple[Union[VQVAE, FlexVAE], VAR]:
     """Tokenizer and transformer from their checkpoints, architecture read from the files (see module doc): VAR's
-    VQVAE with a VAR/VIAR model, or FlexVAR's FlexVAE with a FlexVAR model (explicit or implicit backbone)."""
-    sd = model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint', var_hint), var_ckpt)
+    VQVAE with a VAR/VIAR model, or FlexVAR's FlexVAE with a FlexVAR model (explicit or implicit backbone), whose
+    default schedule is the one a ``train.py --flex`` checkpoint was trained on (the official 10 scales for a
+    published file; see ``load_var``)."""
+    obj = read_checkpoint(var_ckpt, 'model checkpoint', var_hint)
+    sd = model_state_dict(obj, var_ckpt)
     cfg = infer_var_config(sd, var_ckpt)
     _check_expected(cfg, expect, var_ckpt, flags or {})
-    vae = load_vae(vae_ckpt, device, patch_nums=cfg['patch_nums'], hint=vae_hint)
-    return vae, load_var(var_ckpt, vae, device, expect=None, state_dict=sd)
+    schedule = trained_schedule(obj) if cfg.get('flex') else None
+    vae = load_vae(vae_ckpt, device, patch_nums=schedule or cfg['patch_nums'], hint=vae_hint)
+    return vae, load_var(var_ckpt, vae, device, expect=None, state_dict=sd, schedule=schedule)

@@ -5,12 +5,16 @@ a schedule ``patch_nums`` are **not** residual: scale k is ``f`` area-resized to
 its nearest codebook entry (both l2-normalised: the nearest by cosine).  An image is decoded from ONE scale's codes
 (the last one): 1x1 ``post_quant_conv`` (Cvae -> z_channels) -> decoder.  Images are in [-1, 1].
 
+Training (``train_vae.py --flex``): ``forward`` quantises the full feature map and, optionally, the map area-resized to
+one smaller side, each with LlamaGen's loss (``L2Quantizer.forward``: straight-through estimator, codebook + beta
+commitment loss on the normalised vectors), and decodes each at its own size.
+
 Key names follow the published file (``{'model': state_dict}``): ``encoder.conv_blocks.{i}.res.{j}`` / ``.attn.{j}``
 / ``.downsample``, ``encoder.mid.{0,1,2}`` (block, attention with separate ``q``, ``k``, ``v`` 1x1 convs, block),
 ``decoder.conv_blocks.{i}`` (lowest resolution first, with ``.upsample``), ``quantize.embedding``,
 ``quantize.codebook_used`` (a usage record of the tokenizer's training; unused here).
 """
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 from .basic_vae import Downsample2x, Normalize, ResnetBlock, Upsample2x
 
-__all__ = ['FlexVAE', 'L2Quantizer', 'FLEX_PATCH_NUMS']
+__all__ = ['FlexVAE', 'FlexRecon', 'L2Quantizer', 'FLEX_PATCH_NUMS']
 
 FLEX_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)     # FlexVAR's default (training) schedule at 256 px
 
@@ -158,6 +162,31 @@ class L2Quantizer(nn.Module):
         """The normalised codebook (V, Cvae): what a token index stands for."""
         return F.normalize(self.embedding.weight, p=2, dim=-1)
 
+    def forward(self, z_BChw: torch.Tensor, beta: float = 0.25):
+        """LlamaGen's training quantisation of one map (fp32, outside autocast): every vector and the codebook
+        l2-normalised, each vector replaced by its nearest code; loss = mean((e - sg(z))^2) (codebook) + beta *
+        mean((sg(e) - z)^2) (commitment) on the normalised vectors; straight-through gradient to ``z``.  In training
+        mode the indices go to the rolling ``codebook_used`` record, as LlamaGen keeps it.
+
+        :return: (codes (B, Cvae, h, w) with the straight-through gradient, loss, indices (B*h*w,))
+        """
+        B, C, h, w = z_BChw.shape
+        with torch.autocast(device_type=z_BChw.device.type, enabled=False):
+            z_NC = F.normalize(z_BChw.float().permute(0, 2, 3, 1).reshape(-1, C), p=2, dim=-1)
+            e_VC = self.code_book().float()
+            with torch.no_grad():
+                d_NV = torch.sum(z_NC ** 2, dim=1, keepdim=True) + torch.sum(e_VC ** 2, dim=1) - 2 * (z_NC @ e_VC.T)
+                idx_N = torch.argmin(d_NV, dim=1)
+            q_NC = e_VC[idx_N]
+            loss = F.mse_loss(q_NC, z_NC.detach()) + beta * F.mse_loss(q_NC.detach(), z_NC)
+            q_NC = z_NC + (q_NC - z_NC).detach()
+        if self.training:
+            with torch.no_grad():
+                used, n = self.codebook_used, min(idx_N.numel(), self.codebook_used.numel())
+                used[:used.numel() - n] = used[n:].clone()
+                used[used.numel() - n:] = idx_N[idx_N.numel() - n:].to(used.dtype)
+        return q_NC.view(B, h, w, C).permute(0, 3, 1, 2).contiguous(), loss, idx_N
+
     def nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook entry of each (normalised) vector, by squared L2 as LlamaGen computes it."""
         z_NC = F.normalize(z_NC, p=2, dim=-1)
@@ -185,6 +214,14 @@ class L2Quantizer(nn.Module):
         return torch.cat(nxt, dim=2).transpose(1, 2) if nxt else None
 
 
+class FlexRecon(NamedTuple):
+    """What ``FlexVAE.forward`` returns."""
+    rec: torch.Tensor                   # (B, 3, H, W): the full feature map quantised and decoded (not clamped)
+    rec_small: Optional[torch.Tensor]   # (B, 3, d pn, d pn): the map area-resized to pn x pn, quantised, decoded
+    vq_loss: torch.Tensor               # LlamaGen's codebook + beta commitment loss, mean over the quantised maps
+    idx: List[torch.Tensor]             # token indices (B*h*w,) of each quantised map (full first; none unquantised)
+
+
 class FlexVAE(nn.Module):
     def __init__(self, vocab_size=8912, Cvae=32, ch=128, z_channels=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                  norm_groups=32, dropout=0.0, v_patch_nums: Sequence[int] = FLEX_PATCH_NUMS, test_mode=True):
@@ -203,6 +240,27 @@ class FlexVAE(nn.Module):
         if test_mode:
             self.eval()
             self.requires_grad_(False)
+
+    # ---- training ----
+    def forward(self, inp_B3HW: torch.Tensor, small_pn: Optional[int] = None, beta: float = 0.25,
+                quantize: bool = True) -> FlexRecon:
+        """Training forward of ``train_vae.py --flex``: the feature map ``f`` quantised (``L2Quantizer.forward``) and
+        decoded; with ``small_pn`` also ``f`` area-resized to small_pn x small_pn -- one scale of a FlexVAR schedule, as
+        ``f_to_idxBl`` tokenises it -- quantised and decoded at its own size (the image a schedule ending at that side
+        gives).  ``quantize=False``: the normalised features are decoded instead (a plain autoencoder warm-up)."""
+        f = self.img_to_f(inp_B3HW)
+        maps = [f] + ([F.interpolate(f, size=(small_pn, small_pn), mode='area')] if small_pn else [])
+        recs, losses, idx = [], [], []
+        for z in maps:
+            if quantize:
+                h, loss, idx_N = self.quantize(z, beta)
+                losses.append(loss)
+                idx.append(idx_N)
+            else:
+                h = F.normalize(z, p=2, dim=1)
+            recs.append(self.decoder(self.post_quant_conv(h)))
+        vq_loss = torch.stack(losses).mean() if losses else f.new_zeros((), dtype=torch.float32)
+        return FlexRecon(recs[0], recs[1] if small_pn else None, vq_loss, idx)
 
     # ---- encoding ----
     def img_to_f(self, inp_B3HW: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""What training the tokenizer needs beyond ``VQVAE.forward`` (train_vae.py): the perceptual and adversarial losses'
-networks, and the re-seeding of codebook entries that no scale uses."""
+"""What training a tokenizer needs beyond ``VQVAE.forward`` / ``FlexVAE.forward`` (train_vae.py): the perceptual and
+adversarial losses' networks, and the re-seeding of codebook entries that no scale uses."""
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as tdist
@@ -67,11 +68,14 @@ class PatchDiscriminator(nn.Module):
 
 
 @torch.no_grad()
-def restart_dead_codes(vae: VQVAE, f_BChw: torch.Tensor, gen: torch.Generator) -> int:
+def restart_dead_codes(vae: VQVAE, f_BChw: torch.Tensor, gen: torch.Generator,
+                       hits_SV: Optional[torch.Tensor] = None) -> int:
     """Codebook entries unused at every scale (EMA hits below 1 % of the uniform share) get random encoder vectors
-    of this batch (the same on every rank: rank 0's batch is broadcast).  Returns how many were re-seeded."""
+    of this batch (the same on every rank: rank 0's batch is broadcast).  ``hits_SV``: the EMA hits per scale
+    (default: the VQVAE's own ``ema_vocab_hit_SV``; FlexVAE's trainer keeps them itself).  Returns how many were
+    re-seeded."""
     q = vae.quantize
-    hits_V = q.ema_vocab_hit_SV.sum(0)
+    hits_V = (q.ema_vocab_hit_SV if hits_SV is None else hits_SV).sum(0)
     dead = hits_V <= 0.01 * hits_V.sum() / q.vocab_size      # all of them when nothing was hit yet
     dead = dead.nonzero().flatten()
     if dead.numel() == 0:

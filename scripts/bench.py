@@ -1,8 +1,9 @@
-"""Sampling and training benchmarks for VAR and VIAR (random weights of the published shapes).
+"""Sampling and training benchmarks for VAR, VIAR and FlexVAR (random weights of the published shapes).
 
 Sampling: images/s, the time and FLOP/s of the transformer part (backbone + head at every scale, counted
 analytically) as a fraction of this machine's measured matmul FLOP/s, peak memory and peak KV-cache bytes, for
-VAR-d16, VAR-d30 and VIAR-d30 across iteration schedules and batch sizes.  Training: step time (forward +
+VAR-d16, VAR-d30 and VIAR-d30 across iteration schedules and batch sizes; FlexVAR-d16/d20/d24 (and an implicit
+FlexVAR-d16, ``flexviar_d16``) across the schedules of scales ``--infer_pn``.  Training: step time (forward +
 backward), activation memory saved for backward and peak memory against the fixed-point steps without (n0) and
 with (n1) gradient.
 
@@ -10,6 +11,8 @@ with (n1) gradient.
   python -m scripts.bench --device cuda --dtype fp16        # published widths, torch.cuda.max_memory_allocated
   python -m scripts.bench --models viar_d30 --width 1024 --schedules 10-10 --batch_sizes 4 --train_grid none
   python -m scripts.bench --json bench.json --plot bench.png
+  python -m scripts.bench --models flexvar_d16,flexvar_d24 --infer_pn 1_2_3_4_5_6_8_10_13_16,1_2_4_8_16 \
+      --train_models none                                   # FlexVAR: 10 steps against 5
 
 Run it from the repository root as a module (``python -m scripts.bench``).  A bad flag ends with one line and
 exit status 1.
@@ -43,6 +46,11 @@ MODELS = {
     'var_d24': dict(depth=24),
     'var_d30': dict(depth=30),
     'viar_d30': dict(depth=30, use_implicit=True, pre_depth=5, post_depth=5),
+    # FlexVAR (github jiaosiyu1999/FlexVAR): FlexVARd{16,20,24}-epo*.pth's shapes on FlexVAE.pth's (V 8912, Cvae 32)
+    'flexvar_d16': dict(depth=16, flex=True),
+    'flexvar_d20': dict(depth=20, flex=True),
+    'flexvar_d24': dict(depth=24, flex=True),
+    'flexviar_d16': dict(depth=16, flex=True, use_implicit=True, pre_depth=5, post_depth=5),   # not published
 }
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # RTX 4090, 256 px, from the paper (VIAR with lowered per-scale iterations)
@@ -55,20 +63,27 @@ class BenchError(UserError):
 
 # ============================================== model and counting ====================================================
 def build(name, width, vae_ch, device, patch_nums):
-    """(vae, var) with the published structure of ``name`` at ``width`` channels (0: published), random weights."""
-    from models import VAR, VQVAE
+    """(vae, var) with the published structure of ``name`` at ``width`` channels (0: published), random weights;
+    ``vae_ch`` 0: the published tokenizer width (VQVAE 160, FlexVAE 128).  A FlexVAR model's ``patch_nums`` is its
+    default schedule (the one training runs); it samples any other."""
+    from models import VAR, VQVAE, FlexVAE, FlexVAR
     cfg = MODELS[name]
     depth = cfg['depth']
     C = width or 64 * depth
     if C % 64:
         raise BenchError(f'--width must be a multiple of 64 (heads of 64 channels), got {C}')
+    flex = cfg.get('flex', False)
     with torch.device('meta'):
-        vae = VQVAE(vocab_size=4096, z_channels=32, ch=vae_ch, test_mode=True, share_quant_resi=4,
-                    v_patch_nums=patch_nums)
-        var = VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=C, num_heads=C // 64,
-                  drop_path_rate=0.1 * depth / 24, attn_l2_norm=True, patch_nums=patch_nums,
-                  use_implicit=cfg.get('use_implicit', False), pre_depth=cfg.get('pre_depth', 5),
-                  post_depth=cfg.get('post_depth', 5))
+        if flex:
+            vae = FlexVAE(vocab_size=8912, Cvae=32, ch=vae_ch or 128, z_channels=256, v_patch_nums=patch_nums)
+        else:
+            vae = VQVAE(vocab_size=4096, z_channels=32, ch=vae_ch or 160, test_mode=True, share_quant_resi=4,
+                        v_patch_nums=patch_nums)
+        var = (FlexVAR if flex else VAR)(
+            vae_local=vae, num_classes=1000, depth=depth, embed_dim=C, num_heads=C // 64,
+            drop_path_rate=0.1 * depth / 24, attn_l2_norm=True, patch_nums=patch_nums,
+            use_implicit=cfg.get('use_implicit', False), pre_depth=cfg.get('pre_depth', 5),
+            post_depth=cfg.get('post_depth', 5))
     vae.to_empty(device=device)
     var.to_empty(device=device)
     with torch.no_grad():
@@ -81,17 +96,18 @@ def num_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def sampler_flops(var, B: int, schedule) -> dict:
+def sampler_flops(var, B: int, schedule, patch_nums=None) -> dict:
     """FLOPs of the transformer part of one ``autoregressive_infer_cfg`` call (2B rows: CFG), counted from the
     shapes: per block call 24 R C^2 (qkv 6, proj 2, fc1 8, fc2 8) and 4 R ctx C for QK^T and AV over the ``ctx``
     keys it sees; per implicit step the projection (8 R C^2: W[:, :C] z and the 2C -> C layer), per scale the
-    input injection (4 R C^2) and the head (2 R C V + the AdaLN before it).  R = 2B * tokens of the scale."""
+    input injection (4 R C^2) and the head (2 R C V + the AdaLN before it).  R = 2B * tokens of the scale.
+    ``patch_nums``: the scales sampled (a FlexVAR schedule; default the model's)."""
     C, V = var.C, var.V
     n_explicit = var.pre_depth + var.post_depth if var.use_implicit else var.depth
     linear = attention = head = 0
     ctx = 0
     ctx_per_iter = defaultdict(int)
-    for k, pn in enumerate(var.patch_nums):
+    for k, pn in enumerate(patch_nums or var.patch_nums):
         l = pn * pn
         R = 2 * B * l
         ctx += l
@@ -152,9 +168,10 @@ def trim_host_memory():
 
 class Probe:
     """Wraps the transformer part of the sampler (``backbone.sample_scale`` and ``get_logits``) and the decoder
-    (``vae.fhat_to_img``) to time them, the KV caches to record their peak bytes, and VIAR's fixed-point step to
-    count the iterations each scale ran (``iters_run``; fewer than the schedule's under ``iter_tol``).  ``around``
-    (a context factory) can replace the timer, e.g. with ``torch.utils.flop_counter.FlopCounterMode``."""
+    (``vae.fhat_to_img``; FlexVAE: ``codes_to_img``) to time them, the KV caches to record their peak bytes, and
+    VIAR's fixed-point step to count the iterations each scale ran (``iters_run``; fewer than the schedule's under
+    ``iter_tol``).  ``around`` (a context factory) can replace the timer, e.g. with
+    ``torch.utils.flop_counter.FlopCounterMode``."""
 
     def __init__(self, var, vae, device, around=None):
         self.var, self.device, self.around = var, torch.device(device), around
@@ -163,13 +180,14 @@ class Probe:
         self.iters_run, self._steps = [], 0
         self._events = []
         bb = var.backbone
-        self._saved = [(bb, 'sample_scale'), (var, 'get_logits'), (vae, 'fhat_to_img')]
+        decoder = 'codes_to_img' if hasattr(vae, 'codes_to_img') else 'fhat_to_img'
+        self._saved = [(bb, 'sample_scale'), (var, 'get_logits'), (vae, decoder)]
         bb.sample_scale = self._timed(bb.sample_scale, 't_transformer', kv=True)
         if bb.is_implicit:
             self._saved.append((bb, 'implicit_step'))
             bb.implicit_step = self._counted(bb.implicit_step)
         var.get_logits = self._timed(var.get_logits, 't_transformer')
-        vae.fhat_to_img = self._timed(vae.fhat_to_img, 't_decoder', counted=False)
+        setattr(vae, decoder, self._timed(getattr(vae, decoder), 't_decoder', counted=False))
         for b in var.all_blocks():      # the implicit block frees per-iteration caches inside sample_scale
             self._saved.append((b.attn, 'free_cache'))
             b.attn.free_cache = self._before_free(b.attn.free_cache)
@@ -234,15 +252,19 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, variants=((None, False),)):
+def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, variants=((None, False),),
+                   infer_pn=None):
     """One schedule and batch size under each (iter_tol, trace) of ``variants`` (passed to
     ``autoregressive_infer_cfg``: VIAR's early exit; the fixed-point trace, a fresh dict per call); a row per variant,
     best of ``args.reps`` after ``args.warmup``.  The variants take turns within every repetition, so that a change
-    of the machine's load during the run falls on all of them alike."""
+    of the machine's load during the run falls on all of them alike.  ``infer_pn``: a FlexVAR model's schedule of
+    scales."""
     from models import iterations_per_scale
     from utils.memory import PeakMemory
     il, ir = schedule_lr if var.use_implicit else (0, 0)
-    schedule = iterations_per_scale(il, ir, len(var.patch_nums)) if var.use_implicit else [0] * len(var.patch_nums)
+    pns = tuple(infer_pn or var.patch_nums)
+    schedule = iterations_per_scale(il, ir, len(pns)) if var.use_implicit else [0] * len(pns)
+    flex_kw = {'infer_patch_nums': pns} if infer_pn else {}
     labels = torch.arange(B, device=device) % var.num_classes
     probe = Probe(var, vae, device)
     runs = {v: [] for v in variants}
@@ -256,7 +278,7 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
                     t0, c0 = time.perf_counter(), time.process_time()
                     var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
                                                  iter_left=il, iter_right=ir, iter_tol=iter_tol,
-                                                 trace={} if trace else None)
+                                                 trace={} if trace else None, **flex_kw)
                     sync(device)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 probe.collect()
@@ -267,16 +289,17 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
     finally:
         probe.remove()
     common = dict(kind='sample', model=name, width=var.C, params=num_params(var), B=B, dtype=args.dtype,
-                  schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None)
-    return [dict(common, **sampling_row(var, B, rs, tol, trace, peak_flops)) for (tol, trace), rs in runs.items()]
+                  schedule=f'{il}->{ir}' if var.use_implicit else '-', iters=schedule if var.use_implicit else None,
+                  infer_pn='_'.join(map(str, pns)) if infer_pn else None)
+    return [dict(common, **sampling_row(var, B, rs, tol, trace, peak_flops, pns)) for (tol, trace), rs in runs.items()]
 
 
-def sampling_row(var, B, runs, iter_tol, trace, peak_flops) -> dict:
+def sampling_row(var, B, runs, iter_tol, trace, peak_flops, patch_nums=None) -> dict:
     """The numbers of one variant: best times, largest memory, FLOPs of the iterations each run made (the same for
-    every run of a fixed schedule)."""
+    every run of a fixed schedule) over the scales ``patch_nums`` (default the model's)."""
     best = {k: min(r[k] for r in runs) for k in ('wall', 'cpu', 't_tf', 't_dec')}
     best.update({k: max(r[k] for r in runs) for k in ('kv', 'peak', 'peak_delta')})
-    flops = [sampler_flops(var, B, r['iters_run'])['total'] for r in runs]
+    flops = [sampler_flops(var, B, r['iters_run'], patch_nums)['total'] for r in runs]
     tf_flops_s = max(f / r['t_tf'] for f, r in zip(flops, runs))
     iters_run = [sum(col) / len(runs) for col in zip(*(r['iters_run'] for r in runs))]
     implicit = var.use_implicit
@@ -356,7 +379,7 @@ def table(rows, cols) -> str:
 
 
 SAMPLE_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
-               ('iters', 'schedule', '{}'), ('tol', 'iter_tol', '{:g}'),
+               ('scales', 'infer_pn', '{}'), ('iters', 'schedule', '{}'), ('tol', 'iter_tol', '{:g}'),
                ('trace', 'trace', lambda v: 'on' if v else 'off'), ('iters run', 'iters_total', '{:.1f}'),
                ('img/s', 'img_s', '{:.3f}'), ('CPU s', 'cpu_s', '{:.3f}'), ('transformer s', 'transformer_s', '{:.3f}'),
                ('decoder s', 'decoder_s', '{:.3f}'), ('GFLOP', 'transformer_gflop', '{:.1f}'),
@@ -374,7 +397,7 @@ def checks(results) -> list:
     groups = defaultdict(list)
     for r in results:
         if r['kind'] == 'sample' and r['iters'] and r['iter_tol'] is None and not r['trace']:
-            groups[(r['model'], r['width'], r['B'], r['dtype'])].append(r)
+            groups[(r['model'], r['width'], r['B'], r['dtype'], r.get('infer_pn'))].append(r)
     for key, rs in groups.items():
         # a schedule "lower" than another: no more iterations at any scale, fewer at some
         for hi in rs:
@@ -382,8 +405,25 @@ def checks(results) -> list:
                 lower = all(a <= b for a, b in zip(lo['iters'], hi['iters'])) and lo['iters'] != hi['iters']
                 if lo is not hi and lower:
                     ok = lo['img_s'] > hi['img_s'] and lo['kv_cache_mb'] < hi['kv_cache_mb']
-                    out.append((ok, f'{key[0]} B={key[2]} {key[3]}: {lo["schedule"]} vs {hi["schedule"]}: '
+                    pn = f' scales {key[4]}' if key[4] else ''
+                    out.append((ok, f'{key[0]} B={key[2]} {key[3]}{pn}: {lo["schedule"]} vs {hi["schedule"]}: '
                                     f'{lo["img_s"] / hi["img_s"]:.2f}x images/s, '
+                                    f'{lo["kv_cache_mb"] / hi["kv_cache_mb"]:.2f}x KV-cache bytes'))
+    # FlexVAR: a schedule of scales that leaves some out of another (fewer steps, fewer tokens) samples faster with
+    # fewer KV-cache bytes
+    steps = defaultdict(list)
+    for r in results:
+        if r['kind'] == 'sample' and r.get('infer_pn') and r['iter_tol'] is None and not r['trace']:
+            steps[(r['model'], r['width'], r['B'], r['dtype'], r['schedule'])].append(r)
+    for key, rs in steps.items():
+        for hi in rs:
+            for lo in rs:
+                a, b = set(lo['infer_pn'].split('_')), set(hi['infer_pn'].split('_'))
+                if a < b:
+                    ok = lo['img_s'] > hi['img_s'] and lo['kv_cache_mb'] < hi['kv_cache_mb']
+                    it = f' iterations {key[4]}' if key[4] != '-' else ''
+                    out.append((ok, f'{key[0]} B={key[2]} {key[3]}{it}: scales {lo["infer_pn"]} ({len(a)} steps) vs '
+                                    f'{hi["infer_pn"]} ({len(b)}): {lo["img_s"] / hi["img_s"]:.2f}x images/s, '
                                     f'{lo["kv_cache_mb"] / hi["kv_cache_mb"]:.2f}x KV-cache bytes'))
     tr = [r for r in results if r['kind'] == 'train']
     by_n1 = defaultdict(dict)
@@ -415,15 +455,17 @@ def compute_control_notes(results) -> List[str]:
     base = {}
     for r in results:
         if r['kind'] == 'sample' and r['iters'] and r['iter_tol'] is None and not r['trace']:
-            base[(r['model'], r['width'], r['B'], r['dtype'], r['schedule'])] = r
+            base[(r['model'], r['width'], r['B'], r['dtype'], r['schedule'], r.get('infer_pn'))] = r
     out = []
     for r in results:
-        b = base.get((r['model'], r['width'], r['B'], r['dtype'], r['schedule'])) if r['kind'] == 'sample' else None
+        key = (r['model'], r['width'], r['B'], r['dtype'], r.get('schedule'), r.get('infer_pn'))
+        b = base.get(key) if r['kind'] == 'sample' else None
         if b is None or r is b:
             continue
         what = ' + '.join(x for x in ((f'iter_tol {r["iter_tol"]:g}' if r['iter_tol'] is not None else ''),
                                       ('trace' if r['trace'] else '')) if x)
-        out.append(f'{r["model"]} B={r["B"]} {r["dtype"]} {r["schedule"]}, {what}: {r["img_s"] / b["img_s"]:.3f}x '
+        pn = f' scales {r["infer_pn"]}' if r.get('infer_pn') else ''
+        out.append(f'{r["model"]} B={r["B"]} {r["dtype"]}{pn} {r["schedule"]}, {what}: {r["img_s"] / b["img_s"]:.3f}x '
                    f'images/s of the plain run ({r["img_s"]:.3f} vs {b["img_s"]:.3f}), {r["cpu_s"] / b["cpu_s"]:.3f}x '
                    f'its CPU time, {r["iters_total"]:.1f} of {b["iters_total"]:.0f} iterations')
     return out
@@ -444,7 +486,7 @@ def plot(results, path):
     for i, r in enumerate(rows):
         x = pad + 20 + 70 * i
         h = (H - 140) * r['img_s'] / top
-        color = (200, 80, 60) if r['model'].startswith('viar') else (60, 110, 200)
+        color = (200, 80, 60) if 'viar' in r['model'] else (60, 110, 200)
         d.rectangle((x, H - 90 - h, x + bar, H - 90), fill=color)
         d.text((x, H - 90 - h - 28), f'{r["img_s"]:.3g}', fill='black')
         d.text((x, H - 90 - h - 14), f'{r["kv_cache_mb"]:.3g}MB', fill='gray')
@@ -452,6 +494,8 @@ def plot(results, path):
         d.text((x, H - 66), r['schedule'] + (f' t{r["iter_tol"]:g}' if r.get('iter_tol') is not None else '')
                + (' tr' if r.get('trace') else ''), fill='black')
         d.text((x, H - 52), f'B={r["B"]}', fill='black')
+        if r.get('infer_pn'):
+            d.text((x, H - 38), f'{len(r["infer_pn"].split("_"))} steps', fill='black')
     import io
 
     from utils.misc import atomic_write_bytes
@@ -514,6 +558,7 @@ class Setup:
     iter_tols: List[Optional[float]]
     batch_sizes: List[int]
     grid: List[Tuple[int, int]]
+    infer_pns: List[Tuple[int, ...]]         # FlexVAR's schedules of scales
 
 
 def resolve_device(name: str) -> torch.device:
@@ -530,10 +575,24 @@ def resolve_patch_nums(args) -> Tuple[int, ...]:
     from models import PATCH_NUMS_256, PATCH_NUMS_512
     if not args.patch_nums:
         return PATCH_NUMS_512 if args.reso == 512 else PATCH_NUMS_256
-    patch_nums = tuple(parse_list(args.patch_nums.replace('_', ','), 'patch_nums'))
-    if not patch_nums or patch_nums[0] != 1 or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
-        raise BenchError(f'--patch_nums must be increasing and start at 1, got {args.patch_nums!r}')
-    return patch_nums
+    return parse_scales(args.patch_nums.replace(',', '_'), '--patch_nums')
+
+
+def parse_scales(text: str, flag: str) -> Tuple[int, ...]:
+    """Token-map sides like 1_2_3_4, strictly increasing from 1."""
+    try:
+        pns = tuple(int(x) for x in text.strip().replace('-', '_').split('_'))
+    except ValueError:
+        pns = ()
+    if not pns or pns[0] != 1 or any(a >= b for a, b in zip(pns, pns[1:])):
+        raise BenchError(f'{flag} must be increasing and start at 1 (sides like 1_2_4_8), got {text!r}')
+    return pns
+
+
+def resolve_infer_pns(args, patch_nums) -> List[Tuple[int, ...]]:
+    """``--infer_pn``: comma-separated FlexVAR schedules (default: the scales of ``--patch_nums`` / ``--reso``)."""
+    texts = [t for t in (args.infer_pn or '').split(',') if t.strip()]
+    return list(dict.fromkeys(parse_scales(t, '--infer_pn') for t in texts)) or [tuple(patch_nums)]
 
 
 def resolve_setup(args) -> Setup:
@@ -557,14 +616,16 @@ def resolve_setup(args) -> Setup:
     for m in sample_models + train_models:
         if m not in MODELS:
             raise BenchError(f'unknown model {m!r}; choose from {", ".join(MODELS)}')
+    patch_nums = resolve_patch_nums(args)
     return Setup(
         device=device, dtype=dtype, width=width, train_width=train_width,
-        vae_ch=args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 160), patch_nums=resolve_patch_nums(args),
+        vae_ch=args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 0), patch_nums=patch_nums,
         sample_models=sample_models, train_models=train_models,
         schedules=[parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)],
         iter_tols=parse_tols(args.iter_tol),
         batch_sizes=parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64]),
-        grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)])
+        grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)],
+        infer_pns=resolve_infer_pns(args, patch_nums))
 
 
 def measure_matmul(args, setup: Setup) -> Tuple[float, float]:
@@ -580,7 +641,7 @@ def print_header(args, setup: Setup, info: dict, peak_fp32: float, peak_dtype: f
           + ('' if setup.dtype == torch.float32 else f', {args.dtype} {peak_dtype / 1e9:.1f} GFLOP/s'))
     if setup.device.type == 'cpu' and setup.dtype == torch.bfloat16 and not cpu_has_native_bf16():
         print('# note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than fp32')
-    print(f'# dtype {args.dtype}, width {setup.width or "published"}, tokenizer ch {setup.vae_ch}, '
+    print(f'# dtype {args.dtype}, width {setup.width or "published"}, tokenizer ch {setup.vae_ch or "published"}, '
           f'{16 * setup.patch_nums[-1]} px, best of {args.reps} after {args.warmup} warm-up'
           + (', torch.compile' if args.compile else ''))
 
@@ -599,12 +660,14 @@ def run_sampling(args, setup: Setup, peak_flops: float) -> List[dict]:
         print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
         # iter_tol and the trace are VIAR's: a VAR runs once per batch size
         variants = [(tol, trace) for tol in setup.iter_tols for trace in ((False, True) if args.trace else (False,))]
+        flex = MODELS[name].get('flex', False)
         for B in setup.batch_sizes:
             for sch in (setup.schedules if var.use_implicit else [(0, 0)]):
-                rows = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops,
-                                      variants=variants if var.use_implicit else [(None, False)])
-                results += rows
-                print('\n'.join(table(rows, SAMPLE_COLS).splitlines()[2:]), flush=True)
+                for pns in (setup.infer_pns if flex else [None]):     # FlexVAR: every schedule of scales
+                    rows = bench_sampling(var, vae, name, B, sch, args, setup.device, setup.dtype, peak_flops,
+                                          variants=variants if var.use_implicit else [(None, False)], infer_pn=pns)
+                    results += rows
+                    print('\n'.join(table(rows, SAMPLE_COLS).splitlines()[2:]), flush=True)
         del vae, var
         trim_host_memory()
     return results
@@ -721,9 +784,11 @@ def get_parser():
     p.add_argument('--width', type=int, default=-1, help='transformer width; 0: published (64 x depth); '
                    'default: 128 on CPU, published on CUDA')
     p.add_argument('--vae_ch', type=int, default=0,
-                   help='tokenizer width (default: 32 on CPU, 160 = published on CUDA)')
+                   help='tokenizer width (default: 32 on CPU, the published one on CUDA: 160 VQVAE, 128 FlexVAE)')
     p.add_argument('--reso', type=int, default=256, choices=(256, 512))
     p.add_argument('--patch_nums', default='', help='scales, e.g. 1_2_3_4 (overrides --reso; for quick runs)')
+    p.add_argument('--infer_pn', default='', help='FlexVAR models: comma-separated schedules of scales to sample, '
+                   'e.g. 1_2_3_4_5_6_8_10_13_16,1_2_4_8_16 (default: the scales of --patch_nums / --reso)')
     p.add_argument('--train_models', default='viar_d30', help='training benchmarks (none to skip)')
     p.add_argument('--train_grid', default='0-2,5-2,10-2,0-1,0-4,0-8', help='n0-n1 pairs (steps without-with grad)')
     p.add_argument('--train_bs', type=int, default=2)

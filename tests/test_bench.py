@@ -1,6 +1,6 @@
 """scripts/bench.py (``python -m scripts.bench``) on CPU: the analytic FLOP count matches PyTorch's FLOP counter, and a
 tiny end-to-end run prints the tables, writes JSON and a PNG, and shows the KV-cache and JFB-memory claims (both
-deterministic: bytes, not timings)."""
+deterministic: bytes, not timings); FlexVAR models over several schedules of scales the same way."""
 import json
 import subprocess
 import sys
@@ -85,6 +85,7 @@ def test_bench_runs_tiny_and_shows_the_claims(tmp_path):
     (['--dtype', 'fp16'], 'fp16 autocast is a CUDA path'),
     (['--width', '100'], 'multiple of 64'),
     (['--patch_nums', '2_1'], 'must be increasing'),
+    (['--models', 'flexvar_d16', '--infer_pn', '1_2_3,1_3_2'], '--infer_pn must be increasing and start at 1'),
 ])
 def test_bad_flags_are_reported(extra, message):
     with pytest.raises(bench.BenchError, match=message):
@@ -128,3 +129,55 @@ def test_bad_iter_tol_is_reported():
         bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'none,-1']))
     with pytest.raises(bench.BenchError, match='could not read the tolerance'):
         bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'tight']))
+
+
+@pytest.mark.parametrize('name, sched', [('flexvar_d16', (0, 0)), ('flexviar_d16', (3, 1))])
+def test_flexvar_flops_of_another_schedule_match_pytorch_flop_counter(name, sched):
+    """A FlexVAR model built on 1_2_3 and sampled over 1_2_4 (its decoder timed through ``codes_to_img``)."""
+    torch.manual_seed(0)
+    vae, var = bench.build(name, 64, 32, 'cpu', (1, 2, 3))
+    B, pns = 2, (1, 2, 4)
+    schedule = iterations_per_scale(*sched, 3) if var.use_implicit else [0] * 3
+    counters = []
+
+    def around():
+        counters.append(FlopCounterMode(display=False))
+        return counters[-1]
+
+    probe = bench.Probe(var, vae, 'cpu', around=around)
+    try:
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+            img = var.autoregressive_infer_cfg(B, torch.tensor([0, 1]), infer_patch_nums=pns, g_seed=0,
+                                               iter_left=sched[0], iter_right=sched[1])
+    finally:
+        probe.remove()
+    assert img.shape == (B, 3, 64, 64) and probe.t_decoder > 0
+    assert 'codes_to_img' not in vae.__dict__ and 'sample_scale' not in var.backbone.__dict__
+    assert sum(c.get_total_flops() for c in counters) == bench.sampler_flops(var, B, schedule, pns)['total']
+
+
+def test_bench_flexvar_schedules_of_scales(tmp_path, capsys):
+    """--infer_pn 1_2_3,1_3: a row per schedule (and per iteration schedule for the implicit FlexVAR); the shorter
+    schedule holds the KV-cache bytes of its tokens exactly, and the check compares the two; training runs on the
+    default scales."""
+    out_json = tmp_path / 'b.json'
+    args = bench.get_parser().parse_args(TINY + [
+        '--models', 'flexvar_d16,flexviar_d16', '--infer_pn', '1_2_3,1_3', '--schedules', '2-1',
+        '--train_models', 'flexvar_d16', '--json', str(out_json)])
+    assert bench.main(args) == 0
+    doc = json.loads(out_json.read_text())
+    rows = {(r['model'], r['infer_pn']): r for r in doc['results'] if r['kind'] == 'sample'}
+    assert set(rows) == {(m, pn) for m in ('flexvar_d16', 'flexviar_d16') for pn in ('1_2_3', '1_3')}
+    per_token = 2 * 2 * 1 * 64 * 4 / 2 ** 20                    # k and v, CFG rows of B=1, width 64, fp32
+    for pn, L in (('1_2_3', 14), ('1_3', 10)):
+        r = rows[('flexvar_d16', pn)]
+        assert r['kv_cache_mb'] == pytest.approx(per_token * 16 * L) and r['img_s'] > 0 and r['decoder_s'] > 0
+        assert r['schedule'] == '-' and r['iters'] is None
+    assert rows[('flexviar_d16', '1_2_3')]['iters'] == [2, 1, 1] and rows[('flexviar_d16', '1_3')]['iters'] == [2, 1]
+    assert rows[('flexvar_d16', '1_3')]['transformer_gflop'] < rows[('flexvar_d16', '1_2_3')]['transformer_gflop']
+    checks = [c['what'] for c in doc['checks']]
+    assert any(c.startswith('flexvar_d16 B=1 fp32: scales 1_3 (2 steps) vs 1_2_3 (3)') for c in checks), checks
+    assert any(c.startswith('flexviar_d16 B=1 fp32 iterations 2->1: scales 1_3') for c in checks), checks
+    (train,) = [r for r in doc['results'] if r['kind'] == 'train']
+    assert train['model'] == 'flexvar_d16' and train['step_s'] > 0
+    assert '| scales |' in capsys.readouterr().out

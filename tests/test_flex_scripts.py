@@ -486,6 +486,41 @@ def test_implicit_flexvar_samples_with_fewer_steps_and_fewer_iterations(toy, tmp
     assert np.array_equal(img, direct(var, vae, 2, 7, 1, (1, 2, 4), top_k=10, iter_left=2, iter_right=1)[0])
 
 
+def test_a_training_checkpoint_samples_the_schedule_it_was_trained_on_by_default(toy, tmp_path, implicit_run):
+    """Without --infer_pn a train.py --flex checkpoint samples its own --pn (1_2_3_4: 64 px), not the official 10
+    scales: the loaders' default schedule, sampling.py's folder name and record, gen_img.py's folder; the same weights
+    as a bare state dict (as the published files are) keep the official default."""
+    from models.checkpoint import load_var, trained_schedule
+    from models.flexvae import FLEX_PATCH_NUMS
+    A, _ = implicit_run
+    ckpt, tok = A / 'ar-ckpt-last.pth', str(toy / 'FlexVAE.pth')
+    vae, var = load_vae_var(tok, str(ckpt))
+    assert var.patch_nums == TRAIN_PN and vae.v_patch_nums == TRAIN_PN
+    assert load_var(str(ckpt), vae).patch_nums == TRAIN_PN
+    assert sampling_utils.sampler_kwargs(sampling.parse_args([]), var)['infer_patch_nums'] == TRAIN_PN
+    sampling.main(sampling.parse_args(['--ckpt_path', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--sample_dir',
+                                       str(tmp_path / 's'), '--num_classes', '1', '--per_class', '1', '--top_k', '10',
+                                       '--iter_left', '2', '--iter_right', '1']))
+    folder = tmp_path / 's' / 'flexvar-implicit-d2-ar-ckpt-last.pth-pn1_2_3_4-cfg-1.5-maxpn-16-seed-1'
+    assert json.loads((folder / sampling.CONFIG_NAME).read_text())['infer_patch_nums'] == list(TRAIN_PN)
+    want = direct(var, vae, 0, 1, 1, TRAIN_PN, top_k=10, iter_left=2, iter_right=1)
+    assert want.shape == (1, 64, 64, 3) and np.array_equal(read_png(folder / '000000.png'), want[0])
+    gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--class_label', '0',
+                                     '--seeds', '1', '--top_k', '10', '--iter_left', '2', '--iter_right', '1',
+                                     '--output_dir', str(tmp_path / 'g')]))
+    assert np.array_equal(read_png(tmp_path / 'g' / 'ar-ckpt-last-pn1_2_3_4' / 'class0_seed1.png'), want[0])
+    # the published convention: a bare state dict has no record of its training, its default is the official one
+    torch.save(torch.load(ckpt, map_location='cpu', weights_only=True)['trainer']['var_wo_ddp'], tmp_path / 'bare.pth')
+    assert load_vae_var(tok, str(tmp_path / 'bare.pth'))[1].patch_nums == FLEX_PATCH_NUMS
+    # what the record may hold: the config's scales first, then the flags'; anything else is no schedule
+    both = {'trainer': {'config': {'patch_nums': [1, 2, 4]}}, 'args': {'patch_nums': [1, 2]}}
+    assert trained_schedule(both) == (1, 2, 4)
+    assert trained_schedule({'trainer': {}, 'args': {'patch_nums': [1, 2, 3]}}) == (1, 2, 3)
+    for bad in ({'trainer': {'config': {'patch_nums': [1, 3, 2]}}}, {'trainer': {'config': {'patch_nums': '1_2'}}},
+                {'trainer': {'config': {}}, 'args': {'patch_nums': [0, 1]}}, {'model': {}}, None):
+        assert trained_schedule(bad) is None, bad
+
+
 def test_flex_training_under_ddp_shares_the_schedule(toy, tmp_path):
     """Two ranks (torchrun, gloo): the same schedule on both (their metrics are all-reduced per scale) and the same
     parameters at the end."""

@@ -209,33 +209,52 @@ def args_to_dict(args: argparse.Namespace) -> dict:
 
 
 # ============================================== train_vae.py ==========================================================
+# train_vae.py: the flags whose default depends on the tokenizer (VAR's VQVAE, FlexVAR's FlexVAE with --flex): the
+# published files' architectures (vae_ch160v4096z32.pth; FlexVAE.pth, LlamaGen's VQ-16)
+VAE_DEFAULTS = {False: {'vocab_size': 4096, 'z_channels': 32, 'ch': 160},
+                True: {'vocab_size': 8912, 'z_channels': 256, 'ch': 128, 'codebook_dim': 32}}
+
+
 def get_vae_parser() -> argparse.ArgumentParser:
-    p = _Parser(description='Train the multi-scale residual VQVAE tokenizer of VAR / VIAR. Rerunning the same command '
-                            'resumes from <local_out_dir_path>/vae-ckpt-last.pth.',
+    p = _Parser(description="Train the multi-scale residual VQVAE tokenizer of VAR / VIAR, or with --flex FlexVAR's "
+                            'FlexVAE tokenizer. Rerunning the same command resumes from '
+                            '<local_out_dir_path>/vae-ckpt-last.pth.',
                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
+    unset = argparse.SUPPRESS          # family-dependent defaults (VAE_DEFAULTS), filled in by parse_vae_args
     g = p.add_argument_group('data')
     g.add_argument('--data_path', type=str, required=True, help='folder with train/<class>/<images> and val/<class>/<images>')
     g.add_argument('--pn', type=str, default='256', help="scales: '256', '512' or sides like 1_2_3_4; image side = "
                    "downsampling x the last side")
     _data_flags(g, B)
     g = p.add_argument_group('model')
-    g.add_argument('--vocab_size', type=int, default=4096, help='codebook size V')
-    g.add_argument('--z_channels', type=int, default=32, help='latent / code dimension Cvae')
-    g.add_argument('--ch', type=int, default=160, help='base width of the conv encoder/decoder')
+    g.add_argument('--flex', default=False, help="FlexVAR's tokenizer (FlexVAE: LlamaGen's VQ-16 layout, l2-normalised "
+                   'codebook; every scale of a schedule is the feature map area-resized and quantised on its own) '
+                   'instead of the residual VQVAE; the export is what train.py --flex --vae_ckpt reads', **B)
+    g.add_argument('--vocab_size', type=int, default=unset, help='codebook size V (default 4096; --flex: 8912)')
+    g.add_argument('--z_channels', type=int, default=unset, help='VQVAE: latent / code dimension Cvae (default 32); '
+                   '--flex: encoder output channels, before the 1x1 quant_conv to --codebook_dim (default 256)')
+    g.add_argument('--codebook_dim', type=int, default=unset, help='--flex: code dimension Cvae (default 32)')
+    g.add_argument('--ch', type=int, default=unset, help='base width of the conv encoder/decoder (default 160; '
+                   '--flex: 128)')
     g.add_argument('--ch_mult', type=str, default='1_1_2_2_4', help='width multiplier per resolution level; '
                    'downsampling = 2^(levels - 1): 16 for the published tokenizer')
     g.add_argument('--num_res_blocks', type=int, default=2, help='residual blocks per level (decoder: one more)')
-    g.add_argument('--attn', default=True, help='spatial self-attention at the lowest resolution', **B)
+    g.add_argument('--attn', default=True, help='spatial self-attention at the lowest resolution (the FlexVAE layout '
+                   'always has it)', **B)
     g.add_argument('--norm_groups', type=int, default=32, help='GroupNorm groups (32 as published; a narrow --ch '
                    'wants fewer, e.g. --ch 32 --norm_groups 8: 32 groups of 1 channel erase colour levels)')
     g.add_argument('--beta', type=float, default=0.25, help='commitment loss weight')
-    g.add_argument('--share_quant_resi', type=int, default=4, help='phi convs shared across scales')
-    g.add_argument('--quant_resi', type=float, default=0.5, help='phi residual ratio')
+    g.add_argument('--share_quant_resi', type=int, default=4, help='VQVAE: phi convs shared across scales')
+    g.add_argument('--quant_resi', type=float, default=0.5, help='VQVAE: phi residual ratio')
     g.add_argument('--init', type=str, default='', help='start from this tokenizer state dict (fine-tuning)')
     g = p.add_argument_group('loss')
     g.add_argument('--l2', type=float, default=1.0, help='weight of the MSE reconstruction loss')
     g.add_argument('--l1', type=float, default=0.0, help='weight of the L1 reconstruction loss')
+    g.add_argument('--ms_weight', type=float, default=1.0, help='--flex: weight of the reconstruction loss (--l2 MSE '
+                   '+ --l1 L1) of one smaller scale of --pn per step, drawn at random: the features area-resized to '
+                   'it, quantised, decoded at its own size and compared with the image area-resized to that size; '
+                   '0: the full scale only')
     g.add_argument('--lp', type=float, default=0.0, help='weight of the perceptual loss (VGG16 features; needs '
                    "torchvision's ImageNet VGG16 weights in the torch hub cache)")
     g.add_argument('--disc', type=float, default=0.0, help='weight of the adversarial (hinge PatchGAN) loss; 0: off')
@@ -270,12 +289,22 @@ def get_vae_parser() -> argparse.ArgumentParser:
 def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = get_vae_parser()
     args = p.parse_args(argv)
+    if not args.flex and hasattr(args, 'codebook_dim'):
+        p.error("--codebook_dim is FlexVAE's code dimension (--flex); the VQVAE's is --z_channels")
+    if args.flex and not args.attn:
+        p.error('--attn False: the FlexVAE layout (LlamaGen VQ-16) always has attention at the lowest resolution')
+    for k, v in VAE_DEFAULTS[args.flex].items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     args.pn = '_'.join(map(str, args.patch_nums))
-    for name, lo in (('vocab_size', 2), ('z_channels', 1), ('ch', 32), ('bs', 1), ('ep', 1), ('save_freq', 1)):
+    for name, lo in (('vocab_size', 2), ('z_channels', 1), ('codebook_dim', 1), ('ch', 32), ('bs', 1), ('ep', 1),
+                     ('save_freq', 1)):
+        if not hasattr(args, name):
+            continue
         if getattr(args, name) < lo:
             p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
     try:
@@ -290,7 +319,7 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--num_res_blocks must be >= 1, got {args.num_res_blocks}')
     if len(args.patch_nums) < 2:
         p.error('--pn needs at least two scales (e.g. 1_2_3_4)')
-    if min(args.l1, args.l2, args.lp, args.disc) < 0 or args.l1 + args.l2 + args.lp == 0:
+    if min(args.l1, args.l2, args.lp, args.disc, args.ms_weight) < 0 or args.l1 + args.l2 + args.lp == 0:
         p.error('loss weights must be >= 0 and at least one of --l1, --l2, --lp positive')
     args.downsample = 2 ** (len(args.ch_mult) - 1)
     args.data_load_reso = args.downsample * args.patch_nums[-1]

@@ -92,9 +92,11 @@ def add_flex_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('FlexVAR (checkpoints of github jiaosiyu1999/FlexVAR or train.py --flex)')
     unset = argparse.SUPPRESS
     g.add_argument('--infer_pn', '--infer_patch_nums', dest='infer_pn', type=str, default=unset, metavar='SCHEDULE',
-                   help="token-map sides, strictly increasing from 1, e.g. 1_2_3_4_5_6_8_10_13_16 (alias '256', the "
-                        "default: 10 steps, 256 px) or 1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 (alias '512': the official "
-                        "512 px zero-shot schedule); image side = 16 x the last side")
+                   help="token-map sides, strictly increasing from 1, e.g. 1_2_3_4_5_6_8_10_13_16 (alias '256': 10 "
+                        "steps, 256 px) or 1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 (alias '512': the official 512 px "
+                        "zero-shot schedule); image side = the tokenizer's downsampling (16) x the last side. Default: "
+                        "the model's own schedule: the scales a train.py --flex checkpoint was trained on (its --pn), "
+                        "'256' for the published checkpoints")
     g.add_argument('--max_pn', '--maxpn', dest='max_pn', type=int, default=unset,
                    help='scales with a larger side use the full --cfg and greedy (top-1) draws (default 16)')
     g.add_argument('--used_llamagen_cfg', default=unset, help="LlamaGen's guidance u + (c - u) cfg at every scale "
@@ -125,7 +127,8 @@ SAMPLER_FLAGS: dict[str, str] = {
 # keywords that only change the pixels of a model with an implicit block (VIAR)
 ITERATION_KWARGS = ('iter_left', 'iter_right', 'iter_tol')
 # keywords only a FlexVAR model takes, and their defaults for one (official eval_c2i.py: --maxpn 16, VAR's guidance
-# ramp; the schedule: the model's default, 1_2_3_4_5_6_8_10_13_16 for every checkpoint file)
+# ramp; the schedule, None here: the model's own, var.patch_nums -- the --pn a train.py --flex checkpoint was trained
+# on, 1_2_3_4_5_6_8_10_13_16 for the published files; see models.checkpoint.trained_schedule)
 FLEX_KWARGS = {'infer_patch_nums': None, 'max_pn': 16, 'used_llamagen_cfg': False}
 # --infer_pn aliases: the official default (256 px) and the official 512 px zero-shot schedule (FlexVAR README,
 # scripts/evaluate_c2i.sh); not train.py's '512' alias of VAR's scales
@@ -302,7 +305,8 @@ def sampler_kwargs(args: argparse.Namespace, var=None) -> dict[str, Any]:
     """The keyword arguments of ``autoregressive_infer_cfg`` that the flags of ``args`` give (``SAMPLER_FLAGS``;
     absent and None flags left out; ``--infer_pn`` as a tuple of sides).  With the model, ``top_k`` is clamped to its
     vocabulary (what it samples with, and what ``sampling.py`` records), and a FlexVAR model gets every keyword of
-    ``FLEX_KWARGS`` (the defaults where a flag is not given; the schedule: the model's default scales), so that the
+    ``FLEX_KWARGS`` (the defaults where a flag is not given; the schedule: the model's own, ``var.patch_nums``, which
+    ``load_models`` sets to the scales a training checkpoint was trained on), so that the
     settings recorded beside its images always name its schedule and guidance."""
     kw = {name: getattr(args, flag) for flag, name in SAMPLER_FLAGS.items() if getattr(args, flag, None) is not None}
     for name in ('more_smooth', 'used_llamagen_cfg'):
