@@ -30,7 +30,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -396,8 +395,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
         window_sums = torch.zeros(4, dtype=torch.float64, device=run.dev)
         for k, (img, label) in enumerate(window):
             g_it = ep * iters + it
-            if g_it == args.debug_kill_at_iter:
-                os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
+            training.debug_signal(args, g_it)
             lr, wd = lr_wd_annealing(args.sche, t.opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
                                      wp0=args.wp0, wpe=args.wpe)
             step = t.feed.draw(t.iters_rng)        # the same on every rank: scales (FlexVAR: drawn), VIAR's (n0, n1)

@@ -41,7 +41,6 @@ command) and the tokenizer that train.py (--vae_ckpt), sampling.py and ``models.
 import io
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -494,8 +493,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
                                f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it
-        if g_it == args.debug_kill_at_iter:
-            os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
+        training.debug_signal(args, g_it)
         ratio = lr_ratio('cos', g_it, wp_it, max_it, wp0=0.01, wpe=args.lr_end)
         for o in (t.opt, t.opt_d):
             for gr in (o.param_groups if o is not None else ()):

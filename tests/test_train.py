@@ -64,7 +64,8 @@ def train_args(toy, out, *extra, ep=1, bs=4):
             *map(str, extra)]
 
 
-def run_train(args, nproc=1, timeout=300):
+def run_train(args, nproc=1, timeout=300, new_session=False):
+    """``new_session``: train.py leads its own process group (a test may signal the whole group)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     if nproc == 1:
         cmd = [sys.executable, 'train.py', *args]
@@ -74,7 +75,8 @@ def run_train(args, nproc=1, timeout=300):
             port = s.getsockname()[1]
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}',
                'train.py', *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=new_session)
 
 
 def read_events(tb_dir):
@@ -318,7 +320,7 @@ def assert_same_run(a, b):
 @pytest.mark.slow
 def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
     base = lambda out, *extra: resume_args(toy, out, *extra)
-    A, B, C = uninterrupted, tmp_path / 'B', tmp_path / 'C'
+    A, B, C, D = uninterrupted, tmp_path / 'B', tmp_path / 'C', tmp_path / 'D'
 
     # SIGTERM during iteration 7 (0-based): a checkpoint after it, exit 143; the same command resumes
     cmd_b = base(B, '--debug_kill_at_iter', 7)
@@ -333,6 +335,15 @@ def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
     assert r1.returncode == -9
     r2 = run_train(cmd_c)
     assert r2.returncode == 0, r2.stderr[-3000:]
+
+    # SIGTERM to the whole process group (as a scheduler or `timeout` sends it) with loader workers: the workers
+    # ignore it, the main process saves and stops; the rerun resumes
+    cmd_d = base(D, '--workers', '2')
+    r1 = run_train(cmd_d + ['--debug_kill_at_iter', '7', '--debug_kill_signal', 'TERM_GROUP'], new_session=True)
+    assert r1.returncode == 143 and 'SIGTERM' in r1.stdout and 'Traceback' not in r1.stderr, r1.stderr[-3000:]
+    r2 = run_train(cmd_d)
+    assert r2.returncode == 0 and '[resume]' in r2.stdout, r2.stderr[-3000:]
+    assert_same_run(A, D)
 
     (ev_a,) = read_events(tb_dir(A))
     for out, resumed_from in ((B, 8), (C, 6)):

@@ -140,7 +140,8 @@ def _data_flags(g, B):
 def _debug_flags(p):
     """Test hooks (hidden): deliver a signal to ourselves at a given global iteration."""
     p.add_argument('--debug_kill_at_iter', type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT'), help=argparse.SUPPRESS)
+    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT', 'TERM_GROUP'),
+                   help=argparse.SUPPRESS)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -559,14 +559,30 @@ def truncate_log(path: str, epoch: int):
 
 
 # ============================================== data ==================================================================
-def _die_with_parent(worker_id: int):
-    """DataLoader worker init (Linux): the worker gets SIGKILL when the training process dies, even by SIGKILL,
-    instead of lingering until its watchdog notices."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _worker_init(worker_id: int):
+    """DataLoader worker init.  SIGTERM / SIGINT are ignored: a scheduler (or ``timeout``, or Ctrl-C) signals the whole
+    process group, and a worker killed by it would end the training in a DataLoader error instead of the "save, then
+    stop" of the main process, which shuts the workers down itself.  On Linux the worker also gets SIGKILL when the
+    training process dies, even by SIGKILL, instead of lingering until its watchdog notices."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith('linux'):
+        try:
+            import ctypes
+            ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def debug_signal(args, g_it: int):
+    """Test hook (hidden flags): at global iteration ``--debug_kill_at_iter`` deliver ``--debug_kill_signal`` to this
+    process (TERM, KILL, INT) or SIGTERM to its whole process group (TERM_GROUP, as a scheduler does)."""
+    if g_it != args.debug_kill_at_iter:
+        return
+    if args.debug_kill_signal == 'TERM_GROUP':
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    else:
+        os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
 
 
 def make_loader(dataset, dev, workers: int, seed: int, **kw):
@@ -575,7 +591,7 @@ def make_loader(dataset, dev, workers: int, seed: int, **kw):
     from torch.utils.data import DataLoader
     return DataLoader(dataset, num_workers=workers, pin_memory=dev.type == 'cuda',
                       persistent_workers=workers > 0 and 'batch_sampler' in kw,
-                      worker_init_fn=_die_with_parent if workers > 0 and sys.platform.startswith('linux') else None,
+                      worker_init_fn=_worker_init if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed + dist.get_rank()), **kw)
 
 
