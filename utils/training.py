@@ -560,12 +560,15 @@ def truncate_log(path: str, epoch: int):
 
 # ============================================== data ==================================================================
 def _worker_init(worker_id: int):
-    """DataLoader worker init.  SIGTERM / SIGINT are ignored: a scheduler (or ``timeout``, or Ctrl-C) signals the whole
-    process group, and a worker killed by it would end the training in a DataLoader error instead of the "save, then
-    stop" of the main process, which shuts the workers down itself.  On Linux the worker also gets SIGKILL when the
-    training process dies, even by SIGKILL, instead of lingering until its watchdog notices."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader worker init.  The worker leaves the training's process group: a scheduler's (or ``timeout``'s, or the
+    terminal's Ctrl-C) signal to the whole group would otherwise kill it and end the training in a DataLoader error
+    instead of the "save, then stop" of the main process, which shuts its workers down itself (a signal sent to the
+    worker's own pid, as ``multiprocessing`` does at exit, still ends it).  On Linux the worker also gets SIGKILL when
+    the training process dies, even by SIGKILL, instead of lingering until its watchdog notices."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     if sys.platform.startswith('linux'):
         try:
             import ctypes
