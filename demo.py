@@ -468,12 +468,12 @@ def stage_score(d: Demo) -> None:
 
 
 # ---------------------------------------------- 7. editing -----------------------------------------------------------
-# (name, --box y0,x0,y1,x1, more flags): the right half re-drawn without a class; everything but a border of a tenth of
-# the side kept and the border drawn around it; and the middle (all but that border) re-drawn as another class.  A
-# small region inside the shape keeps the coarse scales of the input (they are mostly outside it): a class edit needs
-# a region that covers the shape.
-EDITS = (('inpaint', '0,0.5,1,1', ()), ('outpaint', '0.1,0.1,0.9,0.9', ('--outpaint', 'True')),
-         ('class_edit', '0.1,0.1,0.9,0.9', ('--class_label', '{dst}')))
+# (name, --box y0,x0,y1,x1, more flags): the right half re-drawn without a class; the middle kept and a border of one
+# token drawn around it (on the 8x8 grid of 32 px and the 4x4 grid of 16 px alike); and that middle re-drawn as
+# another class.  A small region inside the shape keeps the coarse scales of the input (they are mostly outside it):
+# a class edit needs a region that covers the shape.
+EDITS = (('inpaint', '0,0.5,1,1', ()), ('outpaint', '0.15,0.15,0.85,0.85', ('--outpaint', 'True')),
+         ('class_edit', '0.15,0.15,0.85,0.85', ('--class_label', '{dst}')))
 
 
 def stage_edit(d: Demo) -> None:
