@@ -387,7 +387,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
     while it < iters:
         # ---- step boundary: the batches of the next step are read; every rank takes the same branch ----
         window = batches.take(min(args.ac - it % args.ac, iters - it))
-        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+        training.step_boundary(run, batches, lambda it=it: save_checkpoint(run, t, ep, it),
                                f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("ar-ckpt-last.pth")})')
         if it > first_it and args.ckpt_every_iters and ep * iters + it - t.last_save_g_it >= args.ckpt_every_iters:
             save_checkpoint(run, t, ep, it)

@@ -489,7 +489,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
     batches, pace, usages = Batches(ld_train), Pace(), []
     for it in range(first, iters):
         batch = batches.take(1)         # step boundary: every rank agrees to go on, or saves and stops
-        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+        training.step_boundary(run, batches, lambda it=it: save_checkpoint(run, t, ep, it),
                                f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it

@@ -4,7 +4,7 @@ For each scale k (token maps of side ``v_patch_nums[k]``) the residual ``f_rest`
 vector is replaced by its nearest codebook entry, the codes are bicubic-upsampled back to full size, passed
 through the scale's phi (``0.5 h + 0.5 conv3x3(h)``) and added to ``f_hat`` / removed from ``f_rest``.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ class VectorQuantizer2(nn.Module):
         """Per scale: the cumulative f_hat (B, C, H, W) if ``to_fhat`` else the token indices (B, pn*pn)."""
         B = f_BChw.shape[0]
         f_hat, out = torch.zeros_like(f_BChw), []
-        for si, idx_N, h_BChw in self._residual_scales(f_BChw, v_patch_nums):
+        for _si, idx_N, h_BChw in self._residual_scales(f_BChw, v_patch_nums):
             f_hat.add_(h_BChw)
             out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, -1))
         return out

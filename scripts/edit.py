@@ -31,12 +31,31 @@ import torch
 import torchvision
 
 from models import get_edit_mask
-from utils.misc import save_png_atomic
-from utils.sampling_utils import (BOOL, add_common_args, check_args, check_output_dir, dtype_name, load_models,
-                                  sample_batch, sampler_kwargs, setup_device, to_uint8)
-from utils.editing import (EditError, check_region, check_same_aspect, edit_mask_from_image, fit_square,
-                           image_to_tensor, load_image, masked_preview, parse_box)
+from utils.editing import (
+    EditError,
+    check_region,
+    check_same_aspect,
+    edit_mask_from_image,
+    fit_square,
+    image_to_tensor,
+    load_image,
+    masked_preview,
+    parse_box,
+)
 from utils.errors import run_cli
+from utils.misc import save_png_atomic
+from utils.sampling_utils import (
+    BOOL,
+    add_common_args,
+    check_args,
+    check_output_dir,
+    dtype_name,
+    load_models,
+    sample_batch,
+    sampler_kwargs,
+    setup_device,
+    to_uint8,
+)
 
 PROG = 'edit.py'
 

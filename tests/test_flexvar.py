@@ -9,7 +9,7 @@ import torch
 
 import models
 from models import FlexVAE, FlexVAR, build_flexvar, build_vae_var, flex_train_schedule
-from models.checkpoint import CheckpointError, infer_var_config, infer_vae_config, load_vae_var
+from models.checkpoint import CheckpointError, infer_vae_config, infer_var_config, load_vae_var
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
 from models.var import ImplicitBackbone, block_causal_mask
 

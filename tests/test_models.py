@@ -328,6 +328,7 @@ def test_phi_ticks_follow_the_official_rule_for_shared_and_per_scale_phis():
     for the partially shared AND the per-scale (share_quant_resi=0) variant: with 4 per-scale phis, scale 2 of 10
     takes phi 1 (the 1/(2K) rule would pick phi 0)."""
     import numpy as np
+
     from models.quant import VectorQuantizer2, phi_ticks
     assert np.allclose(phi_ticks(4), np.linspace(1 / 12, 11 / 12, 4))
     assert np.allclose(phi_ticks(5), np.linspace(1 / 10, 9 / 10, 5))

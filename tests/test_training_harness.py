@@ -22,7 +22,7 @@ def fake_unusable_cuda(monkeypatch, tmp_path, reason='CUDA initialization: The N
 
     def is_available():
         if reason:
-            warnings.warn(reason)
+            warnings.warn(reason, stacklevel=2)
         return False
     monkeypatch.setattr(torch.cuda, 'is_available', is_available)
     return marker

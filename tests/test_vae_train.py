@@ -81,6 +81,7 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
 
 def test_unreadable_image_saves_first(repo_dir, data, tmp_path):
     import shutil
+
     from utils.data import ResumableBatchSampler, build_dataset
     copy = tmp_path / 'data'
     shutil.copytree(data, copy)

@@ -475,6 +475,7 @@ def wrap_ddp(model: torch.nn.Module, dev: torch.device, find_unused: bool = Fals
     if dist.get_world_size() == 1:
         return model
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
     no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
                       else {'broadcast_buffers': False})
