@@ -182,7 +182,8 @@ class VectorQuantizer2(nn.Module):
                 f_hat.add_(self.phi(si, SN)(h_BChw))
                 if not last_one: ls_f_hat.append(f_hat.clone())
         else:   # experimental: grow f_hat scale by scale instead of working at the largest size
-            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, self.v_patch_nums[0], self.v_patch_nums[0], dtype=torch.float32)
+            pn0 = self.v_patch_nums[0]
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
             for si, pn in enumerate(self.v_patch_nums):
                 f_hat = F.interpolate(f_hat, size=(pn, pn), mode='bicubic')
                 f_hat.add_(self.phi(si, SN)(ms_h_BChw[si]))
