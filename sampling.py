@@ -93,7 +93,7 @@ NPZ_KEY = 'npz_crc32'
 BOOKKEEPING_KEYS = (*FINGERPRINT_KEYS, NPZ_KEY)     # recorded in the config, but not settings
 
 
-# ================================ the unit of work =====================================================================
+# ================================ the unit of work ====================================================================
 def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[int, int, list[int]]]:
     """Every (class c, batch i, image indices) in index order: batch i of class c holds images
     ``c * per_class + i * batch_size + j`` (the last batch of a class may be shorter) and uses ``g_seed = seed + i``."""

@@ -465,7 +465,7 @@ def log_iteration(run: Run, t: Trainer, ep: int, it: int, g_it: int, values: Lis
                  + (f'  pn {"_".join(map(str, step.patch_nums))}' if t.feed.flex else ''))
 
 
-# ============================================== end of an epoch: logs, validation, checkpoint ==========================
+# ============================================== end of an epoch: logs, validation, checkpoint =========================
 @torch.no_grad()
 def evaluate(run: Run, t: Trainer, ld_val) -> Tuple[Optional[dict], Optional[str]]:
     """Validation on the scales of ``--pn`` (eval mode; VIAR with its eval iteration count) -> (metrics, None), or

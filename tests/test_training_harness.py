@@ -11,7 +11,7 @@ from utils import dist, training
 from utils.errors import UserError
 
 
-# ============================================== --device auto on a machine whose CUDA is unusable ======================
+# ============================================== --device auto on a machine whose CUDA is unusable =====================
 def fake_unusable_cuda(monkeypatch, tmp_path, reason='CUDA initialization: The NVIDIA driver on your system is too '
                                                        'old (found version 11040).'):
     marker = tmp_path / 'nvidia0'
