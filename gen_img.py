@@ -113,7 +113,8 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
     except OSError as e:
         raise SamplingError(f'cannot create the output folder {out_dir} ({e}): pass another --output_dir') from None
     print(f'[gen_img] {args.var_ckpt} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
-          f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
+          f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/',
+          flush=True)
 
     imgs = []
     for c in args.class_label:

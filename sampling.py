@@ -214,7 +214,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
     p.add_argument('--num_classes', type=int, default=1000, help='sample classes 0 .. num_classes-1')
     p.add_argument('--per_class', type=int, default=50, help='images per class')
-    p.add_argument('--batch_size', type=int, default=25, help='images per sampler call (a unit of work; changes the images)')
+    p.add_argument('--batch_size', type=int, default=25,
+                   help='images per sampler call (a unit of work; changes the images)')
     add_common_args(p)
     return p
 
@@ -317,7 +318,8 @@ def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     dist.barrier()
-    n_all = round(dist.allreduce_mean(torch.tensor([float(n_written)], dtype=torch.float64, device=device)).item() * world)
+    n_mean = dist.allreduce_mean(torch.tensor([float(n_written)], dtype=torch.float64, device=device)).item()
+    n_all = round(n_mean * world)
     if master and n_all:
         print(f'[sampling] wrote {n_all} images in {elapsed:.1f} s: {n_all / max(elapsed, 1e-9):.2f} images/s '
               f'({world} process(es))', flush=True)

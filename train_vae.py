@@ -376,7 +376,8 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                 opt_d.load_state_dict(tr['disc_opt'])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{run.path("vae-ckpt-last.pth")!r} does not fit this command '
-                                  f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new run') from None
+                                  f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new '
+                                  f'run') from None
     run.log.info(f'[model] {recipe.describe(args)}: '
                  f'{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters; losses: l2 {args.l2} l1 {args.l1} '
                  f'vq (beta {args.beta}) lp {args.lp} disc {args.disc}')
@@ -514,7 +515,8 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
         if s.grad_norm is None:
             t.bad_in_a_row += 1
             t.ep_sums.inc(skipped=1)
-            run.log.info(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped ({t.bad_in_a_row} in a row)')
+            run.log.info(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped '
+                         f'({t.bad_in_a_row} in a row)')
             if t.bad_in_a_row >= args.max_nonfinite:
                 raise UserError(f'{t.bad_in_a_row} steps in a row were non-finite: lower --lr or set --clip 1, then '
                                 f'rerun (it resumes from {run.path("vae-ckpt-last.pth")} if one was saved)')
@@ -559,8 +561,9 @@ def validate(run: Run, recipe: Recipe, vae, ld_val, vis_B3HW):
         idx, rec, scale_mse = recipe.val_batch(vae, img)
         hits = [i.flatten().bincount(minlength=V).double() for i in idx]
         mse_B = (rec - img).square().mean(dim=(1, 2, 3))
-        return torch.cat([torch.stack([(rec - img).abs().mean(dim=(1, 2, 3)).sum(), mse_B.sum(),
-                                       (10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))).sum()]).double(),  # peak-to-peak 2
+        psnr_B = 10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))        # peak-to-peak 2
+        l1 = (rec - img).abs().mean(dim=(1, 2, 3)).sum()
+        return torch.cat([torch.stack([l1, mse_B.sum(), psnr_B.sum()]).double(),
                           torch.tensor([float(img.shape[0])], dtype=torch.float64, device=dev), *hits,
                           *([] if scale_mse is None else [scale_mse.double()])])
 
@@ -589,7 +592,8 @@ def to_png(img_B3HW: torch.Tensor, nrow: int, pad: int = 2):
     grid = torch.ones(3, math.ceil(B / nrow) * (H + pad) + pad, nrow * (W + pad) + pad)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img_B3HW[i].add(1).mul(0.5)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, y:y + H, x:x + W] = img_B3HW[i].add(1).mul(0.5)
     arr = grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format='PNG')

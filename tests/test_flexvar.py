@@ -238,7 +238,8 @@ def test_implicit_flexvar_trains_with_iters_and_a_drawn_schedule():
     # more iterations, different logits (the knob reaches the implicit block)
     var.eval()
     with torch.no_grad():
-        a, b = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 1)), var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 3))
+        a = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 1))
+        b = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 3))
     assert not torch.allclose(a, b)
 
 

@@ -9,8 +9,8 @@ those to come (zero-shot editing, ...).  A script is built from these pieces, in
     img_B3HW = sample_batch(var, label_B, g_seed, kw, amp_dtype)    # add keys to kw for more (edit_mask=...)
     save_png_atomic(to_uint8(img_B3HW)[0], path)                    # utils.misc; the official uint8 conversion
 
-FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``,
-``--max_pn``, ``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
+FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``, ``--max_pn``,
+``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
 ``--vae_ckpt`` is not given and refuses those flags for a VAR/VIAR model, ``sampler_kwargs`` gives a FlexVAR model its
 schedule and guidance keywords (defaults filled in), and ``sample_batch`` passes keywords only.
 
@@ -44,9 +44,9 @@ from utils.errors import UserError
 
 __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError',
            'add_common_args', 'add_device_args', 'add_flex_args', 'add_model_args', 'add_sampler_args', 'check_args',
-           'check_output_dir', 'default_vae_ckpt', 'dtype_name', 'effective_top_k', 'load_models', 'parse_schedule', 'resolve_dtype',
-           'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device', 'to_uint8',
-           'weights_fingerprint']
+           'check_output_dir', 'default_vae_ckpt', 'dtype_name', 'effective_top_k', 'load_models', 'parse_schedule',
+           'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device',
+           'to_uint8', 'weights_fingerprint']
 
 BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
 
@@ -221,7 +221,8 @@ def setup_backends(tf32: bool) -> None:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``--dtype``, or None for plain fp32 ('auto': fp16 on CUDA as the official scripts, else fp32)."""
+    """Autocast dtype of ``--dtype``, or None for plain fp32 ('auto': fp16 on CUDA as the official scripts, else
+    fp32)."""
     if name == 'auto':
         name = 'fp16' if device.type == 'cuda' else 'fp32'
     return {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[name]

@@ -110,8 +110,10 @@ def create_logger(out_dir: str, name: str) -> logging.Logger:
         stamped = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%m-%d %H:%M:%S')
         handlers = [(logging.StreamHandler(sys.stdout), logging.INFO, True, None),
                     (logging.StreamHandler(sys.stderr), logging.WARNING, False, None),
-                    (logging.FileHandler(os.path.join(out_dir, 'stdout.txt'), encoding='utf-8'), logging.INFO, False, stamped),
-                    (logging.FileHandler(os.path.join(out_dir, 'stderr.txt'), encoding='utf-8'), logging.WARNING, False, stamped)]
+                    (logging.FileHandler(os.path.join(out_dir, 'stdout.txt'), encoding='utf-8'), logging.INFO, False,
+                     stamped),
+                    (logging.FileHandler(os.path.join(out_dir, 'stderr.txt'), encoding='utf-8'), logging.WARNING, False,
+                     stamped)]
         for h, level, below_warning, fmt in handlers:
             h.setLevel(level)
             if below_warning:
@@ -204,12 +206,13 @@ def start(args, prog: str, subdirs: Sequence[str] = ()) -> Run:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True       # fixed shapes: the tokenizer's convolutions pick their fastest kernels
+        torch.backends.cudnn.benchmark = True   # fixed shapes: the tokenizer's convolutions pick their fastest kernels
         if hasattr(args, 'tf32'):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     amp_dtype = {0: None, 1: torch.float16, 2: torch.bfloat16}[args.fp16]
     if amp_dtype is torch.float16 and dev.type != 'cuda':
-        log.info(f'[{name}] --fp16=1 (float16 + GradScaler) needs CUDA; on CPU training runs in bfloat16 autocast instead')
+        log.info(f'[{name}] --fp16=1 (float16 + GradScaler) needs CUDA; on CPU training runs in bfloat16 autocast '
+                 'instead')
         amp_dtype = torch.bfloat16
     log.info(f'[{name}] {" ".join(sys.argv)}')
     return Run(args=args, dev=dev, out=out, log=log, stop=stop, amp_dtype=amp_dtype)
@@ -454,7 +457,8 @@ def gather_tensor(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def param_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Per-parameter (sum, sum of squares) in float64: equal on all ranks iff DDP kept them in sync."""
-    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]).flatten()
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                        for p in model.parameters()]).flatten()
 
 
 def fingerprint(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str:
