@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from utils import dist
-from utils.errors import run_cli
+from utils.errors import run_cli_or_exit
 from utils.misc import (
     atomic_write_bytes,
     create_npz_from_sample_folder,
@@ -76,6 +76,7 @@ from utils.sampling_utils import (
     check_args,
     check_output_dir,
     dtype_name,
+    guard_writes,
     load_models,
     sample_batch,
     sampler_kwargs,
@@ -236,22 +237,16 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """Samples (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
-    rc = run_cli(lambda: sample(args), PROG,
-                 interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
-    if rc:
-        raise SystemExit(rc)
+    run_cli_or_exit(lambda: sample(args), PROG,
+                    interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
 
 
 def sample(args: argparse.Namespace) -> None:
     check_sampling_args(args)
     device, amp_dtype = setup_device(args)
-    try:
+    with guard_writes('every image written so far is kept: fix this and rerun the same command to resume',
+                      every_rank=True):     # disk full, permissions, a folder removed under us ...: this rank's own
         _sample(args, device, amp_dtype)
-    except OSError as e:    # disk full, permissions, a folder removed under us ...: this rank's own problem
-        raise SamplingError(f'{e}; every image written so far is kept: fix this and rerun the same command to resume',
-                            every_rank=True) from None
-    finally:
-        dist.destroy()
 
 
 def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
