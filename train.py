@@ -202,11 +202,7 @@ def main(args):
 
     # ---- the epochs ----
     t_start = time.time()
-    for ep in range(t.start_ep, args.ep):
-        first_it = t.start_it if ep == t.start_ep else 0
-        if first_it == 0:
-            t.ep_sums.zero_()
-        sampler.set_epoch(ep, first_it)
+    for ep, first_it in training.epochs(t, sampler, args.ep):
         pace = train_one_epoch(run, t, ep, first_it, ld_train)
         end_of_epoch(run, t, ep, ld_val, pace, t_start)
     run.log.info(f'[train] finished {args.ep} epochs in {timedelta(seconds=int(time.time() - t_start))}; best '

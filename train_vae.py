@@ -80,6 +80,10 @@ class Recipe:
     is chosen once, here or in ``FlexRecipe`` (as train.py's ``Feed`` / ``FlexFeed``)."""
     flex = False
     sums = EPOCH_SUMS
+    # names, filled in from the flags (str.format): the log's description, the exported file, the TensorBoard folder
+    describe_fmt = 'VQVAE ch={ch} V={vocab_size} Cvae={z_channels}'
+    export_fmt = 'vae_ch{ch}v{vocab_size}z{z_channels}.pth'
+    tb_fmt = 'tb-VAE_ch{ch}v{vocab_size}z{z_channels}__pn{pn}'
 
     def build(self, args) -> VQVAE:
         return VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, beta=args.beta,
@@ -89,14 +93,14 @@ class Recipe:
                      norm_groups=args.norm_groups)
 
     def describe(self, args) -> str:
-        return f'VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}'
+        return self.describe_fmt.format_map(vars(args))
 
     @classmethod
     def export_name(cls, args) -> str:
-        return f'vae_ch{args.ch}v{args.vocab_size}z{args.z_channels}.pth'
+        return cls.export_fmt.format_map(vars(args))
 
     def tb_name(self, args) -> str:
-        return f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'
+        return self.tb_fmt.format_map(vars(args))
 
     def export(self, sd: dict, vae_config: dict):
         """The official bare state dict when the keys tell the whole architecture (norm_groups 32)."""
@@ -142,6 +146,9 @@ class FlexRecipe(Recipe):
     generator every rank shares; its own codebook-usage EMA per scale (the published layout has no such buffer)."""
     flex = True
     sums = EPOCH_SUMS + ('ms_mse', 'ms_steps')
+    describe_fmt = 'FlexVAE ch={ch} z_channels={z_channels} V={vocab_size} Cvae={codebook_dim} (ms_weight {ms_weight})'
+    export_fmt = 'FlexVAE_ch{ch}z{z_channels}v{vocab_size}c{codebook_dim}.pth'
+    tb_fmt = 'tb-FlexVAE_ch{ch}z{z_channels}v{vocab_size}c{codebook_dim}__pn{pn}'
 
     def __init__(self, args, dev):
         K, V = len(args.patch_nums), args.vocab_size
@@ -152,17 +159,6 @@ class FlexRecipe(Recipe):
         return FlexVAE(vocab_size=args.vocab_size, Cvae=args.codebook_dim, ch=args.ch, z_channels=args.z_channels,
                        ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, norm_groups=args.norm_groups,
                        v_patch_nums=tuple(args.patch_nums), test_mode=False)
-
-    def describe(self, args) -> str:
-        return (f'FlexVAE ch={args.ch} z_channels={args.z_channels} V={args.vocab_size} Cvae={args.codebook_dim} '
-                f'(ms_weight {args.ms_weight})')
-
-    @classmethod
-    def export_name(cls, args) -> str:
-        return f'FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}.pth'
-
-    def tb_name(self, args) -> str:
-        return f'tb-FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}__pn{args.pn}'
 
     def export(self, sd: dict, vae_config: dict):
         """FlexVAE.pth's format ``{'model': state dict}``, with the config the keys cannot tell when it is not the
@@ -310,11 +306,7 @@ def main(args):
 
     # ---- the epochs ----
     t_run = time.time()
-    for ep in range(t.start_ep, args.ep):
-        first = t.start_it if ep == t.start_ep else 0
-        if first == 0:
-            t.ep_sums.zero_()
-        sampler.set_epoch(ep, first)
+    for ep, first in training.epochs(t, sampler, args.ep):
         usages = train_one_epoch(run, t, ep, first, ld_train)
         end_of_epoch(run, t, ep, usages, ld_val, vis, t_run, (train_set, val_set))
     run.log.info(f'[train_vae] done in {timedelta(seconds=int(time.time() - t_run))}; tokenizer '

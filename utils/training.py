@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -322,6 +322,19 @@ class Batches:
             if not batch:
                 return
             yield batch[0]
+
+
+def epochs(t, sampler, n_epochs: int) -> Iterator[Tuple[int, int]]:
+    """(epoch, first iteration) of every epoch left of ``n_epochs``: the one a checkpoint stopped in continues at
+    ``t.start_it`` (its sums restored), every other starts at 0 with ``t.ep_sums`` zeroed; ``sampler`` (a
+    ``ResumableBatchSampler``) is set to that epoch and iteration first.  ``t``: a trainer with ``start_ep``,
+    ``start_it`` and ``ep_sums``."""
+    for ep in range(t.start_ep, n_epochs):
+        first = t.start_it if ep == t.start_ep else 0
+        if first == 0:
+            t.ep_sums.zero_()
+        sampler.set_epoch(ep, first)
+        yield ep, first
 
 
 def step_boundary(run: Run, batches: Batches, save: Callable[[], Any], where: str):
