@@ -19,8 +19,8 @@ are.  ``--save_ref_stats`` writes them next to a freshly computed reference (``R
 pick up by themselves.  The Inception graph ``classify_image_graph_def.pb`` is taken from ``--inception``, else from
 the cache (``$XDG_CACHE_HOME/viar``, default ``~/.cache/viar``), else downloaded there.
 
-Differences from the ADM suite (see the README, "Evaluation"): the Inception Score shuffles the samples with a fixed seed
-before its splits of 5000 (``--no_is_shuffle`` keeps the file order); tr sqrt(S1 S2) of FID/sFID comes from
+Differences from the ADM suite (see the README, "Evaluation"): the Inception Score shuffles the samples with a fixed
+seed before its splits of 5000 (``--no_is_shuffle`` keeps the file order); tr sqrt(S1 S2) of FID/sFID comes from
 symmetric eigendecompositions rather than scipy's ``sqrtm`` (``--sqrtm`` restores it; the numbers agree to ~1e-6
 relative and the default is several times faster); a complex square root keeps its real part with a warning
 instead of stopping.
@@ -127,10 +127,10 @@ def trace_sqrt_product(sigma1, sigma2, factor1=None, factor2=None):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, use_sqrtm=False, factor1=None, factor2=None):
     """Fréchet distance between two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)).
 
-    By default tr sqrt(S1 S2) comes from :func:`trace_sqrt_product` (with the covariance factors if given).  ``use_sqrtm`` takes it as the ADM suite does:
-    scipy's ``sqrtm(S1 S2)``; if that is not finite, both covariances get ``eps`` added to their diagonals and it is
-    taken again; the real part is kept (the ADM suite stops on an imaginary diagonal above 1e-3; this warns).
-    Both agree to ~1e-7 relative on the golden batches.
+    By default tr sqrt(S1 S2) comes from :func:`trace_sqrt_product` (with the covariance factors if given).
+    ``use_sqrtm`` takes it as the ADM suite does: scipy's ``sqrtm(S1 S2)``; if that is not finite, both covariances get
+    ``eps`` added to their diagonals and it is taken again; the real part is kept (the ADM suite stops on an imaginary
+    diagonal above 1e-3; this warns).  Both agree to ~1e-7 relative on the golden batches.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -486,7 +486,8 @@ class BatchFile:
             print(f'ignoring {cache}: not a statistics cache written by this evaluator', file=sys.stderr)
             return self
         meta = load_arrays(cache, ['source_bytes', 'source_crc32', 'graph_sha256'])
-        if (int(meta['source_bytes']) != self.path.stat().st_size or int(meta['source_crc32']) != npz_member_crc32(self.path)
+        if (int(meta['source_bytes']) != self.path.stat().st_size
+                or int(meta['source_crc32']) != npz_member_crc32(self.path)
                 or str(meta['graph_sha256']) != graph_sha):
             print(f'ignoring {cache}: made from another file or Inception graph', file=sys.stderr)
             return self

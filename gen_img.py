@@ -27,8 +27,7 @@ from collections.abc import Sequence
 import torch
 import torchvision
 
-from utils import dist
-from utils.errors import run_cli
+from utils.errors import run_cli_or_exit
 from utils.misc import save_png_atomic
 from utils.sampling_utils import (
     BOOL,
@@ -36,8 +35,11 @@ from utils.sampling_utils import (
     add_common_args,
     check_args,
     check_output_dir,
+    default_var_ckpt,
     dtype_name,
+    guard_writes,
     load_models,
+    make_output_dir,
     sample_batch,
     sampler_kwargs,
     schedule_name,
@@ -69,9 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     """Generates (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
-    rc = run_cli(lambda: generate(args), PROG, interrupted='interrupted; the images written so far are kept')
-    if rc:
-        raise SystemExit(rc)
+    run_cli_or_exit(lambda: generate(args), PROG, interrupted='interrupted; the images written so far are kept')
 
 
 def grid_name(labels: Sequence[int], seeds: Sequence[int]) -> str:
@@ -83,17 +83,13 @@ def generate(args: argparse.Namespace) -> None:
     check_args(args)
     check_output_dir(args.output_dir, '--output_dir')
     device, amp_dtype = setup_device(args)
-    try:
+    with guard_writes('the images written so far are kept'):
         _generate(args, device, amp_dtype)
-    except OSError as e:    # disk full, an output folder that is a file, permissions ...
-        raise SamplingError(f'{e}; the images written so far are kept') from None
-    finally:
-        dist.destroy()
 
 
 def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
     if args.var_ckpt is None:
-        args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or 30}.pth'
+        args.var_ckpt = default_var_ckpt(args, 30)
     _, var = load_models(args, device, args.var_ckpt)
     bad = [c for c in args.class_label if not 0 <= c < var.num_classes]
     if bad:
@@ -108,12 +104,10 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
                  f'max_pn {kw["max_pn"]}{", LlamaGen guidance" if kw["used_llamagen_cfg"] else ""}')
         name += f'-pn{schedule_name(pns)}'
     out_dir = os.path.join(args.output_dir, name)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise SamplingError(f'cannot create the output folder {out_dir} ({e}): pass another --output_dir') from None
+    make_output_dir(out_dir)
     print(f'[gen_img] {args.var_ckpt} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
-          f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
+          f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/',
+          flush=True)
 
     imgs = []
     for c in args.class_label:

@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from utils import dist
-from utils.errors import run_cli
+from utils.errors import run_cli_or_exit
 from utils.misc import (
     atomic_write_bytes,
     create_npz_from_sample_folder,
@@ -76,6 +76,7 @@ from utils.sampling_utils import (
     check_args,
     check_output_dir,
     dtype_name,
+    guard_writes,
     load_models,
     sample_batch,
     sampler_kwargs,
@@ -93,7 +94,7 @@ NPZ_KEY = 'npz_crc32'
 BOOKKEEPING_KEYS = (*FINGERPRINT_KEYS, NPZ_KEY)     # recorded in the config, but not settings
 
 
-# ================================ the unit of work =====================================================================
+# ================================ the unit of work ====================================================================
 def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[int, int, list[int]]]:
     """Every (class c, batch i, image indices) in index order: batch i of class c holds images
     ``c * per_class + i * batch_size + j`` (the last batch of a class may be shorter) and uses ``g_seed = seed + i``."""
@@ -214,7 +215,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
     p.add_argument('--num_classes', type=int, default=1000, help='sample classes 0 .. num_classes-1')
     p.add_argument('--per_class', type=int, default=50, help='images per class')
-    p.add_argument('--batch_size', type=int, default=25, help='images per sampler call (a unit of work; changes the images)')
+    p.add_argument('--batch_size', type=int, default=25,
+                   help='images per sampler call (a unit of work; changes the images)')
     add_common_args(p)
     return p
 
@@ -235,22 +237,16 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """Samples (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
-    rc = run_cli(lambda: sample(args), PROG,
-                 interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
-    if rc:
-        raise SystemExit(rc)
+    run_cli_or_exit(lambda: sample(args), PROG,
+                    interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
 
 
 def sample(args: argparse.Namespace) -> None:
     check_sampling_args(args)
     device, amp_dtype = setup_device(args)
-    try:
+    with guard_writes('every image written so far is kept: fix this and rerun the same command to resume',
+                      every_rank=True):     # disk full, permissions, a folder removed under us ...: this rank's own
         _sample(args, device, amp_dtype)
-    except OSError as e:    # disk full, permissions, a folder removed under us ...: this rank's own problem
-        raise SamplingError(f'{e}; every image written so far is kept: fix this and rerun the same command to resume',
-                            every_rank=True) from None
-    finally:
-        dist.destroy()
 
 
 def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
@@ -317,7 +313,8 @@ def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     dist.barrier()
-    n_all = round(dist.allreduce_mean(torch.tensor([float(n_written)], dtype=torch.float64, device=device)).item() * world)
+    n_mean = dist.allreduce_mean(torch.tensor([float(n_written)], dtype=torch.float64, device=device)).item()
+    n_all = round(n_mean * world)
     if master and n_all:
         print(f'[sampling] wrote {n_all} images in {elapsed:.1f} s: {n_all / max(elapsed, 1e-9):.2f} images/s '
               f'({world} process(es))', flush=True)

@@ -160,7 +160,8 @@ def main(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     run.log.info(f'[train] world size {dist.get_world_size()}, device {run.dev}, per-rank batch {args.batch_size}, '
-                 f'global batch {args.glb_batch_size} x ac {args.ac} = {args.glb_batch_size * args.ac}, lr {args.tlr:.3g}')
+                 f'global batch {args.glb_batch_size} x ac {args.ac} = {args.glb_batch_size * args.ac}, '
+                 f'lr {args.tlr:.3g}')
     ckpt = find_checkpoint(run)
 
     # ---- data: checked before any model is built ----
@@ -189,7 +190,8 @@ def main(args):
     restore_progress(run, t, ckpt)
     del ckpt
     ld_train = training.make_loader(train_set, run.dev, args.workers, args.seed, batch_sampler=sampler)
-    ld_val = training.make_loader(val_set, run.dev, args.workers, args.seed, batch_size=max(1, round(args.batch_size * 1.5)),
+    ld_val = training.make_loader(val_set, run.dev, args.workers, args.seed,
+                                  batch_size=max(1, round(args.batch_size * 1.5)),
                                   sampler=ShardSampler(len(val_set), dist.get_rank(), dist.get_world_size()))
     if t.start_ep >= args.ep:
         run.log.info(f'[train] nothing to do: {run.path("ar-ckpt-last.pth")} already holds {t.start_ep} epochs '
@@ -200,11 +202,7 @@ def main(args):
 
     # ---- the epochs ----
     t_start = time.time()
-    for ep in range(t.start_ep, args.ep):
-        first_it = t.start_it if ep == t.start_ep else 0
-        if first_it == 0:
-            t.ep_sums.zero_()
-        sampler.set_epoch(ep, first_it)
+    for ep, first_it in training.epochs(t, sampler, args.ep):
         pace = train_one_epoch(run, t, ep, first_it, ld_train)
         end_of_epoch(run, t, ep, ld_val, pace, t_start)
     run.log.info(f'[train] finished {args.ep} epochs in {timedelta(seconds=int(time.time() - t_start))}; best '
@@ -219,8 +217,8 @@ def find_checkpoint(run: Run) -> Optional[dict]:
     ckpt = training.load_resume_checkpoint(run.path('ar-ckpt-last.pth'), 'train.py', ('var_wo_ddp', 'var_opt'),
                                            damaged_hint=', copy ar-ckpt-best.pth over it')
     if args.seed is None:
-        saved_seed = ckpt['args'].get('seed') if ckpt else None
-        args.seed = saved_seed if saved_seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+        seed = ckpt['args'].get('seed') if ckpt else None
+        args.seed = seed if seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
     elif ckpt and ckpt['args'].get('seed') not in (None, args.seed):
         run.log.info(f'[train] note: the checkpoint was trained with --seed {ckpt["args"]["seed"]}, continuing with '
                      f'--seed {args.seed} (data order and randomness change from here)')
@@ -238,12 +236,13 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
             ckpt['trainer'].get('vae_local', {}), VAE_ID_KEYS)
         if saved != vae_id and not args.allow_other_vae:
             raise CheckpointError(
-                f'{last_path!r} was trained with another tokenizer than --vae_ckpt {args.vae_ckpt!r} (same shape, other '
-                f'weights; the run used {ckpt["args"].get("vae_ckpt")!r}): pass that one as --vae_ckpt to resume, or add '
-                f'--allow_other_vae to continue with this one (the token targets, hence the losses, change)')
+                f'{last_path!r} was trained with another tokenizer than --vae_ckpt {args.vae_ckpt!r} (same shape, '
+                f'other weights; the run used {ckpt["args"].get("vae_ckpt")!r}): pass that one as --vae_ckpt to '
+                f'resume, or add --allow_other_vae to continue with this one (the token targets, hence the losses, '
+                f'change)')
         if saved != vae_id:
-            run.log.warning(f'[train] note: --allow_other_vae: continuing with the tokenizer {args.vae_ckpt!r}, not the '
-                            f'one the checkpoint was trained with (losses change from here)')
+            run.log.warning(f'[train] note: --allow_other_vae: continuing with the tokenizer {args.vae_ckpt!r}, not '
+                            f'the one the checkpoint was trained with (losses change from here)')
     torch.manual_seed(args.seed)
     var_wo_ddp, feed = build_model(args, vae, dev)
     var_wo_ddp.set_grad_checkpointing(args.grad_ckpt)
@@ -366,7 +365,8 @@ def forward_backward(run: Run, t: Trainer, img, label, step: Step, g_it: int, sy
         loss_scaled = loss / args.ac
         (t.scaler.scale(loss_scaled) if t.scaler else loss_scaled).backward()
     last_l = step.patch_nums[-1] ** 2
-    parts = [loss.detach(), ce_BL.mean(), ce_BL[:, -last_l:].mean(), hit_BL.mean() * 100, hit_BL[:, -last_l:].mean() * 100]
+    parts = [loss.detach(), ce_BL.mean(), ce_BL[:, -last_l:].mean(),
+             hit_BL.mean() * 100, hit_BL[:, -last_l:].mean() * 100]
     if detail:
         ends = np.cumsum([0] + [pn * pn for pn in step.patch_nums]).tolist()
         parts += [ce_BL[:, bg:ed].mean() for bg, ed in zip(ends, ends[1:])]
@@ -387,7 +387,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
     while it < iters:
         # ---- step boundary: the batches of the next step are read; every rank takes the same branch ----
         window = batches.take(min(args.ac - it % args.ac, iters - it))
-        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+        training.step_boundary(run, batches, lambda it=it: save_checkpoint(run, t, ep, it),
                                f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("ar-ckpt-last.pth")})')
         if it > first_it and args.ckpt_every_iters and ep * iters + it - t.last_save_g_it >= args.ckpt_every_iters:
             save_checkpoint(run, t, ep, it)
@@ -458,14 +458,15 @@ def log_iteration(run: Run, t: Trainer, ep: int, it: int, g_it: int, values: Lis
         run.tb.scalars(g_it, {f'acc_{r}': v for r, v in zip(resos, values[5 + K:])}, prefix='AR_iter_scale/')
         run.tb.flush()
     gn_txt = f'{grad_norm:.3f}' if grad_norm is not None else '-'
-    run.log.info(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{t.iters_train}]  eta {pace.left(args.ep * t.iters_train - g_it - 1)}  '
+    eta = pace.left(args.ep * t.iters_train - g_it - 1)
+    run.log.info(f'[ep {ep + 1:3d}/{args.ep}] [{it + 1:5d}/{t.iters_train}]  eta {eta}  '
                  f'Lm {s.L_mean:.4f}  Lt {s.L_tail:.4f}  Accm {s.acc_mean:.2f}  Acct {s.acc_tail:.2f}  lr {lr:.3e}  '
                  f'wd {wd:.3g}  tnm {gn_txt}  {img_per_s:.1f} img/s'
                  + (f'  n0/n1 {n_iters[0]}/{n_iters[1]}' if n_iters else '')
                  + (f'  pn {"_".join(map(str, step.patch_nums))}' if t.feed.flex else ''))
 
 
-# ============================================== end of an epoch: logs, validation, checkpoint ==========================
+# ============================================== end of an epoch: logs, validation, checkpoint =========================
 @torch.no_grad()
 def evaluate(run: Run, t: Trainer, ld_val) -> Tuple[Optional[dict], Optional[str]]:
     """Validation on the scales of ``--pn`` (eval mode; VIAR with its eval iteration count) -> (metrics, None), or
@@ -513,7 +514,8 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
               'grad_norm': s['grad_norm'] / max(s['steps'], 1), 'skipped': int(s['skipped']),
               'remain_time': str(pace.left(max_it - g_end)), 'elapsed_s': round(time.time() - t_start, 1)}
     if run.tb is not None:
-        run.tb.scalars(ep + 1, {k: record[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')}, prefix='AR_ep_loss/')
+        run.tb.scalars(ep + 1, {k: record[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')},
+                       prefix='AR_ep_loss/')
     if args.skip_bad_images:
         training.report_bad_images(run, t.datasets)
     is_save_ep = (ep + 1) % args.save_freq == 0 or ep + 1 == args.ep
@@ -532,7 +534,8 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
         if dist.is_master():
             training.append_json_line(run.path('log.txt'), {'kind': 'val', 'ep': ep + 1, **val})
         if run.tb is not None:
-            run.tb.scalars(ep + 1, {k: val[k] for k in ('vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail')}, prefix='AR_val/')
+            run.tb.scalars(ep + 1, {k: val[k] for k in ('vL_mean', 'vL_tail', 'vacc_mean', 'vacc_tail')},
+                           prefix='AR_val/')
         run.log.info(f' [*] [ep {ep + 1}] (val {val["n"]})  Lm {val["vL_mean"]:.4f}  Lt {val["vL_tail"]:.4f}  Accm '
                      f'{val["vacc_mean"]:.2f}  Acct {val["vacc_tail"]:.2f}  best Lt {t.best_val_tail:.4f}  '
                      f'({time.time() - t0:.1f}s)')

@@ -80,6 +80,10 @@ class Recipe:
     is chosen once, here or in ``FlexRecipe`` (as train.py's ``Feed`` / ``FlexFeed``)."""
     flex = False
     sums = EPOCH_SUMS
+    # names, filled in from the flags (str.format): the log's description, the exported file, the TensorBoard folder
+    describe_fmt = 'VQVAE ch={ch} V={vocab_size} Cvae={z_channels}'
+    export_fmt = 'vae_ch{ch}v{vocab_size}z{z_channels}.pth'
+    tb_fmt = 'tb-VAE_ch{ch}v{vocab_size}z{z_channels}__pn{pn}'
 
     def build(self, args) -> VQVAE:
         return VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, beta=args.beta,
@@ -89,14 +93,14 @@ class Recipe:
                      norm_groups=args.norm_groups)
 
     def describe(self, args) -> str:
-        return f'VQVAE ch={args.ch} V={args.vocab_size} Cvae={args.z_channels}'
+        return self.describe_fmt.format_map(vars(args))
 
     @classmethod
     def export_name(cls, args) -> str:
-        return f'vae_ch{args.ch}v{args.vocab_size}z{args.z_channels}.pth'
+        return cls.export_fmt.format_map(vars(args))
 
     def tb_name(self, args) -> str:
-        return f'tb-VAE_ch{args.ch}v{args.vocab_size}z{args.z_channels}__pn{args.pn}'
+        return self.tb_fmt.format_map(vars(args))
 
     def export(self, sd: dict, vae_config: dict):
         """The official bare state dict when the keys tell the whole architecture (norm_groups 32)."""
@@ -142,6 +146,9 @@ class FlexRecipe(Recipe):
     generator every rank shares; its own codebook-usage EMA per scale (the published layout has no such buffer)."""
     flex = True
     sums = EPOCH_SUMS + ('ms_mse', 'ms_steps')
+    describe_fmt = 'FlexVAE ch={ch} z_channels={z_channels} V={vocab_size} Cvae={codebook_dim} (ms_weight {ms_weight})'
+    export_fmt = 'FlexVAE_ch{ch}z{z_channels}v{vocab_size}c{codebook_dim}.pth'
+    tb_fmt = 'tb-FlexVAE_ch{ch}z{z_channels}v{vocab_size}c{codebook_dim}__pn{pn}'
 
     def __init__(self, args, dev):
         K, V = len(args.patch_nums), args.vocab_size
@@ -152,17 +159,6 @@ class FlexRecipe(Recipe):
         return FlexVAE(vocab_size=args.vocab_size, Cvae=args.codebook_dim, ch=args.ch, z_channels=args.z_channels,
                        ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, norm_groups=args.norm_groups,
                        v_patch_nums=tuple(args.patch_nums), test_mode=False)
-
-    def describe(self, args) -> str:
-        return (f'FlexVAE ch={args.ch} z_channels={args.z_channels} V={args.vocab_size} Cvae={args.codebook_dim} '
-                f'(ms_weight {args.ms_weight})')
-
-    @classmethod
-    def export_name(cls, args) -> str:
-        return f'FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}.pth'
-
-    def tb_name(self, args) -> str:
-        return f'tb-FlexVAE_ch{args.ch}z{args.z_channels}v{args.vocab_size}c{args.codebook_dim}__pn{args.pn}'
 
     def export(self, sd: dict, vae_config: dict):
         """FlexVAE.pth's format ``{'model': state dict}``, with the config the keys cannot tell when it is not the
@@ -310,11 +306,7 @@ def main(args):
 
     # ---- the epochs ----
     t_run = time.time()
-    for ep in range(t.start_ep, args.ep):
-        first = t.start_it if ep == t.start_ep else 0
-        if first == 0:
-            t.ep_sums.zero_()
-        sampler.set_epoch(ep, first)
+    for ep, first in training.epochs(t, sampler, args.ep):
         usages = train_one_epoch(run, t, ep, first, ld_train)
         end_of_epoch(run, t, ep, usages, ld_val, vis, t_run, (train_set, val_set))
     run.log.info(f'[train_vae] done in {timedelta(seconds=int(time.time() - t_run))}; tokenizer '
@@ -376,7 +368,8 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                 opt_d.load_state_dict(tr['disc_opt'])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{run.path("vae-ckpt-last.pth")!r} does not fit this command '
-                                  f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new run') from None
+                                  f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new '
+                                  f'run') from None
     run.log.info(f'[model] {recipe.describe(args)}: '
                  f'{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters; losses: l2 {args.l2} l1 {args.l1} '
                  f'vq (beta {args.beta}) lp {args.lp} disc {args.disc}')
@@ -489,7 +482,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
     batches, pace, usages = Batches(ld_train), Pace(), []
     for it in range(first, iters):
         batch = batches.take(1)         # step boundary: every rank agrees to go on, or saves and stops
-        training.step_boundary(run, batches, lambda: save_checkpoint(run, t, ep, it),
+        training.step_boundary(run, batches, lambda it=it: save_checkpoint(run, t, ep, it),
                                f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it
@@ -514,7 +507,8 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
         if s.grad_norm is None:
             t.bad_in_a_row += 1
             t.ep_sums.inc(skipped=1)
-            run.log.info(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped ({t.bad_in_a_row} in a row)')
+            run.log.info(f'[ep {ep + 1} it {it + 1}] non-finite loss or gradient: step skipped '
+                         f'({t.bad_in_a_row} in a row)')
             if t.bad_in_a_row >= args.max_nonfinite:
                 raise UserError(f'{t.bad_in_a_row} steps in a row were non-finite: lower --lr or set --clip 1, then '
                                 f'rerun (it resumes from {run.path("vae-ckpt-last.pth")} if one was saved)')
@@ -559,8 +553,9 @@ def validate(run: Run, recipe: Recipe, vae, ld_val, vis_B3HW):
         idx, rec, scale_mse = recipe.val_batch(vae, img)
         hits = [i.flatten().bincount(minlength=V).double() for i in idx]
         mse_B = (rec - img).square().mean(dim=(1, 2, 3))
-        return torch.cat([torch.stack([(rec - img).abs().mean(dim=(1, 2, 3)).sum(), mse_B.sum(),
-                                       (10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))).sum()]).double(),  # peak-to-peak 2
+        psnr_B = 10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))        # peak-to-peak 2
+        l1 = (rec - img).abs().mean(dim=(1, 2, 3)).sum()
+        return torch.cat([torch.stack([l1, mse_B.sum(), psnr_B.sum()]).double(),
                           torch.tensor([float(img.shape[0])], dtype=torch.float64, device=dev), *hits,
                           *([] if scale_mse is None else [scale_mse.double()])])
 
@@ -589,7 +584,8 @@ def to_png(img_B3HW: torch.Tensor, nrow: int, pad: int = 2):
     grid = torch.ones(3, math.ceil(B / nrow) * (H + pad) + pad, nrow * (W + pad) + pad)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img_B3HW[i].add(1).mul(0.5)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, y:y + H, x:x + W] = img_B3HW[i].add(1).mul(0.5)
     arr = grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format='PNG')

@@ -5,6 +5,8 @@ The layout is the latent-diffusion "vq-f16" one (``ch_mult=(1, 1, 2, 2, 4)``), s
 ``.downsample``, ``mid.block_1 / attn_1 / block_2``, ``norm_out``, ``conv_out`` (decoder: ``up.{i}`` with one
 more res block per level).
 """
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,6 +77,41 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h_BCL.view(B, C, H, W))
 
 
+def _level(block_in: int, block_out: int, n_blocks: int, with_attn: bool, dropout: float,
+           norm_groups: int) -> Tuple[nn.Module, int]:
+    """One resolution level under the published key names, and its output channels: ``.block`` (``n_blocks`` res
+    blocks, the first ``block_in -> block_out``) and ``.attn`` (an attention block after each res block when
+    ``with_attn``, else empty); built in the official order (same initialisation draws)."""
+    block, attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
+                                 norm_groups=norm_groups))
+        block_in = block_out
+        if with_attn:
+            attn.append(AttnBlock(block_in, norm_groups))
+    level = nn.Module()
+    level.block, level.attn = block, attn
+    return level, block_in
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The res blocks of a ``_level``, each followed by its attention block if the level has them."""
+    for i_block, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i_block](h)
+    return h
+
+
+def _mid(block_in: int, using_mid_sa: bool, dropout: float, norm_groups: int) -> nn.Module:
+    """``mid.block_1 / attn_1 / block_2`` of the encoder and the decoder (attention or identity)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+    mid.attn_1 = AttnBlock(block_in, norm_groups) if using_mid_sa else nn.Identity()
+    mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+    return mid
+
+
 class Encoder(nn.Module):
     def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2, dropout=0.0, in_channels=3,
                  z_channels, double_z=False, using_sa=True, using_mid_sa=True, norm_groups=32):
@@ -87,23 +124,14 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, norm_groups=norm_groups))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in, norm_groups))
-            down = nn.Module()
-            down.block, down.attn = block, attn
+            down, block_in = _level(block_in, block_out, num_res_blocks,
+                                    i_level == self.num_resolutions - 1 and using_sa, dropout, norm_groups)
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample2x(block_in)
             self.down.append(down)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
-        self.mid.attn_1 = AttnBlock(block_in, norm_groups) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid = _mid(block_in, using_mid_sa, dropout, norm_groups)
 
         self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
@@ -111,10 +139,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block, block in enumerate(down.block):
-                h = block(h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -129,22 +154,13 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[self.num_resolutions - 1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
-        self.mid.attn_1 = AttnBlock(block_in, norm_groups) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid = _mid(block_in, using_mid_sa, dropout, norm_groups)
 
         ups = []
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, norm_groups=norm_groups))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in, norm_groups))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up, block_in = _level(block_in, block_out, num_res_blocks + 1,
+                                  i_level == self.num_resolutions - 1 and using_sa, dropout, norm_groups)
             if i_level != 0:
                 up.upsample = Upsample2x(block_in)
             ups.insert(0, up)       # up[i] works at resolution level i, like down[i]
@@ -157,10 +173,7 @@ class Decoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
-            for i_block, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = _run_level(up, h)
             if i_level != 0:
                 h = up.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

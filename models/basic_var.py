@@ -15,7 +15,7 @@ __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'KVCache'
 # Optional flash-attn kernel (CUDA, half precision, no mask: the KV-cached sampler); SDPA is used otherwise.
 flash_attn_func = None
 try:
-    from flash_attn import flash_attn_func                  # q, k, v: B L H c
+    from flash_attn import flash_attn_func  # q, k, v: B L H c
 except ImportError:
     pass
 

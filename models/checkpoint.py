@@ -6,8 +6,9 @@
 * The architecture (VAR, VIAR or FlexVAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer
   kind, V, Cvae, ch, z_channels) is read from the state dict itself: FlexVAR's transformer has a 4-D position grid
   ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
-  ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for ``viar.pth``), a
-  contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag to fix.
+  ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for
+  ``viar.pth``), a contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag
+  to fix.
 * A FlexVAR model samples any schedule; its default one (``var.patch_nums``) is the schedule a ``train.py --flex``
   training checkpoint records it was trained on (``trained_schedule``), the official 1_2_3_4_5_6_8_10_13_16 for a
   bare state dict (the published files).
@@ -56,7 +57,7 @@ def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
                 f'(weights_only=True); if you trust it, re-save its state dict with '
                 f'torch.save(model.state_dict(), path)') from None
         raise _not_a_checkpoint(what, path) from None
-    except Exception:       # truncated zip, text file, random bytes, legacy pickle garbage ...: all the same to the user
+    except Exception:       # truncated zip, text file, random bytes, legacy pickle ...: all the same to the user
         raise _not_a_checkpoint(what, path) from None
 
 
@@ -146,7 +147,8 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
         if 'quantize.embedding.weight' in sd:
             raise CheckpointError(f'{path!r} is a tokenizer (VQVAE) checkpoint, not a VAR/VIAR one: '
                                   f'pass it as --vae_ckpt and the transformer checkpoint as the model')
-        raise CheckpointError(f'{path!r} is not a VAR/VIAR/FlexVAR checkpoint (missing {[k for k in need if k not in sd]})')
+        missing = [k for k in need if k not in sd]
+        raise CheckpointError(f'{path!r} is not a VAR/VIAR/FlexVAR checkpoint (missing {missing})')
     C = sd['class_emb.weight'].shape[1]
     use_implicit = 'implicit_block.attn.mat_qkv.weight' in sd
 
@@ -255,8 +257,8 @@ def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
 
 
 def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str, flags: Dict[str, str]):
-    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint.  ``flex``: whether
-    a FlexVAR model was asked for (VAR/VIAR configs have no such key: False)."""
+    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint.  ``flex``:
+    whether a FlexVAR model was asked for (VAR/VIAR configs have no such key: False)."""
     for key, want in (expect or {}).items():
         if key == 'flex' and want is not None and bool(cfg.get('flex')) != bool(want):
             flag = flags.get(key, '--flex')

@@ -69,6 +69,25 @@ def _level(res: List[nn.Module], attn: List[nn.Module], resample: Optional[nn.Mo
     return level
 
 
+def _run_level(level: nn.Module, h: torch.Tensor, resample_name: str) -> torch.Tensor:
+    """A ``_level``: its res blocks, each followed by its attention block if the level has them, then its resampling
+    (``resample_name``) if it has one."""
+    for i, res in enumerate(level.res):
+        h = res(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    if hasattr(level, resample_name):
+        h = getattr(level, resample_name)(h)
+    return h
+
+
+def _mid(block_in: int, dropout: float, norm_groups: int) -> nn.ModuleList:
+    """``mid.{0,1,2}`` of the encoder and the decoder: res block, attention, res block."""
+    return nn.ModuleList([SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups),
+                          QKVAttnBlock(block_in, norm_groups),
+                          SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups)])
+
+
 class Encoder(nn.Module):
     """conv_in -> per level: res blocks (+ attention at the lowest level), downsample -> mid (block, attention,
     block) -> GroupNorm, swish, conv_out (z_channels)."""
@@ -89,21 +108,14 @@ class Encoder(nn.Module):
                 if i == n - 1:
                     attn.append(QKVAttnBlock(block_in, norm_groups))
             self.conv_blocks.append(_level(res, attn, Downsample2x(block_in) if i != n - 1 else None, 'downsample'))
-        self.mid = nn.ModuleList([SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups),
-                                  QKVAttnBlock(block_in, norm_groups),
-                                  SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups)])
+        self.mid = _mid(block_in, dropout, norm_groups)
         self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, 'downsample'):
-                h = level.downsample(h)
+            h = _run_level(level, h, 'downsample')
         for m in self.mid:
             h = m(h)
         return self.conv_out(swish(self.norm_out(h)))
@@ -119,9 +131,7 @@ class Decoder(nn.Module):
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.ModuleList([SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups),
-                                  QKVAttnBlock(block_in, norm_groups),
-                                  SwishResnetBlock(in_channels=block_in, dropout=dropout, norm_groups=norm_groups)])
+        self.mid = _mid(block_in, dropout, norm_groups)
         self.conv_blocks = nn.ModuleList()
         for i in reversed(range(n)):
             res, attn = [], []
@@ -140,12 +150,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, 'upsample'):
-                h = level.upsample(h)
+            h = _run_level(level, h, 'upsample')
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -204,9 +209,10 @@ class L2Quantizer(nn.Module):
                            patch_nums: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
         """Teacher-forcing input of FlexVAR, (B, L - first_l, Cvae): the codes of each scale but the last,
         bicubic-resized to the next scale's side.  ``patch_nums`` defaults to the sides of the token maps."""
-        patch_nums = tuple(patch_nums) if patch_nums is not None else tuple(round(t.shape[1] ** 0.5) for t in gt_ms_idx_Bl)
-        if len(patch_nums) != len(gt_ms_idx_Bl) or any(t.shape[1] != pn * pn for t, pn in zip(gt_ms_idx_Bl, patch_nums)):
-            raise ValueError(f'token maps of sizes {[t.shape[1] for t in gt_ms_idx_Bl]} do not fit the scales {patch_nums}')
+        sizes = [t.shape[1] for t in gt_ms_idx_Bl]
+        patch_nums = tuple(patch_nums) if patch_nums is not None else tuple(round(l ** 0.5) for l in sizes)
+        if len(patch_nums) != len(sizes) or any(l != pn * pn for l, pn in zip(sizes, patch_nums)):
+            raise ValueError(f'token maps of sizes {sizes} do not fit the scales {patch_nums}')
         B, nxt = gt_ms_idx_Bl[0].shape[0], []
         for si in range(len(patch_nums) - 1):
             h_BChw = F.interpolate(self.idx_to_codes(gt_ms_idx_Bl[si]), size=(patch_nums[si + 1],) * 2, mode='bicubic')

@@ -115,7 +115,7 @@ class FlexVAR(VAR):
     def family(self) -> str:
         return 'FlexVIAR' if self.backbone.is_implicit else 'FlexVAR'
 
-    # ---- scale paradigm ------------------------------------------------------------------------------------------------
+    # ---- scale paradigm ----------------------------------------------------------------------------------------------
     def build_positions(self, init_std: float):
         """The (1, C, grid, grid) position grid (sinusoid init) and the mask buffer of the default schedule (kept for
         the published layout; ``attn_mask`` builds the one of any other schedule)."""
@@ -141,7 +141,8 @@ class FlexVAR(VAR):
 
     def positions(self, patch_nums: Sequence[int]) -> torch.Tensor:
         """The grid area-resized to each scale's side, flattened row-major and concatenated: (1, L, C)."""
-        pos = [F.interpolate(self.pos_1LC, size=(pn, pn), mode='area').flatten(2) for pn in self.check_schedule(patch_nums)]
+        pos = [F.interpolate(self.pos_1LC, size=(pn, pn), mode='area').flatten(2)
+               for pn in self.check_schedule(patch_nums)]
         return torch.cat(pos, dim=2).transpose(1, 2)
 
     def attn_mask(self, patch_nums: Sequence[int]) -> torch.Tensor:
@@ -168,8 +169,8 @@ class FlexVAR(VAR):
 
     def guidance(self, si: int, pn: int, patch_nums: Sequence[int], cfg: float, logits_BlV: torch.Tensor, B: int,
                  max_pn: int = 16, used_llamagen_cfg: bool = False, invalid_ids=None, **kw) -> torch.Tensor:
-        """``invalid_ids`` get logit -100 first.  VAR's rule (1 + t) c - t u with t = cfg si / min(K - 1, 9), or the full
-        cfg above ``max_pn``; with ``used_llamagen_cfg``: u + (c - u) cfg at every scale."""
+        """``invalid_ids`` get logit -100 first.  VAR's rule (1 + t) c - t u with t = cfg si / min(K - 1, 9), or the
+        full cfg above ``max_pn``; with ``used_llamagen_cfg``: u + (c - u) cfg at every scale."""
         if invalid_ids is not None:
             logits_BlV[:, :, invalid_ids] = -100.0
         cond, uncond = logits_BlV[:B], logits_BlV[B:]
@@ -185,7 +186,7 @@ class FlexVAR(VAR):
         """The official FlexVAR head runs in the autocast dtype (VAR's forces fp32): same logits under autocast."""
         return self.head(self.head_nm(h_BLC, cond_BD))
 
-    # ---- checkpoints: the stored mask is the one of whatever schedule ran last; rebuilt, as the official loader does ---
+    # ---- checkpoints: the stored mask is the one of whatever schedule ran last; rebuilt, as the official loader does
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + 'attn_bias_for_masking'
@@ -196,7 +197,7 @@ class FlexVAR(VAR):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    # ---- teacher forcing -------------------------------------------------------------------------------------------------
+    # ---- teacher forcing ---------------------------------------------------------------------------------------------
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
                 infer_patch_nums: Optional[Sequence[int]] = None,
                 iters: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -213,7 +214,7 @@ class FlexVAR(VAR):
                              f'input needs {L - self.first_l}, got {x_BLCv_wo_first_l.shape[1]}')
         return self.teacher_forcing(label_B, x_BLCv_wo_first_l, patch_nums, iters)
 
-    # ---- sampling --------------------------------------------------------------------------------------------------------
+    # ---- sampling ----------------------------------------------------------------------------------------------------
     def autoregressive_infer_cfg(self, *args, vqvae: Optional[nn.Module] = None, **kwargs):
         """``sample`` with the official call form too: a leading positional module (the official ``vqvae`` argument), or
         ``vqvae=``, is accepted and ignored -- the model always decodes with the tokenizer it was built on."""

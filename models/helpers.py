@@ -27,7 +27,8 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
     replacement = num_samples >= 0
     num_samples = abs(num_samples)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, num_samples)
+    idx_N = torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng)
+    return idx_N.view(B, l, num_samples)
 
 
 def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,

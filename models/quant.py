@@ -4,7 +4,7 @@ For each scale k (token maps of side ``v_patch_nums[k]``) the residual ``f_rest`
 vector is replaced by its nearest codebook entry, the codes are bicubic-upsampled back to full size, passed
 through the scale's phi (``0.5 h + 0.5 conv3x3(h)``) and added to ``f_hat`` / removed from ``f_rest``.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ class VectorQuantizer2(nn.Module):
         """Per scale: the cumulative f_hat (B, C, H, W) if ``to_fhat`` else the token indices (B, pn*pn)."""
         B = f_BChw.shape[0]
         f_hat, out = torch.zeros_like(f_BChw), []
-        for si, idx_N, h_BChw in self._residual_scales(f_BChw, v_patch_nums):
+        for _si, idx_N, h_BChw in self._residual_scales(f_BChw, v_patch_nums):
             f_hat.add_(h_BChw)
             out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, -1))
         return out
@@ -182,7 +182,8 @@ class VectorQuantizer2(nn.Module):
                 f_hat.add_(self.phi(si, SN)(h_BChw))
                 if not last_one: ls_f_hat.append(f_hat.clone())
         else:   # experimental: grow f_hat scale by scale instead of working at the largest size
-            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, self.v_patch_nums[0], self.v_patch_nums[0], dtype=torch.float32)
+            pn0 = self.v_patch_nums[0]
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
             for si, pn in enumerate(self.v_patch_nums):
                 f_hat = F.interpolate(f_hat, size=(pn, pn), mode='bicubic')
                 f_hat.add_(self.phi(si, SN)(ms_h_BChw[si]))

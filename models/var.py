@@ -351,7 +351,7 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
         self.head = nn.Linear(self.C, self.V)
 
-    # ---- VIAR's iteration attributes, under their official names (a VAR has none: a clear error) -----------------------
+    # ---- VIAR's iteration attributes, under their official names (a VAR has none: a clear error) ---------------------
     def __getattr__(self, name):
         if name in IMPLICIT_ATTRS:
             return getattr(self._implicit_backbone(name), name)
@@ -370,7 +370,7 @@ class VAR(nn.Module):
                                  f'use_implicit=False); the iteration settings exist only for VIAR models')
         return backbone
 
-    # ---- scale paradigm: positions, the next scale's input, decoding ----------------------------------------------------
+    # ---- scale paradigm: positions, the next scale's input, decoding -------------------------------------------------
     def build_positions(self, init_std: float):
         """Learnt absolute position of each of the L tokens (``pos_1LC``) plus a level (scale) embedding, and the
         block-causal mask of the scales (buffers ``lvl_1L``, ``attn_bias_for_masking`` of the published checkpoints)."""
@@ -409,7 +409,8 @@ class VAR(nn.Module):
         return like.new_zeros(B, self.Cvae, pn, pn)
 
     def advance(self, si: int, patch_nums: Sequence[int], canvas, h_BChw: torch.Tensor):
-        """Adds scale ``si``'s codes; returns (canvas, next scale's input map (B, Cvae, pn', pn') or None at the end)."""
+        """Adds scale ``si``'s codes; returns (canvas, next scale's input map (B, Cvae, pn', pn') or None at the
+        end)."""
         canvas, next_BChw = self.vae_quant_proxy[0].get_next_autoregressive_input(si, len(patch_nums), canvas, h_BChw)
         return canvas, (next_BChw if si < len(patch_nums) - 1 else None)
 
@@ -455,7 +456,7 @@ class VAR(nn.Module):
             self._rngs[key] = torch.Generator(device=device)
         return self._rngs[key]
 
-    # ================================ teacher forcing ===================================================================
+    # ================================ teacher forcing =================================================================
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
                 iters: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Logits (B, L, V) of every token given the ground-truth earlier scales.
@@ -483,7 +484,7 @@ class VAR(nn.Module):
         x_BLC = self.backbone(x_BLC, cond_BD_or_gss, attn_bias, iters=iters)
         return self.get_logits(x_BLC.float(), cond_BD)
 
-    # ================================ sampling ==========================================================================
+    # ================================ sampling ========================================================================
     @torch.no_grad()
     def autoregressive_infer_cfg(
         self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed: Optional[int] = None, cfg=1.5,
@@ -599,7 +600,7 @@ class VAR(nn.Module):
     def kv_cache_nbytes(self) -> int:
         return sum(b.attn.cache_nbytes() for b in self.all_blocks())
 
-    # ================================ initialisation ====================================================================
+    # ================================ initialisation ==================================================================
     def init_weights(self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=0.02, conv_std_or_gain=0.02):
         """Fresh-training initialisation: trunc-normal everywhere, head x init_head, AdaLN gamma rows x
         init_adaln_gamma and the other rows x init_adaln, attention ``proj`` and ``fc2`` / sqrt(2 depth) (the

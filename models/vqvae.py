@@ -1,6 +1,6 @@
 """The multi-scale residual VQVAE tokenizer (``vae_ch160v4096z32.pth``): encoder -> quant_conv -> residual
 quantiser over scales -> post_quant_conv -> decoder. Images are in [-1, 1]."""
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -58,7 +58,8 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
 
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums=None) -> List[torch.LongTensor]:
-        return self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_img_no_grad), to_fhat=False, v_patch_nums=v_patch_nums)
+        f = self.img_to_f(inp_img_no_grad)
+        return self.quantize.f_to_idxBl_or_fhat(f, to_fhat=False, v_patch_nums=v_patch_nums)
 
     def idxBl_to_img(self, ms_idx_Bl: List[torch.Tensor], same_shape: bool, last_one: bool = False):
         B = ms_idx_Bl[0].shape[0]

@@ -516,19 +516,14 @@ def parse_list(s, what, conv=int):
 
 def parse_tols(s) -> List[Optional[float]]:
     """``--iter_tol``: comma-separated tolerances, ``none`` for the fixed schedule."""
+    from utils.sampling_utils import parse_tolerance
     tols = []
     for x in (s or 'none').split(','):
         x = x.strip().lower()
         if x in ('none', ''):
             tols.append(None)
             continue
-        try:
-            v = float(x)
-        except ValueError:
-            raise BenchError(f'could not read the tolerance {x!r} of --iter_tol {s!r}; write e.g. none,1e-3') from None
-        if not (math.isfinite(v) and v >= 0):
-            raise BenchError(f'--iter_tol {x} must be >= 0 (relative residual that stops the iterations of a scale)')
-        tols.append(v)
+        tols.append(parse_tolerance(x, '--iter_tol', BenchError, f' {s!r}; write e.g. none,1e-3'))
     return list(dict.fromkeys(tols))
 
 

@@ -26,17 +26,36 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torchvision
 
 from models import get_edit_mask
-from utils.misc import save_png_atomic
-from utils.sampling_utils import (BOOL, add_common_args, check_args, check_output_dir, dtype_name, load_models,
-                                  sample_batch, sampler_kwargs, setup_device, to_uint8)
-from utils.editing import (EditError, check_region, check_same_aspect, edit_mask_from_image, fit_square,
-                           image_to_tensor, load_image, masked_preview, parse_box)
+from utils.editing import (
+    EditError,
+    check_region,
+    check_same_aspect,
+    edit_mask_from_image,
+    load_image,
+    masked_preview,
+    parse_box,
+    square_input,
+)
 from utils.errors import run_cli
+from utils.misc import save_png_atomic
+from utils.sampling_utils import (
+    BOOL,
+    add_common_args,
+    check_args,
+    check_output_dir,
+    default_var_ckpt,
+    dtype_name,
+    load_models,
+    make_output_dir,
+    sample_batch,
+    sampler_kwargs,
+    setup_device,
+    to_uint8,
+)
 
 PROG = 'edit.py'
 
@@ -101,7 +120,7 @@ def edit(args: argparse.Namespace) -> None:
 
     device, amp_dtype = setup_device(args)
     if args.var_ckpt is None:
-        args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or 36}.pth'
+        args.var_ckpt = default_var_ckpt(args, 36)
     vae, var = load_models(args, device, args.var_ckpt)
     bad = [c for c in args.class_label or [] if not 0 <= c < var.num_classes]
     if bad:
@@ -122,10 +141,7 @@ def edit(args: argparse.Namespace) -> None:
     kw = sampler_kwargs(args, var)
 
     out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise EditError(f'cannot create the output folder {out_dir} ({e}): pass another --output_dir') from None
+    make_output_dir(out_dir, EditError)
     iters = f', iterations {args.iter_left}->{args.iter_right}' if var.backbone.is_implicit else ''
     what = 'unconditional' if args.class_label is None else f'class {" ".join(map(str, args.class_label))}'
     print(f'[edit] {args.var_ckpt} ({var.describe()}{iters}, {reso} px, {grid}x{grid} tokens); {region}, {what}, '
@@ -133,11 +149,9 @@ def edit(args: argparse.Namespace) -> None:
           f'{kw["more_smooth"]}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
 
     for path, im, keep, stem in zip(args.input_img, images, keeps, output_stems(args.input_img)):
-        crop = fit_square(im, reso)
-        x = image_to_tensor(crop).to(device)
+        orig, x = square_input(im, reso)        # (3, H, W) uint8 and the tokenizer's input
         with torch.inference_mode():
-            tokens = vae.img_to_idxBl(x, var.patch_nums)     # in fp32, outside autocast (as the notebook)
-        orig = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)     # (3, H, W) uint8
+            tokens = vae.img_to_idxBl(x.to(device), var.patch_nums)     # in fp32, outside autocast (as the notebook)
         preview = masked_preview(orig.float() / 255, keep).mul(255).round().to(torch.uint8)
         tiles = [orig, preview]     # the grid is made of the PNGs' own bytes
         classes_str = '' if args.class_label is None else '_class' + '_'.join(map(str, args.class_label))

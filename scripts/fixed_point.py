@@ -38,10 +38,10 @@ import torch
 
 from models.checkpoint import load_vae_var
 from utils import dist
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli_parsed
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
-from utils.sampling_utils import add_device_args, check_args, dtype_name, sample_batch, setup_device
+from utils.sampling_utils import add_device_args, add_guidance_args, check_args, dtype_name, sample_batch, setup_device
 
 PROG = 'scripts.fixed_point'
 QUANTILES = (0.1, 0.5, 0.9)
@@ -258,9 +258,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--ref_iters', type=int, default=10, help='reference schedule of the token change: n->n with this n')
     p.add_argument('--token_iters', default='',
                    help='iteration counts n of the token-change curve, e.g. 1,2,3,5,10,20,30 (default: 1..max_iters)')
-    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance')
-    p.add_argument('--top_k', type=int, default=900, help='top-k (0: off; clamped to the vocabulary)')
-    p.add_argument('--top_p', type=float, default=0.96, help='top-p (0: off)')
+    add_guidance_args(p)
     p.add_argument('--out', default='fixed_point', help='output prefix: OUT.json and OUT.png')
     add_device_args(p)
     return p
@@ -268,9 +266,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.fixed_point ARGV``: 0, or 1 after one error line."""
-    def go():
-        run(get_parser().parse_args(argv))
-    return run_cli(go, PROG)
+    return run_cli_parsed(run, get_parser, argv, PROG)
 
 
 if __name__ == '__main__':

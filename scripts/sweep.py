@@ -38,7 +38,6 @@ or file ends with one line and exit status 1.
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -54,11 +53,19 @@ import sampling
 from models.checkpoint import describe_var_config, infer_var_config, load_vae_var, model_state_dict, read_checkpoint
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli_parsed
 from utils.memory import PeakMemory
 from utils.misc import atomic_write, atomic_write_bytes
 from utils.plot import Panel, save_png
-from utils.sampling_utils import add_device_args, dtype_name, sample_batch, sampler_kwargs, setup_device
+from utils.sampling_utils import (
+    add_device_args,
+    add_guidance_args,
+    dtype_name,
+    parse_tolerance,
+    sample_batch,
+    sampler_kwargs,
+    setup_device,
+)
 
 PROG = 'scripts.sweep'
 SCORE_NAMES = {'FID': 'fid', 'sFID': 'sfid', 'Inception Score': 'inception_score', 'Precision': 'precision',
@@ -102,16 +109,7 @@ def split_list(values: Sequence[str]) -> List[str]:
 
 
 def parse_tols(values: Sequence[str]) -> List[float]:
-    tols = []
-    for x in split_list(values):
-        try:
-            t = float(x)
-        except ValueError:
-            raise SweepError(f'could not read the tolerance {x!r} of --iter_tols: write e.g. 1e-2 1e-3') from None
-        if not (math.isfinite(t) and t >= 0):
-            raise SweepError(f'--iter_tols {x} must be >= 0 (relative residual that stops the iterations of a scale)')
-        tols.append(t)
-    return tols
+    return [parse_tolerance(x, '--iter_tols', SweepError, ': write e.g. 1e-2 1e-3') for x in split_list(values)]
 
 
 def ckpt_label(path: str) -> str:
@@ -446,9 +444,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--per_class', type=int, default=50, help='images per class')
     g.add_argument('--batch_size', type=int, default=25, help='images per sampler call (also for the timing)')
     g.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
-    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance')
-    g.add_argument('--top_k', type=int, default=900, help='top-k (0: off; clamped to the vocabulary)')
-    g.add_argument('--top_p', type=float, default=0.96, help='top-p (0: off)')
+    add_guidance_args(g)
     g = p.add_argument_group('measuring and scoring')
     g.add_argument('--time_batches', type=int, default=3, help='timed sampler calls per point')
     g.add_argument('--time_warmup', type=int, default=1, help='untimed sampler calls before them')
@@ -465,10 +461,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.sweep ARGV``: 0, or 1 after one error line (130: Ctrl-C)."""
-    def go():
-        run(get_parser().parse_args(argv))
-    return run_cli(go, PROG, interrupted='interrupted; every image and measurement written so far is kept: rerun '
-                                         'the same command to resume')
+    return run_cli_parsed(run, get_parser, argv, PROG,
+                          interrupted='interrupted; every image and measurement written so far is kept: rerun the '
+                                      'same command to resume')
 
 
 if __name__ == '__main__':

@@ -19,10 +19,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
-from utils.sampling_utils import to_uint8
 from scripts import edit as edit_cli
-from utils.editing import (EditError, check_region, edit_mask_from_image, fit_square, image_to_tensor, load_image,
-                           masked_preview, parse_box)
+from utils.editing import (
+    EditError,
+    check_region,
+    edit_mask_from_image,
+    fit_square,
+    image_to_tensor,
+    load_image,
+    masked_preview,
+    parse_box,
+)
+from utils.sampling_utils import to_uint8
 
 
 def f32(sd):

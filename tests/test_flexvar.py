@@ -9,7 +9,7 @@ import torch
 
 import models
 from models import FlexVAE, FlexVAR, build_flexvar, build_vae_var, flex_train_schedule
-from models.checkpoint import CheckpointError, infer_var_config, infer_vae_config, load_vae_var
+from models.checkpoint import CheckpointError, infer_vae_config, infer_var_config, load_vae_var
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
 from models.var import ImplicitBackbone, block_causal_mask
 
@@ -238,7 +238,8 @@ def test_implicit_flexvar_trains_with_iters_and_a_drawn_schedule():
     # more iterations, different logits (the knob reaches the implicit block)
     var.eval()
     with torch.no_grad():
-        a, b = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 1)), var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 3))
+        a = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 1))
+        b = var(torch.tensor([0, 1]), x_BLCv, schedule, iters=(0, 3))
     assert not torch.allclose(a, b)
 
 

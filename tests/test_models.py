@@ -245,7 +245,8 @@ def test_loader_infers_architecture_from_either_form(ckpt_dir):
     ('evil.pth', None, 'for safety'),
     ('nomodel.pth', None, 'not a model state dict'),
     ('vae.pth', None, 'tokenizer (VQVAE) checkpoint, not a VAR/VIAR one'),
-    ('viar_train.pth', {'depth': 16}, 'holds a VIAR model (depth 2: 1 pre + 1 implicit + 1 post blocks) with depth=2, but --depth 16'),
+    ('viar_train.pth', {'depth': 16},
+     'holds a VIAR model (depth 2: 1 pre + 1 implicit + 1 post blocks) with depth=2, but --depth 16'),
     ('viar_train.pth', {'use_implicit': False}, 'holds a VIAR model'),
     ('var.pth', {'use_implicit': True}, 'holds a VAR model (depth 2), but VIAR (--use_implicit) was asked for'),
 ])
@@ -328,6 +329,7 @@ def test_phi_ticks_follow_the_official_rule_for_shared_and_per_scale_phis():
     for the partially shared AND the per-scale (share_quant_resi=0) variant: with 4 per-scale phis, scale 2 of 10
     takes phi 1 (the 1/(2K) rule would pick phi 0)."""
     import numpy as np
+
     from models.quant import VectorQuantizer2, phi_ticks
     assert np.allclose(phi_ticks(4), np.linspace(1 / 12, 11 / 12, 4))
     assert np.allclose(phi_ticks(5), np.linspace(1 / 10, 9 / 10, 5))

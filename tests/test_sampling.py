@@ -187,7 +187,8 @@ def test_torchrun_two_processes_give_byte_identical_pngs(ckpts, tmp_path):
 
     assert torch.get_num_threads() == 1
     run_sampling(['--sample_dir', str(tmp_path / 'one')] + common)
-    one, two = snapshot(tmp_path / 'one' / 'd1-var.pth-cfg-2.0-seed-1'), snapshot(tmp_path / 'two' / 'd1-var.pth-cfg-2.0-seed-1')
+    folder = 'd1-var.pth-cfg-2.0-seed-1'
+    one, two = snapshot(tmp_path / 'one' / folder), snapshot(tmp_path / 'two' / folder)
     assert list(one) == [f'{k:06d}.png' for k in range(12)] and list(one) == list(two)
     assert all(one[n][2] == two[n][2] for n in one)
     assert (tmp_path / 'one' / 'd1-var.pth-cfg-2.0-seed-1.npz').read_bytes() == \
@@ -381,7 +382,8 @@ def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, 
     calls = []
     real = sampling.sample_batch
     monkeypatch.setattr(sampling, 'sample_batch', lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    for path, key, what in ((ckpt, 'head.weight', 'model checkpoint'), (vae, 'decoder.conv_out.weight', 'tokenizer checkpoint')):
+    for path, key, what in ((ckpt, 'head.weight', 'model checkpoint'),
+                            (vae, 'decoder.conv_out.weight', 'tokenizer checkpoint')):
         original = path.read_bytes()
         perturbed_copy(path, path, key)
         with pytest.raises(SystemExit) as e:
@@ -544,7 +546,8 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
             download.ensure_checkpoint(path)
     assert len(got) == 2
     (tmp_path / 'ckpts' / 'var_d20.pth').mkdir()
-    with pytest.raises(download.MissingCheckpointError, match="'ckpts/var_d20.pth' is a directory: pass the checkpoint"):
+    with pytest.raises(download.MissingCheckpointError,
+                       match="'ckpts/var_d20.pth' is a directory: pass the checkpoint"):
         download.ensure_checkpoint('ckpts/var_d20.pth')
     assert len(got) == 2
 
@@ -580,7 +583,8 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
 
     ref.mkdir(parents=True)                                                 # a folder where the file should be
     r = run()
-    assert r.returncode == 1 and r.stderr == f'error: reference batch {ref} is a directory: set REF_BATCH to the .npz file\n'
+    assert r.returncode == 1
+    assert r.stderr == f'error: reference batch {ref} is a directory: set REF_BATCH to the .npz file\n'
     assert not log.exists()
     ref.rmdir()
     ref.write_bytes(b'stand-in')
@@ -600,5 +604,6 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
     r = run(NPROC='2', MASTER_PORT='29999')
     assert r.returncode == 0, r.stderr
     assert log.read_text().splitlines() == [
-        '-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29999 ' + sample_cmd,
+        '-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29999 '
+        + sample_cmd,
         eval_cmd]

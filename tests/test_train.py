@@ -157,7 +157,8 @@ def test_lr_wd_schedule_and_param_groups():
     assert all(x == 1.0 for x in r[wp_it:flat_end])                         # flat for 5 % after warm-up
     assert all(a >= b for a, b in zip(r[wp_it:], r[wp_it + 1:])) and math.isclose(r[-1], wpe)
     assert math.isclose(lr_ratio('cos', max_it - 1, wp_it, max_it, wpe=wpe), wpe)
-    assert math.isclose(wd_at(0.05, 0.08, 0, max_it), 0.05) and math.isclose(wd_at(0.05, 0.08, max_it - 1, max_it), 0.08)
+    assert math.isclose(wd_at(0.05, 0.08, 0, max_it), 0.05)
+    assert math.isclose(wd_at(0.05, 0.08, max_it - 1, max_it), 0.08)
 
     _, var = build_vae_var(device='meta', patch_nums=PN, V=V, Cvae=CVAE, ch=CH, num_classes=3, depth=2,
                            shared_aln=True, use_implicit=True, pre_depth=1, post_depth=1)
@@ -197,7 +198,8 @@ def test_train_sh_runs_the_readme_command(tmp_path, toy):
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
     env.update(PATH=f'{fake}:{os.environ["PATH"]}', ARGV_OUT=str(tmp_path / 'argv.txt'))
-    r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh')], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh')], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     cwd, *argv = (tmp_path / 'argv.txt').read_text().splitlines()
     assert 'bash scripts/train.sh' in (REPO / 'README.md').read_text()
@@ -210,7 +212,8 @@ def test_train_sh_runs_the_readme_command(tmp_path, toy):
     for extra, want in ((['--data_path=/nonexistent'], "'/nonexistent' does not exist"), ([], 'placeholder'),
                         (['--data_path', '/data/in1k', '--data_path', str(toy['root'])], 'has no train/ and no val/')):
         (tmp_path / 'argv.txt').unlink(missing_ok=True)
-        r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), *extra], env=env, capture_output=True, text=True)
+        r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), *extra], env=env, capture_output=True,
+                           text=True)
         assert r.returncode == 1 and want in r.stderr and r.stderr.count('\n') == 1, r.stderr
         assert r.stderr.startswith('scripts/train.sh: error:') and not (tmp_path / 'argv.txt').exists()
     r = subprocess.run(['bash', str(REPO / 'scripts' / 'train.sh'), '--data_path', toy['data']], env=env)
@@ -349,7 +352,8 @@ def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
     for out, resumed_from in ((B, 8), (C, 6)):
         files = read_events(tb_dir(out))
         assert len(files) == 2
-        for tag in ('AR_iter_loss/train_loss', 'AR_iter_loss/acc_mean', 'AR_implicit/n0_no_grad', 'AR_implicit/n1_with_grad'):
+        for tag in ('AR_iter_loss/train_loss', 'AR_iter_loss/acc_mean', 'AR_implicit/n0_no_grad',
+                    'AR_implicit/n1_with_grad'):
             want = scalars(ev_a, tag)
             first, second = scalars(files[0], tag), scalars(files[1], tag)
             assert sorted(want) == list(range(12)) and min(second) == resumed_from and max(second) == 11
@@ -450,7 +454,8 @@ def test_loss_goes_down_on_toy_classes(toy, tmp_path):
     assert len(epochs) == 8 and len(vals) == 2
     # margins, identical with ATEN_CPU_CAPABILITY=default / avx2 / native and 1 or 2 threads: the untrained loss is
     # 0.005 from ln V (bound 0.1; the first epoch's mean, 0.006 inside its old bound, was too close to call); the
-    # epoch loss falls by 1.22 (bound 0.5); validation loss ln V - 1.33 (bound ln V - 0.5), accuracy 25.6 % (bound 4.7 %)
+    # epoch loss falls by 1.22 (bound 0.5); validation loss ln V - 1.33 (bound ln V - 0.5), accuracy 25.6 %
+    # (bound 4.7 %)
     (events,) = read_events(tb_dir(out))
     assert abs(scalars(events, 'AR_iter_loss/L_mean')[0] - math.log(V)) < 0.1        # starts at chance
     assert epochs[-1]['L_mean'] < epochs[0]['L_mean'] - 0.5
@@ -461,8 +466,9 @@ def test_loss_goes_down_on_toy_classes(toy, tmp_path):
 @pytest.mark.parametrize('case', ['missing', 'no_val', 'val_without_classes', 'empty_class', 'placeholder'])
 def test_bad_data_path_stops_before_building_models(case, toy, tmp_path, capsys):
     root = tmp_path / 'd'
-    want = {'missing': 'does not exist', 'no_val': 'has no val/ folder', 'val_without_classes': 'holds no class folders',
-            'empty_class': 'Found no valid file', 'placeholder': 'placeholder'}[case]
+    want = {'missing': 'does not exist', 'no_val': 'has no val/ folder',
+            'val_without_classes': 'holds no class folders', 'empty_class': 'Found no valid file',
+            'placeholder': 'placeholder'}[case]
     if case != 'missing':
         shutil.copytree(toy['data'], root)
     if case == 'no_val':

@@ -11,7 +11,7 @@ from utils import dist, training
 from utils.errors import UserError
 
 
-# ============================================== --device auto on a machine whose CUDA is unusable ======================
+# ============================================== --device auto on a machine whose CUDA is unusable =====================
 def fake_unusable_cuda(monkeypatch, tmp_path, reason='CUDA initialization: The NVIDIA driver on your system is too '
                                                        'old (found version 11040).'):
     marker = tmp_path / 'nvidia0'
@@ -22,7 +22,7 @@ def fake_unusable_cuda(monkeypatch, tmp_path, reason='CUDA initialization: The N
 
     def is_available():
         if reason:
-            warnings.warn(reason)
+            warnings.warn(reason, stacklevel=2)
         return False
     monkeypatch.setattr(torch.cuda, 'is_available', is_available)
     return marker
@@ -124,5 +124,6 @@ def test_logger_writes_the_run_folder_and_cli_restores_the_process(tmp_path, cap
     assert rc == 1 and '[unit] hello' in cap.out and '[unit] careful' in cap.err
     assert cap.err.strip().endswith('unit.py: error: something to fix')
     assert '[unit] hello' in (tmp_path / 'stdout.txt').read_text()
-    assert 'careful' in (tmp_path / 'stderr.txt').read_text() and 'something to fix' in (tmp_path / 'stderr.txt').read_text()
+    err = (tmp_path / 'stderr.txt').read_text()
+    assert 'careful' in err and 'something to fix' in err
     assert signal.getsignal(signal.SIGTERM) is handler and sys.stdout is stdout

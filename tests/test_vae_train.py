@@ -73,7 +73,8 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
     (tmp_path / 'c' / 'recon').mkdir(parents=True)
     for stale in ('.vae-ckpt-last.pth.a1b2c3d4.tmp', 'recon/.ep0001.png.qwertyui.tmp'):
         (tmp_path / 'c' / stale).write_bytes(b'partial')
-    r = run_vae(repo_dir, ['--data_path', str(tmp_path / 'nowhere'), *TINY, '--local_out_dir_path', str(tmp_path / 'c')])
+    r = run_vae(repo_dir, ['--data_path', str(tmp_path / 'nowhere'), *TINY,
+                           '--local_out_dir_path', str(tmp_path / 'c')])
     assert r.returncode == 1 and 'nowhere' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list((tmp_path / 'c').rglob('*.tmp')) and 'removed 2 temporary file(s)' in r.stdout
@@ -81,6 +82,7 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
 
 def test_unreadable_image_saves_first(repo_dir, data, tmp_path):
     import shutil
+
     from utils.data import ResumableBatchSampler, build_dataset
     copy = tmp_path / 'data'
     shutil.copytree(data, copy)

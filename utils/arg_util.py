@@ -94,7 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
                    'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **B)
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--bs', type=int, default=768, help='global batch size per optimiser step (all ranks, all accumulation steps)')
+    g.add_argument('--bs', type=int, default=768,
+                   help='global batch size per optimiser step (all ranks, all accumulation steps)')
     g.add_argument('--ac', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--ep', type=int, default=250, help='epochs')
     g.add_argument('--tblr', type=float, default=1e-4, help='base lr; lr = tblr x bs / 256')
@@ -105,7 +106,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--wp', type=float, default=0, help='warm-up epochs (0: ep/50)')
     g.add_argument('--wp0', type=float, default=0.005, help='lr ratio at the start of warm-up')
     g.add_argument('--wpe', type=float, default=0.01, help='lr ratio at the end of training')
-    g.add_argument('--sche', type=str, default='lin0', help='lr schedule after warm-up: lin0, lin, lin00, linX, cos, exp')
+    g.add_argument('--sche', type=str, default='lin0',
+                   help='lr schedule after warm-up: lin0, lin, lin00, linX, cos, exp')
     g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler, 2: bf16')
     g.add_argument('--tf32', default=True, help='allow TF32 matmuls on CUDA', **B)
     g.add_argument('--grad_ckpt', default=False, help='activation checkpointing: every block (and implicit step with '
@@ -117,17 +119,21 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', type=str, default='auto', choices=('auto', 'cpu', 'cuda'))
     g.add_argument('--local_out_dir_path', type=str, default='local_output', help='logs, TensorBoard and checkpoints')
     g.add_argument('--save_freq', type=int, default=5, help='validate and save ar-ckpt-last.pth every this many epochs')
-    g.add_argument('--ckpt_every_iters', type=int, default=0, help='also save ar-ckpt-last.pth every this many iterations (0: off)')
-    g.add_argument('--log_freq', type=int, default=0, help='console / TensorBoard detail every this many iterations (0: ~10 per epoch)')
+    g.add_argument('--ckpt_every_iters', type=int, default=0,
+                   help='also save ar-ckpt-last.pth every this many iterations (0: off)')
+    g.add_argument('--log_freq', type=int, default=0,
+                   help='console / TensorBoard detail every this many iterations (0: ~10 per epoch)')
     g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
-    g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)   # torch.distributed.launch
+    # torch.distributed.launch passes it
+    g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     _debug_flags(p)
     p.add_argument('--debug_nonfinite_at', type=str, default='', help=argparse.SUPPRESS)
     return p
 
 
 def _data_flags(g, B):
-    g.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to round(mid_reso x side), then crop')
+    g.add_argument('--mid_reso', type=float, default=1.125,
+                   help='resize the shorter side to round(mid_reso x side), then crop')
     g.add_argument('--hflip', default=False, help='random horizontal flip', **B)
     g.add_argument('--workers', type=int, default=-1, help='DataLoader worker processes per rank (-1: min(8, CPUs '
                    'per process); 0: decode images in the training process)')
@@ -186,7 +192,8 @@ def finalize_args(args: argparse.Namespace, world_size: int, downsample: int = P
         args.wp = args.ep / 50
     args.workers = min(default_workers() if args.workers < 0 else args.workers, args.batch_size)
     # the official name tb-VARd{depth}__pn...; VIAR and FlexVAR runs are marked at the end
-    name = f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}adamlr{args.tblr:g}wd{args.twd:g}'
+    name = (f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}'
+            f'adamlr{args.tblr:g}wd{args.twd:g}')
     if args.use_implicit:
         name += f'__viar_p{args.p_depth}'
     if args.flex:
@@ -224,7 +231,8 @@ def get_vae_parser() -> argparse.ArgumentParser:
     B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
     unset = argparse.SUPPRESS          # family-dependent defaults (VAE_DEFAULTS), filled in by parse_vae_args
     g = p.add_argument_group('data')
-    g.add_argument('--data_path', type=str, required=True, help='folder with train/<class>/<images> and val/<class>/<images>')
+    g.add_argument('--data_path', type=str, required=True,
+                   help='folder with train/<class>/<images> and val/<class>/<images>')
     g.add_argument('--pn', type=str, default='256', help="scales: '256', '512' or sides like 1_2_3_4; image side = "
                    "downsampling x the last side")
     _data_flags(g, B)
@@ -259,7 +267,8 @@ def get_vae_parser() -> argparse.ArgumentParser:
     g.add_argument('--lp', type=float, default=0.0, help='weight of the perceptual loss (VGG16 features; needs '
                    "torchvision's ImageNet VGG16 weights in the torch hub cache)")
     g.add_argument('--disc', type=float, default=0.0, help='weight of the adversarial (hinge PatchGAN) loss; 0: off')
-    g.add_argument('--disc_start', type=float, default=0.5, help='start the adversarial loss after this fraction of training')
+    g.add_argument('--disc_start', type=float, default=0.5,
+                   help='start the adversarial loss after this fraction of training')
     g.add_argument('--disc_ch', type=int, default=64, help='PatchGAN discriminator width')
     g.add_argument('--ae_warmup', type=int, default=0, help='epochs of plain autoencoding (quantiser skipped) first; '
                    'then every code is seeded from encoder outputs (helps small tokenizers trained briefly)')
@@ -273,14 +282,17 @@ def get_vae_parser() -> argparse.ArgumentParser:
     g.add_argument('--wp', type=float, default=1.0, help='warm-up epochs')
     g.add_argument('--lr_end', type=float, default=0.1, help='lr ratio at the end (cosine from 1)')
     g.add_argument('--clip', type=float, default=0.0, help='grad-norm clipping (0: off)')
-    g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler (CUDA), 2: bf16')
+    g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2),
+                   help='0: fp32, 1: fp16 + GradScaler (CUDA), 2: bf16')
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', type=str, default='auto', choices=('auto', 'cpu', 'cuda'))
     g.add_argument('--threads', type=int, default=0, help='CPU threads per process (0: torch default)')
     g.add_argument('--local_out_dir_path', type=str, default='local_output_vae')
-    g.add_argument('--save_freq', type=int, default=1, help='validate, save and draw a reconstruction grid every N epochs')
-    g.add_argument('--log_freq', type=int, default=0, help='console / TensorBoard every N iterations (0: ~10 per epoch)')
+    g.add_argument('--save_freq', type=int, default=1,
+                   help='validate, save and draw a reconstruction grid every N epochs')
+    g.add_argument('--log_freq', type=int, default=0,
+                   help='console / TensorBoard every N iterations (0: ~10 per epoch)')
     g.add_argument('--n_vis', type=int, default=8, help='validation images in the reconstruction grids')
     g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
     _debug_flags(p)
@@ -315,7 +327,8 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--ch_mult must be positive integers like 1_1_2_2_4, got {args.ch_mult!r}')
     args.ch_mult = ch_mult
     if args.norm_groups < 1 or any(args.ch * m % args.norm_groups for m in args.ch_mult):
-        p.error(f'every level width (--ch {args.ch} x --ch_mult) must be a multiple of --norm_groups {args.norm_groups}')
+        p.error(f'every level width (--ch {args.ch} x --ch_mult) must be a multiple of --norm_groups '
+                f'{args.norm_groups}')
     if args.num_res_blocks < 1:
         p.error(f'--num_res_blocks must be >= 1, got {args.num_res_blocks}')
     if len(args.patch_nums) < 2:

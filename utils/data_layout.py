@@ -25,7 +25,8 @@ def class_dirs(folder: str) -> List[str]:
 
 def check_data_path(data_path: str) -> Tuple[List[str], List[str]]:
     """(train classes, val classes) of ``data_path``; raises DataError saying what is missing."""
-    layout = f'expected {os.path.join(data_path, "train")}/<class>/<images> and {os.path.join(data_path, "val")}/<class>/<images>'
+    layout = (f'expected {os.path.join(data_path, "train")}/<class>/<images> and '
+              f'{os.path.join(data_path, "val")}/<class>/<images>')
     if data_path in PLACEHOLDERS:
         raise DataError(f'--data_path is still the placeholder {data_path!r}: pass --data_path=/your/imagenet '
                         f'(the folder holding train/ and val/), or edit it in scripts/train.sh')
@@ -35,7 +36,8 @@ def check_data_path(data_path: str) -> Tuple[List[str], List[str]]:
         raise DataError(f'--data_path {data_path!r} is a file, not a folder ({layout})')
     missing = [s for s in ('train', 'val') if not os.path.isdir(os.path.join(data_path, s))]
     if missing:
-        raise DataError(f'--data_path {data_path!r} has no {" and no ".join(m + "/" for m in missing)} folder ({layout})')
+        folders = ' and no '.join(m + '/' for m in missing)
+        raise DataError(f'--data_path {data_path!r} has no {folders} folder ({layout})')
     train_cls, val_cls = class_dirs(os.path.join(data_path, 'train')), class_dirs(os.path.join(data_path, 'val'))
     for split, cls in (('train', train_cls), ('val', val_cls)):
         if not cls:

@@ -116,7 +116,8 @@ def ensure_checkpoint(path: str, what: str = 'checkpoint', ckpt_dir: str = CKPT_
     if name is None:
         known = ', '.join(sorted(PUBLISHED))
         raise MissingCheckpointError(f'{what} {path!r} does not exist: check the path (the published checkpoints '
-                                     f'{known} are downloaded automatically only to their default place {ckpt_dir}/<file>)')
+                                     f'{known} are downloaded automatically only to their default place '
+                                     f'{ckpt_dir}/<file>)')
     if not download:
         return path
     error = None

@@ -21,8 +21,9 @@ from PIL import Image
 
 from utils.errors import UserError
 
-__all__ = ['EditError', 'load_image', 'fit_square', 'image_to_tensor', 'parse_box', 'check_box', 'check_region',
-           'check_same_aspect', 'edit_mask_from_image', 'masked_preview', 'ASPECT_TOLERANCE']
+__all__ = ['EditError', 'load_image', 'fit_square', 'image_to_uint8', 'image_to_tensor', 'square_input', 'parse_box',
+           'check_box', 'check_region', 'check_same_aspect', 'edit_mask_from_image', 'masked_preview',
+           'ASPECT_TOLERANCE']
 
 # mask and input image may differ this much in aspect ratio (relative), e.g. one pixel of rounding in a resized copy
 ASPECT_TOLERANCE = 0.01
@@ -70,10 +71,25 @@ def fit_square(img: Image.Image, size: int, resample=Image.LANCZOS) -> Image.Ima
     return img.crop(box) if img.size != (size, size) else img
 
 
+def image_to_uint8(img: Image.Image) -> torch.Tensor:
+    """The pixels (3, H, W) uint8 of an image, as RGB."""
+    return torch.from_numpy(np.asarray(img.convert('RGB'), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _uint8_to_input(u8_3HW: torch.Tensor) -> torch.Tensor:
+    return u8_3HW.unsqueeze(0).float().div_(127.5).sub_(1)
+
+
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """(1, 3, H, W) float32 in [-1, 1] of an RGB image (``u8 / 127.5 - 1``, the tokenizer's input range)."""
-    a = torch.from_numpy(np.asarray(img.convert('RGB'), dtype=np.uint8).copy())
-    return a.permute(2, 0, 1).unsqueeze(0).float().div_(127.5).sub_(1)
+    return _uint8_to_input(image_to_uint8(img))
+
+
+def square_input(img: Image.Image, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``img`` fitted to a size x size square (``fit_square``): (its pixels (3, size, size) uint8, the tokenizer's
+    input (1, 3, size, size) in [-1, 1] made of them)."""
+    u8_3HW = image_to_uint8(fit_square(img, size))
+    return u8_3HW, _uint8_to_input(u8_3HW)
 
 
 # ================================ the region to generate ==============================================================

@@ -64,7 +64,8 @@ def wd_at(wd: float, wd_end: float, cur_it: int, max_it: int) -> float:
 
 
 def lr_wd_annealing(sche: str, optimizer: torch.optim.Optimizer, peak_lr: float, wd: float, wd_end: float,
-                    cur_it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.001) -> Tuple[float, float]:
+                    cur_it: int, wp_it: float, max_it: int, wp0: float = 0.005,
+                    wpe: float = 0.001) -> Tuple[float, float]:
     """Sets every group's lr (x its ``lr_sc``) and weight decay (x its ``wd_sc``); returns (lr, wd) of the schedule."""
     lr = peak_lr * lr_ratio(sche, cur_it, wp_it, max_it, wp0=wp0, wpe=wpe)
     cur_wd = wd_at(wd, wd_end, cur_it, max_it)

@@ -9,8 +9,8 @@ those to come (zero-shot editing, ...).  A script is built from these pieces, in
     img_B3HW = sample_batch(var, label_B, g_seed, kw, amp_dtype)    # add keys to kw for more (edit_mask=...)
     save_png_atomic(to_uint8(img_B3HW)[0], path)                    # utils.misc; the official uint8 conversion
 
-FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``,
-``--max_pn``, ``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
+FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``, ``--max_pn``,
+``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
 ``--vae_ckpt`` is not given and refuses those flags for a VAR/VIAR model, ``sampler_kwargs`` gives a FlexVAR model its
 schedule and guidance keywords (defaults filled in), and ``sample_batch`` passes keywords only.
 
@@ -26,10 +26,11 @@ Every user-fixable problem is a ``SamplingError`` (a ``utils.errors.UserError``)
 Layering: this module loads models (it imports ``models.checkpoint``); nothing under ``models/`` imports it.
 """
 import argparse
+import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,11 @@ from utils.download import CKPT_DIR, FLEX_TOKENIZER, PUBLISHED, VAR_TOKENIZER, d
 from utils.errors import UserError
 
 __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError',
-           'add_common_args', 'add_device_args', 'add_flex_args', 'add_model_args', 'add_sampler_args', 'check_args',
-           'check_output_dir', 'default_vae_ckpt', 'dtype_name', 'effective_top_k', 'load_models', 'parse_schedule', 'resolve_dtype',
-           'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device', 'to_uint8',
-           'weights_fingerprint']
+           'add_common_args', 'add_device_args', 'add_flex_args', 'add_guidance_args', 'add_model_args',
+           'add_sampler_args', 'check_args', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
+           'effective_top_k', 'guard_writes', 'load_models', 'make_output_dir', 'parse_schedule', 'parse_tolerance',
+           'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device',
+           'to_uint8', 'weights_fingerprint']
 
 BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
 
@@ -108,6 +110,14 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--dtype', type=str, default='auto', choices=['auto', 'fp32', 'fp16', 'bf16'],
                    help='autocast precision; auto = the official behaviour (fp16 on CUDA, fp32 on CPU)')
     p.add_argument('--tf32', default=True, help='allow TF32 matmuls/convolutions on CUDA (official: on)', **BOOL)
+
+
+def add_guidance_args(p) -> None:
+    """``--cfg``, ``--top_k`` and ``--top_p`` alone, with the sampling scripts' defaults: the knobs of the scripts
+    that measure the sampler (``scripts.sweep``, ``scripts.fixed_point``).  ``p``: a parser or an argument group."""
+    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance')
+    p.add_argument('--top_k', type=int, default=900, help='top-k (0: off; clamped to the vocabulary)')
+    p.add_argument('--top_p', type=float, default=0.96, help='top-p (0: off)')
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -210,6 +220,19 @@ def check_output_dir(path: str, flag: str) -> None:
         raise SamplingError(f'{flag} {path!r} is a file, not a folder: pass another {flag}')
 
 
+def parse_tolerance(text: str, flag: str, error: type[UserError] = SamplingError, hint: str = '') -> float:
+    """One early-exit tolerance given in ``flag`` (an element of a list flag): a finite number >= 0, the rule of
+    ``--iter_tol`` (``FLAG_RULES``); else one ``error`` line (``hint`` ends the one for what is no number)."""
+    try:
+        tol = float(text)
+    except ValueError:
+        raise error(f'could not read the tolerance {text!r} of {flag}{hint}') from None
+    ok, rule = FLAG_RULES['iter_tol']
+    if not ok(tol):
+        raise error(f'{flag} {text} {rule}')
+    return tol
+
+
 # ================================ device, precision, models ===========================================================
 def setup_backends(tf32: bool) -> None:
     """The official flags: TF32 on, deterministic cuDNN without autotuning."""
@@ -221,7 +244,8 @@ def setup_backends(tf32: bool) -> None:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``--dtype``, or None for plain fp32 ('auto': fp16 on CUDA as the official scripts, else fp32)."""
+    """Autocast dtype of ``--dtype``, or None for plain fp32 ('auto': fp16 on CUDA as the official scripts, else
+    fp32)."""
     if name == 'auto':
         name = 'fp16' if device.type == 'cuda' else 'fp32'
     return {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[name]
@@ -237,6 +261,33 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | 
     device = dist.init_distributed(args.device)
     setup_backends(args.tf32)
     return device, resolve_dtype(args.dtype, device)
+
+
+def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
+    """The model when ``--var_ckpt`` is not given: ``ckpts/viar.pth`` with ``--use_implicit``, else
+    ``ckpts/var_d{--depth}.pth`` (``depth`` when ``--depth`` is not given either)."""
+    return 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth'
+
+
+def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
+    """Creates the folder ``path`` the images go to (under ``--output_dir``); a failure is one ``error`` line."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise error(f'cannot create the output folder {path} ({e}): pass another --output_dir') from None
+
+
+@contextlib.contextmanager
+def guard_writes(kept: str, every_rank: bool = False) -> Iterator[None]:
+    """Around a script's work once ``setup_device`` has joined the torchrun group: an OSError (disk full, an output
+    folder that is a file, permissions ...) becomes one ``SamplingError`` line ``'{e}; {kept}'`` (``every_rank``:
+    this rank's own problem), and the group is left in any case."""
+    try:
+        yield
+    except OSError as e:
+        raise SamplingError(f'{e}; {kept}', every_rank=every_rank) from None
+    finally:
+        dist.destroy()
 
 
 def default_vae_ckpt(var_ckpt: str) -> str:

@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -110,8 +110,10 @@ def create_logger(out_dir: str, name: str) -> logging.Logger:
         stamped = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%m-%d %H:%M:%S')
         handlers = [(logging.StreamHandler(sys.stdout), logging.INFO, True, None),
                     (logging.StreamHandler(sys.stderr), logging.WARNING, False, None),
-                    (logging.FileHandler(os.path.join(out_dir, 'stdout.txt'), encoding='utf-8'), logging.INFO, False, stamped),
-                    (logging.FileHandler(os.path.join(out_dir, 'stderr.txt'), encoding='utf-8'), logging.WARNING, False, stamped)]
+                    (logging.FileHandler(os.path.join(out_dir, 'stdout.txt'), encoding='utf-8'), logging.INFO, False,
+                     stamped),
+                    (logging.FileHandler(os.path.join(out_dir, 'stderr.txt'), encoding='utf-8'), logging.WARNING, False,
+                     stamped)]
         for h, level, below_warning, fmt in handlers:
             h.setLevel(level)
             if below_warning:
@@ -204,12 +206,13 @@ def start(args, prog: str, subdirs: Sequence[str] = ()) -> Run:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True       # fixed shapes: the tokenizer's convolutions pick their fastest kernels
+        torch.backends.cudnn.benchmark = True   # fixed shapes: the tokenizer's convolutions pick their fastest kernels
         if hasattr(args, 'tf32'):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     amp_dtype = {0: None, 1: torch.float16, 2: torch.bfloat16}[args.fp16]
     if amp_dtype is torch.float16 and dev.type != 'cuda':
-        log.info(f'[{name}] --fp16=1 (float16 + GradScaler) needs CUDA; on CPU training runs in bfloat16 autocast instead')
+        log.info(f'[{name}] --fp16=1 (float16 + GradScaler) needs CUDA; on CPU training runs in bfloat16 autocast '
+                 'instead')
         amp_dtype = torch.bfloat16
     log.info(f'[{name}] {" ".join(sys.argv)}')
     return Run(args=args, dev=dev, out=out, log=log, stop=stop, amp_dtype=amp_dtype)
@@ -319,6 +322,19 @@ class Batches:
             if not batch:
                 return
             yield batch[0]
+
+
+def epochs(t, sampler, n_epochs: int) -> Iterator[Tuple[int, int]]:
+    """(epoch, first iteration) of every epoch left of ``n_epochs``: the one a checkpoint stopped in continues at
+    ``t.start_it`` (its sums restored), every other starts at 0 with ``t.ep_sums`` zeroed; ``sampler`` (a
+    ``ResumableBatchSampler``) is set to that epoch and iteration first.  ``t``: a trainer with ``start_ep``,
+    ``start_it`` and ``ep_sums``."""
+    for ep in range(t.start_ep, n_epochs):
+        first = t.start_it if ep == t.start_ep else 0
+        if first == 0:
+            t.ep_sums.zero_()
+        sampler.set_epoch(ep, first)
+        yield ep, first
 
 
 def step_boundary(run: Run, batches: Batches, save: Callable[[], Any], where: str):
@@ -454,7 +470,8 @@ def gather_tensor(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def param_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Per-parameter (sum, sum of squares) in float64: equal on all ranks iff DDP kept them in sync."""
-    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]).flatten()
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                        for p in model.parameters()]).flatten()
 
 
 def fingerprint(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str:
@@ -475,6 +492,7 @@ def wrap_ddp(model: torch.nn.Module, dev: torch.device, find_unused: bool = Fals
     if dist.get_world_size() == 1:
         return model
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
     no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
                       else {'broadcast_buffers': False})
