@@ -166,6 +166,40 @@ def test_demo_samples_show_the_requested_class(demo_run):
 
 
 @pytest.mark.slow
+def test_editing_invariants_hold_on_the_trained_demo_model(demo_run):
+    """Zero-shot editing with the demo's trained VIAR (tests/test_edit.py checks random weights and the official
+    vectors): the kept tokens are the input's at every scale, an all-ones keep-mask gives back the tokenizer's
+    reconstruction, and an all-zero mask with the drawn 1x1 token (kept whatever the mask) is plain sampling."""
+    import torch.nn.functional as F
+
+    from models import get_edit_mask
+    from models.checkpoint import load_vae_var
+    out, _, _, rep = demo_run
+    vae, var = load_vae_var(rep['tokenizer']['checkpoint'], rep['viar']['checkpoint'])
+    x, y, _ = demo_data.load_folder(out / 'data' / 'val', max_per_class=1)
+    pn = var.patch_nums
+    with torch.no_grad():
+        tokens = vae.img_to_idxBl(x, pn)
+    kw = dict(B=len(y), label_B=y, g_seed=3, cfg=2.0, top_k=0, top_p=0.0, iter_left=3, iter_right=3, ret_idx_Bl=True)
+    keep = get_edit_mask(pn, 0.0, 0.5, 1.0, 1.0, inpainting=True)           # the right half is generated
+    _, idx = var.autoregressive_infer_cfg(**kw, input_img_tokens=tokens, edit_mask=keep)
+    for si, p in enumerate(pn):
+        k = F.interpolate(keep[None, None], size=(p, p), mode='bilinear', align_corners=False)[0, 0].reshape(-1) > 0.5
+        if p * p <= 3:
+            k[:] = True
+        assert torch.equal(idx[si][:, k], tokens[si][:, k]), si
+    img, idx = var.autoregressive_infer_cfg(**kw, input_img_tokens=tokens, edit_mask=torch.ones(pn[-1], pn[-1]))
+    assert all(torch.equal(a, b) for a, b in zip(idx, tokens))
+    with torch.no_grad():
+        recon = vae.img_to_reconstructed_img(x, last_one=True).add(1).mul(0.5)
+    torch.testing.assert_close(img, recon, rtol=0, atol=1e-5)
+    plain, plain_idx = var.autoregressive_infer_cfg(**kw)
+    inputs = [plain_idx[0]] + tokens[1:]
+    img, idx = var.autoregressive_infer_cfg(**kw, input_img_tokens=inputs, edit_mask=torch.zeros(pn[-1], pn[-1]))
+    assert torch.equal(img, plain) and all(torch.equal(a, b) for a, b in zip(idx, plain_idx))
+
+
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage_and_scores_the_same(demo_run, repo_dir):
     out, cmd, _, rep = demo_run
     r = subprocess.run(cmd, cwd=repo_dir, capture_output=True, text=True, timeout=300)
