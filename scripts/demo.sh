@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The laptop demo: procedural data -> tiny tokenizer -> tiny VIAR -> class-conditional grids -> classifier score.
+# The laptop demo: procedural shapes -> tokenizer -> VIAR -> grids under three iteration schedules -> images/s,
+# classifier score and zero-shot editing; about 5 min on 2 CPU cores (docs/demo.md).
 # CPU only, no download besides, on a fresh machine, the packages it needs that are missing (pinned in
 # requirements-lock.txt; an installed torch / torchvision is kept; no TensorFlow).
 #   bash scripts/demo.sh                  # everything in demo_output/
