@@ -608,14 +608,18 @@ def debug_signal(args, g_it: int):
 
 def make_loader(dataset, dev, workers: int, seed: int, **kw):
     """A DataLoader with its own generator (worker seeds never come from the global RNG: resuming stays exact
-    whatever the worker count), pinned memory on CUDA, and persistent workers: each loader forks its workers once.
+    whatever the worker count), pinned memory on CUDA, and persistent workers: each loader forks its workers once, an
+    evaluation loader (no batch sampler) at once, here.
     (A validation loader that forked new workers at every evaluation could hang on Python 3.11: a fork while another
     thread -- e.g. the queue feeder thread of the previous evaluation's workers -- is exiting can leave the child
     waiting forever on an interpreter lock, seen as a training stuck in its validation.)"""
     from torch.utils.data import DataLoader
-    return DataLoader(dataset, num_workers=workers, pin_memory=dev.type == 'cuda', persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed + dist.get_rank()), **kw)
+    loader = DataLoader(dataset, num_workers=workers, pin_memory=dev.type == 'cuda', persistent_workers=workers > 0,
+                        worker_init_fn=_worker_init if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(seed + dist.get_rank()), **kw)
+    if workers > 0 and 'batch_sampler' not in kw:
+        iter(loader)        # an evaluation loader forks its workers now, while no other Python thread comes or goes
+    return loader
 
 
 def report_bad_images(run: Run, datasets) -> int:
