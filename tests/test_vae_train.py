@@ -148,8 +148,10 @@ def test_flex_resumes_exactly_learns_and_exports_what_train_py_reads(repo_dir, d
     # the losses fall: the last epoch's train means and the validation MSE of every scale below the first step's
     rec = epoch_records(a)
     first_rec, first_ms, _ = steps[0]
-    assert rec[-1]['rec_mse'] < 0.7 * first_rec and rec[-1]['ms_mse'] < 0.7 * first_ms, (steps[0], rec[-1])
-    assert rec[-1]['val_MSE'] < 0.7 * first_rec and max(rec[-1]['val_MSE_scales']) < 0.7 * first_rec, rec[-1]
+    # measured with ATEN_CPU_CAPABILITY default / avx2 / avx512 x 1 / 2 threads (identical in all six): 0.680, 0.646,
+    # 0.645, 0.645 of the first step's losses; bound 0.8
+    assert rec[-1]['rec_mse'] < 0.8 * first_rec and rec[-1]['ms_mse'] < 0.8 * first_ms, (steps[0], rec[-1])
+    assert rec[-1]['val_MSE'] < 0.8 * first_rec and max(rec[-1]['val_MSE_scales']) < 0.8 * first_rec, rec[-1]
     assert rec[-1]['val_MSE_scales'][-1] == pytest.approx(rec[-1]['val_MSE'])
     assert (a / 'recon' / 'ep0002.png').is_file()
 
