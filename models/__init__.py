@@ -3,7 +3,8 @@
 ``build_vae_var`` keeps the official signature and defaults; ``build_flexvar`` builds FlexVAR (``FlexVAE.pth`` +
 ``FlexVARd{16,20,24}``), with an explicit or an implicit backbone.  ``device='meta'`` builds the models without
 allocating or initialising any weight (a 2B-parameter checkpoint then loads with ``load_state_dict(...,
-assign=True)``, see ``models.checkpoint``).
+assign=True)``, see ``models.checkpoint``).  ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``: hub folders
+(``models.hub``).
 """
 from typing import Tuple
 
@@ -16,7 +17,8 @@ from .var import VAR, get_edit_mask, iterations_per_scale
 from .vqvae import VQVAE
 
 __all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale',
-           'FlexVAE', 'FlexVAR', 'build_flexvar', 'build_flex_var', 'flex_train_schedule', 'flex_train_schedule_for']
+           'FlexVAE', 'FlexVAR', 'build_flexvar', 'build_flex_var', 'flex_train_schedule', 'flex_train_schedule_for',
+           'save_pretrained', 'from_pretrained', 'push_to_hub']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -129,3 +131,6 @@ def build_flexvar(
                          init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
                          init_std=init_std)
     return vae, var
+
+
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402  (hub builds on the builders above)

@@ -31,7 +31,7 @@ from .vqvae import VQVAE
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
            'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var', 'is_flexvar_state',
-           'is_flexvae_state', 'trained_schedule']
+           'is_flexvae_state', 'trained_schedule', 'build_vae_from_config', 'build_var_from_config']
 
 
 class CheckpointError(UserError):
@@ -291,20 +291,33 @@ def load_vae(vae_ckpt: str, device='cpu', patch_nums=PATCH_NUMS_256, hint: str =
     """The tokenizer of ``vae_ckpt`` (bare state dict, ``{'model': ...}`` or a training checkpoint with
     ['trainer']['vae_wo_ddp']), in eval mode without gradients: VAR's VQVAE or FlexVAR's FlexVAE, from its keys."""
     sd, cfg = _tokenizer_config(vae_ckpt, hint)
-    if cfg.get('flex'):
-        with torch.device('meta'):
-            vae = FlexVAE(vocab_size=cfg['V'], Cvae=cfg['Cvae'], ch=cfg['ch'], z_channels=cfg['z_channels'],
-                          ch_mult=cfg['ch_mult'], num_res_blocks=cfg['num_res_blocks'], norm_groups=cfg['norm_groups'],
-                          v_patch_nums=patch_nums)
-        return _load_strict(vae, sd, device, f'tokenizer checkpoint {vae_ckpt!r} does not fit the FlexVAE '
-                                             'architecture ({err})')
+    kind = 'FlexVAE' if cfg.get('flex') else 'VQVAE'
+    return _load_strict(build_vae_from_config(cfg, patch_nums), sd, device,
+                        f'tokenizer checkpoint {vae_ckpt!r} does not fit the {kind} architecture ({{err}})')
+
+
+def build_vae_from_config(cfg: Dict[str, Any], patch_nums=PATCH_NUMS_256) -> Union[VQVAE, FlexVAE]:
+    """The tokenizer a config of ``infer_vae_config`` describes, built on ``meta`` (load its weights with
+    ``assign=True``)."""
     with torch.device('meta'):
-        vae = VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
-                    share_quant_resi=cfg['share_quant_resi'], v_patch_nums=patch_nums, ch_mult=cfg['ch_mult'],
-                    num_res_blocks=cfg['num_res_blocks'], using_sa=cfg['using_sa'],
-                    using_mid_sa=cfg['using_mid_sa'], norm_groups=cfg['norm_groups'])
-    return _load_strict(vae, sd, device, f'tokenizer checkpoint {vae_ckpt!r} does not fit the VQVAE architecture '
-                                         '({err})')
+        if cfg.get('flex'):
+            return FlexVAE(vocab_size=cfg['V'], Cvae=cfg['Cvae'], ch=cfg['ch'], z_channels=cfg['z_channels'],
+                           ch_mult=tuple(cfg['ch_mult']), num_res_blocks=cfg['num_res_blocks'],
+                           norm_groups=cfg['norm_groups'], v_patch_nums=tuple(patch_nums))
+        return VQVAE(vocab_size=cfg['V'], z_channels=cfg['Cvae'], ch=cfg['ch'], test_mode=True,
+                     share_quant_resi=cfg['share_quant_resi'], v_patch_nums=tuple(patch_nums),
+                     ch_mult=tuple(cfg['ch_mult']), num_res_blocks=cfg['num_res_blocks'], using_sa=cfg['using_sa'],
+                     using_mid_sa=cfg['using_mid_sa'], norm_groups=cfg['norm_groups'])
+
+
+def build_var_from_config(cfg: Dict[str, Any], vae: Union[VQVAE, FlexVAE]) -> VAR:
+    """The transformer a config of ``infer_var_config`` describes, on top of ``vae``, built on ``meta``."""
+    arch = dict(num_classes=cfg['num_classes'], patch_nums=tuple(cfg['patch_nums']), shared_aln=cfg['shared_aln'],
+                attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
+                pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
+    if cfg.get('flex'):
+        return _build_transformer(FlexVAR, vae, cfg['depth'], 'meta', {}, pos_grid=cfg['pos_grid'], **arch)
+    return build_var(vae, depth=cfg['depth'], **arch)
 
 
 def _load_strict(model: torch.nn.Module, sd, device, message: str):
@@ -345,21 +358,11 @@ def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Op
     if (cfg['V'], cfg['Cvae']) != (vae.vocab_size, vae.Cvae):
         raise CheckpointError(f'{var_ckpt!r} was trained on a tokenizer with V={cfg["V"]}, Cvae={cfg["Cvae"]}, but the '
                               f'tokenizer given has V={vae.vocab_size}, Cvae={vae.Cvae}: pass the matching --vae_ckpt')
-    if flex:
-        var = _build_transformer(
-            FlexVAR, vae, cfg['depth'], 'meta', {}, num_classes=cfg['num_classes'], patch_nums=cfg['patch_nums'],
-            shared_aln=cfg['shared_aln'], attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
-            pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5, pos_grid=cfg['pos_grid'])
-        return _load_strict(var, sd, device, f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); '
-                                             'is the file complete?')
-    if tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
+    if not flex and tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
         raise CheckpointError(f'{var_ckpt!r} uses scales {cfg["patch_nums"]}, the tokenizer was built for '
                               f'{vae.quantize.v_patch_nums}: load the tokenizer with patch_nums={cfg["patch_nums"]}')
-    var = build_var(vae, depth=cfg['depth'], num_classes=cfg['num_classes'], patch_nums=cfg['patch_nums'],
-                    shared_aln=cfg['shared_aln'], attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
-                    pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
-    return _load_strict(var, sd, device, f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); '
-                                         'is the file complete?')
+    return _load_strict(build_var_from_config(cfg, vae), sd, device,
+                        f'{var_ckpt!r} does not fit {describe_var_config(cfg)} ({{err}}); is the file complete?')
 
 
 def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Dict[str, Any]] = None,

@@ -14,11 +14,11 @@ FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR
 ``--vae_ckpt`` is not given and refuses those flags for a VAR/VIAR model, ``sampler_kwargs`` gives a FlexVAR model its
 schedule and guidance keywords (defaults filled in), and ``sample_batch`` passes keywords only.
 
-A new sampler flag (e.g. ``--iter_tol``) slots in with three lines: add it to a parser group, map it to its keyword
-of ``autoregressive_infer_cfg`` in ``SAMPLER_FLAGS`` and give it a rule in ``FLAG_RULES``.  ``sampler_kwargs``
-then passes it (unless it is None), ``check_args`` validates it, and ``sampling.py`` records it with the settings
-of a sample folder (images made with another value are never mixed in); an iteration flag, which a VAR model
-ignores, also goes in ``ITERATION_KWARGS``.
+A new sampler flag (e.g. ``--iter_tol``) slots in with two lines: add it to a parser group, and add its field (keyword
+of ``autoregressive_infer_cfg``, rule, kind) to ``SamplerSettings`` (``utils.sampler_settings``), from which
+``SAMPLER_FLAGS``, ``ITERATION_KWARGS``, ``FLEX_KWARGS`` and the sampler rows of ``FLAG_RULES`` are derived.
+``sampler_kwargs`` then passes it (unless it is None), ``check_args`` validates it, and ``sampling.py`` records it
+with the settings of a sample folder (images made with another value are never mixed in).
 
 Every user-fixable problem is a ``SamplingError`` (a ``utils.errors.UserError``): scripts end with
 ``utils.errors.run_cli``, which prints it as one line and exits with status 1.
@@ -28,7 +28,6 @@ Layering: this module loads models (it imports ``models.checkpoint``); nothing u
 import argparse
 import contextlib
 import hashlib
-import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,8 +41,17 @@ from utils import dist
 from utils.arg_util import str2bool
 from utils.download import CKPT_DIR, FLEX_TOKENIZER, PUBLISHED, VAR_TOKENIZER, default_path, ensure_checkpoint
 from utils.errors import UserError
+from utils.sampler_settings import (
+    FLEX_PN_ALIASES,
+    SamplerSettings,
+    SettingsError,
+    _at_least,
+    parse_schedule,
+    schedule_name,
+)
 
-__all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS', 'SamplingError',
+__all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
+           'SamplerSettings', 'SamplingError',
            'add_common_args', 'add_device_args', 'add_flex_args', 'add_guidance_args', 'add_model_args',
            'add_sampler_args', 'check_args', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
            'effective_top_k', 'guard_writes', 'load_models', 'make_output_dir', 'parse_schedule', 'parse_tolerance',
@@ -128,66 +136,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     add_device_args(p)
 
 
+# the tables of the sampler flags, derived from SamplerSettings (utils.sampler_settings: a new knob is one field there)
 # flag -> keyword argument of autoregressive_infer_cfg; a flag the namespace lacks, or that is None, is not passed
-SAMPLER_FLAGS: dict[str, str] = {
-    'cfg': 'cfg', 'top_k': 'top_k', 'top_p': 'top_p', 'more_smooth': 'more_smooth',
-    'iter_left': 'iter_left', 'iter_right': 'iter_right', 'iter_tol': 'iter_tol',
-    'infer_pn': 'infer_patch_nums', 'max_pn': 'max_pn', 'used_llamagen_cfg': 'used_llamagen_cfg',
-}
+SAMPLER_FLAGS: dict[str, str] = SamplerSettings.flags()
 # keywords that only change the pixels of a model with an implicit block (VIAR)
-ITERATION_KWARGS = ('iter_left', 'iter_right', 'iter_tol')
+ITERATION_KWARGS = SamplerSettings.names_of('iteration')
 # keywords only a FlexVAR model takes, and their defaults for one (official eval_c2i.py: --maxpn 16, VAR's guidance
 # ramp; the schedule, None here: the model's own, var.patch_nums -- the --pn a train.py --flex checkpoint was trained
 # on, 1_2_3_4_5_6_8_10_13_16 for the published files; see models.checkpoint.trained_schedule)
-FLEX_KWARGS = {'infer_patch_nums': None, 'max_pn': 16, 'used_llamagen_cfg': False}
-# --infer_pn aliases: the official default (256 px) and the official 512 px zero-shot schedule (FlexVAR README,
-# scripts/evaluate_c2i.sh); not train.py's '512' alias of VAR's scales
-FLEX_PN_ALIASES = {'256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), '512': (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 23, 32)}
+FLEX_KWARGS = SamplerSettings.flex_defaults()
 
 SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1      # what torch.Generator.manual_seed accepts
 
 
-def _at_least(lo):
-    return lambda v: v >= lo
-
-
-def _finite_at_least(lo):
-    return lambda v: math.isfinite(v) and v >= lo
-
-
-def parse_schedule(text) -> tuple[int, ...] | None:
-    """``--infer_pn``: '256', '512' or sides like 1_2_4_8_16 (``-`` also separates) -> a tuple, or None when it is not a
-    schedule (strictly increasing, starting with 1).  A tuple or list is checked as it is."""
-    if isinstance(text, (tuple, list)):
-        pns = tuple(text)
-    else:
-        text = str(text).strip()
-        if text in FLEX_PN_ALIASES:
-            return FLEX_PN_ALIASES[text]
-        try:
-            pns = tuple(int(x) for x in text.replace('-', '_').split('_'))
-        except ValueError:
-            return None
-    if not pns or pns[0] != 1 or any(b <= a for a, b in zip(pns, pns[1:])):
-        return None
-    return pns
-
-
-def schedule_name(pns) -> str:
-    return '_'.join(map(str, pns))
-
-
 # flag -> (test of one value, what a valid value is); list flags are tested element by element, None is skipped
 FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    'cfg': (_finite_at_least(0), 'must be >= 0 (0: no guidance)'),
-    'top_k': (_at_least(0), 'must be >= 0 (0: off; more than the vocabulary keeps every token)'),
-    'top_p': (lambda v: 0 <= v <= 1, 'must be in [0, 1] (0: off)'),
-    'iter_left': (_at_least(0), 'must be >= 0 (implicit iterations at the first scale)'),
-    'iter_right': (_at_least(0), 'must be >= 0 (implicit iterations at the last scale)'),
-    'iter_tol': (_finite_at_least(0), 'must be >= 0 (relative residual that stops the iterations of a scale)'),
-    'infer_pn': (lambda v: parse_schedule(v) is not None,
-                 "must be token-map sides, strictly increasing from 1, like 1_2_3_4_5_6_8_10_13_16, or '256' / '512'"),
-    'max_pn': (_at_least(1), 'must be >= 1 (a token-map side)'),
+    **SamplerSettings.rules(),
     'num_classes': (_at_least(1), 'must be >= 1'),
     'per_class': (_at_least(1), 'must be >= 1'),
     'batch_size': (_at_least(1), 'must be >= 1'),
@@ -353,27 +317,16 @@ def effective_top_k(top_k: int, V: int) -> int:
 
 
 def sampler_kwargs(args: argparse.Namespace, var=None) -> dict[str, Any]:
-    """The keyword arguments of ``autoregressive_infer_cfg`` that the flags of ``args`` give (``SAMPLER_FLAGS``;
-    absent and None flags left out; ``--infer_pn`` as a tuple of sides).  With the model, ``top_k`` is clamped to its
-    vocabulary (what it samples with, and what ``sampling.py`` records), and a FlexVAR model gets every keyword of
-    ``FLEX_KWARGS`` (the defaults where a flag is not given; the schedule: the model's own, ``var.patch_nums``, which
-    ``load_models`` sets to the scales a training checkpoint was trained on), so that the
-    settings recorded beside its images always name its schedule and guidance."""
-    kw = {name: getattr(args, flag) for flag, name in SAMPLER_FLAGS.items() if getattr(args, flag, None) is not None}
-    for name in ('more_smooth', 'used_llamagen_cfg'):
-        if name in kw:
-            kw[name] = bool(kw[name])
-    if 'infer_patch_nums' in kw:
-        pns = parse_schedule(kw['infer_patch_nums'])
-        if pns is None:
-            raise SamplingError(f'--infer_pn {kw["infer_patch_nums"]} {FLAG_RULES["infer_pn"][1]}')
-        kw['infer_patch_nums'] = pns
-    if var is not None and 'top_k' in kw:
-        kw['top_k'] = effective_top_k(kw['top_k'], var.V)
-    if isinstance(var, FlexVAR):
-        for name, default in FLEX_KWARGS.items():
-            kw.setdefault(name, tuple(var.patch_nums) if name == 'infer_patch_nums' else default)
-    return kw
+    """The keyword arguments of ``autoregressive_infer_cfg`` that the flags of ``args`` give
+    (``SamplerSettings.from_namespace(args).kwargs(var)``: absent and None flags left out, ``--infer_pn`` as a tuple of
+    sides).  With the model, ``top_k`` is clamped to its vocabulary (what it samples with, and what ``sampling.py``
+    records), and a FlexVAR model gets every keyword of ``FLEX_KWARGS`` (the defaults where a flag is not given; the
+    schedule: the model's own, ``var.patch_nums``, which ``load_models`` sets to the scales a training checkpoint was
+    trained on), so that the settings recorded beside its images always name its schedule and guidance."""
+    try:
+        return SamplerSettings.from_namespace(args).kwargs(var)
+    except SettingsError as e:
+        raise SamplingError(str(e)) from None
 
 
 @torch.inference_mode()
