@@ -40,170 +40,79 @@ other settings, or from other weights under the same file name (``local_output/a
 is refused; a recorded config without images is simply replaced.  Folders of older versions, without fingerprints,
 are assumed to hold images of the current weights (a note says so) and get the fingerprints recorded.
 
+``--pretrained DIR_OR_REPO`` samples a hub folder (``models.save_pretrained``, ``python -m scripts.convert``) or a
+Hugging Face repository holding one instead of ``--ckpt_path``/``--vae_ckpt``: the folder is named after it
+(``implicit-<name>-cfg-...``) and the fingerprint is that of its ``model.safetensors``.  The work itself is
+``utils.folder_sampling.sample_folder``, which Python code can call directly.
+
 Once every image exists, rank 0 packs the npz and records its checksum (``npz_crc32``, the CRC-32 of ``arr_0``) in
 the config: a later run calls the npz up to date only if it is that very file, holds every image and is newer than
 every PNG; otherwise it packs it again.
 """
 import argparse
-import json
 import math
 import os
-import time
-import zipfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from utils import dist
 from utils.errors import run_cli_or_exit
-from utils.misc import (
-    atomic_write_bytes,
-    create_npz_from_sample_folder,
-    npz_array_header,
-    npz_member_crc32,
-    png_is_valid,
-    save_png_atomic,
+from utils.folder_sampling import (  # noqa: F401  (the library half; re-exported for older callers)
+    CONFIG_NAME,
+    NPZ_KEY,
+    check_or_record_settings,
+    image_settings,
+    missing_indices,
+    npz_is_current,
+    read_config,
+    sample_folder,
+    units_of,
+    write_config,
 )
+from utils.folder_sampling import folder_name as _folder_name
 from utils.sampling_utils import (
-    FLEX_KWARGS,
-    ITERATION_KWARGS,
     SEED_MAX,
+    SamplerSettings,
     SamplingError,
     add_common_args,
     check_args,
     check_output_dir,
-    dtype_name,
     guard_writes,
     load_models,
-    sample_batch,
+    pretrained_name,
     sampler_kwargs,
-    schedule_name,
     setup_device,
-    to_uint8,
     weights_fingerprint,
 )
 
 PROG = 'sampling.py'
-CONFIG_NAME = 'sampling_config.json'
 FINGERPRINT_KEYS = {'ckpt_fingerprint': ('model checkpoint', 'ckpt_path'),
                     'vae_fingerprint': ('tokenizer checkpoint', 'vae_ckpt')}
-NPZ_KEY = 'npz_crc32'
-BOOKKEEPING_KEYS = (*FINGERPRINT_KEYS, NPZ_KEY)     # recorded in the config, but not settings
-
-
-# ================================ the unit of work ====================================================================
-def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[int, int, list[int]]]:
-    """Every (class c, batch i, image indices) in index order: batch i of class c holds images
-    ``c * per_class + i * batch_size + j`` (the last batch of a class may be shorter) and uses ``g_seed = seed + i``."""
-    units = []
-    for c in range(num_classes):
-        for i in range(math.ceil(per_class / batch_size)):
-            lo, hi = i * batch_size, min((i + 1) * batch_size, per_class)
-            units.append((c, i, [c * per_class + j for j in range(lo, hi)]))
-    return units
 
 
 def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
-    """``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR; ``-tol{t}`` before ``-seed`` with ``--iter_tol``),
-    ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}`` (VAR); a FlexVAR
-    model (``kw`` from ``sampler_kwargs``, holding its schedule) names its schedule and guidance too:
-    ``flexvar-d{depth}-{ckpt}-pn{1_2_..._16}-cfg-{cfg}-maxpn-{max_pn}[-llamagen]-seed-{seed}`` (implicit backbone:
-    ``flexvar-implicit-d{depth}-...``)."""
-    base = os.path.basename(args.ckpt_path)
-    if kw and 'infer_patch_nums' in kw:
-        kw = {**FLEX_KWARGS, **kw}
-        prefix = f'flexvar-{"implicit-" if args.use_implicit else ""}d{ckpt_depth}'
-        guidance = f'cfg-{args.cfg}-maxpn-{kw["max_pn"]}{"-llamagen" if kw["used_llamagen_cfg"] else ""}'
-        return f'{prefix}-{base}-pn{schedule_name(kw["infer_patch_nums"])}-{guidance}-seed-{args.seed}'
-    prefix = 'implicit' if args.use_implicit else f'd{ckpt_depth}'
-    tol = f'-tol{args.iter_tol:g}' if args.use_implicit and getattr(args, 'iter_tol', None) is not None else ''
-    return f'{prefix}-{base}-cfg-{args.cfg}{tol}-seed-{args.seed}'
+    """The sample folder of the flags ``args`` (``utils.folder_sampling.folder_name``): named after ``--ckpt_path``,
+    or the ``--pretrained`` folder or repository."""
+    kw = {'cfg': args.cfg, 'iter_tol': getattr(args, 'iter_tol', None), **(kw or {})}
+    return _folder_name(model_label(args), ckpt_depth, bool(args.use_implicit), args.seed, kw)
 
 
-def image_settings(args, kw: dict[str, Any], use_implicit: bool, amp_dtype) -> dict[str, Any]:
-    """What decides the pixels of an image with a given index, besides the weights (recorded beside the images):
-    the file names, seed and batching, precision, and the sampler keywords ``kw`` (``sampler_kwargs``; the
-    iteration ones only for VIAR, whose pixels they change)."""
-    s = {'ckpt': os.path.basename(args.ckpt_path), 'vae_ckpt': os.path.basename(args.vae_ckpt), 'seed': args.seed,
-         'per_class': args.per_class, 'batch_size': args.batch_size, 'dtype': dtype_name(amp_dtype)}
-    s.update({k: v for k, v in kw.items() if use_implicit or k not in ITERATION_KWARGS})
-    return json.loads(json.dumps(s))        # as read back from the file (tuples become lists)
+def model_label(args) -> str:
+    return pretrained_name(args.pretrained) if getattr(args, 'pretrained', None) else os.path.basename(args.ckpt_path)
 
 
-# ================================ the recorded config =================================================================
-def read_config(folder: str) -> dict[str, Any] | None:
-    """The recorded config of ``folder``, or None when it is missing or unreadable."""
-    try:
-        with open(os.path.join(folder, CONFIG_NAME)) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def write_config(folder: str, record: dict[str, Any]) -> None:
-    atomic_write_bytes(json.dumps(record, indent=2, sort_keys=True).encode(), os.path.join(folder, CONFIG_NAME))
-
-
-def check_or_record_settings(folder: str, settings: dict[str, Any], fingerprints: dict[str, str],
-                             args) -> tuple[dict[str, Any], bool]:
-    """Refuses to mix images of other settings, or of other weights, into ``folder``; records the settings and the
-    fingerprints of the weights.  Returns (the config as now recorded, whether the folder's images predate
-    fingerprints and are only assumed to come from these weights)."""
-    old = read_config(folder)
-    if not any(n.endswith('.png') for n in os.listdir(folder)):
-        write_config(folder, {**settings, **fingerprints})       # nothing sampled yet: nothing to conflict with
-        return {**settings, **fingerprints}, False
-    if old is None:
-        print(f'[sampling] {folder} has images but no readable {CONFIG_NAME}; assuming they were sampled with these '
-              f'settings and weights', flush=True)
-        record = {**settings, **fingerprints}
-        write_config(folder, record)
-        return record, True
-
-    keys = list(settings) + [k for k in old if k not in settings and k not in BOOKKEEPING_KEYS]
-    diffs = [f'{k}={old.get(k)!r} (now {settings.get(k)!r})' for k in keys if old.get(k) != settings.get(k)]
-    if diffs:
-        raise SamplingError(f'{folder} holds images sampled with other settings: {", ".join(diffs)}; rerun with '
-                            f'the recorded settings to resume, or pass another --sample_dir (or delete the folder)')
-    changed = [f'{what} {getattr(args, flag)!r}' for key, (what, flag) in FINGERPRINT_KEYS.items()
-               if key in old and old[key] != fingerprints[key]]
-    if changed:
-        raise SamplingError(f'{folder} holds images sampled from other weights than the {" and the ".join(changed)} '
-                            f'now hold{"" if len(changed) > 1 else "s"} (same file name, other contents, e.g. trained '
-                            f'further): to sample these weights, pass another --sample_dir or delete the folder')
-    if all(old.get(k) == v for k, v in fingerprints.items()):
-        return old, False
-    print(f'[sampling] {os.path.join(folder, CONFIG_NAME)} records no fingerprint of the weights (an older version '
-          f'wrote it): assuming its images come from {args.ckpt_path} and {args.vae_ckpt} as they are now, and '
-          f'recording their fingerprints', flush=True)
-    record = {**old, **fingerprints}
-    write_config(folder, record)
-    return record, True
-
-
-def missing_indices(folder: str, indices: Sequence[int]) -> list[int]:
-    return [k for k in indices if not png_is_valid(os.path.join(folder, f'{k:06d}.png'))]
-
-
-def npz_is_current(npz_path: str, folder: str, num: int, crc32: int | None = None, check_crc: bool = True) -> bool:
-    """True when ``npz_path`` holds ``num`` uint8 images, is newer than every PNG it packs and (``check_crc``) is the
-    file whose CRC-32 of ``arr_0`` was recorded (``crc32``; None: none recorded, so not current)."""
-    if not os.path.isfile(npz_path):
-        return False
-    try:
-        shape, _, dtype = npz_array_header(npz_path)
-        if check_crc and npz_member_crc32(npz_path) != crc32:
-            return False
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return False
-    if dtype != 'uint8' or len(shape) != 4 or shape[0] != num:
-        return False
-    t_npz = os.path.getmtime(npz_path)
-    return all(os.path.getmtime(os.path.join(folder, f'{k:06d}.png')) <= t_npz for k in range(num))
+def identity(args) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
+    """(names recorded with the settings, fingerprints of the weights) of the flags: the checkpoint files, or the
+    hub folder's ``model.safetensors``."""
+    if getattr(args, 'pretrained', None):
+        path = args.pretrained_weights
+        return ({'pretrained': model_label(args)},
+                {'weights_fingerprint': (weights_fingerprint(path), f'hub folder {args.pretrained!r}', path)})
+    return ({'ckpt': os.path.basename(args.ckpt_path), 'vae_ckpt': os.path.basename(args.vae_ckpt)},
+            {key: (weights_fingerprint(getattr(args, flag)), f'{what} {getattr(args, flag)!r}', getattr(args, flag))
+             for key, (what, flag) in FINGERPRINT_KEYS.items()})
 
 
 # ================================ main ================================================================================
@@ -250,95 +159,18 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
-    rank, world, master = dist.get_rank(), dist.get_world_size(), dist.is_master()
     torch.manual_seed(args.seed)        # as the official script (the images only depend on g_seed)
-
-    # 1. models (architecture read from the files; --depth / --use_implicit are checked against them)
-    _, var = load_models(args, device, args.ckpt_path)
+    # models (architecture read from the files; --depth / --use_implicit are checked against them)
+    vae, var = load_models(args, device, args.ckpt_path)
+    source = args.pretrained if getattr(args, 'pretrained', None) else args.ckpt_path
     if args.num_classes > var.num_classes:
-        raise SamplingError(f'--num_classes {args.num_classes} but {args.ckpt_path!r} has {var.num_classes} classes: '
+        raise SamplingError(f'--num_classes {args.num_classes} but {source!r} has {var.num_classes} classes: '
                             f'pass --num_classes {var.num_classes} or fewer')
     kw = sampler_kwargs(args, var)
-
-    # 2. the folder, its recorded settings and weights, the units of this rank
-    folder = os.path.join(args.sample_dir, folder_name(args, var.depth, kw))
-    error, record, legacy = None, {}, False
-    if master:
-        fingerprints = {key: weights_fingerprint(getattr(args, flag)) for key, (_, flag) in FINGERPRINT_KEYS.items()}
-        try:
-            os.makedirs(folder, exist_ok=True)
-            record, legacy = check_or_record_settings(folder, image_settings(args, kw, var.use_implicit, amp_dtype),
-                                                      fingerprints, args)
-            for n in os.listdir(folder):    # temporary files of an interrupted run
-                if n.startswith('.') and n.endswith('.tmp'):
-                    os.unlink(os.path.join(folder, n))
-        except SamplingError as e:
-            error = str(e)
-        except OSError as e:
-            error = f'cannot use {folder} as the sample folder ({e}): pass another --sample_dir'
-    error = dist.broadcast_object(error)
-    if error:
-        raise SamplingError(error)
-    dist.barrier()
-
-    units = units_of(args.num_classes, args.per_class, args.batch_size)
-    total = args.num_classes * args.per_class
-    todo = []
-    for c, i, idx in units[rank::world]:
-        miss = missing_indices(folder, idx)
-        if miss:
-            todo.append((c, i, idx, miss))
-    counts = dist.allreduce_mean(torch.tensor([len(todo), sum(len(t[3]) for t in todo)], dtype=torch.float64,
-                                              device=device)).mul_(world).round_().long().tolist()
-    if master:
-        print(f'[sampling] {var.describe()} -> {folder}/ ({total} images: {args.num_classes} classes x '
-              f'{args.per_class}; {total - counts[1]} already done, {counts[1]} to write in {counts[0]} batches on '
-              f'{world} process(es); {dtype_name(amp_dtype)} on {device.type})', flush=True)
-
-    # 3. sample; PNGs are encoded and written by a thread while the next batch is sampled
-    t0, n_written = time.time(), 0
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for c, i, idx, miss in tqdm(todo, desc=f'rank {rank}', unit='batch', disable=not master, dynamic_ncols=True):
-            label_B = torch.full((len(idx),), c, dtype=torch.long, device=device)
-            imgs_BHW3 = to_uint8(sample_batch(var, label_B, args.seed + i, kw, amp_dtype))
-            if pending is not None:
-                pending.result()
-            jobs = [(imgs_BHW3[idx.index(k)], os.path.join(folder, f'{k:06d}.png')) for k in miss]
-            pending = writer.submit(lambda jobs=jobs: [save_png_atomic(a, p) for a, p in jobs])
-            n_written += len(miss)
-        if pending is not None:
-            pending.result()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    elapsed = time.time() - t0
-    dist.barrier()
-    n_mean = dist.allreduce_mean(torch.tensor([float(n_written)], dtype=torch.float64, device=device)).item()
-    n_all = round(n_mean * world)
-    if master and n_all:
-        print(f'[sampling] wrote {n_all} images in {elapsed:.1f} s: {n_all / max(elapsed, 1e-9):.2f} images/s '
-              f'({world} process(es))', flush=True)
-
-    # 4. pack the npz (rank 0) once every image exists, and record which file it is
-    error = None
-    if master:
-        npz_path = folder + '.npz'
-        lost = [k for k in range(total) if not os.path.isfile(os.path.join(folder, f'{k:06d}.png'))]
-        if lost:
-            error = (f'{len(lost)} images are missing in {folder} (e.g. {lost[0]:06d}.png): rerun the same command to '
-                     f'finish them')
-        elif npz_is_current(npz_path, folder, total, record.get(NPZ_KEY), check_crc=not legacy):
-            print(f'[sampling] {npz_path} is up to date')
-        else:
-            try:
-                create_npz_from_sample_folder(folder, num=total)
-            except (OSError, ValueError) as e:
-                error = f'packing {npz_path} failed ({e}); fix or delete the image named and rerun the same command'
-        if error is None and record.get(NPZ_KEY) != (crc := npz_member_crc32(npz_path)):
-            write_config(folder, {**record, NPZ_KEY: crc})
-    error = dist.broadcast_object(error)
-    if error:
-        raise SamplingError(error)
+    names, weights = identity(args) if dist.is_master() else (None, None)     # rank 0 records them
+    sample_folder(vae, var, os.path.join(args.sample_dir, folder_name(args, var.depth, kw)), args.num_classes,
+                  args.per_class, args.seed, batch_size=args.batch_size, amp_dtype=amp_dtype, names=names,
+                  weights=weights, settings=SamplerSettings.from_namespace(args))
 
 
 if __name__ == '__main__':

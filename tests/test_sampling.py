@@ -25,7 +25,7 @@ import sampling
 from models import build_vae_var
 from models.checkpoint import load_vae_var
 from readme_commands import readme_command
-from utils import download, sampling_utils
+from utils import download, folder_sampling, sampling_utils
 
 PNS = (1, 2, 3, 4)
 NUM_CLASSES = 3
@@ -200,7 +200,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpts, tmp_path
             str(tmp_path), '--num_classes', '3', '--per_class', '4', '--batch_size', '2']
     folder = tmp_path / 'd1-var.pth-cfg-1.5-seed-1'
     npz = Path(str(folder) + '.npz')
-    real = sampling.sample_batch
+    real = folder_sampling.sample_batch
     calls = []
 
     def interrupted(var, label_B, g_seed, *a, **k):     # Ctrl-C during the 4th batch
@@ -209,7 +209,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpts, tmp_path
             raise KeyboardInterrupt
         return real(var, label_B, g_seed, *a, **k)
 
-    monkeypatch.setattr(sampling, 'sample_batch', interrupted)
+    monkeypatch.setattr(folder_sampling, 'sample_batch', interrupted)
     with pytest.raises(SystemExit) as e:
         run_sampling(argv)
     assert e.value.code == 130 and 'rerun the same command to resume' in capsys.readouterr().err
@@ -221,7 +221,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpts, tmp_path
     (folder / '000001.png').write_bytes(before['000001.png'][2][:100])
     (folder / '000004.png').unlink()
     calls.clear()
-    monkeypatch.setattr(sampling, 'sample_batch', lambda var, label_B, g_seed, *a, **k:
+    monkeypatch.setattr(folder_sampling, 'sample_batch', lambda var, label_B, g_seed, *a, **k:
                         calls.append((int(label_B[0]), g_seed)) or real(var, label_B, g_seed, *a, **k))
     run_sampling(argv)
     assert calls == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]        # units (0,0) and (1,0) partly, the rest fully
@@ -380,8 +380,8 @@ def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, 
     capsys.readouterr()
 
     calls = []
-    real = sampling.sample_batch
-    monkeypatch.setattr(sampling, 'sample_batch', lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = folder_sampling.sample_batch
+    monkeypatch.setattr(folder_sampling, 'sample_batch', lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     for path, key, what in ((ckpt, 'head.weight', 'model checkpoint'),
                             (vae, 'decoder.conv_out.weight', 'tokenizer checkpoint')):
         original = path.read_bytes()

@@ -51,10 +51,10 @@ from utils.sampler_settings import (
 )
 
 __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
-           'SamplerSettings', 'SamplingError',
-           'add_common_args', 'add_device_args', 'add_flex_args', 'add_guidance_args', 'add_model_args',
-           'add_sampler_args', 'check_args', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
-           'effective_top_k', 'guard_writes', 'load_models', 'make_output_dir', 'parse_schedule', 'parse_tolerance',
+           'SamplerSettings', 'SamplingError', 'add_common_args', 'add_device_args', 'add_flex_args',
+           'add_guidance_args', 'add_model_args', 'add_sampler_args', 'check_args', 'check_output_dir',
+           'default_vae_ckpt', 'default_var_ckpt', 'dtype_name', 'effective_top_k', 'guard_writes', 'load_models',
+           'load_pretrained', 'make_output_dir', 'parse_schedule', 'parse_tolerance', 'pretrained_name',
            'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device',
            'to_uint8', 'weights_fingerprint']
 
@@ -67,7 +67,11 @@ class SamplingError(UserError):
 
 # ================================ flags ===============================================================================
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The tokenizer, and the architecture the user states (checked against the checkpoint, never trusted)."""
+    """The tokenizer (or a hub folder holding both models), and the architecture the user states (checked against
+    the checkpoint, never trusted)."""
+    p.add_argument('--pretrained', type=str, default=None, metavar='DIR_OR_REPO',
+                   help='a hub folder (models.save_pretrained, python -m scripts.convert) or a Hugging Face repository '
+                        'id holding one: tokenizer and transformer, instead of the checkpoint files')
     p.add_argument('--vae_ckpt', type=str, default=None,
                    help=f'tokenizer checkpoint (default: {default_path(VAR_TOKENIZER)}, or '
                         f'{default_path(FLEX_TOKENIZER)} for a FlexVAR model)')
@@ -272,23 +276,59 @@ def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
     place are downloaded (a mistyped path of either fails before any download starts), the architecture is read from
     the file and checked against ``--depth / --use_implicit / --pre_depth / --post_depth``.  ``args.vae_ckpt`` None:
     the tokenizer of the model's kind (``default_vae_ckpt``; set in ``args``).  FlexVAR's flags on a VAR/VIAR model
-    are refused."""
+    are refused.  With ``--pretrained`` both models come from that hub folder or repository (``load_pretrained``)."""
+    if getattr(args, 'pretrained', None):
+        return load_pretrained(args, device)
     ensure_checkpoint(var_ckpt, 'model checkpoint', download=False)
     if args.vae_ckpt is None:
         args.vae_ckpt = default_vae_ckpt(var_ckpt)
     for download in (False, True):
         ensure_checkpoint(var_ckpt, 'model checkpoint', download=download)
         ensure_checkpoint(args.vae_ckpt, 'tokenizer checkpoint', download=download)
-    expect = {'depth': args.depth, 'use_implicit': bool(args.use_implicit),
-              'pre_depth': args.pre_depth, 'post_depth': args.post_depth}
-    flags = {k: f'--{k}' for k in expect}
-    vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=expect, flags=flags)
+    vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=_expected(args), flags=_flags(args))
+    _refuse_flex_flags(args, var, repr(var_ckpt))
+    return vae, var
+
+
+def _expected(args) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ('depth', 'use_implicit', 'pre_depth', 'post_depth')} | \
+        {'use_implicit': bool(getattr(args, 'use_implicit', False))}
+
+
+def _flags(args) -> dict[str, str]:
+    return {k: f'--{k}' for k in _expected(args)}
+
+
+def _refuse_flex_flags(args, var, source: str) -> None:
     given = [f'--{flag}' for flag, name in SAMPLER_FLAGS.items()
              if name in FLEX_KWARGS and getattr(args, flag, None) is not None]
     if given and not isinstance(var, FlexVAR):
         raise SamplingError(f'{" ".join(given)} {"is a FlexVAR flag" if len(given) == 1 else "are FlexVAR flags"}, but '
-                            f'{var_ckpt!r} holds {var.describe()}, whose scales are fixed: drop '
+                            f'{source} holds {var.describe()}, whose scales are fixed: drop '
                             f'{"it" if len(given) == 1 else "them"}, or pass a FlexVAR checkpoint')
+
+
+def pretrained_name(source: str) -> str:
+    """A hub folder's or repository's name (its last path component): what names its output folders."""
+    return os.path.basename(os.path.normpath(source))
+
+
+def load_pretrained(args: argparse.Namespace, device: torch.device, ckpt_flags: tuple[str, ...] = ('var_ckpt',)):
+    """(tokenizer, transformer) of ``--pretrained`` (a hub folder or repository id), checked against ``--depth /
+    --use_implicit / ...`` as a checkpoint is; ``--vae_ckpt`` (or a flag of ``ckpt_flags``) given as well is refused.
+    Sets ``args.pretrained_dir`` (the local folder: its ``model.safetensors`` fingerprints the weights)."""
+    from models.checkpoint import _check_expected
+    from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretrained
+    both = [f'--{f}' for f in ('vae_ckpt', *ckpt_flags) if getattr(args, f, None) is not None]
+    if both:
+        raise SamplingError(f'--pretrained {args.pretrained} holds the tokenizer and the transformer: drop '
+                            f'{" and ".join(both)}')
+    folder = resolve_pretrained(args.pretrained)
+    cfg = read_hub_config(folder)
+    _check_expected(cfg['transformer'], _expected(args), args.pretrained, _flags(args))
+    vae, var = from_pretrained(folder, device=device)
+    _refuse_flex_flags(args, var, f'--pretrained {args.pretrained!r}')
+    args.pretrained_dir, args.pretrained_weights = folder, os.path.join(folder, WEIGHTS)
     return vae, var
 
 
