@@ -553,22 +553,32 @@ def save_stats(path, pool, stats, source, graph_sha):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def evaluate(args):
-    """Compute the five numbers; returns them as an ordered dict."""
-    if args.batch_size < 1:
-        raise EvalError(f'--batch_size must be positive, got {args.batch_size}')
+def evaluate(ref_npz, sample_npz=None, *, inception=None, batch_size=64, save_ref_stats=False, is_shuffle=True,
+             sqrtm=False):
+    """The five numbers of ``sample_npz`` against ``ref_npz`` as an ordered dict ``{'Inception Score', 'FID',
+    'sFID', 'Precision', 'Recall'}``: the library form of ``python evaluator.py REF SAMPLE``.  ``inception``: the
+    graph's path (default: the cache, downloaded there if missing); ``save_ref_stats``: cache the reference
+    statistics next to it; ``is_shuffle`` / ``sqrtm``: see ``--no_is_shuffle`` / ``--sqrtm``.  Bad input raises
+    ``EvalError`` (checked before TensorFlow loads).  The parsed flags of the script are accepted too:
+    ``evaluate(args)``."""
+    if isinstance(ref_npz, argparse.Namespace):
+        a = ref_npz
+        return evaluate(a.ref_batch, a.sample_batch, inception=a.inception, batch_size=a.batch_size,
+                        save_ref_stats=a.save_ref_stats, is_shuffle=not a.no_is_shuffle, sqrtm=a.sqrtm)
+    if batch_size < 1:
+        raise EvalError(f'--batch_size must be positive, got {batch_size}')
     # Check both files before loading TensorFlow, downloading or computing anything.
-    ref = BatchFile(args.ref_batch, 'reference batch')
-    sample = BatchFile(args.sample_batch, 'sample batch')
-    graph = resolve_inception(args.inception)
+    ref = BatchFile(ref_npz, 'reference batch')
+    sample = BatchFile(sample_npz, 'sample batch')
+    graph = resolve_inception(inception)
     graph_sha = file_sha256(graph)
     ref = ref.cached(graph_sha)
     model = InceptionFeatures(graph)
 
-    ref_pool, ref_stats, ref_factors = ref.read(model, args.batch_size, graph_sha)
-    if args.save_ref_stats and ref.images is not None:
-        save_stats(stats_cache_path(args.ref_batch), ref_pool, ref_stats, args.ref_batch, graph_sha)
-    sample_pool, sample_stats, sample_factors = sample.read(model, args.batch_size, graph_sha)
+    ref_pool, ref_stats, ref_factors = ref.read(model, batch_size, graph_sha)
+    if save_ref_stats and ref.images is not None:
+        save_stats(stats_cache_path(ref_npz), ref_pool, ref_stats, ref_npz, graph_sha)
+    sample_pool, sample_stats, sample_factors = sample.read(model, batch_size, graph_sha)
     if ref_pool.shape[1] != sample_pool.shape[1]:
         raise EvalError(f'reference and sample features differ in size ({ref_pool.shape[1]} vs '
                         f'{sample_pool.shape[1]}); were they made with the same Inception graph?')
@@ -579,12 +589,12 @@ def evaluate(args):
     for name, mu, sigma in (('FID', 'mu', 'sigma'), ('sFID', 'mu_s', 'sigma_s')):
         try:
             distances[name] = frechet_distance(sample_stats[mu], sample_stats[sigma], ref_stats[mu], ref_stats[sigma],
-                                               use_sqrtm=args.sqrtm, factor1=sample_factors[sigma],
+                                               use_sqrtm=sqrtm, factor1=sample_factors[sigma],
                                                factor2=ref_factors[sigma])
         except EvalError as e:
-            raise EvalError(f'{name} of {args.sample_batch} against {args.ref_batch}: {e}') from None
+            raise EvalError(f'{name} of {sample_npz} against {ref_npz}: {e}') from None
     return {
-        'Inception Score': inception_score(probs, shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED),
+        'Inception Score': inception_score(probs, shuffle_seed=IS_SHUFFLE_SEED if is_shuffle else None),
         'FID': distances['FID'],
         'sFID': distances['sFID'],
         'Precision': precision,

@@ -63,6 +63,8 @@ from utils.folder_sampling import (  # noqa: F401  (the library half; re-exporte
     CONFIG_NAME,
     NPZ_KEY,
     check_or_record_settings,
+    checkpoint_identity,
+    hub_identity,
     image_settings,
     missing_indices,
     npz_is_current,
@@ -84,12 +86,9 @@ from utils.sampling_utils import (
     pretrained_name,
     sampler_kwargs,
     setup_device,
-    weights_fingerprint,
 )
 
 PROG = 'sampling.py'
-FINGERPRINT_KEYS = {'ckpt_fingerprint': ('model checkpoint', 'ckpt_path'),
-                    'vae_fingerprint': ('tokenizer checkpoint', 'vae_ckpt')}
 
 
 def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
@@ -107,12 +106,8 @@ def identity(args) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
     """(names recorded with the settings, fingerprints of the weights) of the flags: the checkpoint files, or the
     hub folder's ``model.safetensors``."""
     if getattr(args, 'pretrained', None):
-        path = args.pretrained_weights
-        return ({'pretrained': model_label(args)},
-                {'weights_fingerprint': (weights_fingerprint(path), f'hub folder {args.pretrained!r}', path)})
-    return ({'ckpt': os.path.basename(args.ckpt_path), 'vae_ckpt': os.path.basename(args.vae_ckpt)},
-            {key: (weights_fingerprint(getattr(args, flag)), f'{what} {getattr(args, flag)!r}', getattr(args, flag))
-             for key, (what, flag) in FINGERPRINT_KEYS.items()})
+        return hub_identity(args.pretrained, args.pretrained_weights)
+    return checkpoint_identity(args.ckpt_path, args.vae_ckpt)
 
 
 # ================================ main ================================================================================

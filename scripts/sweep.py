@@ -9,14 +9,16 @@ for VAR checkpoints and for VIAR checkpoints under several iteration schedules a
         --vae_ckpt demo_output/vae/vae_ch32v256z16.pth --ref_batch demo_output/data/val \\
         --inception stand_in_inception.pb --per_class 20 --out demo_output/sweep      # small models, on a CPU
 
+Models: ``--ckpts`` (.pth files, with ``--vae_ckpt``) and/or ``--pretrained`` (hub folders or repositories).
 Operating points: every VAR checkpoint once; every VIAR checkpoint once per ``--schedules`` entry (iter_left-
 iter_right) and once per ``--iter_tols`` entry (early exit, with ``--tol_schedule`` as each scale's maximum).  The
 kind of each checkpoint is read from the file.  For every point:
 
-1. **Samples** ``--num_classes`` x ``--per_class`` images with sampling.py's own pipeline (its units: class c,
-   batch i of ``--batch_size`` -> ``g_seed = seed + i``; PNGs written atomically; resumable; under torchrun the
-   units are dealt to the ranks and the images do not depend on their number; settings and weights fingerprints
-   recorded in ``sampling_config.json``), into ``<out>/samples/<point>/<sampling.py's folder>`` and its npz.
+1. **Samples** ``--num_classes`` x ``--per_class`` images with ``utils.folder_sampling.sample_folder`` (sampling.py's
+   pipeline: its units: class c, batch i of ``--batch_size`` -> ``g_seed = seed + i``; PNGs written atomically;
+   resumable; under torchrun the units are dealt to the ranks and the images do not depend on their number; settings
+   and weights fingerprints recorded in ``sampling_config.json``), into ``<out>/samples/<point>/<sampling.py's
+   folder>`` and its npz.
 2. **Measures** (rank 0 alone, after all sampling, before TensorFlow is loaded): ``--time_batches`` sampler calls of
    ``--batch_size`` images (the first units of the sample, after ``--time_warmup`` untimed calls): images/s of the
    whole sampler call (transformer and decoder; PNG writing excluded), peak memory (CUDA:
@@ -38,6 +40,7 @@ or file ends with one line and exit status 1.
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -49,21 +52,34 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-import sampling
+from evaluator import evaluate, file_sha256, resolve_inception
 from models.checkpoint import describe_var_config, infer_var_config, load_vae_var, model_state_dict, read_checkpoint
+from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretrained
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.errors import UserError, run_cli_parsed
+from utils.folder_sampling import (
+    NPZ_KEY,
+    checkpoint_identity,
+    folder_name,
+    hub_identity,
+    read_config,
+    sample_folder,
+    units_of,
+)
 from utils.memory import PeakMemory
 from utils.misc import atomic_write, atomic_write_bytes
 from utils.plot import Panel, save_png
 from utils.sampling_utils import (
+    SEED_MAX,
+    SamplerSettings,
     add_device_args,
     add_guidance_args,
+    check_args,
     dtype_name,
     parse_tolerance,
+    pretrained_name,
     sample_batch,
-    sampler_kwargs,
     setup_device,
 )
 
@@ -88,6 +104,7 @@ class Point:
     num_classes: int
     iters: Optional[Tuple[int, int]]  # VIAR: (iter_left, iter_right); VAR: None
     iter_tol: Optional[float]
+    hub: bool = False                 # ckpt is a hub folder or repository (--pretrained), not a .pth file
 
     @property
     def label(self) -> str:
@@ -119,8 +136,10 @@ def ckpt_label(path: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '_', f'{parent}-{stem}' if parent else stem)
 
 
-def inspect_ckpt(path: str) -> Dict[str, Any]:
-    """The architecture stored in a checkpoint (read memory-mapped; nothing is built)."""
+def inspect_ckpt(path: str, hub: bool = False) -> Dict[str, Any]:
+    """The architecture stored in a checkpoint (read memory-mapped; nothing is built) or a hub folder's config."""
+    if hub:
+        return read_hub_config(path)['transformer']
     return infer_var_config(model_state_dict(read_checkpoint(path, 'model checkpoint'), path), path)
 
 
@@ -129,17 +148,18 @@ def plan_points(args) -> List[Point]:
     schedules = [parse_schedule(s) for s in split_list(args.schedules)]
     tol_sched = parse_schedule(args.tol_schedule)
     points, labels = [], {}
-    for ckpt in dict.fromkeys(args.ckpts):
-        cfg = inspect_ckpt(ckpt)
+    sources = [(c, False) for c in dict.fromkeys(args.ckpts)] + [(h, True) for h in dict.fromkeys(args.pretrained)]
+    for ckpt, hub in sources:
+        cfg = inspect_ckpt(ckpt, hub)
         if cfg.get('flex'):
             raise SweepError(f'{ckpt!r} holds {describe_var_config(cfg)}: the sweep takes VAR and VIAR checkpoints '
                              f'(FlexVAR scale schedules are not operating points here)')
-        label = ckpt_label(ckpt)
+        label = re.sub(r'[^A-Za-z0-9._-]+', '_', pretrained_name(ckpt)) if hub else ckpt_label(ckpt)
         labels[label] = labels.get(label, 0) + 1
         if labels[label] > 1:
             label = f'{label}-{labels[label]}'
         common = dict(ckpt=ckpt, model=f'{"VIAR" if cfg["use_implicit"] else "VAR"}-d{cfg["depth"]} {label}',
-                      implicit=cfg['use_implicit'], depth=cfg['depth'], num_classes=cfg['num_classes'])
+                      implicit=cfg['use_implicit'], depth=cfg['depth'], num_classes=cfg['num_classes'], hub=hub)
         if not cfg['use_implicit']:
             points.append(Point(name=label, iters=None, iter_tol=None, **common))
             continue
@@ -149,44 +169,67 @@ def plan_points(args) -> List[Point]:
             points.append(Point(name=f'{label}-it{tol_sched[0]}-{tol_sched[1]}-tol{tol:g}', iters=tol_sched,
                                 iter_tol=tol, **common))
     if not points:
-        raise SweepError('no operating point: pass VIAR checkpoints with --schedules or --iter_tols, or VAR ones')
+        raise SweepError('no operating point: pass VIAR checkpoints (--ckpts or --pretrained) with --schedules or '
+                         '--iter_tols, or VAR ones')
     return points
 
 
 # ============================================== 1. sampling (sampling.py's pipeline) ==================================
-def sampling_args(args, p: Point, num_classes: int) -> argparse.Namespace:
-    """The flags sampling.py would get for point ``p``."""
-    il, ir = p.iters or (10, 10)        # a VAR ignores them (and sampling.py does not record them for it)
-    return argparse.Namespace(
-        ckpt_path=p.ckpt, vae_ckpt=args.vae_ckpt, depth=None, use_implicit=p.implicit, pre_depth=None, post_depth=None,
-        sample_dir=os.path.join(args.out, 'samples', p.name), seed=args.seed, num_classes=num_classes,
-        per_class=args.per_class, batch_size=args.batch_size, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        more_smooth=False, iter_left=il, iter_right=ir, iter_tol=p.iter_tol,
-        device=args.device, dtype=args.dtype, tf32=args.tf32)
+@dataclass
+class Run:
+    """What point ``p`` samples: sampling.py's images with these settings, into ``folder`` (+ ``.npz``)."""
+    folder: str
+    settings: SamplerSettings
+    num_classes: int
+    per_class: int
+    batch_size: int
+    seed: int
 
 
-def sample_folder(ns: argparse.Namespace, p: Point) -> str:
-    return os.path.join(ns.sample_dir, sampling.folder_name(ns, p.depth))
+def point_run(args, p: Point, num_classes: int) -> Run:
+    """The images of point ``p``: sampling.py's folder under ``<out>/samples/<point>``."""
+    il, ir = p.iters or (10, 10)        # a VAR ignores them (and they are not recorded for it)
+    settings = SamplerSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False, iter_left=il,
+                               iter_right=ir, iter_tol=p.iter_tol)
+    name = pretrained_name(p.ckpt) if p.hub else os.path.basename(p.ckpt)
+    folder = os.path.join(args.out, 'samples', p.name, folder_name(name, p.depth, p.implicit, args.seed,
+                                                                   settings.kwargs()))
+    return Run(folder=folder, settings=settings, num_classes=num_classes, per_class=args.per_class,
+               batch_size=args.batch_size, seed=args.seed)
 
 
-def sample_point(ns: argparse.Namespace, device, amp_dtype) -> None:
+def load_point(p: Point, args, device):
+    """(tokenizer, transformer) of the point's checkpoint (with ``--vae_ckpt``) or hub folder."""
+    if p.hub:
+        return from_pretrained(p.ckpt, device=device)
+    return load_vae_var(args.vae_ckpt, p.ckpt, device=device)
+
+
+def sample_point(p: Point, run: Run, models, args, amp_dtype) -> None:
+    """Samples (or completes) the point's folder and npz with ``sample_folder``."""
+    vae, var = models
+    names, weights = (None, None)
+    if dist.is_master():
+        names, weights = (hub_identity(p.ckpt, os.path.join(resolve_pretrained(p.ckpt), WEIGHTS)) if p.hub
+                          else checkpoint_identity(p.ckpt, args.vae_ckpt))
     try:
-        sampling._sample(ns, device, amp_dtype)
+        sample_folder(vae, var, run.folder, run.num_classes, run.per_class, run.seed, batch_size=run.batch_size,
+                      amp_dtype=amp_dtype, names=names, weights=weights, settings=run.settings)
     except OSError as e:
         raise SweepError(f'{e}; every image written so far is kept: fix this and rerun the same command to resume',
                          every_rank=True) from None
 
 
 # ============================================== 2. measuring ==========================================================
-def measure_point(var, vae, ns: argparse.Namespace, args, device, amp_dtype) -> Dict[str, Any]:
+def measure_point(var, vae, run: Run, args, device, amp_dtype) -> Dict[str, Any]:
     """images/s, peak memory, peak KV-cache bytes and iterations run over ``--time_batches`` sampler calls."""
-    units = sampling.units_of(ns.num_classes, ns.per_class, ns.batch_size)
+    units = units_of(run.num_classes, run.per_class, run.batch_size)
     calls = [units[j % len(units)] for j in range(args.time_warmup + args.time_batches)]
-    kw = sampler_kwargs(ns, var)
+    kw = run.settings.kwargs(var)
 
     def call(c, i, idx):
         label_B = torch.full((len(idx),), c, dtype=torch.long, device=device)
-        return sample_batch(var, label_B, ns.seed + i, kw, amp_dtype)
+        return sample_batch(var, label_B, run.seed + i, kw, amp_dtype)
 
     for unit in calls[:args.time_warmup]:
         call(*unit)
@@ -215,10 +258,10 @@ def measure_point(var, vae, ns: argparse.Namespace, args, device, amp_dtype) -> 
                 timed_at=time.strftime('%Y-%m-%d %H:%M:%S'))
 
 
-def measure_key(ns: argparse.Namespace, folder: str, args, device, amp_dtype) -> Dict[str, Any]:
+def measure_key(run: Run, args, device, amp_dtype) -> Dict[str, Any]:
     """What a measurement depends on: the recorded sampling settings and weights, and how it was timed."""
-    config = {k: v for k, v in (sampling.read_config(folder) or {}).items() if k != sampling.NPZ_KEY}
-    return dict(sampling=config, device=str(device), dtype=dtype_name(amp_dtype), batch_size=ns.batch_size,
+    config = {k: v for k, v in (read_config(run.folder) or {}).items() if k != NPZ_KEY}
+    return dict(sampling=config, device=str(device), dtype=dtype_name(amp_dtype), batch_size=run.batch_size,
                 time_batches=args.time_batches, time_warmup=args.time_warmup, threads=torch.get_num_threads())
 
 
@@ -256,7 +299,6 @@ def reference_npz(args) -> Optional[str]:
 
 
 def score_key(npz: str, ref: str, args) -> Dict[str, Any]:
-    from evaluator import file_sha256, resolve_inception
     from utils.misc import npz_member_crc32
     st = os.stat(ref)
     return dict(npz_crc32=npz_member_crc32(npz), ref=os.path.abspath(ref), ref_bytes=st.st_size,
@@ -264,10 +306,8 @@ def score_key(npz: str, ref: str, args) -> Dict[str, Any]:
 
 
 def score_point(npz: str, ref: str, args) -> Dict[str, float]:
-    import evaluator
-    ev = argparse.Namespace(ref_batch=ref, sample_batch=npz, inception=args.inception, batch_size=args.eval_batch_size,
-                            json=None, save_ref_stats=True, no_is_shuffle=False, sqrtm=False)
-    return {SCORE_NAMES[k]: float(v) for k, v in evaluator.evaluate(ev).items()}
+    scores = evaluate(ref, npz, inception=args.inception, batch_size=args.eval_batch_size, save_ref_stats=True)
+    return {SCORE_NAMES[k]: float(v) for k, v in scores.items()}
 
 
 # ============================================== the records and the report ============================================
@@ -325,58 +365,70 @@ def check_flags(args) -> None:
         bad.append(f'--num_classes {args.num_classes} must be >= 1')
     if args.ref_batch and not os.path.exists(args.ref_batch):
         bad.append(f'--ref_batch {args.ref_batch!r} not found')
+    if not args.ckpts and not args.pretrained:
+        bad.append('no model: pass --ckpts and/or --pretrained')
     if bad:
         raise SweepError('; '.join(bad))
+    try:
+        check_args(args)        # --cfg / --top_k / --top_p / --seed: the sampling scripts' rules
+    except UserError as e:
+        raise SweepError(str(e)) from None
+    last_g_seed = args.seed + math.ceil(args.per_class / args.batch_size) - 1
+    if last_g_seed > SEED_MAX:
+        raise SweepError(f'--seed {args.seed} is too large: the last batch of a class would use g_seed '
+                         f'{last_g_seed} > 2**64 - 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SweepError(f'--out {args.out!r} is a file, not a folder: pass another --out')
 
 
-def plan(args) -> Tuple[List[Point], List[argparse.Namespace]]:
-    """The operating points and sampling.py's flags for each, every flag checked (nothing loaded or written)."""
+def plan(args) -> Tuple[List[Point], List[Run]]:
+    """The operating points and the images of each, every flag checked (nothing loaded or written)."""
     check_flags(args)
     points = plan_points(args)
     num_classes = args.num_classes or min(p.num_classes for p in points)
     too_few = [p for p in points if p.num_classes < num_classes]
     if too_few:
         raise SweepError(f'--num_classes {num_classes} but {too_few[0].ckpt!r} has {too_few[0].num_classes} classes')
-    spaces = [sampling_args(args, p, num_classes) for p in points]
-    for ns in spaces:
-        sampling.check_sampling_args(ns)
-    return points, spaces
+    return points, [point_run(args, p, num_classes) for p in points]
 
 
 def run(args) -> List[Dict[str, Any]]:
     """The sweep of ``args``; returns the table's rows (rank 0; the other ranks return [] once sampling is done)."""
-    points, spaces = plan(args)
+    points, runs = plan(args)
     device, amp_dtype = setup_device(args)
     master = dist.is_master()
     try:
-        for i, (p, ns) in enumerate(zip(points, spaces)):
+        models = (None, None)
+        for i, (p, r) in enumerate(zip(points, runs)):
             if master:
                 print(f'\n[sweep] point {i + 1}/{len(points)}: {p.name} ({p.model}, {p.label})', flush=True)
-            sample_point(ns, device, amp_dtype)
+            if models[0] != p.ckpt:
+                models = (None, None)
+                models = (p.ckpt, load_point(p, args, device))
+            sample_point(p, r, models[1], args, amp_dtype)
+        models = None
         dist.barrier()
     finally:
         dist.destroy()
     if not master:      # measuring and scoring are rank 0's: the other ranks are done
         return []
-    records = measure_all(points, spaces, args, device, amp_dtype)
+    records = measure_all(points, runs, args, device, amp_dtype)
     ref = reference_npz(args)
     if ref:
-        score_all(points, spaces, records, ref, args)
+        score_all(points, runs, records, ref, args)
     rows = [dict(point=p.name, model=p.model, label=p.label, ckpt=p.ckpt, kind='VIAR' if p.implicit else 'VAR',
                  iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None, iter_tol=p.iter_tol,
-                 images=ns.num_classes * ns.per_class, npz=sample_folder(ns, p) + '.npz', **records[p.name]['measure'],
+                 images=r.num_classes * r.per_class, npz=r.folder + '.npz', **records[p.name]['measure'],
                  **(records[p.name].get('scores', {}) if ref else {}))
-            for p, ns in zip(points, spaces)]
+            for p, r in zip(points, runs)]
     write_report(rows, args, device, amp_dtype, ref)
     return rows
 
 
-def score_all(points, spaces, records, ref: str, args) -> None:
+def score_all(points, runs, records, ref: str, args) -> None:
     """Adds the scores to every record that has none for this npz, reference batch and Inception graph."""
-    for p, ns in zip(points, spaces):
-        rec, npz = records[p.name], sample_folder(ns, p) + '.npz'
+    for p, r in zip(points, runs):
+        rec, npz = records[p.name], r.folder + '.npz'
         key = score_key(npz, ref, args)
         if rec.get('score_key') != key or 'scores' not in rec:
             print(f'[sweep] scoring {p.name}', flush=True)
@@ -384,19 +436,19 @@ def score_all(points, spaces, records, ref: str, args) -> None:
             write_json(rec, record_path(args, p))
 
 
-def measure_all(points, spaces, args, device, amp_dtype) -> Dict[str, Dict[str, Any]]:
+def measure_all(points, runs, args, device, amp_dtype) -> Dict[str, Dict[str, Any]]:
     """The record of every point, measured where no valid measurement is stored; one model loaded at a time."""
     records, loaded = {}, (None, None, None)
-    for p, ns in zip(points, spaces):
+    for p, r in zip(points, runs):
         rec = read_record(record_path(args, p))
-        key = measure_key(ns, sample_folder(ns, p), args, device, amp_dtype)
+        key = measure_key(r, args, device, amp_dtype)
         if args.remeasure or rec.get('measure_key') != key or 'measure' not in rec:
             if loaded[0] != p.ckpt:
                 loaded = (None, None, None)
                 trim_host_memory()
-                loaded = (p.ckpt, *load_vae_var(args.vae_ckpt, p.ckpt, device=device))
-            print(f'[sweep] timing {p.name}: {args.time_batches} calls of {ns.batch_size} images', flush=True)
-            rec = dict(point=asdict(p), measure=measure_point(loaded[2], loaded[1], ns, args, device, amp_dtype),
+                loaded = (p.ckpt, *load_point(p, args, device))
+            print(f'[sweep] timing {p.name}: {args.time_batches} calls of {r.batch_size} images', flush=True)
+            rec = dict(point=asdict(p), measure=measure_point(loaded[2], loaded[1], r, args, device, amp_dtype),
                        measure_key=key)
             write_json(rec, record_path(args, p))
         records[p.name] = rec
@@ -430,7 +482,10 @@ def get_parser() -> argparse.ArgumentParser:
                                 epilog='\n\n'.join(__doc__.split('\n\n')[1:]), allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('operating points')
-    g.add_argument('--ckpts', nargs='+', required=True, help='VAR and VIAR checkpoints (kind read from each file)')
+    g.add_argument('--ckpts', nargs='+', default=[], help='VAR and VIAR checkpoints (kind read from each file)')
+    g.add_argument('--pretrained', nargs='+', default=[], metavar='DIR_OR_REPO',
+                   help='VAR and VIAR hub folders (models.save_pretrained) or Hugging Face repositories holding one; '
+                        'their own tokenizer is used, not --vae_ckpt')
     g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='their tokenizer')
     g.add_argument('--schedules', nargs='*', default=['10-10', '10-5', '5-5', '10-1', '3-3'],
                    help='VIAR iteration schedules ITER_LEFT-ITER_RIGHT, one point each')

@@ -308,7 +308,8 @@ def test_sweep_table_holds_the_evaluators_numbers(ckpts, golden_eval, tmp_path, 
         raise AssertionError('should have been reused')
     monkeypatch.setattr(sweep, 'measure_point', fail)
     monkeypatch.setattr(sweep, 'score_point', fail)
-    monkeypatch.setattr(sweep.sampling, 'sample_batch', fail)
+    from utils import folder_sampling
+    monkeypatch.setattr(folder_sampling, 'sample_batch', fail)
     assert sweep.main(argv) == 0
     assert json.loads((out / 'sweep.json').read_text())['points'] == doc['points']
 

@@ -37,11 +37,14 @@ from utils.sampling_utils import (
     ITERATION_KWARGS,
     SamplingError,
     dtype_name,
+    pretrained_name,
     sample_batch,
     to_uint8,
+    weights_fingerprint,
 )
 
-__all__ = ['CONFIG_NAME', 'NPZ_KEY', 'check_or_record_settings', 'folder_name', 'image_settings', 'missing_indices',
+__all__ = ['CONFIG_NAME', 'NPZ_KEY', 'check_or_record_settings', 'checkpoint_identity', 'folder_name', 'hub_identity',
+           'image_settings', 'missing_indices',
            'model_fingerprint', 'npz_is_current', 'read_config', 'sample_folder', 'units_of', 'write_config']
 
 CONFIG_NAME = 'sampling_config.json'
@@ -176,6 +179,21 @@ def model_fingerprint(*modules: torch.nn.Module) -> str:
             digest.update(flat[::step].to('cpu', torch.float64 if t.is_floating_point() else torch.int64)
                           .numpy().tobytes())
     return digest.hexdigest()
+
+
+def checkpoint_identity(ckpt_path: str, vae_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
+    """``sample_folder``'s ``names`` and ``weights`` for a checkpoint pair (as ``sampling.py`` records them): the
+    file names, and the fingerprints of the files (``weights_fingerprint``)."""
+    return ({'ckpt': os.path.basename(ckpt_path), 'vae_ckpt': os.path.basename(vae_path)},
+            {'ckpt_fingerprint': (weights_fingerprint(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
+             'vae_fingerprint': (weights_fingerprint(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path)})
+
+
+def hub_identity(source: str, weights_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
+    """``names`` and ``weights`` for a hub folder or repository ``source`` whose ``model.safetensors`` is
+    ``weights_path``."""
+    return ({'pretrained': pretrained_name(source)},
+            {'weights_fingerprint': (weights_fingerprint(weights_path), f'hub folder {source!r}', weights_path)})
 
 
 # ================================ sampling ============================================================================
