@@ -18,6 +18,9 @@ was trained on, 1_2_3_4_5_6_8_10_13_16 for the published files) and FlexVAR's gu
 Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
 script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.
 
+``--pretrained DIR_OR_REPO`` takes both models from a hub folder (``models.save_pretrained``, ``python -m
+scripts.convert``) or a Hugging Face repository holding one; images go to ``<output_dir>/<folder name>/``.
+
 Every flag is checked before a model loads or a file is written; a problem ends with one line and status 1.
 """
 import argparse
@@ -40,6 +43,7 @@ from utils.sampling_utils import (
     guard_writes,
     load_models,
     make_output_dir,
+    pretrained_name,
     sample_batch,
     sampler_kwargs,
     schedule_name,
@@ -88,16 +92,17 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
-    if args.var_ckpt is None:
+    if args.var_ckpt is None and not args.pretrained:
         args.var_ckpt = default_var_ckpt(args, 30)
     _, var = load_models(args, device, args.var_ckpt)
+    source = args.pretrained or args.var_ckpt
     bad = [c for c in args.class_label if not 0 <= c < var.num_classes]
     if bad:
-        raise SamplingError(f'--class_label {bad} out of range: {args.var_ckpt!r} has classes 0..{var.num_classes - 1}')
+        raise SamplingError(f'--class_label {bad} out of range: {source!r} has classes 0..{var.num_classes - 1}')
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
     kind += f', iter_tol {args.iter_tol:g}' if var.use_implicit and args.iter_tol is not None else ''
-    name = os.path.splitext(os.path.basename(args.var_ckpt))[0]
+    name = pretrained_name(args.pretrained) if args.pretrained else os.path.splitext(os.path.basename(args.var_ckpt))[0]
     if 'infer_patch_nums' in kw:        # FlexVAR: the schedule decides the size (and the images)
         pns = kw['infer_patch_nums']
         kind += (f', schedule {schedule_name(pns)} ({len(pns)} steps, {var.vae_proxy[0].downsample * pns[-1]} px), '
@@ -105,7 +110,7 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
         name += f'-pn{schedule_name(pns)}'
     out_dir = os.path.join(args.output_dir, name)
     make_output_dir(out_dir)
-    print(f'[gen_img] {args.var_ckpt} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
+    print(f'[gen_img] {source} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
           f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/',
           flush=True)
 

@@ -20,6 +20,8 @@ input's tokens, the region is given on the last scale's token grid (16x16 at 256
 Each result is one sampler call with ``B = 1`` and ``g_seed = seed``.  Written to ``<output_dir>/<checkpoint name>/``:
 ``<image>_<inpaint|outpaint|mask>[_class<c>]_seed<s>.png`` per result, and ``<image>_<...>_grid.png`` per input
 image: the original (cropped), the input with the region to generate greyed and hatched, then every result.
+``--pretrained DIR_OR_REPO``: both models from a hub folder or repository (``models.save_pretrained``), results under
+``<output_dir>/<its name>/``.
 """
 import argparse
 import os
@@ -51,6 +53,7 @@ from utils.sampling_utils import (
     dtype_name,
     load_models,
     make_output_dir,
+    pretrained_name,
     sample_batch,
     sampler_kwargs,
     setup_device,
@@ -119,12 +122,13 @@ def edit(args: argparse.Namespace) -> None:
             check_same_aspect(mask.size, im.size, f'--mask {args.mask!r}', f'--input_img {path!r}')
 
     device, amp_dtype = setup_device(args)
-    if args.var_ckpt is None:
+    if args.var_ckpt is None and not args.pretrained:
         args.var_ckpt = default_var_ckpt(args, 36)
     vae, var = load_models(args, device, args.var_ckpt)
+    source = args.pretrained or args.var_ckpt
     bad = [c for c in args.class_label or [] if not 0 <= c < var.num_classes]
     if bad:
-        raise EditError(f'--class_label {" ".join(map(str, bad))} out of range: {args.var_ckpt!r} has classes '
+        raise EditError(f'--class_label {" ".join(map(str, bad))} out of range: {source!r} has classes '
                         f'0..{var.num_classes - 1}')
     grid = var.patch_nums[-1]
     reso = grid * vae.downsample
@@ -140,11 +144,12 @@ def edit(args: argparse.Namespace) -> None:
     classes = args.class_label or [None]
     kw = sampler_kwargs(args, var)
 
-    out_dir = os.path.join(args.output_dir, os.path.splitext(os.path.basename(args.var_ckpt))[0])
+    out_dir = os.path.join(args.output_dir, pretrained_name(args.pretrained) if args.pretrained else
+                           os.path.splitext(os.path.basename(args.var_ckpt))[0])
     make_output_dir(out_dir, EditError)
     iters = f', iterations {args.iter_left}->{args.iter_right}' if var.backbone.is_implicit else ''
     what = 'unconditional' if args.class_label is None else f'class {" ".join(map(str, args.class_label))}'
-    print(f'[edit] {args.var_ckpt} ({var.describe()}{iters}, {reso} px, {grid}x{grid} tokens); {region}, {what}, '
+    print(f'[edit] {source} ({var.describe()}{iters}, {reso} px, {grid}x{grid} tokens); {region}, {what}, '
           f'seeds {args.seeds}, cfg {args.cfg}, top_k {kw["top_k"]}, top_p {args.top_p}, more_smooth '
           f'{kw["more_smooth"]}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/', flush=True)
 

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from models.checkpoint import load_vae_var
+from models.hub import from_pretrained
 from utils import dist
 from utils.errors import UserError, run_cli_parsed
 from utils.misc import atomic_write_bytes
@@ -177,18 +178,26 @@ def check_flags(args) -> None:
         raise FixedPointError(f'--out {args.out!r} is a folder; --out is a path prefix (writes OUT.json, OUT.png)')
 
 
+def model_source(args) -> str:
+    return args.pretrained or args.var_ckpt
+
+
 def load_viar(args, device):
-    """The VIAR model of ``--var_ckpt`` and the classes to sample (checked against it)."""
-    _, var = load_vae_var(args.vae_ckpt, args.var_ckpt, device=device)
+    """The VIAR model of ``--var_ckpt`` (or of the hub folder ``--pretrained``) and the classes to sample (checked
+    against it)."""
+    if args.pretrained:
+        _, var = from_pretrained(args.pretrained, device=device)
+    else:
+        _, var = load_vae_var(args.vae_ckpt, args.var_ckpt, device=device)
     if not var.use_implicit:
-        raise FixedPointError(f'{args.var_ckpt!r} is {var.describe()}, which has no implicit block: the '
+        raise FixedPointError(f'{model_source(args)!r} is {var.describe()}, which has no implicit block: the '
                               f'fixed-point diagnostics need a VIAR checkpoint')
     classes = args.classes
     if classes is None:     # spread over the classes: 0..7 for a small model, 8 distinct ones for ImageNet
         n = var.num_classes
         classes = sorted({round(j * (n - 1) / 7) for j in range(8)}) if n > 8 else list(range(n))
     if max(classes) >= var.num_classes:
-        raise FixedPointError(f'--classes {max(classes)} is out of range: {args.var_ckpt!r} has classes '
+        raise FixedPointError(f'--classes {max(classes)} is out of range: {model_source(args)!r} has classes '
                               f'0..{var.num_classes - 1}')
     return var, classes
 
@@ -197,7 +206,7 @@ def diagnose(var, classes, args, device, amp_dtype, token_iters: List[int]) -> D
     """Both measurements (module doc) and the settings, as the JSON document."""
     units = image_units(classes, args.per_class, args.batch_size)
     N = sum(b for _, _, b in units)
-    print(f'[fixed_point] {var.describe()} from {args.var_ckpt}: {N} images ({len(classes)} classes x '
+    print(f'[fixed_point] {var.describe()} from {model_source(args)}: {N} images ({len(classes)} classes x '
           f'{args.per_class}), residuals over {args.max_iters} iterations, token change for n in '
           f'{token_iters[0]}..{token_iters[-1]} against {args.ref_iters}->{args.ref_iters}; '
           f'{dtype_name(amp_dtype)} on {device.type}', flush=True)
@@ -209,7 +218,8 @@ def diagnose(var, classes, args, device, amp_dtype, token_iters: List[int]) -> D
             tokens[n] = sample_all(var, units, args, device, amp_dtype, n)[0]
     changes = [token_change(tokens[n], tokens[args.ref_iters], var.patch_nums) for n in token_iters]
     return dict(
-        var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, model=var.describe(), classes=classes,
+        var_ckpt=model_source(args), vae_ckpt=None if args.pretrained else args.vae_ckpt, model=var.describe(),
+        classes=classes,
         per_class=args.per_class, batch_size=args.batch_size, seed=args.seed, images=N, rows=2 * N, cfg=args.cfg,
         top_k=args.top_k, top_p=args.top_p, dtype=dtype_name(amp_dtype), device=device.type,
         max_iters=args.max_iters, ref_iters=args.ref_iters, seconds=round(time.time() - t0, 2),
@@ -247,6 +257,9 @@ def get_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--var_ckpt', default='ckpts/viar.pth', help='VIAR checkpoint (architecture read from the file)')
     p.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='its tokenizer')
+    p.add_argument('--pretrained', default=None, metavar='DIR_OR_REPO',
+                   help='a VIAR hub folder (models.save_pretrained) or Hugging Face repository holding one, instead of '
+                        '--var_ckpt/--vae_ckpt')
     p.add_argument('--classes', type=int, nargs='+', default=None,
                    help='classes to sample (default: 8 spread over the model\'s classes, all of them if it has <= 8)')
     p.add_argument('--per_class', type=int, default=4, help='images per class')
