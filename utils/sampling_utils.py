@@ -291,8 +291,11 @@ def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
 
 
 def _expected(args) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in ('depth', 'use_implicit', 'pre_depth', 'post_depth')} | \
-        {'use_implicit': bool(getattr(args, 'use_implicit', False))}
+    """The architecture the flags state (None: not stated; ``--use_implicit`` absent means VAR unless the script's
+    default is None)."""
+    implicit = getattr(args, 'use_implicit', False)
+    return {'depth': getattr(args, 'depth', None), 'use_implicit': None if implicit is None else bool(implicit),
+            'pre_depth': getattr(args, 'pre_depth', None), 'post_depth': getattr(args, 'post_depth', None)}
 
 
 def _flags(args) -> dict[str, str]:
