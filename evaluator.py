@@ -29,6 +29,8 @@ Only the feature extraction needs TensorFlow, and it is imported when it is need
 numpy/scipy functions.  The TensorFlow session grows its GPU memory as needed (``allow_growth``, as the ADM suite)
 instead of taking all of it, and places on the CPU what has no GPU kernel (``allow_soft_placement``).
 
+From Python: ``evaluate(ref_npz, sample_npz, ...)`` returns the five numbers as a dict.
+
 Bad input (a missing file, a folder instead of an .npz, a wrong array) ends with one line and exit status 1
 (``utils.errors.run_cli``), checked before TensorFlow is loaded or anything is downloaded.
 """

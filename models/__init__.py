@@ -18,7 +18,7 @@ from .vqvae import VQVAE
 
 __all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale',
            'FlexVAE', 'FlexVAR', 'build_flexvar', 'build_flex_var', 'flex_train_schedule', 'flex_train_schedule_for',
-           'save_pretrained', 'from_pretrained', 'push_to_hub']
+           'save_pretrained', 'from_pretrained', 'push_to_hub', 'load_vae_var']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -133,4 +133,5 @@ def build_flexvar(
     return vae, var
 
 
-from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402  (hub builds on the builders above)
+from .checkpoint import load_vae_var  # noqa: E402  (checkpoint and hub build on the builders above)
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
