@@ -95,8 +95,9 @@ def _check_config(cfg: Any, where: str) -> Dict[str, Any]:
 
 # ================================ where a folder is ===================================================================
 def _fetch_message(repo: str, reason: str) -> str:
-    return (f'hub repository {repo!r} could not be fetched ({reason}): on a machine with internet run '
-            f'`hf download {repo} --local-dir DIR` (huggingface_hub), copy DIR here and pass DIR instead')
+    return (f'{repo!r} is no local folder, and as a Hugging Face Hub repository it could not be fetched ({reason}): '
+            f'on a machine with internet run `hf download {repo} --local-dir DIR` (huggingface_hub), copy DIR here '
+            f'and pass DIR instead')
 
 
 def resolve_pretrained(path_or_repo_id: str, revision: Optional[str] = None) -> str:
