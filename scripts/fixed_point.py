@@ -42,7 +42,15 @@ from utils import dist
 from utils.errors import UserError, run_cli_parsed
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
-from utils.sampling_utils import add_device_args, add_guidance_args, check_args, dtype_name, sample_batch, setup_device
+from utils.sampling_utils import (
+    SamplerSettings,
+    add_device_args,
+    add_guidance_args,
+    check_args,
+    dtype_name,
+    sample_batch,
+    setup_device,
+)
 
 PROG = 'scripts.fixed_point'
 QUANTILES = (0.1, 0.5, 0.9)
@@ -64,8 +72,8 @@ def image_units(classes: Sequence[int], per_class: int, batch_size: int) -> List
 def sample_all(var, units, args, device, amp_dtype, n: int, trace: bool = False):
     """Tokens (N, L) of every image with the schedule n->n, and (trace) per scale the residuals (n, 2N): the
     conditional and the unconditional row of each image, batch by batch."""
-    kw = dict(cfg=args.cfg, top_k=min(args.top_k, var.V) if args.top_k > 0 else 0, top_p=args.top_p,
-              iter_left=n, iter_right=n, ret_idx_Bl=True)
+    kw = dict(SamplerSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, iter_left=n, iter_right=n)
+              .kwargs(var), ret_idx_Bl=True)
     tokens, rows = [], [[] for _ in var.patch_nums]
     for c, i, b in units:
         tr = {} if trace else None
