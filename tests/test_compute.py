@@ -244,9 +244,10 @@ def sweep_argv(ckpts, out, *extra):
 
 
 @pytest.fixture(scope='module')
-def golden_eval(golden_dir, tmp_path_factory):
-    """(a writable copy of the golden reference batch, the stand-in Inception graph)."""
-    gold = golden_dir / 'evaluator'
+def golden_eval(tmp_path_factory):
+    """(a writable copy of the parity vectors' reference batch, the stand-in Inception graph)."""
+    from tests.golden.make import DATA
+    gold = DATA / 'evaluator'
     ref = tmp_path_factory.mktemp('ref') / 'ref_batch.npz'
     ref.write_bytes((gold / 'ref_batch.npz').read_bytes())
     return ref, gold / 'stand_in_inception.pb'

@@ -1,6 +1,5 @@
-"""FlexVAR: published layouts, parity with the official code (../shared/golden/flexvar), any schedule with either
-backbone, checkpoint recognition and the random training schedule."""
-import json
+"""FlexVAR: published layouts, parity with the official code (the parity vectors' ``flexvar`` case, see
+docs/parity.md), any schedule with either backbone, checkpoint recognition and the random training schedule."""
 import math
 import random
 
@@ -12,6 +11,7 @@ from models import FlexVAE, FlexVAR, build_flexvar, build_vae_var, flex_train_sc
 from models.checkpoint import CheckpointError, infer_vae_config, infer_var_config, load_vae_var
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
 from models.var import ImplicitBackbone, block_causal_mask
+from tests.golden import vectors
 
 
 def f32(sd):
@@ -25,12 +25,12 @@ def to_01(raw):
 
 # ================================ published layouts ===================================================================
 @pytest.fixture(scope='module')
-def published(golden_dir):
-    return json.loads((golden_dir / 'flexvar_keys.json').read_text())
+def published(golden_src):
+    return vectors.published_keys(golden_src, 'flexvar_keys')
 
 
 @pytest.mark.parametrize('depth', [16, 20, 24])
-def test_published_transformers_match_flexvar_keys(published, depth):
+def test_published_transformers_match_flexvar_keys_parity(published, depth):
     vae, var = build_flexvar(depth=depth, device='meta')       # nothing allocated
     assert isinstance(var, FlexVAR) and all(t.is_meta for t in var.state_dict().values())
     got = {k: list(v.shape) for k, v in var.state_dict().items()}
@@ -45,7 +45,7 @@ def test_published_transformers_match_flexvar_keys(published, depth):
                        attn_l2_norm=True, use_implicit=False, pre_depth=0, post_depth=0, V=8912, Cvae=32, pos_grid=32)
 
 
-def test_published_tokenizer_matches_flexvae_keys(published):
+def test_published_tokenizer_matches_flexvae_keys_parity(published):
     vae, _ = build_flexvar(device='meta')
     assert isinstance(vae, FlexVAE) and all(t.is_meta for t in vae.state_dict().values())
     got = {k: list(v.shape) for k, v in vae.state_dict().items()}
@@ -57,18 +57,19 @@ def test_published_tokenizer_matches_flexvae_keys(published):
 
 # ================================ parity with the official code =======================================================
 @pytest.fixture(scope='module')
-def golden(golden_dir):
-    return torch.load(golden_dir / 'flexvar' / 'flexvar.pt', map_location='cpu', weights_only=True)
+def golden(golden_src):
+    return vectors.load(golden_src, 'flexvar/flexvar.pt')
 
 
 @pytest.fixture(scope='module')
-def golden_models(golden):
+def golden_models(golden, golden_src):
     c = golden['config']
     vae, var = build_flexvar(V=c['V'], Cvae=c['Cvae'], depth=c['depth'], num_classes=c['num_classes'],
                              attn_l2_norm=c['attn_l2_norm'], ch=c['vq_ch'], z_channels=c['z_channels'])
-    vae.load_state_dict(f32(golden['state_vqvae']), strict=True)
-    # the stored mask is (1, 1, 130, 130) (the official model keeps the last schedule's): loads strictly, is rebuilt
-    var.load_state_dict(f32(golden['state_var']), strict=True)
+    vae_sd, var_sd = vectors.flex_states(golden_src)
+    vectors.load_into(vae, vae_sd)
+    # a stored mask of another schedule (the official model keeps the last one's) loads strictly and is rebuilt
+    vectors.load_into(var, var_sd)
     assert torch.equal(var.attn_bias_for_masking, block_causal_mask(var.patch_nums)[1])
     var.eval()
     var.cond_drop_rate = 0.0
@@ -78,7 +79,7 @@ def golden_models(golden):
 def test_tokenizer_parity(golden, golden_models):
     vae, _ = golden_models
     t = golden['tokenize']
-    idx_Bl = vae.img_to_idxBl(t['img'].float(), t['patch_nums'])
+    idx_Bl = vae.img_to_idxBl(vectors.image(t), t['patch_nums'])
     assert len(idx_Bl) == len(t['idx_Bl'])
     for si, (got, exp) in enumerate(zip(idx_Bl, t['idx_Bl'])):
         assert torch.equal(got, exp), f'tokens differ at scale {si}'
@@ -123,18 +124,19 @@ def test_sampling_parity(golden, golden_models):
         assert (img - to_01(case['image'])).abs().max().item() < 2e-3, f'case {i}'
 
 
-def test_checkpoint_files_are_recognised(golden, golden_dir, tmp_path):
+def test_checkpoint_files_are_recognised_golden(golden, golden_models, tmp_path):
     """FlexVAE.pth is ``{'model': state}``; the transformer a bare state dict or a training checkpoint.  The kind, the
     depth and the tokenizer's widths (here ch 32, z_channels 64) are read from the keys."""
     vae_path, var_path, ckpt_path = tmp_path / 'FlexVAE.pth', tmp_path / 'FlexVARd2.pth', tmp_path / 'ar-ckpt.pth'
-    torch.save({'model': golden['state_vqvae']}, vae_path)
-    torch.save(golden['state_var'], var_path)
-    torch.save({'epoch': 1, 'trainer': {'var_wo_ddp': golden['state_var']}}, ckpt_path)
+    vae_sd, var_sd = golden_models[0].state_dict(), golden_models[1].state_dict()
+    torch.save({'model': vae_sd}, vae_path)
+    torch.save(var_sd, var_path)
+    torch.save({'epoch': 1, 'trainer': {'var_wo_ddp': var_sd}}, ckpt_path)
     fw = golden['forward']
     for path in (var_path, ckpt_path):
         vae, var = load_vae_var(str(vae_path), str(path))
         assert isinstance(vae, FlexVAE) and isinstance(var, FlexVAR) and not var.backbone.is_implicit
-        assert (vae.ch, vae.z_channels, vae.vocab_size, vae.Cvae) == (32, 64, 512, 32)
+        assert (vae.ch, vae.z_channels, vae.vocab_size, vae.Cvae) == (32, 64, golden['config']['V'], 32)
         assert var.depth == golden['config']['depth'] and var.num_classes == golden['config']['num_classes']
         var.cond_drop_rate = 0.0
         logits = var(fw['label_B'], fw['x_BLCv_wo_first_l'].float(), infer_patch_nums=fw['patch_nums'])

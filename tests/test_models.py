@@ -1,6 +1,5 @@
-"""Architecture, checkpoint loading, JFB memory and KV-cache behaviour of the models (no golden vectors needed
+"""Architecture, checkpoint loading, JFB memory and KV-cache behaviour of the models (no parity vectors needed
 except for the published key listing)."""
-import json
 import pickle
 import weakref
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 import models
 from models import PATCH_NUMS_512, build_vae_var, iterations_per_scale
 from models.checkpoint import CheckpointError, infer_var_config, load_vae_var
+from tests.golden import vectors
 
 PUBLISHED = {
     'var_d16': dict(depth=16), 'var_d20': dict(depth=20), 'var_d24': dict(depth=24), 'var_d30': dict(depth=30),
@@ -22,8 +22,8 @@ TINY = dict(V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=3)
 
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', sorted(PUBLISHED))
-def test_published_architectures_match_official_keys(golden_dir, name):
-    official = json.loads((golden_dir / 'official_keys.json').read_text())
+def test_published_architectures_match_official_keys_parity(golden_src, name):
+    official = vectors.published_keys(golden_src, 'official_keys')
     vae, var = build_vae_var(device='meta', **PUBLISHED[name])      # no allocation: 2B parameters cost nothing
     got = {k: list(v.shape) for k, v in var.state_dict().items()}
     assert list(got) == list(official[name]['keys'])                 # same keys, same order

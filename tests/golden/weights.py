@@ -1,0 +1,55 @@
+"""Weights of the parity models, drawn from a seed: the generator and the tests draw the same numbers.
+
+Every parameter ``name`` of shape ``shape`` is drawn with its own ``torch.Generator`` seeded by the first 8 bytes of
+SHA-256(``f'{seed}/{name}'``) (so the draw does not depend on the order of the parameters), as standard normals
+scaled by the rule of ``_scale``, then rounded to bfloat16 and kept in float32 (exact in either precision).
+The vectors store the seed, every parameter's shape and ``params_sha256`` of the draw; a test that redraws a
+different set fails on the hash before it compares anything.  Only torch and hashlib are imported here: the
+generator imports this module next to the official ``models`` package.
+"""
+import hashlib
+import math
+from typing import Dict, Sequence
+
+import torch
+
+LOG_4 = math.log(4.0)
+
+
+def _seed_of(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f'{seed}/{name}'.encode()).digest()[:8], 'little') & (2 ** 63 - 1)
+
+
+def _draw(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """N(0, 1) values mapped to the rule of this parameter:
+
+    * the attention's log temperature ``*scale_mul_1H11``: log(4) + 0.5 N (the official init is log 4);
+    * 1-D ``*.weight`` (LayerNorm / GroupNorm gains): 1 + 0.1 N; other 1-D tensors (biases): 0.1 N;
+    * tensors whose first dimension is 1 (position embeddings, start token, shared AdaLN gains): 0.5 N;
+    * every other tensor (linear, conv, embedding, codebook): N / sqrt(fan-in), fan-in = prod(shape[1:]).
+    """
+    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed_of(seed, name)), dtype=torch.float32)
+    if name.endswith('scale_mul_1H11'):
+        x = LOG_4 + 0.5 * x
+    elif len(shape) == 1:
+        x = 1 + 0.1 * x if name.endswith('weight') else 0.1 * x
+    elif shape[0] == 1:
+        x = 0.5 * x
+    else:
+        x = x / math.sqrt(math.prod(shape[1:]))
+    return x.to(torch.bfloat16).float()
+
+
+def draw_params(shapes: Dict[str, Sequence[int]], seed: int) -> Dict[str, torch.Tensor]:
+    """{name: tensor} for every name of ``shapes`` (in that order)."""
+    return {name: _draw(name, shape, seed) for name, shape in shapes.items()}
+
+
+def params_sha256(params: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the sorted names, shapes and float32 bytes (little endian) of ``params``."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().to('cpu', torch.float32).contiguous()
+        h.update(f'{name}:{tuple(t.shape)};'.encode())
+        h.update(t.numpy().astype('<f4').tobytes())
+    return h.hexdigest()
