@@ -19,7 +19,7 @@ from tests.golden import vectors  # noqa: E402  (after the path insertion)
 GOLDEN_SOURCES = vectors.sources()
 
 
-@pytest.fixture(scope='session', params=sorted(GOLDEN_SOURCES), ids=lambda name: f'golden-{name}')
+@pytest.fixture(scope='module', params=sorted(GOLDEN_SOURCES), ids=lambda name: f'golden-{name}')
 def golden_src(request) -> Path:
     """The folder of one set of parity vectors (tests/golden/data; ../shared/golden where it exists)."""
     return GOLDEN_SOURCES[request.param]

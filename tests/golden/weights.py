@@ -2,7 +2,7 @@
 
 Every parameter ``name`` of shape ``shape`` is drawn with its own ``torch.Generator`` seeded by the first 8 bytes of
 SHA-256(``f'{seed}/{name}'``) (so the draw does not depend on the order of the parameters), as standard normals
-scaled by the rule of ``_scale``, then rounded to bfloat16 and kept in float32 (exact in either precision).
+scaled by the rule of ``_draw``, then rounded to bfloat16 and kept in float32 (exact in either precision).
 The vectors store the seed, every parameter's shape and ``params_sha256`` of the draw; a test that redraws a
 different set fails on the hash before it compares anything.  Only torch and hashlib are imported here: the
 generator imports this module next to the official ``models`` package.
