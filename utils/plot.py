@@ -6,7 +6,7 @@
 
 Axes are linear or log10 with round ticks (1, 2, 5 x 10^k; decades on log axes), a light grid, a legend box, and
 optional text next to points.  Points that a log axis cannot show (<= 0) or that are not finite are left out and
-break the line.  Used by ``scripts/fixed_point.py`` and ``scripts/sweep.py``.
+break the line.  Used by ``scripts/fixed_point.py``, ``scripts/sweep.py`` and ``app.py``.
 """
 import io
 import math
@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from utils.misc import atomic_write_bytes
 
-__all__ = ['COLORS', 'Panel', 'save_png', 'nice_ticks', 'tick_labels']
+__all__ = ['COLORS', 'Panel', 'render_panels', 'save_png', 'nice_ticks', 'tick_labels']
 
 # matplotlib's tab10 colours
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -209,8 +209,8 @@ class Panel:
         return img
 
 
-def save_png(panels: Sequence[Panel], path, title: Optional[str] = None) -> None:
-    """The panels side by side (and a title above them) as one PNG, written atomically."""
+def render_panels(panels: Sequence[Panel], title: Optional[str] = None) -> Image.Image:
+    """The panels side by side (and a title above them) as one RGB image."""
     imgs = [p.render() for p in panels]
     head = 24 if title else 0
     out = Image.new('RGB', (sum(i.width for i in imgs), max(i.height for i in imgs) + head), 'white')
@@ -220,6 +220,11 @@ def save_png(panels: Sequence[Panel], path, title: Optional[str] = None) -> None
         x += i.width
     if title:
         ImageDraw.Draw(out).text((out.width / 2, 5), title, fill='black', font=_font(14), anchor='ma')
+    return out
+
+
+def save_png(panels: Sequence[Panel], path, title: Optional[str] = None) -> None:
+    """The panels side by side (and a title above them) as one PNG, written atomically."""
     buf = io.BytesIO()
-    out.save(buf, format='PNG')
+    render_panels(panels, title).save(buf, format='PNG')
     atomic_write_bytes(buf.getvalue(), path)
