@@ -2,7 +2,7 @@
 
     pip install -r requirements-app.txt
     python app.py                       # the demo's model (demo_output/) if there, else the published VIAR
-    python app.py --var_ckpt ckpts/var_d16.pth --port 7861 --device cuda
+    python app.py --var_ckpt ckpts/var_d16.pth --port 7861 --device cuda   # or --pretrained DIR_OR_REPO
 
 Generate tab: class, seeds, sampler settings and the iteration schedule; shows the images, images/s, the iterations
 run and the fixed-point residual at every scale, and the same seeds under a second schedule side by side.  Edit tab:
@@ -42,18 +42,16 @@ from utils.editing import (
 )
 from utils.errors import UserError, one_line, run_cli
 from utils.plot import Panel, render_panels
+from utils.sampler_settings import SamplerSettings, SettingsError
 from utils.sampling_utils import (
     SEED_MAX,
     SEED_MIN,
-    SamplingError,
     add_device_args,
     add_model_args,
-    check_args,
     default_var_ckpt,
     dtype_name,
     load_models,
     sample_batch,
-    sampler_kwargs,
     schedule_name,
     setup_device,
     to_uint8,
@@ -137,7 +135,9 @@ def imagenet_class_names() -> list[str] | None:
 
 
 def choose_checkpoints(args: argparse.Namespace) -> tuple[str, bool]:
-    """(model checkpoint, whether it is the demo's); sets ``args.vae_ckpt`` for the demo's model."""
+    """(model checkpoint or hub folder, whether it is the demo's); sets ``args.vae_ckpt`` for the demo's model."""
+    if args.pretrained:
+        return args.pretrained, False
     if args.var_ckpt is not None:
         return args.var_ckpt, False
     if args.depth is not None or args.use_implicit is not None:     # the published files, as gen_img.py picks them
@@ -187,10 +187,11 @@ class Engine:
     """The tokenizer and model (loaded once) and what the page asks of them; one sampling at a time."""
 
     def __init__(self, vae, var, device: torch.device, amp_dtype, var_ckpt: str, names: Sequence[str] | None,
-                 val_images: Sequence[str] = ()):
+                 val_images: Sequence[str] = (), defaults: SamplerSettings | None = None):
         self.vae, self.var, self.device, self.amp_dtype, self.var_ckpt = vae, var, device, amp_dtype, var_ckpt
         self.names = list(names) if names and len(names) == var.num_classes else None
         self.val_images = list(val_images)
+        self.defaults = defaults or SamplerSettings()       # the page's sampler settings at start (a hub folder's)
         self.lock = threading.Lock()
 
     @property
@@ -223,13 +224,12 @@ class Engine:
         if pn is not None and not self.flex:
             raise AppError(f'a schedule ({pn}) was given, but this model ({self.var.describe()}) has fixed scales: '
                            f'leave it empty')
-        ns = argparse.Namespace(cfg=_float(cfg, 'cfg'), top_k=_int(top_k, 'top_k'), top_p=_float(top_p, 'top_p'),
-                                more_smooth=bool(more_smooth), iter_left=_int(iter_left, 'iter_left'),
-                                iter_right=_int(iter_right, 'iter_right'), iter_tol=tol, infer_pn=pn)
+        settings = SamplerSettings(cfg=_float(cfg, 'cfg'), top_k=_int(top_k, 'top_k'), top_p=_float(top_p, 'top_p'),
+                                   more_smooth=bool(more_smooth), iter_left=_int(iter_left, 'iter_left'),
+                                   iter_right=_int(iter_right, 'iter_right'), iter_tol=tol, infer_patch_nums=pn)
         try:
-            check_args(ns)
-            return sampler_kwargs(ns, self.var)
-        except SamplingError as e:      # the flag rules' own words, without the command line's dashes
+            return settings.check().kwargs(self.var)
+        except SettingsError as e:      # the flag rules' own words, without the command line's dashes
             raise AppError(one_line(e).replace('--', '')) from None
 
     def _sample(self, label: int, seeds: Sequence[int], kw: dict[str, Any]):
@@ -378,7 +378,11 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if not names and var.num_classes == 1000:
         names = imagenet_class_names()
     val = validation_images(args.demo_dir) if is_demo else []
-    return Engine(vae, var, device, amp_dtype, var_ckpt, names, val)
+    defaults = None
+    if args.pretrained:     # a hub folder records its sampling defaults
+        from models.hub import sampler_defaults
+        defaults = sampler_defaults(getattr(args, 'pretrained_dir', None) or args.pretrained)
+    return Engine(vae, var, device, amp_dtype, var_ckpt, names, val, defaults)
 
 
 # ================================ the page ============================================================================
@@ -451,13 +455,13 @@ def _class_inputs(gr, engine: Engine, default: int):
     return idx
 
 
-def _schedule_inputs(gr, engine: Engine, left: int, right: int, suffix: str = ''):
+def _schedule_inputs(gr, engine: Engine, left: int, right: int, suffix: str = '', tol_value: float = 0):
     il = gr.Slider(0, 30, value=left, step=1, label=f'iter_left{suffix}: implicit iterations at the first scale',
                    visible=engine.implicit)
     ir = gr.Slider(0, 30, value=right, step=1, label=f'iter_right{suffix}: at the last scale (linear between)',
                    visible=engine.implicit)
-    tol = gr.Number(value=0, label=f'iter_tol{suffix}: early exit once the relative residual of a scale is below '
-                    'this (0: off)', visible=engine.implicit)
+    tol = gr.Number(value=tol_value, label=f'iter_tol{suffix}: early exit once the relative residual of a scale is '
+                    'below this (0: off)', visible=engine.implicit)
     pn = gr.Textbox(value=schedule_name(engine.var.patch_nums) if engine.flex else '',
                     label=f'FlexVAR schedule{suffix} (token-map sides, e.g. 1_2_3_4_5_6_8_10_13_16)',
                     visible=engine.flex)
@@ -467,6 +471,7 @@ def _schedule_inputs(gr, engine: Engine, left: int, right: int, suffix: str = ''
 def build_ui(engine: Engine):
     gr = import_gradio()
     edit_defaults = _edit_defaults()
+    d = engine.defaults
     default_class = 207 if engine.var.num_classes == 1000 else 0
     with gr.Blocks(title='VIAR', analytics_enabled=False) as demo:
         gr.Markdown(f'## VIAR: visual implicit autoregressive modeling\n{engine.describe()}. Calls run one at a time.')
@@ -477,12 +482,14 @@ def build_ui(engine: Engine):
                     with gr.Row():
                         g_seed = gr.Number(value=0, precision=0, label='first seed')
                         g_n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label='images (seeds first..first+n-1)')
-                    g_cfg = gr.Slider(0, 10, value=1.5, step=0.1, label='cfg (classifier-free guidance)')
-                    g_il, g_ir, g_tol, g_pn = _schedule_inputs(gr, engine, 10, 10)
+                    g_cfg = gr.Slider(0, 10, value=d.cfg, step=0.1, label='cfg (classifier-free guidance)')
+                    g_il, g_ir, g_tol, g_pn = _schedule_inputs(gr, engine, d.iter_left, d.iter_right, '',
+                                                               d.iter_tol or 0)
                     with gr.Accordion('top-k, top-p, more_smooth', open=False):
-                        g_topk = gr.Number(value=900, precision=0, label='top_k (0: off)')
-                        g_topp = gr.Slider(0, 1, value=0.96, step=0.01, label='top_p (0: off)')
-                        g_smooth = gr.Checkbox(value=False, label='more_smooth (gumbel-softmax mixture of codes)')
+                        g_topk = gr.Number(value=d.top_k, precision=0, label='top_k (0: off)')
+                        g_topp = gr.Slider(0, 1, value=d.top_p, step=0.01, label='top_p (0: off)')
+                        g_smooth = gr.Checkbox(value=bool(d.more_smooth),
+                                               label='more_smooth (gumbel-softmax mixture of codes)')
                     with gr.Accordion('side by side: the same seeds under a second schedule B', open=False,
                                       visible=engine.implicit or engine.flex):
                         g_cmp = gr.Checkbox(value=False, label='draw schedule B too')
@@ -522,7 +529,8 @@ def build_ui(engine: Engine):
                         e_seed = gr.Number(value=0, precision=0, label='first seed')
                         e_n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label='results')
                     e_cfg = gr.Slider(0, 10, value=edit_defaults['cfg'], step=0.1, label='cfg')
-                    e_il, e_ir, e_tol, _ = _schedule_inputs(gr, engine, 10, 10)
+                    e_il, e_ir, e_tol, _ = _schedule_inputs(gr, engine, d.iter_left, d.iter_right, '',
+                                                            d.iter_tol or 0)
                     with gr.Accordion('top-k, top-p, more_smooth', open=False):
                         e_topk = gr.Number(value=edit_defaults['top_k'], precision=0, label='top_k (0: off)')
                         e_topp = gr.Slider(0, 1, value=edit_defaults['top_p'], step=0.01, label='top_p (0: off)')

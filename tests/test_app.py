@@ -29,6 +29,7 @@ import gen_img
 from models import build_vae_var
 from models.var import iterations_per_scale
 from scripts import edit as edit_cli
+from utils.errors import UserError
 
 gradio_client = pytest.importorskip('gradio_client', reason='gradio_client is not installed: '
                                                             'pip install -r requirements-app.txt')
@@ -327,3 +328,21 @@ def test_other_families(family, tmp_path, one_thread):
     assert plot is not None
     with pytest.raises(app.AppError, match='infer_pn 1_3_2 must be token-map sides'):
         engine.generate(1, 0, 1.5, 2, 2, 1, infer_pn='1_3_2')
+
+
+def test_pretrained_hub_folder(ckpts, tmp_path, one_thread):
+    """--pretrained serves a hub folder (models.save_pretrained), its recorded sampler settings as the page's
+    defaults; its images are those of the checkpoint files it was made from."""
+    import app
+    from models import save_pretrained
+    from models.checkpoint import load_vae_var
+    from utils.sampler_settings import SamplerSettings
+    vae, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    hub = save_pretrained(vae, var, str(tmp_path / 'hub'), sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2))
+    engine = app.load_engine(app.get_parser().parse_args(['--pretrained', hub, '--device', 'cpu']))
+    assert engine.var_ckpt == hub and (engine.defaults.cfg, engine.defaults.iter_left) == (3.0, 6)
+    files = app.load_engine(app.get_parser().parse_args(['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
+                                                         str(ckpts / 'vae.pth'), '--device', 'cpu']))
+    np.testing.assert_array_equal(engine.generate(1, 4, 3.0, 6, 2, 1)[0], files.generate(1, 4, 3.0, 6, 2, 1)[0])
+    with pytest.raises(UserError, match='drop --vae_ckpt'):
+        app.load_engine(app.get_parser().parse_args(['--pretrained', hub, '--vae_ckpt', str(ckpts / 'vae.pth')]))
