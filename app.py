@@ -580,8 +580,10 @@ def serve(args: argparse.Namespace) -> None:
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, ssr_mode=False,
                     show_error=True)
-    except OSError as e:
-        raise AppError(f'cannot serve: {one_line(e)}: pass another --port (or stop what uses it)') from None
+    except OSError as e:        # e.g. the port is taken; gradio's sentence without its advice about launch()
+        port = args.port or os.environ.get('GRADIO_SERVER_PORT') or 7860
+        raise AppError(f'cannot serve on port {port} ({one_line(e).split(". ")[0]}): pass another --port (or stop '
+                       f'what uses it)') from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -346,3 +346,15 @@ def test_pretrained_hub_folder(ckpts, tmp_path, one_thread):
     np.testing.assert_array_equal(engine.generate(1, 4, 3.0, 6, 2, 1)[0], files.generate(1, 4, 3.0, 6, 2, 1)[0])
     with pytest.raises(UserError, match='drop --vae_ckpt'):
         app.load_engine(app.get_parser().parse_args(['--pretrained', hub, '--vae_ckpt', str(ckpts / 'vae.pth')]))
+
+
+def test_no_model_offline_is_one_line(tmp_path):
+    """No demo run, no --var_ckpt, the published VIAR not downloaded and no network: one line saying where to get it,
+    status 1 (before any server starts)."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', GRADIO_ANALYTICS_ENABLED='False')
+    r = subprocess.run([sys.executable, str(REPO / 'app.py'), '--device', 'cpu'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("app.py: error: checkpoint 'ckpts/viar.pth' is missing"), r.stderr
+    assert 'HF_HUB_OFFLINE' in lines[0] and 'Traceback' not in r.stdout + r.stderr
