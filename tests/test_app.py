@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -106,8 +105,8 @@ def server(ckpts, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def client(server):
-    return gradio_client.Client(server[0], verbose=False, download_files=tempfile.mkdtemp(prefix='app_client_'))
+def client(server, tmp_path_factory):
+    return gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp('app_client')))
 
 
 def _call(client, *args, api_name):
