@@ -102,6 +102,8 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
     kind += f', iter_tol {args.iter_tol:g}' if var.use_implicit and args.iter_tol is not None else ''
+    kind += ''.join(f', {k} {kw[k]}' for k in ('iter_exit', 'iter_solver', 'anderson_m', 'anderson_beta', 'warm_start')
+                    if var.use_implicit and k in kw)
     name = pretrained_name(args.pretrained) if args.pretrained else os.path.splitext(os.path.basename(args.var_ckpt))[0]
     if 'infer_patch_nums' in kw:        # FlexVAR: the schedule decides the size (and the images)
         pns = kw['infer_patch_nums']

@@ -94,7 +94,7 @@ PROG = 'sampling.py'
 def folder_name(args, ckpt_depth: int, kw: dict[str, Any] | None = None) -> str:
     """The sample folder of the flags ``args`` (``utils.folder_sampling.folder_name``): named after ``--ckpt_path``,
     or the ``--pretrained`` folder or repository."""
-    kw = {'cfg': args.cfg, 'iter_tol': getattr(args, 'iter_tol', None), **(kw or {})}
+    kw = {**sampler_kwargs(args), 'cfg': args.cfg, **(kw or {})}
     return _folder_name(model_label(args), ckpt_depth, bool(args.use_implicit), args.seed, kw)
 
 

@@ -2,7 +2,7 @@
 AdaLN before the head.  Key names follow the published checkpoints (``attn.mat_qkv``, ``attn.q_bias``,
 ``attn.zero_k_bias``, ``ffn.fc1``, ``ada_lin.1`` / ``ada_gss`` ...)."""
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,10 +44,13 @@ class KVCache:
         self.k_BHLc: Optional[torch.Tensor] = None
         self.v_BHLc: Optional[torch.Tensor] = None
 
-    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor):
+    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: Optional[Tuple[torch.Tensor, int]] = None):
         """Stores the new keys/values (in the dtype of the first write) and returns views of everything cached so
-        far, new ones included."""
-        B, H, l, c = k_BHlc.shape
+        far, new ones included.  ``rows = (index, B)``: k and v are the rows ``index`` of a batch of B rows (VIAR's
+        per-image early exit); only those are written (the others' new slot is left for ``fill_last``) and the
+        cached keys/values of those rows are returned (a copy)."""
+        n, H, l, c = k_BHlc.shape
+        B = n if rows is None else rows[1]
         if self.k_BHLc is None:
             self.k_BHLc = k_BHlc.new_empty(B, H, max(self.capacity, l), c)
             self.v_BHLc = self.k_BHLc.new_empty(B, H, max(self.capacity, l), c)
@@ -55,10 +58,20 @@ class KVCache:
         if end > self.k_BHLc.shape[2]:      # more tokens than planned: grow (never hit by the sampler)
             grow = lambda t: torch.cat((t[:, :, :self.len], t.new_empty(B, H, end - self.len, c)), dim=2)
             self.k_BHLc, self.v_BHLc = grow(self.k_BHLc), grow(self.v_BHLc)
+        if rows is not None:
+            idx = rows[0]
+            self.k_BHLc[idx, :, self.len:end] = k_BHlc
+            self.v_BHLc[idx, :, self.len:end] = v_BHlc
+            self.len = end
+            return self.k_BHLc[idx, :, :end], self.v_BHLc[idx, :, :end]
         self.k_BHLc[:, :, self.len:end] = k_BHlc
         self.v_BHLc[:, :, self.len:end] = v_BHlc
         self.len = end
         return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+
+    def last_slot(self, l: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys/values of the last ``l`` tokens written (the current scale's)."""
+        return self.k_BHLc[:, :, self.len - l:self.len], self.v_BHLc[:, :, self.len - l:self.len]
 
     def nbytes(self) -> int:
         return 0 if self.k_BHLc is None else 2 * self.k_BHLc.numel() * self.k_BHLc.element_size()
@@ -99,6 +112,13 @@ class SelfAttention(nn.Module):
         self.cache_capacity = capacity if isinstance(capacity, dict) else {}
         self._default_capacity = capacity if isinstance(capacity, int) else 0
 
+    def cache(self, cur_it: int) -> KVCache:
+        """The KV cache of iteration index ``cur_it`` (made, empty, on first use)."""
+        cache = self.kv_caches.get(cur_it)
+        if cache is None:
+            cache = self.kv_caches[cur_it] = KVCache(self.cache_capacity.get(cur_it, self._default_capacity))
+        return cache
+
     def free_cache(self, cur_it: int):
         self.kv_caches.pop(cur_it, None)
 
@@ -118,15 +138,13 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         return q, k, v
 
-    def attend(self, q, k, v, attn_bias, cur_it: int = 0) -> torch.Tensor:
+    def attend(self, q, k, v, attn_bias, cur_it: int = 0, rows=None) -> torch.Tensor:
         """Attention of q over k, v (and, while caching, the cached keys of earlier scales); returns (B, L, C)
-        before the output projection.  The cache is written in place (``KVCache``), in the dtype of v."""
+        before the output projection.  The cache is written in place (``KVCache``), in the dtype of v; ``rows``:
+        see ``KVCache.append``."""
         B, H, L, c = q.shape
         if self.caching:
-            cache = self.kv_caches.get(cur_it)
-            if cache is None:
-                cache = self.kv_caches[cur_it] = KVCache(self.cache_capacity.get(cur_it, self._default_capacity))
-            k, v = cache.append(k.to(v.dtype), v)
+            k, v = self.cache(cur_it).append(k.to(v.dtype), v, rows)
         dropout_p = self.attn_drop if self.training else 0.0
         main_type = v.dtype
         if self.using_flash and attn_bias is None and main_type in (torch.float16, torch.bfloat16) and q.is_cuda:
@@ -174,12 +192,12 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond_BD_or_gss
         return self.ada_lin(cond_BD_or_gss).view(-1, 1, 6, self.C)
 
-    def forward(self, x, cond_BD, attn_bias, cur_it: int = 0, ada_B16C: Optional[torch.Tensor] = None):
+    def forward(self, x, cond_BD, attn_bias, cur_it: int = 0, ada_B16C: Optional[torch.Tensor] = None, rows=None):
         if ada_B16C is None:
             ada_B16C = self.ada(cond_BD)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
         q, k, v = self.attn_in(x, scale1, shift1)
-        oup_BLC = self.attn.attend(q, k, v, attn_bias, cur_it=cur_it)       # the KV cache lives between the halves
+        oup_BLC = self.attn.attend(q, k, v, attn_bias, cur_it=cur_it, rows=rows)   # the KV cache between the halves
         return self.attn_out_ffn(x, oup_BLC, gamma1, gamma2, scale2, shift2)
 
     # The two halves of the block around the attention kernel are pure functions of tensors (``VAR.compile_blocks``

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .flexvae import FLEX_PATCH_NUMS
-from .var import VAR, block_causal_mask
+from .var import VAR, FixedPointOptions, block_causal_mask
 
 __all__ = ['FlexVAR', 'sincos_grid', 'flex_train_schedule', 'flex_train_schedule_for', 'FLEX_TOPK_SIDES',
            'FLEX_MAX_TOKENS']
@@ -229,6 +229,8 @@ class FlexVAR(VAR):
         used_llamagen_cfg: bool = False, invalid_ids=None, ret_idx_Bl: bool = False, iter_left=10, iter_right=10,
         iter_tol: Optional[float] = None, trace: Optional[Dict[str, list]] = None,
         input_img_tokens: Optional[List[torch.Tensor]] = None, edit_mask: Optional[torch.Tensor] = None,
+        iter_exit: str = 'batch', iter_solver: str = 'picard', anderson_m: int = 5, anderson_beta: float = 1.0,
+        warm_start: bool = False,
     ):
         """Class-conditional generation over the schedule ``infer_patch_nums`` (default: the model's); images
         (B, 3, 16 pn_last, 16 pn_last) in [0, 1] (decoder output clamped to [-1, 1], then mapped).
@@ -236,10 +238,11 @@ class FlexVAR(VAR):
         :param max_pn: scales with a larger side use the full ``cfg`` and greedy (top-1) draws
         :param used_llamagen_cfg: guidance u + (c - u) cfg at every scale instead of VAR's ramp
         :param invalid_ids: token indices never drawn (their logits are set to -100)
-        The other arguments are ``VAR.autoregressive_infer_cfg``'s (``iter_*``: implicit backbone only;
-        ``input_img_tokens``: ``vae.img_to_idxBl(img, infer_patch_nums)``).
+        The other arguments are ``VAR.autoregressive_infer_cfg``'s (``iter_*``, ``anderson_*``, ``warm_start``:
+        implicit backbone only; ``input_img_tokens``: ``vae.img_to_idxBl(img, infer_patch_nums)``).
         """
         patch_nums = self.check_schedule(infer_patch_nums)
+        fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
         return self._sample(B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left, iter_right,
-                            ret_idx_Bl, input_img_tokens, edit_mask, iter_tol, trace,
+                            ret_idx_Bl, input_img_tokens, edit_mask, fp, trace,
                             max_pn=max_pn, used_llamagen_cfg=used_llamagen_cfg, invalid_ids=invalid_ids)

@@ -13,7 +13,8 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
     Filters ``logits_BlV`` IN PLACE: the -inf written by top-k / top-p stay in the caller's tensor (the
     ``more_smooth`` path of the sampler uses the filtered logits).  The draw is
     ``torch.multinomial(softmax(logits).view(-1, V), n, replacement=True, generator=rng)``: that exact call decides
-    which tokens a seed gives, so it must not change.
+    which tokens a seed gives, so it must not change.  ``rng`` may be a list of B generators (per-image seeds): image
+    b's tokens are then drawn by the same call on its own (l, V) rows with generator b.
     """
     B, l, V = logits_BlV.shape
     if top_k > 0:
@@ -27,16 +28,26 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
     replacement = num_samples >= 0
     num_samples = abs(num_samples)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
-    idx_N = torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng)
+    if isinstance(rng, (list, tuple)):      # one generator per image: the draw of image b is that of b alone
+        idx_N = torch.cat([torch.multinomial(p_lV, num_samples=num_samples, replacement=replacement, generator=g)
+                           for p_lV, g in zip(probs_NV.view(B, l, V), rng)])
+    else:
+        idx_N = torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng)
     return idx_N.view(B, l, num_samples)
 
 
 def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,
                             dim: int = -1, rng: torch.Generator = None) -> torch.Tensor:
-    """``F.gumbel_softmax`` whose noise comes from ``rng`` (exponential draws), so that a seed fixes the result."""
+    """``F.gumbel_softmax`` whose noise comes from ``rng`` (exponential draws), so that a seed fixes the result; a
+    list of generators: one per entry of the first dimension."""
     if rng is None:
         return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, eps=eps, dim=dim)
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    if isinstance(rng, (list, tuple)):
+        gumbels = torch.cat([-torch.empty_like(x, memory_format=torch.legacy_contiguous_format)
+                             .exponential_(generator=g).log() for x, g in zip(logits.split(1), rng)])
+    else:
+        gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
+            generator=rng).log()
     y_soft = ((logits + gumbels) / tau).softmax(dim)
     if not hard:
         return y_soft

@@ -16,6 +16,7 @@ backbone object holds the logic that runs them and VIAR's iteration settings.
 """
 import math
 import random
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,12 +29,82 @@ from torch.utils.checkpoint import checkpoint
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 
-__all__ = ['VAR', 'ExplicitBackbone', 'ImplicitBackbone', 'iterations_per_scale', 'block_causal_mask',
-           'get_edit_mask', 'IMPLICIT_ATTRS']
+__all__ = ['VAR', 'ExplicitBackbone', 'ImplicitBackbone', 'FixedPointOptions', 'iterations_per_scale',
+           'block_causal_mask', 'get_edit_mask', 'anderson_step', 'IMPLICIT_ATTRS', 'ITER_EXITS', 'ITER_SOLVERS']
 
 # VIAR's official iteration attributes (``var.implicit_no_grad_min_iters = 3`` ...): they live on the backbone
 IMPLICIT_ATTRS = ('implicit_no_grad_min_iters', 'implicit_no_grad_max_iters', 'implicit_with_grad_min_iters',
                   'implicit_with_grad_max_iters', 'implicit_eval_iters')
+
+
+ITER_EXITS = ('batch', 'row')            # who stops together under an early-exit tolerance
+ITER_SOLVERS = ('picard', 'anderson')    # how the next iterate is made from the last evaluations
+
+
+@dataclass(frozen=True)
+class FixedPointOptions:
+    """How sampling solves VIAR's implicit fixed point z = f(z) at each scale (docs/compute_control.md).
+
+    * ``tol``: early exit once the relative residual ``|f(x) - x| / |f(x)|`` is <= tol (None: the fixed schedule);
+    * ``exit``: 'batch' (a scale stops when every row of the batch is below ``tol``) or 'row' (each image -- its
+      conditional and unconditional row together -- stops on its own; the iterations run on the images still
+      active, and a stopped image's last keys and values fill its slot in the caches of the later iteration indices);
+    * ``solver``: 'picard' (x <- f(x), the paper's iteration) or 'anderson' (Anderson acceleration of each row with
+      memory ``anderson_m`` and damping ``anderson_beta``);
+    * ``warm_start``: a scale's first iterate is the previous scale's fixed point upsampled (bicubic), not u.
+
+    Whatever the solver, a scale's output is the last evaluation f(x) of each row."""
+    tol: Optional[float] = None
+    exit: str = 'batch'
+    solver: str = 'picard'
+    anderson_m: int = 5
+    anderson_beta: float = 1.0
+    warm_start: bool = False
+
+    def __post_init__(self):
+        if self.tol is not None and not self.tol >= 0:
+            raise ValueError(f'iter_tol must be >= 0, got {self.tol}')
+        if self.exit not in ITER_EXITS:
+            raise ValueError(f"iter_exit must be one of {', '.join(ITER_EXITS)}, got {self.exit!r}")
+        if self.solver not in ITER_SOLVERS:
+            raise ValueError(f"iter_solver must be one of {', '.join(ITER_SOLVERS)}, got {self.solver!r}")
+        if not (isinstance(self.anderson_m, int) and self.anderson_m >= 1):
+            raise ValueError(f'anderson_m must be an int >= 1, got {self.anderson_m!r}')
+        if not 0 < self.anderson_beta <= 1:
+            raise ValueError(f'anderson_beta must be in (0, 1], got {self.anderson_beta}')
+
+
+def anderson_step(hist: Optional[Tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, g: torch.Tensor, m: int,
+                  beta: float = 1.0, lam: float = 1e-4):
+    """One Anderson-acceleration step for each row (first dimension) on its own: with the last ``m`` inputs x_k and
+    evaluations f_k = f(x_k) of the row (``hist``, then x and g = f(x)), the weights a (summing to 1) minimise
+    ``|sum_k a_k (f_k - x_k)|`` (Tikhonov ``lam`` relative to the mean squared residual), and the next iterate is
+    ``beta sum a_k f_k + (1 - beta) sum a_k x_k``.  Computed in fp32; returns (next iterate in g's dtype and shape,
+    the new history).  With one entry (the first step) it is ``beta g + (1 - beta) x``: g itself for beta = 1."""
+    xf, gf = x.float().flatten(1).unsqueeze(1), g.float().flatten(1).unsqueeze(1)
+    X = xf if hist is None else torch.cat((hist[0], xf), dim=1)[:, -m:]
+    Fv = gf if hist is None else torch.cat((hist[1], gf), dim=1)[:, -m:]
+    k = X.shape[1]
+    if k == 1:
+        return (g if beta == 1 else (beta * gf + (1 - beta) * xf).view_as(g).to(g.dtype)), (X, Fv)
+    G = Fv - X                                                          # residuals (R, k, D)
+    H = G @ G.transpose(1, 2)                                           # (R, k, k)
+    reg = lam * H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    H = H + reg.view(-1, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
+    w = torch.linalg.solve(H, torch.ones(H.shape[0], k, 1, dtype=H.dtype, device=H.device))
+    a = (w / w.sum(dim=1, keepdim=True)).transpose(1, 2)                # (R, 1, k)
+    nxt = a @ Fv if beta == 1 else beta * (a @ Fv) + (1 - beta) * (a @ X)
+    ok = torch.isfinite(nxt).all(dim=2, keepdim=True)                   # a singular system: plain step for that row
+    nxt = torch.where(ok, nxt, gf)
+    return nxt.view_as(g).to(g.dtype), (X, Fv)
+
+
+def upsample_tokens(z_BlC: torch.Tensor, l: int) -> torch.Tensor:
+    """The tokens (B, p0*p0, C) of a square map resized (bicubic, in fp32) to (B, l, C), l = p*p."""
+    B, l0, C = z_BlC.shape
+    p0, p = math.isqrt(l0), math.isqrt(l)
+    z_BCpp = z_BlC.float().transpose(1, 2).reshape(B, C, p0, p0)
+    return F.interpolate(z_BCpp, size=(p, p), mode='bicubic').flatten(2).transpose(1, 2).to(z_BlC.dtype)
 
 
 def iterations_per_scale(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
@@ -118,7 +189,7 @@ class ExplicitBackbone(nn.Module):
         for b in self.blocks:
             b.attn.kv_caching(True, capacity=L)
 
-    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], iter_tol=None, trace=None):
+    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], fp=None, trace=None, state=None):
         for b, ada in zip(self.blocks, adas):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
         return x_BlC
@@ -190,10 +261,12 @@ class ImplicitBackbone(nn.Module):
         lin0, act, lin1 = self.implicit_block_projection
         return lin1(act(F.linear(z_BLC, lin0.weight[:, :z_BLC.shape[-1]]).add_(inj_BLC)))
 
-    def implicit_step(self, z_BLC, u_BLC, inj_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None):
-        """One fixed-point step ``z <- implicit_block(proj([z ; u]))``."""
+    def implicit_step(self, z_BLC, u_BLC, inj_BLC, cond_BD_or_gss, attn_bias, cur_it=0, ada_B16C=None, rows=None):
+        """One fixed-point step ``z <- implicit_block(proj([z ; u]))`` (``rows``: see ``KVCache.append``)."""
         z_BLC = self.project(z_BLC, u_BLC, inj_BLC)
-        return self.implicit_block(z_BLC, cond_BD_or_gss, attn_bias, cur_it=cur_it, ada_B16C=ada_B16C)
+        if rows is None:
+            return self.implicit_block(z_BLC, cond_BD_or_gss, attn_bias, cur_it=cur_it, ada_B16C=ada_B16C)
+        return self.implicit_block(z_BLC, cond_BD_or_gss, attn_bias, cur_it=cur_it, ada_B16C=ada_B16C, rows=rows)
 
     def _injection_if_exact(self, u_BLC: torch.Tensor) -> Optional[torch.Tensor]:
         exact = u_BLC.dtype == torch.float32 and not torch.is_autocast_enabled(u_BLC.device.type)
@@ -234,45 +307,126 @@ class ImplicitBackbone(nn.Module):
                     for i in range(max(schedule, default=0))}
         self.implicit_block.attn.kv_caching(True, capacity=capacity)
 
-    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], iter_tol: Optional[float] = None,
-                     trace: Optional[Dict[str, list]] = None):
-        """Pre blocks, up to ``schedule[si]`` implicit iterations, post blocks, for the tokens of scale ``si``.
+    def sample_scale(self, x_BlC, adas, si: int, schedule: Sequence[int], fp: Optional[FixedPointOptions] = None,
+                     trace: Optional[Dict[str, list]] = None, state: Optional[dict] = None):
+        """Pre blocks, up to ``schedule[si]`` implicit iterations solved as ``fp`` says (default: the paper's fixed
+        count of Picard steps from z_0 = u), post blocks, for the tokens of scale ``si``.
 
-        ``iter_tol``: stop after iteration i >= 1 once the relative residual ``|z_i - z_(i-1)| / |z_i|`` (z_0 = u) of
-        every row is <= iter_tol.  ``trace``: a dict whose lists get this scale's residuals (whole batch, and per row)
-        and the iterations run.  Residuals are computed only when one of the two asks for them."""
+        Early exit (``fp.tol``): after iteration i >= 1, a row's relative residual is ``|f(x) - x| / |f(x)|`` (Picard:
+        ``|z_i - z_(i-1)| / |z_i|``); 'batch' stops once every row is <= tol, 'row' stops each image once both its
+        rows are.  ``trace``: a dict whose lists get this scale's residuals (over the rows still iterating, and per
+        row: NaN once a row stopped) and iterations run (the most, and per image).  ``state``: a dict kept across
+        the scales of one sampler call (the warm start reads the previous scale's fixed point from it).  Residuals
+        are computed only when the tolerance or the trace asks for them."""
+        fp = fp or FixedPointOptions()
         n_pre = len(self.pre_blocks)
         ada_pre, ada_imp, ada_post = adas[:n_pre], adas[n_pre], adas[n_pre + 1:]
         for b, ada in zip(self.pre_blocks, ada_pre):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
-        u_BlC = z_BlC = x_BlC
-        inj_BlC = self._injection_if_exact(u_BlC) if schedule[si] > 0 else None
-        measure = iter_tol is not None or trace is not None
-        res_all, res_rows, ran = [], [], 0
-        for it in range(schedule[si]):
-            z_new = self.implicit_step(z_BlC, u_BlC, inj_BlC, None, None, cur_it=it, ada_B16C=ada_imp)
-            ran = it + 1
-            if measure:     # per-row norms in fp32; the whole batch's from them, for the trace only (no sync)
-                z_f = z_new.float()
-                d_rows, n_rows = (z_f - z_BlC.float()).flatten(1).norm(dim=1), z_f.flatten(1).norm(dim=1)
-                res_rows.append(d_rows / n_rows.clamp_min(1e-30))
-                if trace is not None:
-                    res_all.append(d_rows.square().sum().sqrt() / n_rows.square().sum().sqrt().clamp_min(1e-30))
-            z_BlC = z_new
-            if iter_tol is not None and res_rows[-1].max().item() <= iter_tol:
-                break
-        if trace is not None:
-            trace['iters'].append(ran)
-            trace['residual'].append(torch.stack(res_all).tolist() if res_all else [])
-            trace['residual_rows'].append(torch.stack(res_rows).cpu() if res_rows else torch.zeros(0, x_BlC.shape[0]))
-        # free the caches of iteration indices no later scale runs
+        u_BlC, n = x_BlC, schedule[si]
         later_max = max(schedule[si + 1:], default=0)
-        for it in range(later_max, schedule[si]):
+        if n > 0:
+            z0_BlC = u_BlC
+            if fp.warm_start and state is not None and state.get('z') is not None:
+                z0_BlC = upsample_tokens(state['z'], u_BlC.shape[1])
+            z_BlC, ran_R = self._solve(z0_BlC, u_BlC, ada_imp, n, fp, trace)
+            if fp.exit == 'row' and fp.tol is not None:
+                self._fill_stopped_caches(ran_R, u_BlC.shape[1], min(n, later_max))
+        else:
+            z_BlC = u_BlC
+            if trace is not None:
+                self._trace(trace, 0, [], [], torch.zeros(u_BlC.shape[0], dtype=torch.long))
+        if state is not None:
+            state['z'] = z_BlC
+        # free the caches of iteration indices no later scale runs
+        for it in range(later_max, n):
             self.implicit_block.attn.free_cache(it)
         x_BlC = z_BlC
         for b, ada in zip(self.post_blocks, ada_post):
             x_BlC = b(x_BlC, None, None, ada_B16C=ada)
         return x_BlC
+
+    @staticmethod
+    def _trace(trace, ran: int, res_all: list, res_rows: list, ran_R: torch.Tensor) -> None:
+        R = ran_R.shape[0]
+        trace['iters'].append(ran)
+        trace['residual'].append(torch.stack(res_all).tolist() if res_all else [])
+        trace['residual_rows'].append(torch.stack(res_rows).cpu() if res_rows else torch.zeros(0, R))
+        trace['iters_per_image'].append(torch.maximum(ran_R[:R // 2], ran_R[R // 2:]).tolist())
+
+    def _solve(self, x_BlC, u_BlC, ada_imp, n: int, fp: FixedPointOptions, trace):
+        """Up to ``n`` (>= 1) iterations from ``x_BlC``; returns (the last evaluation f(x) of every row, the
+        iterations each row ran (R,)).  Under 'row' exit the active rows are gathered (``idx``: their indices, None
+        while all are active) and every tensor of the iteration narrowed to them; no masked row is computed."""
+        R = u_BlC.shape[0]
+        inj_BlC = self._injection_if_exact(u_BlC)
+        measure = fp.tol is not None or trace is not None
+        row_exit = fp.exit == 'row' and fp.tol is not None
+        u, inj, ada, idx, hist = u_BlC, inj_BlC, ada_imp, None, None
+        ran_R = torch.full((R,), n, dtype=torch.long, device=u_BlC.device)
+        out_BlC = None          # the outputs of the rows that stopped ('row' exit)
+        res_all, res_rows, ran = [], [], 0
+        for it in range(n):
+            g_BlC = self.implicit_step(x_BlC, u, inj, None, None, cur_it=it, ada_B16C=ada,
+                                       rows=None if idx is None else (idx, R))
+            ran = it + 1
+            if measure:     # per-row norms in fp32; the whole batch's from them, for the trace only (no sync)
+                g_f = g_BlC.float()
+                d_rows, n_rows = (g_f - x_BlC.float()).flatten(1).norm(dim=1), g_f.flatten(1).norm(dim=1)
+                r_rows = d_rows / n_rows.clamp_min(1e-30)
+                if trace is not None:
+                    res_all.append(d_rows.square().sum().sqrt() / n_rows.square().sum().sqrt().clamp_min(1e-30))
+                    res_rows.append(r_rows if idx is None else
+                                    r_rows.new_full((R,), math.nan).index_copy_(0, idx, r_rows))
+            if fp.solver == 'anderson':
+                x_next, hist = anderson_step(hist, x_BlC, g_BlC, fp.anderson_m, fp.anderson_beta)
+            else:
+                x_next = g_BlC
+            if fp.tol is not None and not row_exit:
+                if r_rows.max().item() <= fp.tol:
+                    ran_R.fill_(ran)
+                    break
+            elif row_exit:
+                half = r_rows.shape[0] // 2         # active rows: conditional ones, then their unconditional ones
+                done = torch.maximum(r_rows[:half], r_rows[half:]) <= fp.tol
+                if done.any().item():
+                    done2 = torch.cat((done, done))
+                    act = torch.arange(R, device=u_BlC.device) if idx is None else idx
+                    stopped = act[done2]
+                    if out_BlC is None:
+                        out_BlC = torch.empty_like(g_BlC)
+                    out_BlC[stopped] = g_BlC[done2]
+                    ran_R[stopped] = ran
+                    keep2 = ~done2
+                    idx, g_BlC, x_next, u = act[keep2], g_BlC[keep2], x_next[keep2], u[keep2]
+                    inj = None if inj is None else inj[keep2]
+                    ada = ada[keep2]
+                    hist = None if hist is None else (hist[0][keep2], hist[1][keep2])
+                    if idx.numel() == 0:
+                        break
+            x_BlC = x_next
+        if out_BlC is None:
+            out_BlC = g_BlC
+        elif idx.numel():
+            out_BlC[idx] = g_BlC
+        if trace is not None:
+            self._trace(trace, ran if not row_exit else int(ran_R.max()), res_all, res_rows, ran_R)
+        return out_BlC, ran_R
+
+    def _fill_stopped_caches(self, ran_R: torch.Tensor, l: int, upto: int) -> None:
+        """'row' exit: a row that ran i iterations of this scale gets, in the caches of the iteration indices
+        i .. upto-1, the keys and values of its last iteration (index i-1) for this scale's l tokens: a later scale
+        iterating further reads a converged state.  Every row ran iteration 0."""
+        attn, max_ran = self.implicit_block.attn, int(ran_R.max())
+        for j in range(1, upto):
+            src_k, src_v = attn.kv_caches[j - 1].last_slot(l)
+            if j < max_ran:     # some rows ran iteration j: fill those that did not
+                lag = (ran_R <= j).nonzero()[:, 0]
+                if lag.numel():
+                    dst_k, dst_v = attn.kv_caches[j].last_slot(l)
+                    dst_k[lag], dst_v[lag] = src_k[lag], src_v[lag]
+            else:               # no row ran it: the whole slot
+                attn.cache(j).append(src_k, src_v)
 
 
 # ============================================== VAR ===================================================================
@@ -490,13 +644,15 @@ class VAR(nn.Module):
         self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed: Optional[int] = None, cfg=1.5,
         top_k=0, top_p=0.0, more_smooth=False, iter_left=10, iter_right=10, ret_idx_Bl: bool = False,
         input_img_tokens: Optional[List[torch.Tensor]] = None, edit_mask: Optional[torch.Tensor] = None,
-        iter_tol: Optional[float] = None, trace: Optional[Dict[str, list]] = None,
+        iter_tol: Optional[float] = None, trace: Optional[Dict[str, list]] = None, iter_exit: str = 'batch',
+        iter_solver: str = 'picard', anderson_m: int = 5, anderson_beta: float = 1.0, warm_start: bool = False,
     ):
         """Class-conditional generation with classifier-free guidance; returns images (B, 3, H, W) in [0, 1].
 
         :param label_B: class labels (B,); None: uniform random classes drawn with the seeded generator;
                         an int: that class for all (negative: unconditional)
-        :param g_seed: seed of the sampling generator (None: the global RNG)
+        :param g_seed: seed of the sampling generator (None: the global RNG), or a list of B seeds: image b is drawn
+                       from its own generator, so it does not depend on the batch it is sampled in
         :param cfg: guidance; at scale k the logits are (1 + t) cond - t uncond with t = cfg * k / (K - 1)
         :param top_k, top_p: filtering before the multinomial draw (0: off; top_k > V keeps every token)
         :param more_smooth: gumbel-softmax mixture of codes (visualisation only, not for FID)
@@ -504,21 +660,44 @@ class VAR(nn.Module):
         :param ret_idx_Bl: also return the token map of every scale (list of (B, pn*pn)), after any teacher forcing
         :param input_img_tokens, edit_mask: zero-shot editing: the tokens of the image to edit (``vae.img_to_idxBl``)
                         and a mask (h, w) or (B, h, w), 1 = keep the image's token, 0 = generate (``get_edit_mask``)
-        :param iter_tol: VIAR only: a scale stops iterating once every row's relative residual is <= iter_tol
-        :param trace: a dict filled with the fixed-point trace: per scale the iterations run (``iters``), the
-                      relative residual of each iteration over the batch (``residual``) and per row
-                      (``residual_rows``: (iterations, 2B) tensors, conditional rows first)
+        :param iter_tol: VIAR only: early exit once the relative residual is <= iter_tol (see ``iter_exit``)
+        :param trace: a dict filled with the fixed-point trace: per scale the iterations run (``iters``; the most of
+                      any image), per image (``iters_per_image``: B ints), the relative residual of each iteration
+                      over the rows still iterating (``residual``) and per row (``residual_rows``: (iterations, 2B)
+                      tensors, conditional rows first, NaN after a row stopped)
+        :param iter_exit: VIAR only: 'batch' (a scale stops once every row is below iter_tol) or 'row' (each image
+                      stops on its own; the others iterate on)
+        :param iter_solver, anderson_m, anderson_beta: VIAR only: 'picard' (z <- f(z)) or 'anderson' (Anderson
+                      acceleration with memory anderson_m and damping anderson_beta)
+        :param warm_start: VIAR only: each scale starts from the previous scale's fixed point (upsampled), not u
         """
+        fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
         return self._sample(B, label_B, self.patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
-                            iter_right, ret_idx_Bl, input_img_tokens, edit_mask, iter_tol, trace)
+                            iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace)
+
+    def _sampling_rng(self, g_seed, B: int, dev: torch.device):
+        """None (the global RNG), this model's generator of ``dev`` seeded with the int ``g_seed`` (the official
+        behaviour), or for a list of B seeds one fresh generator per image."""
+        if g_seed is None:
+            return None
+        if isinstance(g_seed, (list, tuple)) or (torch.is_tensor(g_seed) and g_seed.ndim == 1):
+            seeds = [int(s) for s in g_seed]
+            if len(seeds) != B:
+                raise ValueError(f'g_seed has {len(seeds)} seeds for B={B} (one per image, or one int)')
+            return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        return self._rng(dev).manual_seed(g_seed)
 
     def _sample(self, B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left, iter_right,
-                ret_idx_Bl, input_img_tokens, edit_mask, iter_tol, trace, **paradigm_kw):
+                ret_idx_Bl, input_img_tokens, edit_mask, fp: FixedPointOptions, trace, **paradigm_kw):
         dev = self.class_emb.weight.device
-        rng = None if g_seed is None else self._rng(dev).manual_seed(g_seed)
+        rng = self._sampling_rng(g_seed, B, dev)
         if label_B is None:
             uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=dev)
-            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+            if isinstance(rng, list):
+                label_B = torch.cat([torch.multinomial(uniform, num_samples=1, replacement=True, generator=g).reshape(1)
+                                     for g in rng])
+            else:
+                label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
         elif isinstance(label_B, int):
             label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=dev)
         label_B = label_B.to(dev)
@@ -526,11 +705,9 @@ class VAR(nn.Module):
             raise ValueError(f'label_B has {label_B.numel()} labels for B={B}')
         if (input_img_tokens is None) != (edit_mask is None):
             raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
-        if iter_tol is not None and iter_tol < 0:
-            raise ValueError(f'iter_tol must be >= 0, got {iter_tol}')
         top_k = min(top_k, self.V) if top_k > 0 else top_k       # top-k above the vocabulary keeps every token
         if trace is not None:
-            trace.update(iters=[], residual=[], residual_rows=[])
+            trace.update(iters=[], iters_per_image=[], residual=[], residual_rows=[])
 
         K = len(patch_nums)
         schedule = self.backbone.schedule(iter_left, iter_right, K)
@@ -546,12 +723,13 @@ class VAR(nn.Module):
         idx_Bl_per_scale = []
 
         self.backbone.start_sampling(patch_nums, schedule)
+        state = {}      # what the backbone keeps from one scale to the next (the warm start's fixed point)
         try:
             cur_L = 0
             for si, pn in enumerate(patch_nums):
                 ratio = si / max(K - 1, 1)
                 cur_L += pn * pn
-                x_BlC = self.backbone.sample_scale(next_token_map, adas, si, schedule, iter_tol, trace)
+                x_BlC = self.backbone.sample_scale(next_token_map, adas, si, schedule, fp, trace, state)
                 logits_BlV = self.get_logits(x_BlC, cond_BD)
                 logits_BlV = self.guidance(si, pn, patch_nums, cfg, logits_BlV, B, **paradigm_kw)
                 k_si = self.top_k_at(si, pn, top_k, **paradigm_kw)

@@ -21,6 +21,9 @@ Two measurements on the same images (class c, batch i of ``--batch_size`` -> ``g
    tokens differ, the later scales are drawn from another context, so the curve is the sampler's sensitivity to n,
    not a quality measure.
 
+Both run with the fixed-point solver of ``--iter_solver`` (``picard``, the paper's; ``anderson`` with
+``--anderson_m``, ``--anderson_beta``) and ``--warm_start``: run the script once per solver to compare their curves.
+
 Writes ``<out>.json`` (everything above, and the settings) and ``<out>.png`` (left: residual vs iteration per scale,
 log scale, median and 10-90 % band; right: token change vs n), and prints a summary.  The architecture is read
 from the checkpoint; a VAR checkpoint (no implicit block) is refused.  A bad flag or file ends with one line and
@@ -38,11 +41,13 @@ import torch
 
 from models.checkpoint import load_vae_var
 from models.hub import from_pretrained
+from models.var import ITER_SOLVERS
 from utils import dist
 from utils.errors import UserError, run_cli_parsed
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
 from utils.sampling_utils import (
+    BOOL,
     SamplerSettings,
     add_device_args,
     add_guidance_args,
@@ -72,8 +77,10 @@ def image_units(classes: Sequence[int], per_class: int, batch_size: int) -> List
 def sample_all(var, units, args, device, amp_dtype, n: int, trace: bool = False):
     """Tokens (N, L) of every image with the schedule n->n, and (trace) per scale the residuals (n, 2N): the
     conditional and the unconditional row of each image, batch by batch."""
-    kw = dict(SamplerSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, iter_left=n, iter_right=n)
-              .kwargs(var), ret_idx_Bl=True)
+    settings = SamplerSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, iter_left=n, iter_right=n,
+                               iter_solver=args.iter_solver, anderson_m=args.anderson_m,
+                               anderson_beta=args.anderson_beta, warm_start=args.warm_start)
+    kw = dict(settings.kwargs(var), ret_idx_Bl=True)
     tokens, rows = [], [[] for _ in var.patch_nums]
     for c, i, b in units:
         tr = {} if trace else None
@@ -215,7 +222,8 @@ def diagnose(var, classes, args, device, amp_dtype, token_iters: List[int]) -> D
     units = image_units(classes, args.per_class, args.batch_size)
     N = sum(b for _, _, b in units)
     print(f'[fixed_point] {var.describe()} from {model_source(args)}: {N} images ({len(classes)} classes x '
-          f'{args.per_class}), residuals over {args.max_iters} iterations, token change for n in '
+          f'{args.per_class}), residuals over {args.max_iters} iterations ({args.iter_solver}'
+          f'{", warm start" if args.warm_start else ""}), token change for n in '
           f'{token_iters[0]}..{token_iters[-1]} against {args.ref_iters}->{args.ref_iters}; '
           f'{dtype_name(amp_dtype)} on {device.type}', flush=True)
     t0 = time.time()
@@ -230,6 +238,8 @@ def diagnose(var, classes, args, device, amp_dtype, token_iters: List[int]) -> D
         classes=classes,
         per_class=args.per_class, batch_size=args.batch_size, seed=args.seed, images=N, rows=2 * N, cfg=args.cfg,
         top_k=args.top_k, top_p=args.top_p, dtype=dtype_name(amp_dtype), device=device.type,
+        iter_solver=args.iter_solver, anderson_m=args.anderson_m, anderson_beta=args.anderson_beta,
+        warm_start=bool(args.warm_start),
         max_iters=args.max_iters, ref_iters=args.ref_iters, seconds=round(time.time() - t0, 2),
         residual=dict(rows='the conditional and the unconditional (CFG) row of every image', quantiles=QUANTILES,
                       per_scale=residual_stats(rows, var.patch_nums, args.ref_iters)),
@@ -280,6 +290,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--token_iters', default='',
                    help='iteration counts n of the token-change curve, e.g. 1,2,3,5,10,20,30 (default: 1..max_iters)')
     add_guidance_args(p)
+    p.add_argument('--iter_solver', choices=ITER_SOLVERS, default='picard',
+                   help="fixed-point solver of both measurements: 'picard' (the paper's z <- f(z)) or 'anderson'")
+    p.add_argument('--anderson_m', type=int, default=5, help='Anderson memory')
+    p.add_argument('--anderson_beta', type=float, default=1.0, help='Anderson damping in (0, 1]')
+    p.add_argument('--warm_start', default=False, help="each scale starts from the previous scale's fixed point",
+                   **BOOL)
     p.add_argument('--out', default='fixed_point', help='output prefix: OUT.json and OUT.png')
     add_device_args(p)
     return p

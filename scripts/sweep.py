@@ -21,7 +21,8 @@ kind of each checkpoint is read from the file.  For every point:
    folder>`` and its npz.
 2. **Measures** (rank 0 alone, after all sampling, before TensorFlow is loaded): ``--time_batches`` sampler calls of
    ``--batch_size`` images (the first units of the sample, after ``--time_warmup`` untimed calls): images/s of the
-   whole sampler call (transformer and decoder; PNG writing excluded), peak memory (CUDA:
+   whole sampler call (transformer and decoder; PNG writing excluded; per wall-clock second, and per second of
+   the process's CPU time), peak memory (CUDA:
    ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, weights included, and its rise during
    the calls), the peak KV-cache bytes (``var.kv_cache_nbytes()`` after every scale and before every cache is
    freed) and the implicit iterations each scale ran.
@@ -105,12 +106,40 @@ class Point:
     iters: Optional[Tuple[int, int]]  # VIAR: (iter_left, iter_right); VAR: None
     iter_tol: Optional[float]
     hub: bool = False                 # ckpt is a hub folder or repository (--pretrained), not a .pth file
+    iter_exit: str = 'batch'          # VIAR fixed-point knobs (see --variants)
+    iter_solver: str = 'picard'
+    warm_start: bool = False
 
     @property
     def label(self) -> str:
         if not self.implicit:
             return 'VAR'
-        return f'{self.iters[0]}->{self.iters[1]}' + (f' tol {self.iter_tol:g}' if self.iter_tol is not None else '')
+        return f'{self.iters[0]}->{self.iters[1]}' + (f' tol {self.iter_tol:g}' if self.iter_tol is not None else '') \
+            + ''.join(f' {v}' for v in self.variant_words)
+
+    @property
+    def short_label(self) -> str:
+        """The point's text in the plot (its curve names the variant): the schedule, or ``t<tol>``."""
+        if self.implicit and self.iter_tol is not None:
+            return f't{self.iter_tol:g}'
+        return self.label
+
+    @property
+    def variant_words(self) -> List[str]:
+        return [w for w, on in (('row', self.iter_exit == 'row'), ('anderson', self.iter_solver == 'anderson'),
+                                ('warm', self.warm_start)) if on]
+
+    @property
+    def family(self) -> str:
+        """The curve of the Pareto plot: fixed schedules, or an early-exit variant."""
+        if not self.implicit:
+            return self.model
+        if self.iter_tol is None:
+            return f'{self.model}: fixed' + ''.join(f' {v}' for v in self.variant_words)
+        exit_ = 'row exit' if self.iter_exit == 'row' else 'batch exit'
+        return f'{self.model}: {exit_}' + ''.join(f' {v}' for v in self.variant_words if v != 'row')
+
+
 
 
 def parse_schedule(text: str) -> Tuple[int, int]:
@@ -123,6 +152,20 @@ def parse_schedule(text: str) -> Tuple[int, int]:
 def split_list(values: Sequence[str]) -> List[str]:
     """Flag values given space- or comma-separated (``10-10 5-5`` or ``10-10,5-5``)."""
     return [x for v in values for x in v.split(',') if x.strip()]
+
+
+VARIANT_WORDS = ('batch', 'row', 'anderson', 'warm')
+
+
+def parse_variant(text: str) -> Dict[str, Any]:
+    """``--variants`` entry: '+'-joined words, e.g. ``row+anderson+warm`` -> the fixed-point keywords of a point."""
+    words = [w.strip() for w in text.split('+') if w.strip()]
+    bad = [w for w in words if w not in VARIANT_WORDS]
+    if bad or not words or ('batch' in words and 'row' in words):
+        raise SweepError(f'could not read the variant {text!r}: join {", ".join(VARIANT_WORDS)} with +, e.g. '
+                         f'row+anderson (batch and row exclude each other)')
+    return dict(iter_exit='row' if 'row' in words else 'batch',
+                iter_solver='anderson' if 'anderson' in words else 'picard', warm_start='warm' in words)
 
 
 def parse_tols(values: Sequence[str]) -> List[float]:
@@ -166,8 +209,12 @@ def plan_points(args) -> List[Point]:
         for il, ir in dict.fromkeys(schedules):
             points.append(Point(name=f'{label}-it{il}-{ir}', iters=(il, ir), iter_tol=None, **common))
         for tol in dict.fromkeys(parse_tols(args.iter_tols)):
-            points.append(Point(name=f'{label}-it{tol_sched[0]}-{tol_sched[1]}-tol{tol:g}', iters=tol_sched,
-                                iter_tol=tol, **common))
+            for variant in dict.fromkeys(split_list(args.variants)):
+                p = Point(name='', iters=tol_sched, iter_tol=tol, **parse_variant(variant), **common)
+                p.name = f'{label}-it{tol_sched[0]}-{tol_sched[1]}-tol{tol:g}' + ''.join(f'-{w}' for w in
+                                                                                      p.variant_words)
+                if all(q.name != p.name for q in points):
+                    points.append(p)
     if not points:
         raise SweepError('no operating point: pass VIAR checkpoints (--ckpts or --pretrained) with --schedules or '
                          '--iter_tols, or VAR ones')
@@ -186,16 +233,19 @@ class Run:
     seed: int
 
 
-def point_run(args, p: Point, num_classes: int) -> Run:
-    """The images of point ``p``: sampling.py's folder under ``<out>/samples/<point>``."""
+def point_run(args, p: Point, num_classes: int, seed: int) -> Run:
+    """The images of point ``p`` and seed set ``seed``: sampling.py's folder under ``<out>/samples/<point>``."""
     il, ir = p.iters or (10, 10)        # a VAR ignores them (and they are not recorded for it)
+    anderson = p.iter_solver == 'anderson'
     settings = SamplerSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=False, iter_left=il,
-                               iter_right=ir, iter_tol=p.iter_tol)
+                               iter_right=ir, iter_tol=p.iter_tol, iter_exit=p.iter_exit, iter_solver=p.iter_solver,
+                               anderson_m=args.anderson_m if anderson else None,
+                               anderson_beta=args.anderson_beta if anderson else None, warm_start=p.warm_start)
     name = pretrained_name(p.ckpt) if p.hub else os.path.basename(p.ckpt)
-    folder = os.path.join(args.out, 'samples', p.name, folder_name(name, p.depth, p.implicit, args.seed,
+    folder = os.path.join(args.out, 'samples', p.name, folder_name(name, p.depth, p.implicit, seed,
                                                                    settings.kwargs()))
     return Run(folder=folder, settings=settings, num_classes=num_classes, per_class=args.per_class,
-               batch_size=args.batch_size, seed=args.seed)
+               batch_size=args.batch_size, seed=seed)
 
 
 def load_point(p: Point, args, device):
@@ -240,19 +290,20 @@ def measure_point(var, vae, run: Run, args, device, amp_dtype) -> Dict[str, Any]
         images, iters = 0, []
         with PeakMemory(device) as mem:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for unit in calls[args.time_warmup:]:
                 probe.iters_run = []
                 call(*unit)
                 images += len(unit[2])
                 iters.append(probe.iters_run)
             sync(device)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         probe.collect()
     finally:
         probe.remove()
     per_scale = [sum(col) / len(iters) for col in zip(*iters)] if var.use_implicit else None
-    return dict(images_s=images / wall, seconds=wall, images_timed=images, peak_mem_mb=mem.peak / 2 ** 20,
+    return dict(images_s=images / wall, seconds=wall, images_cpu_s=images / max(cpu, 1e-9), cpu_seconds=cpu,
+                images_timed=images, peak_mem_mb=mem.peak / 2 ** 20,
                 peak_mem_delta_mb=mem.delta / 2 ** 20, kv_cache_mb=probe.kv_peak / 2 ** 20,
                 iters_run=per_scale, iters_total=sum(per_scale) if per_scale else None, load_avg_1_5_15=load,
                 timed_at=time.strftime('%Y-%m-%d %H:%M:%S'))
@@ -311,8 +362,8 @@ def score_point(npz: str, ref: str, args) -> Dict[str, float]:
 
 
 # ============================================== the records and the report ============================================
-def record_path(args, p: Point) -> str:
-    return os.path.join(args.out, 'points', p.name + '.json')
+def record_path(args, p: Point, seed: int) -> str:
+    return os.path.join(args.out, 'points', f'{p.name}-seed-{seed}.json')
 
 
 def read_record(path: str) -> Dict[str, Any]:
@@ -329,30 +380,53 @@ def write_json(obj, path: str) -> None:
 
 
 def table_md(rows: List[Dict[str, Any]]) -> str:
-    def f(v, fmt):
-        return '-' if v is None else fmt.format(v)
-    head = ('| point | model | iterations | iter_tol | iterations run | images/s | peak mem MB | KV cache MB | FID | '
-            'sFID | IS | precision | recall |')
-    lines = [head, '|' + '---|' * 3 + '--:|' * 10]
+    """The table; a measure or score of several seed sets is written ``mean ± sd``."""
+    def f(r, key, fmt):
+        v = r.get(key)
+        if v is None:
+            return '-'
+        sd = r.get(f'{key}_sd')
+        return fmt.format(v) + (f' ± {fmt.format(sd)}' if len(r.get(f'{key}_all') or ()) > 1 else '')
+    head = ('| point | model | iterations | iter_tol | variant | iterations run | images/s | images/s (CPU time) | '
+            'peak mem MB | KV cache MB | FID | sFID | IS | precision | recall |')
+    lines = [head, '|' + '---|' * 5 + '--:|' * 10]
     for r in rows:
-        lines.append(f'| {r["point"]} | {r["model"]} | {r["iters"] or "-"} | {f(r["iter_tol"], "{:g}")} | '
-                     f'{f(r["iters_total"], "{:.1f}")} | {r["images_s"]:.3f} | {r["peak_mem_mb"]:.0f} | '
-                     f'{r["kv_cache_mb"]:.2f} | {f(r.get("fid"), "{:.2f}")} | {f(r.get("sfid"), "{:.2f}")} | '
-                     f'{f(r.get("inception_score"), "{:.2f}")} | {f(r.get("precision"), "{:.3f}")} | '
-                     f'{f(r.get("recall"), "{:.3f}")} |')
+        variant = ' '.join(w for w, on in (('row', r['iter_exit'] == 'row'), ('anderson', r['iter_solver'] ==
+                                                                               'anderson'), ('warm', r['warm_start']))
+                           if on) or '-'
+        tol = '-' if r['iter_tol'] is None else format(r['iter_tol'], 'g')
+        lines.append(f'| {r["point"]} | {r["model"]} | {r["iters"] or "-"} | {tol} | {variant if r["iters"] else "-"} '
+                     f'| {f(r, "iters_total", "{:.1f}")} | {f(r, "images_s", "{:.3f}")} | '
+                     f'{f(r, "images_cpu_s", "{:.3f}")} | '
+                     f'{f(r, "peak_mem_mb", "{:.0f}")} | {f(r, "kv_cache_mb", "{:.2f}")} | {f(r, "fid", "{:.2f}")} | '
+                     f'{f(r, "sfid", "{:.2f}")} | {f(r, "inception_score", "{:.2f}")} | '
+                     f'{f(r, "precision", "{:.3f}")} | {f(r, "recall", "{:.3f}")} |')
     return '\n'.join(lines)
 
 
-def pareto_plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
-    """FID against images/s and against KV-cache MB, a curve per checkpoint (points in order of images/s)."""
-    speed = Panel('FID vs images/s (lower right is better)', 'images/s', 'FID', legend='upper left')
+def pareto_plot(rows: List[Dict[str, Any]], path: str, title: str, speed_key: str = 'images_s') -> None:
+    """FID against images/s and against KV-cache MB, a curve per checkpoint and kind of point (``Point.family``:
+    fixed schedules, batch exit, row exit ...; points in order of images/s), error bars of one standard deviation
+    over the seed sets."""
+    clock = 'CPU-time ' if speed_key == 'images_cpu_s' else ''
+    speed = Panel(f'FID vs {clock}images/s (lower right is better)', f'{clock}images/s', 'FID', legend='upper left')
     kv = Panel('FID vs KV-cache MB (lower left is better)', 'KV-cache MB (peak)', 'FID', legend='upper right')
-    for model in dict.fromkeys(r['model'] for r in rows):
-        rs = sorted((r for r in rows if r['model'] == model and r.get('fid') is not None), key=lambda r: r['images_s'])
+    for family in dict.fromkeys(r['family'] for r in rows):
+        rs = sorted((r for r in rows if r['family'] == family and r.get('fid') is not None),
+                    key=lambda r: r[speed_key])
         if rs:
-            speed.line([r['images_s'] for r in rs], [r['fid'] for r in rs], label=model, texts=[r['label'] for r in rs])
+            yerr = [r.get('fid_sd') or 0.0 for r in rs]
+            speed.line([r[speed_key] for r in rs], [r['fid'] for r in rs], label=family,
+                       texts=[r['short_label'] for r in rs], xerr=[r.get(f'{speed_key}_sd') or 0.0 for r in rs],
+                       yerr=yerr)
             rs = sorted(rs, key=lambda r: r['kv_cache_mb'])
-            kv.line([r['kv_cache_mb'] for r in rs], [r['fid'] for r in rs], label=model, texts=[r['label'] for r in rs])
+            fixed = all(r['iter_tol'] is None for r in rs)  # early-exit points share their maximum's KV cache
+            kv.line([r['kv_cache_mb'] for r in rs], [r['fid'] for r in rs], label=family,
+                    texts=[r['short_label'] for r in rs] if fixed else None, yerr=[r.get('fid_sd') or 0.0 for r in rs])
+    fixed = [r for r in rows if r['kind'] == 'VIAR' and r['iter_tol'] is None and r.get('fid') is not None]
+    if fixed and len(fixed) < len(rows):    # the bar an adaptive point must pass: 1.2x the best fixed schedule
+        best = min(fixed, key=lambda r: r['fid'])
+        speed.vline(1.2 * best[speed_key], f'1.2x {best["short_label"]}')
     save_png([speed, kv], path, title=title)
 
 
@@ -367,29 +441,42 @@ def check_flags(args) -> None:
         bad.append(f'--ref_batch {args.ref_batch!r} not found')
     if not args.ckpts and not args.pretrained:
         bad.append('no model: pass --ckpts and/or --pretrained')
+    if args.anderson_m < 1:
+        bad.append(f'--anderson_m {args.anderson_m} must be >= 1')
+    if not 0 < args.anderson_beta <= 1:
+        bad.append(f'--anderson_beta {args.anderson_beta} must be in (0, 1]')
+    for v in split_list(args.variants):
+        parse_variant(v)
+    n_batches = -(-args.per_class // args.batch_size)     # seed set s uses g_seed s .. s + n_batches - 1
+    seeds = sorted(args.seed)
+    close = [(a, b) for a, b in zip(seeds, seeds[1:]) if b - a < n_batches]
+    if close:
+        bad.append(f'--seed {close[0][0]} {close[0][1]} overlap: a seed set uses g_seed = seed + i for the '
+                   f'{n_batches} batches i of a class; pass seeds at least {n_batches} apart')
     if bad:
         raise SweepError('; '.join(bad))
     try:
         check_args(args)        # --cfg / --top_k / --top_p / --seed: the sampling scripts' rules
     except UserError as e:
         raise SweepError(str(e)) from None
-    last_g_seed = args.seed + math.ceil(args.per_class / args.batch_size) - 1
+    last_g_seed = max(args.seed) + math.ceil(args.per_class / args.batch_size) - 1
     if last_g_seed > SEED_MAX:
-        raise SweepError(f'--seed {args.seed} is too large: the last batch of a class would use g_seed '
+        raise SweepError(f'--seed {max(args.seed)} is too large: the last batch of a class would use g_seed '
                          f'{last_g_seed} > 2**64 - 1')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SweepError(f'--out {args.out!r} is a file, not a folder: pass another --out')
 
 
-def plan(args) -> Tuple[List[Point], List[Run]]:
-    """The operating points and the images of each, every flag checked (nothing loaded or written)."""
+def plan(args) -> Tuple[List[Point], List[List[Run]]]:
+    """The operating points and the images of each (one run per seed set), every flag checked (nothing loaded or
+    written)."""
     check_flags(args)
     points = plan_points(args)
     num_classes = args.num_classes or min(p.num_classes for p in points)
     too_few = [p for p in points if p.num_classes < num_classes]
     if too_few:
         raise SweepError(f'--num_classes {num_classes} but {too_few[0].ckpt!r} has {too_few[0].num_classes} classes')
-    return points, [point_run(args, p, num_classes) for p in points]
+    return points, [[point_run(args, p, num_classes, seed) for seed in args.seed] for p in points]
 
 
 def run(args) -> List[Dict[str, Any]]:
@@ -399,13 +486,15 @@ def run(args) -> List[Dict[str, Any]]:
     master = dist.is_master()
     try:
         models = (None, None)
-        for i, (p, r) in enumerate(zip(points, runs)):
-            if master:
-                print(f'\n[sweep] point {i + 1}/{len(points)}: {p.name} ({p.model}, {p.label})', flush=True)
+        for i, (p, per_seed) in enumerate(zip(points, runs)):
             if models[0] != p.ckpt:
                 models = (None, None)
                 models = (p.ckpt, load_point(p, args, device))
-            sample_point(p, r, models[1], args, amp_dtype)
+            for r in per_seed:
+                if master:
+                    print(f'\n[sweep] point {i + 1}/{len(points)}: {p.name} ({p.model}, {p.label}), seed {r.seed}',
+                          flush=True)
+                sample_point(p, r, models[1], args, amp_dtype)
         models = None
         dist.barrier()
     finally:
@@ -416,42 +505,73 @@ def run(args) -> List[Dict[str, Any]]:
     ref = reference_npz(args)
     if ref:
         score_all(points, runs, records, ref, args)
-    rows = [dict(point=p.name, model=p.model, label=p.label, ckpt=p.ckpt, kind='VIAR' if p.implicit else 'VAR',
-                 iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None, iter_tol=p.iter_tol,
-                 images=r.num_classes * r.per_class, npz=r.folder + '.npz', **records[p.name]['measure'],
-                 **(records[p.name].get('scores', {}) if ref else {}))
-            for p, r in zip(points, runs)]
+    rows = [point_row(p, per_seed, [records[(p.name, r.seed)] for r in per_seed], ref)
+            for p, per_seed in zip(points, runs)]
     write_report(rows, args, device, amp_dtype, ref)
     return rows
 
 
+MEASURES = ('images_s', 'seconds', 'images_cpu_s', 'cpu_seconds', 'peak_mem_mb', 'peak_mem_delta_mb', 'kv_cache_mb',
+            'iters_total')
+
+
+def point_row(p: Point, per_seed: List[Run], recs, ref) -> Dict[str, Any]:
+    """A point's row: its settings, and of every measure and score the mean over the seed sets (``<name>``), the
+    sample standard deviation (``<name>_sd``; 0 for one set) and the values (``<name>_all``, in seed order)."""
+    r0 = per_seed[0]
+    row = dict(point=p.name, model=p.model, label=p.label, short_label=p.short_label, family=p.family, ckpt=p.ckpt,
+               kind='VIAR' if p.implicit else 'VAR', iters=f'{p.iters[0]}->{p.iters[1]}' if p.iters else None,
+               iter_tol=p.iter_tol, iter_exit=p.iter_exit, iter_solver=p.iter_solver, warm_start=p.warm_start,
+               seeds=[r.seed for r in per_seed], images=r0.num_classes * r0.per_class, npz=r0.folder + '.npz',
+               npz_all=[r.folder + '.npz' for r in per_seed])
+    first = recs[0]['measure']
+    row.update({k: v for k, v in first.items() if k not in MEASURES})     # iters_run, load, time: the first set's
+    values = {k: [r['measure'].get(k) for r in recs] for k in MEASURES}
+    if ref:
+        values.update({k: [r['scores'][k] for r in recs] for k in SCORE_NAMES.values()})
+    for k, vs in values.items():
+        if any(v is None for v in vs):
+            row[k] = None
+            continue
+        mean = sum(vs) / len(vs)
+        row.update({k: mean, f'{k}_sd': (sum((v - mean) ** 2 for v in vs) / (len(vs) - 1)) ** 0.5 if len(vs) > 1
+                    else 0.0, f'{k}_all': vs})
+    return row
+
+
 def score_all(points, runs, records, ref: str, args) -> None:
     """Adds the scores to every record that has none for this npz, reference batch and Inception graph."""
-    for p, r in zip(points, runs):
-        rec, npz = records[p.name], r.folder + '.npz'
-        key = score_key(npz, ref, args)
-        if rec.get('score_key') != key or 'scores' not in rec:
-            print(f'[sweep] scoring {p.name}', flush=True)
-            rec.update(scores=score_point(npz, ref, args), score_key=key)
-            write_json(rec, record_path(args, p))
+    for p, per_seed in zip(points, runs):
+        for r in per_seed:
+            rec, npz = records[(p.name, r.seed)], r.folder + '.npz'
+            key = score_key(npz, ref, args)
+            if rec.get('score_key') != key or 'scores' not in rec:
+                print(f'[sweep] scoring {p.name}, seed {r.seed}', flush=True)
+                rec.update(scores=score_point(npz, ref, args), score_key=key)
+                write_json(rec, record_path(args, p, r.seed))
 
 
-def measure_all(points, runs, args, device, amp_dtype) -> Dict[str, Dict[str, Any]]:
-    """The record of every point, measured where no valid measurement is stored; one model loaded at a time."""
+def measure_all(points, runs, args, device, amp_dtype) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """The record of every (point, seed set), measured where no valid measurement is stored.  The points take turns
+    within each seed set (a change of the machine's load falls on all of them alike); a checkpoint is loaded when
+    the next point needs another one."""
     records, loaded = {}, (None, None, None)
-    for p, r in zip(points, runs):
-        rec = read_record(record_path(args, p))
-        key = measure_key(r, args, device, amp_dtype)
-        if args.remeasure or rec.get('measure_key') != key or 'measure' not in rec:
-            if loaded[0] != p.ckpt:
-                loaded = (None, None, None)
-                trim_host_memory()
-                loaded = (p.ckpt, *load_point(p, args, device))
-            print(f'[sweep] timing {p.name}: {args.time_batches} calls of {r.batch_size} images', flush=True)
-            rec = dict(point=asdict(p), measure=measure_point(loaded[2], loaded[1], r, args, device, amp_dtype),
-                       measure_key=key)
-            write_json(rec, record_path(args, p))
-        records[p.name] = rec
+    for j in range(len(args.seed)):
+        for p, per_seed in zip(points, runs):
+            r = per_seed[j]
+            rec = read_record(record_path(args, p, r.seed))
+            key = measure_key(r, args, device, amp_dtype)
+            if args.remeasure or rec.get('measure_key') != key or 'measure' not in rec:
+                if loaded[0] != p.ckpt:
+                    loaded = (None, None, None)
+                    trim_host_memory()
+                    loaded = (p.ckpt, *load_point(p, args, device))
+                print(f'[sweep] timing {p.name}, seed {r.seed}: {args.time_batches} calls of {r.batch_size} images',
+                      flush=True)
+                rec = dict(point=asdict(p), seed=r.seed,
+                           measure=measure_point(loaded[2], loaded[1], r, args, device, amp_dtype), measure_key=key)
+                write_json(rec, record_path(args, p, r.seed))
+            records[(p.name, r.seed)] = rec
     return records
 
 
@@ -463,15 +583,20 @@ def write_report(rows, args, device, amp_dtype, ref) -> None:
     write_json(doc, os.path.join(args.out, 'sweep.json'))
     md = table_md(rows)
     load = f'{min(loads):.2f} to {max(loads):.2f}' if loads else 'unknown'
+    sets = len(args.seed)
     note = (f'\n\n{info["cpu"]}' + (f', GPU {info["gpu"]}' if 'gpu' in info else '')
             + f', {info["threads"]} thread(s), {dtype_name(amp_dtype)}; 1-minute load average when the points were '
             f'timed: {load} ({info.get("cpu_cores")} cores); {args.time_batches} calls of {args.batch_size} images '
-            f'timed per point; {rows[0]["images"]} images scored per point.\n')
+            f'timed per point and seed set; {rows[0]["images"]} images scored per point and seed set'
+            + (f'; mean ± standard deviation over {sets} seed sets ({", ".join(map(str, args.seed))})' if sets > 1
+               else '') + '.\n')
     atomic_write_bytes((md + note).encode(), os.path.join(args.out, 'sweep.md'))
     print('\n' + md + note)
     if ref and any(r.get('fid') is not None for r in rows):
-        pareto_plot(rows, os.path.join(args.out, 'pareto.png'), title=f'{rows[0]["images"]} images per point, '
-                    f'{dtype_name(amp_dtype)} on {device.type}')
+        pareto_plot(rows, os.path.join(args.out, 'pareto.png'), title=f'{rows[0]["images"]} images per point'
+                    + (f' and seed set, mean ± sd over {sets} sets' if sets > 1 else '')
+                    + f', {dtype_name(amp_dtype)} on {device.type}',
+                    speed_key='images_cpu_s' if args.speed_clock == 'cpu' else 'images_s')
         print(f'[sweep] wrote {args.out}/sweep.json, sweep.md and pareto.png')
     else:
         print(f'[sweep] wrote {args.out}/sweep.json and sweep.md (no --ref_batch: not scored, no Pareto plot)')
@@ -493,17 +618,30 @@ def get_parser() -> argparse.ArgumentParser:
                    help='VIAR early-exit tolerances, one point each (relative residual; e.g. 1e-2 1e-3)')
     g.add_argument('--tol_schedule', default='10-10',
                    help='the schedule (each scale\'s maximum) of the tolerance points')
+    g.add_argument('--variants', nargs='*', default=['batch'],
+                   help="each tolerance point once per variant: '+'-joined words of batch (exit when every row of "
+                        "the batch converged) or row (each image on its own), anderson (Anderson solver), warm "
+                        "(warm start), e.g. batch row row+anderson row+warm")
+    g.add_argument('--anderson_m', type=int, default=5, help='Anderson memory of the anderson variants')
+    g.add_argument('--anderson_beta', type=float, default=1.0, help='Anderson damping of the anderson variants')
+
     g = p.add_argument_group('images (sampling.py\'s flags and defaults)')
     g.add_argument('--num_classes', type=int, default=None,
                    help='classes 0..num_classes-1 (default: all classes of the checkpoints)')
     g.add_argument('--per_class', type=int, default=50, help='images per class')
     g.add_argument('--batch_size', type=int, default=25, help='images per sampler call (also for the timing)')
-    g.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
+    g.add_argument('--seed', type=int, nargs='+', default=[1],
+                   help='batch i of every class uses g_seed = seed + i; several seeds: every point is sampled, timed '
+                        'and scored once per seed set (disjoint sets), and the report gives mean and spread')
     add_guidance_args(g)
     g = p.add_argument_group('measuring and scoring')
     g.add_argument('--time_batches', type=int, default=3, help='timed sampler calls per point')
     g.add_argument('--time_warmup', type=int, default=1, help='untimed sampler calls before them')
     g.add_argument('--remeasure', action='store_true', help='time every point again, even if a measurement is stored')
+    g.add_argument('--speed_clock', choices=('wall', 'cpu'), default='wall',
+                   help="images/s of the Pareto plot: per wall-clock second, or per second of the process's CPU time "
+                        '(on a shared CPU it moves much less with the other processes\' load; one thread)')
+
     g.add_argument('--ref_batch', default=None,
                    help='reference batch: an npz for evaluator.py, or a folder of images (one size) packed once into '
                         'OUT/ref_batch.npz; without it nothing is scored')

@@ -2,6 +2,8 @@
 diagnostics script ``scripts/fixed_point.py`` and the quality-compute sweep ``scripts/sweep.py``, on tiny random
 models.  Every check is an exact equality (bytes, tokens, counts) or a recomputation to float rounding; none is a
 threshold on quality or speed."""
+import os
+
 import pytest
 import torch
 
@@ -91,12 +93,213 @@ def test_early_exit_equals_the_schedule_it_ran(viar, monkeypatch):
 def test_var_ignores_iter_tol_and_trace(var, kw):
     assert_same(sample(var, **kw), sample(var))
     if 'trace' in kw:
-        assert kw['trace'] == {'iters': [], 'residual': [], 'residual_rows': []}
+        assert kw['trace'] == {'iters': [], 'iters_per_image': [], 'residual': [], 'residual_rows': []}
 
 
 def test_negative_iter_tol_is_refused(viar):
     with pytest.raises(ValueError, match='iter_tol must be >= 0'):
         sample(viar, iter_tol=-1.0)
+
+
+# ============================================== the model: per-image exit, seeds, Anderson, warm start ================
+SOLVERS = [dict(), dict(iter_solver='anderson'), dict(iter_solver='anderson', anderson_m=2, anderson_beta=0.7)]
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_row_exit_tol_zero_is_the_fixed_schedule(viar, solver):
+    trace = {}
+    run = sample(viar, (10, 5), iter_tol=0.0, iter_exit='row', trace=trace, **solver)
+    assert_same(run, sample(viar, (10, 5), **solver))
+    assert trace['iters'] == [10, 8, 6, 5] and trace['iters_per_image'] == [[n, n] for n in (10, 8, 6, 5)]
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_row_exit_huge_tol_is_one_iteration_per_scale(viar, solver):
+    trace = {}
+    run = sample(viar, (10, 5), iter_tol=1e9, iter_exit='row', trace=trace, **solver)
+    assert trace['iters_per_image'] == [[1, 1]] * 4
+    assert_same(run, sample(viar, (1, 1), **solver))
+    assert_differ(run, sample(viar, (10, 5), **solver))
+
+
+def test_paper_sampler_by_name_and_one_seed_list_are_todays_bytes(viar):
+    """'picard' + 'batch' + no warm start spelled out is the default sampler; ``g_seed=[s]`` for one image draws what
+    ``g_seed=s`` draws (a fresh generator with the same seed), with given and with drawn labels."""
+    base = sample(viar, (10, 5), B=1, iter_tol=3e-3)
+    assert_same(sample(viar, (10, 5), B=1, iter_tol=3e-3, iter_exit='batch', iter_solver='picard', anderson_m=2,
+                       warm_start=False), base)
+    assert_same(sample(viar, (10, 5), B=1, g_seed=[3], iter_tol=3e-3), base)
+    with torch.inference_mode():
+        a = viar.autoregressive_infer_cfg(B=1, label_B=None, g_seed=7, iter_left=3, iter_right=3)
+        b = viar.autoregressive_infer_cfg(B=1, label_B=None, g_seed=[7], iter_left=3, iter_right=3)
+    assert torch.equal(a, b)
+
+
+# (B=3, labels given or drawn) with per-image seeds against each image alone.  Tokens must be equal; the images may
+# differ by the decoder's rounding (a convolution over 3 images vs 1: <= 1e-5 measured, 1/255 = 4e-3 is one level)
+# (tolerances at which the images of the labelled batch stop at other iterations of some scale on this model)
+BATCH_VS_ALONE = [dict(iter_tol=1e-4, iter_exit='row'), dict(iter_tol=2e-4, iter_exit='row', iter_solver='anderson'),
+                  dict(iter_tol=1e-4, iter_exit='row', warm_start=True), dict(more_smooth=True)]
+
+
+@pytest.mark.parametrize('kw', BATCH_VS_ALONE)
+@pytest.mark.parametrize('labels', [[0, 1, 3], None])
+def test_an_image_in_a_batch_is_the_image_alone_with_per_image_seeds(viar, kw, labels):
+    seeds, trace = [11, 22, 33], {}
+    lab = None if labels is None else torch.tensor(labels)
+
+    def run(idx, tr=None):
+        with torch.inference_mode():
+            return viar.autoregressive_infer_cfg(
+                B=len(idx), label_B=None if lab is None else lab[idx], g_seed=[seeds[i] for i in idx], cfg=1.5,
+                top_k=0, top_p=0.0, iter_left=10, iter_right=10, ret_idx_Bl=True, trace=tr, **kw)
+    img, idx = run([0, 1, 2], trace)
+    alone = [run([b]) for b in range(3)]
+    for si in range(len(PNS)):
+        assert torch.equal(idx[si], torch.cat([a[1][si] for a in alone])), si
+    torch.testing.assert_close(img, torch.cat([a[0] for a in alone]), rtol=0, atol=1e-4)
+    if kw.get('iter_exit') == 'row' and labels:     # the images stopped at other iterations: the exit was per image
+        assert any(len(set(n)) > 1 for n in trace['iters_per_image']), trace['iters_per_image']
+    assert len({tuple(t.tolist()) for t in idx[-1]}) == 3
+
+
+class RowsAndCaches:
+    """Counts the rows the implicit block computes; after every scale, copies the implicit block's cached keys and
+    values of that scale for every iteration index still cached."""
+
+    def __init__(self, model):
+        self.model, self.rows, self.slots = model, 0, []
+        bb = model.backbone
+        self.handle = model.implicit_block.register_forward_hook(lambda m, a, out: self._count(out))
+        inner = bb.sample_scale
+
+        def wrapped(x_BlC, adas, si, *args, **kwargs):
+            out = inner(x_BlC, adas, si, *args, **kwargs)
+            l = x_BlC.shape[1]
+            caches = model.implicit_block.attn.kv_caches
+            self.slots.append({j: tuple(t.clone() for t in c.last_slot(l)) for j, c in caches.items()})
+            return out
+        bb.sample_scale = wrapped
+
+    def _count(self, out):
+        self.rows += out.shape[0]
+
+    def remove(self):
+        self.handle.remove()
+        self.model.backbone.__dict__.pop('sample_scale', None)
+
+
+def test_row_exit_computes_active_rows_only_and_fills_the_later_caches(viar):
+    """Every row the implicit block computes is an iteration of an active image (no masked rows); after a scale, an
+    image that ran i iterations has, in the cache of every later iteration index that a later scale still reads, the
+    keys and values of its last iteration (index i - 1); the indices it ran hold their own keys."""
+    trace, hooks, B, n = {}, RowsAndCaches(viar), 3, 10
+    try:
+        sample(viar, (n, n), B=B, iter_tol=3e-4, iter_exit='row', trace=trace)
+    finally:
+        hooks.remove()
+    per_image = trace['iters_per_image']
+    assert hooks.rows == 2 * sum(map(sum, per_image))
+    assert any(len(set(ns)) > 1 for ns in per_image[:-1]), per_image
+    for si, (ns, slots) in enumerate(zip(per_image[:-1], hooks.slots)):
+        assert sorted(slots) == list(range(n))      # a later scale runs up to n iterations: every index is kept
+        for b, i in enumerate(ns):
+            for r in (b, B + b):
+                for j in range(i, n):
+                    assert all(torch.equal(slots[j][t][r], slots[i - 1][t][r]) for t in (0, 1)), (si, r, j)
+                assert not torch.equal(slots[i - 1][0][r], slots[0][0][r]) or i == 1
+
+
+def test_row_exit_stops_each_image_on_its_own_residual(viar):
+    """The per-row residuals of the trace against the stop rule: an image ran i iterations of a scale iff both its
+    rows are <= tol at iteration i and not before (or i is the maximum); after it stopped its rows are NaN."""
+    trace, tol, B = {}, 3e-4, 3
+    sample(viar, (10, 10), B=B, iter_tol=tol, iter_exit='row', trace=trace)
+    for R, ns, top in zip(trace['residual_rows'], trace['iters_per_image'], trace['iters']):
+        assert R.shape == (top, 2 * B) and max(ns) == top
+        for b, i in enumerate(ns):
+            pair = torch.maximum(R[:, b], R[:, B + b])
+            below = [bool(v <= tol) for v in pair[:i]]
+            assert not any(below[:-1]) and (below[-1] or i == 10)
+            assert torch.isnan(pair[i:]).all()
+
+
+def test_anderson_step_on_a_linear_contraction():
+    """Rows are solved independently (a row alone gets the same iterates up to rounding); the first step is the plain
+    step (beta 1) or the damped one; on f(x) = A x + b, Anderson reaches 1e-6 in fewer evaluations than Picard."""
+    from models.var import anderson_step
+    gen = torch.Generator().manual_seed(0)
+    D, R = 12, 4
+    A = torch.randn(R, D, D, generator=gen, dtype=torch.float64)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, ord=2).view(R, 1, 1)
+    bvec = torch.randn(R, D, 1, generator=gen, dtype=torch.float64)
+    f = lambda x: (A[:x.shape[0]] @ x.double().view(x.shape[0], D, 1) + bvec[:x.shape[0]]).view(x.shape).float()
+    x0 = torch.zeros(R, 3, 4)
+    g0 = f(x0)
+    assert anderson_step(None, x0, g0, 5)[0] is g0
+    torch.testing.assert_close(anderson_step(None, x0, g0, 5, beta=0.5)[0], 0.5 * g0)
+
+    def solve(solver, rows=R, steps=60):
+        x, hist = x0[:rows], None
+        for k in range(1, steps + 1):
+            g = f(x)
+            if ((g - x).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)).max() < 1e-6:
+                return k, x
+            x, hist = anderson_step(hist, x, g, 5) if solver == 'anderson' else (g, None)
+        return steps, x
+    (ka, xa), (kp, _) = solve('anderson'), solve('picard')
+    assert ka < kp, (ka, kp)
+    torch.testing.assert_close(solve('anderson', rows=1)[1], xa[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_warm_start_changes_the_first_iterate_of_every_scale_but_the_first(viar):
+    """The first scale has no previous fixed point (same residuals); every later scale starts elsewhere than u (other
+    first residual); a warm start from the previous scale's fixed point starts closer to its own fixed point on this
+    model (smaller first residual, median over rows)."""
+    from models.var import upsample_tokens
+    cold, warm = {}, {}
+    sample(viar, (10, 10), B=3, trace=cold)
+    sample(viar, (10, 10), B=3, trace=warm, warm_start=True)
+    assert torch.equal(cold['residual_rows'][0], warm['residual_rows'][0])
+    for c, w in zip(cold['residual_rows'][1:], warm['residual_rows'][1:]):
+        assert not torch.equal(c[0], w[0])
+    z = torch.randn(2, 1, 8).expand(2, 1, 8)
+    torch.testing.assert_close(upsample_tokens(z, 9), z.expand(2, 9, 8))
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(iter_exit='image'), 'iter_exit must be one of batch, row'),
+    (dict(iter_solver='newton'), 'iter_solver must be one of picard, anderson'),
+    (dict(iter_solver='anderson', anderson_m=0), 'anderson_m must be an int >= 1'),
+    (dict(anderson_beta=0.0), r'anderson_beta must be in \(0, 1\]'),
+    (dict(g_seed=[1, 2, 3]), 'g_seed has 3 seeds for B=2'),
+])
+def test_bad_fixed_point_settings_are_refused(viar, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sample(viar, **{'g_seed': 3, **kw})
+
+
+def test_fixed_point_flags_reach_the_sampler_the_folder_name_and_the_config():
+    import sampling
+    from utils.sampling_utils import SamplingError, check_args, sampler_kwargs
+    args = sampling.parse_args(['--use_implicit', '--iter_tol', '0.05', '--iter_exit', 'row', '--iter_solver',
+                                'anderson', '--anderson_m', '3', '--warm_start'])
+    kw = sampler_kwargs(args)
+    assert {k: kw[k] for k in ('iter_tol', 'iter_exit', 'iter_solver', 'anderson_m', 'warm_start')} == dict(
+        iter_tol=0.05, iter_exit='row', iter_solver='anderson', anderson_m=3, warm_start=True)
+    assert 'anderson_beta' not in kw
+    assert sampling.folder_name(args, 16) == 'implicit-viar.pth-cfg-1.5-tol0.05-row-anderson3-warm-seed-1'
+    from utils.folder_sampling import image_settings
+    settings = image_settings({'ckpt': 'viar.pth'}, 1, 50, 25, kw, True, None)
+    assert settings['iter_exit'] == 'row' and settings['warm_start'] is True and settings['anderson_m'] == 3
+    # today's values spelled out change nothing: same keywords, folder and recorded settings as without them
+    plain = sampling.parse_args(['--use_implicit'])
+    spelled = sampling.parse_args(['--use_implicit', '--iter_exit', 'batch', '--iter_solver', 'picard',
+                                   '--anderson_m', '7', '--warm_start', 'false'])
+    assert sampler_kwargs(spelled) == sampler_kwargs(plain)
+    assert sampling.folder_name(spelled, 16) == sampling.folder_name(plain, 16) == 'implicit-viar.pth-cfg-1.5-seed-1'
+    with pytest.raises(SamplingError, match=r'--anderson_m 0 must be >= 1.*--anderson_beta 2.0 must be in \(0, 1\]'):
+        check_args(sampling.parse_args(['--anderson_m', '0', '--anderson_beta', '2']))
 
 
 # ============================================== the model: the trace ==================================================
@@ -343,8 +546,47 @@ def test_sweep_under_torchrun_gives_the_same_npz(ckpts, tmp_path):
     assert not (tmp_path / 'two' / 'pareto.png').exists() and (tmp_path / 'two' / 'sweep.md').is_file()
 
 
+def test_sweep_variants_and_seed_sets(ckpts, tmp_path, viar):
+    """Tolerance points once per --variants entry (row exit, Anderson, warm start reach sampling.py's folder and the
+    images), every point once per --seed set (each set's npz holds that seed's images), the report's mean and
+    standard deviation over the sets."""
+    import json
+    import statistics
+
+    import numpy as np
+
+    from scripts import sweep
+    from utils.sampling_utils import to_uint8
+    out = tmp_path / 'sw'
+    argv = sweep_argv(ckpts, out, '--iter_tols', '1e-3', '--variants', 'batch', 'row+anderson+warm', '--seed', '1',
+                      '5', '--time_batches', '2')
+    argv[argv.index('--ckpts') + 1:argv.index('--vae_ckpt')] = [str(ckpts / 'viar.pth')]
+    assert sweep.main(argv) == 0
+    rows = {r['point']: r for r in json.loads((out / 'sweep.json').read_text())['points']}
+    name = f'{ckpts.name}-viar-it10-10-tol0.001'
+    assert list(rows) == [f'{ckpts.name}-viar-it3-3', name, name + '-row-anderson-warm']
+    r = rows[name + '-row-anderson-warm']
+    assert r['label'] == '10->10 tol 0.001 row anderson warm' and r['seeds'] == [1, 5]
+    assert (r['iter_exit'], r['iter_solver'], r['warm_start']) == ('row', 'anderson', True)
+    assert len(r['images_s_all']) == 2 and r['images_s'] == pytest.approx(statistics.mean(r['images_s_all']))
+    assert r['images_s_sd'] == pytest.approx(statistics.stdev(r['images_s_all']))
+    assert [os.path.basename(p) for p in r['npz_all']] == [
+        f'implicit-viar.pth-cfg-1.5-tol0.001-row-anderson5-warm-seed-{s}.npz' for s in (1, 5)]
+    with torch.inference_mode():    # class 1, batch 1 of seed set 5: g_seed 6
+        img = viar.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 1]), g_seed=6, cfg=1.5, top_k=64, top_p=0.96,
+                                            iter_left=10, iter_right=10, iter_tol=1e-3, iter_exit='row',
+                                            iter_solver='anderson', warm_start=True)
+    with np.load(r['npz_all'][1]) as z:
+        assert np.array_equal(z['arr_0'][6:8], to_uint8(img))
+    assert ' ± ' in (out / 'sweep.md').read_text()
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--schedules', '10to5'], "could not read the schedule '10to5'"),
+    (['--iter_tols', '0.1', '--variants', 'row+fast'], "could not read the variant 'row+fast'"),
+    (['--variants', 'batch+row'], "could not read the variant 'batch+row'"),
+    (['--seed', '1', '2'], '--seed 1 2 overlap: a seed set uses g_seed = seed + i for the 2 batches'),
+    (['--anderson_m', '0'], '--anderson_m 0 must be >= 1'),
     (['--iter_tols', '1e-2,-1'], '--iter_tols -1 must be >= 0'),
     (['--iter_tols', 'tight'], "could not read the tolerance 'tight'"),
     (['--per_class', '0'], '--per_class 0 must be >= 1'),

@@ -64,11 +64,11 @@ def units_of(num_classes: int, per_class: int, batch_size: int) -> list[tuple[in
 
 
 def folder_name(ckpt_name: str, depth: int, implicit: bool, seed: int, kw: dict[str, Any]) -> str:
-    """sampling.py's folder: ``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR; ``-tol{t}`` before ``-seed`` with
-    ``iter_tol``), ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}`` (VAR); a FlexVAR model (``kw`` holding its schedule)
-    names its schedule and guidance too: ``flexvar-d{depth}-{ckpt}-pn{1_2_..._16}-cfg-{cfg}-maxpn-{max_pn}
-    [-llamagen]-seed-{seed}`` (implicit backbone: ``flexvar-implicit-d{depth}-...``).  ``kw``: the sampler keywords
-    (``SamplerSettings.kwargs``)."""
+    """sampling.py's folder: ``implicit-{ckpt}-cfg-{cfg}-seed-{seed}`` (VIAR; ``-tol{t}``, ``-row``,
+    ``-anderson{m}``, ``-warm`` before ``-seed``: ``fixed_point_suffix``), ``d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}``
+    (VAR); a FlexVAR model (``kw`` holding its schedule) names its schedule and guidance too:
+    ``flexvar-d{depth}-{ckpt}-pn{1_2_..._16}-cfg-{cfg}-maxpn-{max_pn}[-llamagen]-seed-{seed}`` (implicit backbone:
+    ``flexvar-implicit-d{depth}-...``).  ``kw``: the sampler keywords (``SamplerSettings.kwargs``)."""
     cfg = kw.get('cfg')
     if 'infer_patch_nums' in kw:
         kw = {**FLEX_KWARGS, **kw}
@@ -76,8 +76,19 @@ def folder_name(ckpt_name: str, depth: int, implicit: bool, seed: int, kw: dict[
         guidance = f'cfg-{cfg}-maxpn-{kw["max_pn"]}{"-llamagen" if kw["used_llamagen_cfg"] else ""}'
         return f'{prefix}-{ckpt_name}-pn{schedule_name(kw["infer_patch_nums"])}-{guidance}-seed-{seed}'
     prefix = 'implicit' if implicit else f'd{depth}'
-    tol = f'-tol{kw["iter_tol"]:g}' if implicit and kw.get('iter_tol') is not None else ''
-    return f'{prefix}-{ckpt_name}-cfg-{cfg}{tol}-seed-{seed}'
+    return f'{prefix}-{ckpt_name}-cfg-{cfg}{fixed_point_suffix(kw) if implicit else ""}-seed-{seed}'
+
+
+def fixed_point_suffix(kw: dict[str, Any]) -> str:
+    """The VIAR fixed-point keywords that change the images, for the folder name: ``-tol{t}`` (``iter_tol``),
+    ``-row`` (``iter_exit='row'``), ``-anderson{m}`` (and ``-beta{b}`` unless 1; ``iter_solver='anderson'``),
+    ``-warm`` (``warm_start``); empty for the paper's sampler."""
+    out = f'-tol{kw["iter_tol"]:g}' if kw.get('iter_tol') is not None else ''
+    out += '-row' if kw.get('iter_exit') == 'row' else ''
+    if kw.get('iter_solver') == 'anderson':
+        out += f'-anderson{kw.get("anderson_m") or 5}'
+        out += f'-beta{kw["anderson_beta"]:g}' if kw.get('anderson_beta', 1) not in (None, 1) else ''
+    return out + ('-warm' if kw.get('warm_start') else '')
 
 
 def image_settings(names: dict[str, Any], seed: int, per_class: int, batch_size: int, kw: dict[str, Any],

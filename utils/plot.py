@@ -88,12 +88,15 @@ class Panel:
 
     def line(self, xs: Sequence[float], ys: Sequence[float], label: Optional[str] = None, color=None,
              band: Optional[Tuple[Sequence[float], Sequence[float]]] = None, marker: bool = True, width: int = 2,
-             texts: Optional[Sequence[str]] = None, dashed: bool = False) -> 'Panel':
+             texts: Optional[Sequence[str]] = None, dashed: bool = False, xerr: Optional[Sequence[float]] = None,
+             yerr: Optional[Sequence[float]] = None) -> 'Panel':
         """A polyline through (xs, ys); ``band``: (low, high) per x, shaded in a light tint; ``texts``: a label next to
-        each point."""
+        each point; ``xerr``, ``yerr``: error bars of +- that much at each point."""
         color = color or COLORS[len(self.series) % len(COLORS)]
         self.series.append(dict(xs=list(map(float, xs)), ys=list(map(float, ys)), label=label, color=color,
-                                band=band, marker=marker, width=width, texts=texts, dashed=dashed))
+                                band=band, marker=marker, width=width, texts=texts, dashed=dashed,
+                                xerr=None if xerr is None else list(map(float, xerr)),
+                                yerr=None if yerr is None else list(map(float, yerr))))
         return self
 
     def vline(self, x: float, label: Optional[str] = None, color=(120, 120, 120)) -> 'Panel':
@@ -104,6 +107,10 @@ class Panel:
     def _limits(self):
         xs = [x for s in self.series for x in s['xs']] + [x for x, _, _ in self.vlines]
         ys = [y for s in self.series for y in s['ys']]
+        for s in self.series:
+            for key, vals, out in (('xerr', s['xs'], xs), ('yerr', s['ys'], ys)):
+                if s[key]:
+                    out += [v + sign * e for v, e in zip(vals, s[key]) for sign in (-1, 1) if e > 0]
         for s in self.series:
             if s['band']:
                 ys += [float(v) for part in s['band'] for v in part]
@@ -179,6 +186,14 @@ class Panel:
                 for X, Y in run:
                     if s['marker']:
                         pd.ellipse((X - 3, Y - 3, X + 3, Y + 3), fill=s['color'])
+            for x, y, ex, ey in zip(s['xs'], s['ys'], s['xerr'] or [0.0] * len(s['xs']),
+                                    s['yerr'] or [0.0] * len(s['xs'])):
+                for (a, b), horizontal in ((((x - ex, y), (x + ex, y)), True), (((x, y - ey), (x, y + ey)), False)):
+                    if a != b and visible(*a) and visible(*b):
+                        (Xa, Ya), (Xb, Yb) = px(*a), px(*b)
+                        pd.line((Xa, Ya, Xb, Yb), fill=s['color'], width=1)
+                        for X, Y in ((Xa, Ya), (Xb, Yb)):      # caps
+                            pd.line((X, Y - 3, X, Y + 3) if horizontal else (X - 3, Y, X + 3, Y), fill=s['color'])
             if s['texts']:
                 for x, y, t in zip(s['xs'], s['ys'], s['texts']):
                     if t and visible(x, y):

@@ -12,11 +12,20 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Tuple
 
-__all__ = ['FLEX_PN_ALIASES', 'SamplerSettings', 'SettingsError', 'knob', 'parse_schedule', 'schedule_name']
+__all__ = ['ANDERSON_KWARGS', 'FLEX_PN_ALIASES', 'ITER_EXITS', 'ITER_SOLVERS', 'SOLVER_DEFAULTS', 'SamplerSettings',
+           'SettingsError', 'knob', 'parse_schedule', 'schedule_name']
 
 # --infer_pn aliases: the official default (256 px) and the official 512 px zero-shot schedule (FlexVAR README,
 # scripts/evaluate_c2i.sh); not train.py's '512' alias of VAR's scales
 FLEX_PN_ALIASES = {'256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), '512': (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 23, 32)}
+
+
+# the VIAR fixed-point knobs (models.var.ITER_EXITS / ITER_SOLVERS) and the values that are the paper's sampler: left
+# out of the keywords (the same images, folder and recorded settings as without them); the Anderson knobs only
+# matter with the Anderson solver
+ITER_EXITS, ITER_SOLVERS = ('batch', 'row'), ('picard', 'anderson')
+SOLVER_DEFAULTS = {'iter_exit': 'batch', 'iter_solver': 'picard', 'warm_start': False}
+ANDERSON_KWARGS = ('anderson_m', 'anderson_beta')
 
 
 class SettingsError(ValueError):
@@ -74,6 +83,13 @@ class SamplerSettings:
                                      kind='iteration')
     iter_tol: Optional[float] = knob(None, (_finite_at_least(0), 'must be >= 0 (relative residual that stops the '
                                                                  'iterations of a scale)'), kind='iteration')
+    iter_exit: Optional[str] = knob(None, (lambda v: v in ITER_EXITS, "must be 'batch' or 'row'"), kind='iteration')
+    iter_solver: Optional[str] = knob(None, (lambda v: v in ITER_SOLVERS, "must be 'picard' or 'anderson'"),
+                                      kind='iteration')
+    anderson_m: Optional[int] = knob(None, (_at_least(1), 'must be >= 1 (Anderson memory)'), kind='iteration')
+    anderson_beta: Optional[float] = knob(None, (lambda v: 0 < v <= 1, 'must be in (0, 1] (Anderson damping)'),
+                                          kind='iteration')
+    warm_start: Optional[bool] = knob(None, (lambda v: True, ''), kind='iteration')
     infer_patch_nums: Optional[Tuple[int, ...]] = knob(
         None, (lambda v: parse_schedule(v) is not None, "must be token-map sides, strictly increasing from 1, like "
                "1_2_3_4_5_6_8_10_13_16, or '256' / '512'"), flag='infer_pn', kind='flex')
@@ -136,13 +152,20 @@ class SamplerSettings:
 
     def kwargs(self, var=None) -> dict:
         """The keyword arguments of ``autoregressive_infer_cfg``: fields that are not None (booleans as bool, the
-        schedule as a tuple).  With the model: ``top_k`` clamped to its vocabulary; a FlexVAR model gets every FlexVAR
-        keyword (``flex_defaults``, its own schedule ``var.patch_nums``); FlexVAR settings for another model raise
-        ``SettingsError``."""
+        schedule as a tuple; the fixed-point knobs at the paper's values, ``SOLVER_DEFAULTS``, and the Anderson ones
+        without the Anderson solver left out).  With the model: ``top_k`` clamped to its vocabulary; a FlexVAR model
+        gets every FlexVAR keyword (``flex_defaults``, its own schedule ``var.patch_nums``); FlexVAR settings for
+        another model raise ``SettingsError``."""
         kw = {k: v for k, v in asdict(self).items() if v is not None}
-        for name in ('more_smooth', 'used_llamagen_cfg'):
+        for name in ('more_smooth', 'used_llamagen_cfg', 'warm_start'):
             if name in kw:
                 kw[name] = bool(kw[name])
+        for name, default in SOLVER_DEFAULTS.items():
+            if kw.get(name) == default:
+                del kw[name]
+        if kw.get('iter_solver') != 'anderson':
+            for name in ANDERSON_KWARGS:
+                kw.pop(name, None)
         if 'infer_patch_nums' in kw:
             pns = parse_schedule(kw['infer_patch_nums'])
             if pns is None:

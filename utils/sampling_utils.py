@@ -43,6 +43,8 @@ from utils.download import CKPT_DIR, FLEX_TOKENIZER, PUBLISHED, VAR_TOKENIZER, d
 from utils.errors import UserError
 from utils.sampler_settings import (
     FLEX_PN_ALIASES,
+    ITER_EXITS,
+    ITER_SOLVERS,
     SamplerSettings,
     SettingsError,
     _at_least,
@@ -97,6 +99,16 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help='VIAR early exit: a scale stops iterating after iteration i >= 1 once the relative residual '
                         '|z_i - z_(i-1)| / |z_i| of every row of the batch is <= this; --iter_left/--iter_right then '
                         "give each scale's maximum (default: off, the fixed schedule)")
+    p.add_argument('--iter_exit', choices=ITER_EXITS, default=None,
+                   help="VIAR early exit: 'batch' (default; the scale stops when every row is below --iter_tol) or "
+                        "'row' (each image stops on its own residual, the others iterate on)")
+    p.add_argument('--iter_solver', choices=ITER_SOLVERS, default=None,
+                   help="VIAR fixed-point solver: 'picard' (default; the paper's z <- f(z)) or 'anderson' (Anderson "
+                        "acceleration, --anderson_m, --anderson_beta)")
+    p.add_argument('--anderson_m', type=int, default=None, help='Anderson memory (default 5)')
+    p.add_argument('--anderson_beta', type=float, default=None, help='Anderson damping in (0, 1] (default 1)')
+    p.add_argument('--warm_start', default=None, help="VIAR: each scale's iteration starts from the previous scale's "
+                   'fixed point, upsampled (default off: from the input injection u)', **BOOL)
 
 
 def add_flex_args(p: argparse.ArgumentParser) -> None:
