@@ -33,7 +33,8 @@ rename).  Every flag is checked before anything is loaded or written.
 
 ``<folder>/sampling_config.json`` records what decides the pixels: the settings (checkpoint and tokenizer file names,
 cfg, seed, top_k, top_p, more_smooth, per_class, batch_size, dtype, for VIAR and implicit FlexVAR
-iter_left/iter_right, for FlexVAR infer_patch_nums/max_pn/used_llamagen_cfg) and the
+iter_left/iter_right and the fixed-point flags given (iter_tol, iter_exit, iter_solver, anderson_m/anderson_beta,
+warm_start; at their defaults they are not recorded), for FlexVAR infer_patch_nums/max_pn/used_llamagen_cfg) and the
 fingerprints of the weights (``ckpt_fingerprint``, ``vae_fingerprint``: sha256 of the file size and its first and
 last 8 MiB, see ``utils.sampling_utils.weights_fingerprint``).  Resuming into a folder whose images were sampled with
 other settings, or from other weights under the same file name (``local_output/ar-ckpt-last.pth`` trained further),
