@@ -243,6 +243,7 @@ class FlexVAR(VAR):
         """
         patch_nums = self.check_schedule(infer_patch_nums)
         fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
-        return self._sample(B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left, iter_right,
-                            ret_idx_Bl, input_img_tokens, edit_mask, fp, trace,
-                            max_pn=max_pn, used_llamagen_cfg=used_llamagen_cfg, invalid_ids=invalid_ids)
+        with self.inference_autocast():
+            return self._sample(B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
+                                iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace,
+                                max_pn=max_pn, used_llamagen_cfg=used_llamagen_cfg, invalid_ids=invalid_ids)

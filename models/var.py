@@ -16,6 +16,7 @@ backbone object holds the logic that runs them and VIAR's iteration settings.
 """
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -431,6 +432,8 @@ class ImplicitBackbone(nn.Module):
 
 # ============================================== VAR ===================================================================
 class VAR(nn.Module):
+    inference_dtype: Optional[torch.dtype] = None      # set by ``cast_for_inference``
+
     def __init__(
         self, vae_local, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.0, drop_rate=0.0,
         attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1,
@@ -622,6 +625,9 @@ class VAR(nn.Module):
         return self.teacher_forcing(label_B, x_BLCv_wo_first_l, self.patch_nums, iters)
 
     def teacher_forcing(self, label_B, x_BLCv_wo_first_l, patch_nums, iters=None) -> torch.Tensor:
+        if self.inference_dtype is not None:
+            raise RuntimeError(f'this model was cast to {self.inference_dtype} for inference (cast_for_inference); '
+                               f'teacher forcing and training need the fp32 weights: reload them')
         B = x_BLCv_wo_first_l.shape[0]
         dev_type = x_BLCv_wo_first_l.device.type
         with torch.autocast(device_type=dev_type, enabled=False):
@@ -672,8 +678,9 @@ class VAR(nn.Module):
         :param warm_start: VIAR only: each scale starts from the previous scale's fixed point (upsampled), not u
         """
         fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
-        return self._sample(B, label_B, self.patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
-                            iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace)
+        with self.inference_autocast():
+            return self._sample(B, label_B, self.patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
+                                iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace)
 
     def _sampling_rng(self, g_seed, B: int, dev: torch.device):
         """None (the global RNG), this model's generator of ``dev`` seeded with the int ``g_seed`` (the official
@@ -758,6 +765,43 @@ class VAR(nn.Module):
             self.kv_caching(False)
         img = self.decode(canvas).add_(1).mul_(0.5)
         return (img, idx_Bl_per_scale) if ret_idx_Bl else img
+
+    # ================================ half-precision inference ========================================================
+    def cast_for_inference(self, dtype: torch.dtype = torch.bfloat16) -> 'VAR':
+        """Casts the weight and bias of every ``nn.Linear`` and the attention's q/k/v biases to ``dtype`` (bf16 or
+        fp16) once, for sampling under autocast of that dtype.  Autocast casts exactly these tensors to ``dtype`` at
+        every call of a linear layer (its weight cache is off under ``inference_mode``); cast beforehand they pass
+        through unchanged, so the images are bit-identical to plain autocast.  Everything autocast leaves in fp32
+        stays fp32: embeddings, positions, ``ada_gss``, ``scale_mul_1H11``, masks.  From then on
+        ``autoregressive_infer_cfg`` runs under autocast of ``dtype`` by itself; teacher forcing (training) needs
+        the fp32 weights again (reload them).  Returns ``self``."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f'cast_for_inference takes torch.bfloat16 or torch.float16, got {dtype}')
+        if self.inference_dtype not in (None, dtype):
+            raise ValueError(f'this model was already cast to {self.inference_dtype}; reload it to use {dtype}')
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.to(dtype)
+            for b in self.all_blocks():
+                attn = b.attn
+                for name in ('q_bias', 'v_bias'):
+                    getattr(attn, name).data = getattr(attn, name).data.to(dtype)
+                attn.zero_k_bias = attn.zero_k_bias.to(dtype)
+        self.inference_dtype = dtype
+        return self
+
+    def inference_autocast(self):
+        """The autocast a model cast by ``cast_for_inference`` samples under (a no-op context otherwise); autocast
+        already on in another half-precision dtype is refused (the weights would be rounded twice)."""
+        dtype = self.inference_dtype
+        dev_type = self.class_emb.weight.device.type
+        if dtype is None:
+            return nullcontext()
+        if torch.is_autocast_enabled(dev_type) and torch.get_autocast_dtype(dev_type) != dtype:
+            raise ValueError(f'the model was cast to {dtype} for inference but autocast runs in '
+                             f'{torch.get_autocast_dtype(dev_type)}; use autocast({dtype}) or reload the weights')
+        return torch.autocast(dev_type, dtype=dtype)
 
     def compile_blocks(self, **compile_kwargs) -> 'VAR':
         """Optional ``torch.compile`` of every block's two tensor-only halves (``attn_in``: LayerNorm, modulation,

@@ -1,0 +1,98 @@
+"""Half-precision inference with the weights cast once (``VAR.cast_for_inference``): the same tokens and images,
+bit for bit, as plain autocast (which casts the same weights at every call), on the official bf16 vectors and on tiny
+VAR, VIAR and FlexVAR models."""
+import copy
+
+import pytest
+import torch
+
+import models
+from models import build_vae_var
+
+TINY = dict(V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=5)
+
+
+def f32(sd):
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def golden_model(golden_dir, name):
+    d = torch.load(golden_dir / 'models' / 'vqvae.pt', map_location='cpu', weights_only=True)
+    g = torch.load(golden_dir / 'models' / f'{name}.pt', map_location='cpu', weights_only=True)
+    c = g['config']
+    vae, var = build_vae_var(
+        V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
+        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
+        use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
+    vae.load_state_dict(f32(d['state_vae']), strict=True)
+    var.load_state_dict(f32(g['state_var']), strict=True)
+    var.eval()
+    var.cond_drop_rate = 0.0
+    return var
+
+
+def tiny(kind, **kw):
+    torch.manual_seed(0)
+    if kind == 'flexvar':
+        vae, var = models.build_flexvar(V=64, Cvae=8, ch=32, z_channels=32,
+                                        num_classes=5, depth=2, patch_nums=(1, 2, 3, 4), **kw)
+    else:
+        vae, var = build_vae_var(depth=3, use_implicit=kind == 'viar', pre_depth=1, post_depth=1, **TINY, **kw)
+    with torch.no_grad():       # a fresh init has tiny AdaLN gammas: make the blocks matter
+        for b in var.all_blocks():
+            (b.ada_lin[-1].weight if hasattr(b, 'ada_lin') else b.ada_gss).normal_(0, 0.05)
+        var.head.weight.normal_(0, 0.5)
+        for b in var.all_blocks():
+            b.attn.q_bias.normal_(0, 0.1)
+            b.attn.v_bias.normal_(0, 0.1)
+    return var.eval()
+
+
+def sample(var, autocast=True, **kw):
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        return var.autoregressive_infer_cfg(ret_idx_Bl=True, **kw)
+
+
+def assert_same(a, b):
+    (img_a, idx_a), (img_b, idx_b) = a, b
+    assert img_a.dtype == img_b.dtype and torch.equal(img_a, img_b)
+    assert all(torch.equal(x, y) for x, y in zip(idx_a, idx_b))
+
+
+def test_cast_weights_give_the_official_bf16_tokens_and_the_autocast_images(golden_dir):
+    d = torch.load(golden_dir / 'bf16' / 'sampling_bf16.pt', map_location='cpu', weights_only=True)
+    plain = {name: golden_model(golden_dir, name) for name in ('var', 'viar')}
+    cast = {name: copy.deepcopy(m).cast_for_inference(torch.bfloat16) for name, m in plain.items()}
+    for case in d['cases']:
+        got = sample(cast[case['model']], **case['kwargs'])
+        for si, (t, exp) in enumerate(zip(got[1], case['tokens'])):
+            assert torch.equal(t, exp), f'{case["model"]} {case["kwargs"]}: tokens differ at scale {si}'
+        if case.get('image') is not None:     # the images: bit-identical to plain autocast
+            assert_same(got, sample(plain[case['model']], **case['kwargs']))
+
+
+@pytest.mark.parametrize('kind, kw', [('var', {}), ('var', dict(shared_aln=True, attn_l2_norm=True)),
+                                      ('viar', {}), ('viar', dict(attn_l2_norm=True)), ('flexvar', {})])
+def test_cast_is_bit_identical_to_plain_autocast(kind, kw):
+    var = tiny(kind, **kw)
+    cast = copy.deepcopy(var).cast_for_inference(torch.bfloat16)
+    assert cast.head.weight.dtype == torch.bfloat16 and cast.class_emb.weight.dtype == torch.float32
+    assert all(b.attn.q_bias.dtype == torch.bfloat16 for b in cast.all_blocks())
+    args = dict(B=3, label_B=torch.tensor([0, 4, 2]), g_seed=3, cfg=2.0, top_k=20, top_p=0.9)
+    if kind == 'viar':
+        args.update(iter_left=4, iter_right=2)
+    for more_smooth in (False, True):
+        ref = sample(var, more_smooth=more_smooth, **args)
+        assert_same(sample(cast, more_smooth=more_smooth, **args), ref)
+        # a cast model samples under its autocast by itself
+        assert_same(sample(cast, autocast=False, more_smooth=more_smooth, **args), ref)
+
+
+def test_cast_model_refuses_what_it_cannot_do():
+    var = tiny('var').cast_for_inference(torch.bfloat16)
+    with pytest.raises(RuntimeError, match='teacher forcing and training need the fp32 weights'):
+        var(torch.tensor([0]), torch.zeros(1, var.L - 1, var.Cvae))
+    with pytest.raises(ValueError, match='already cast to torch.bfloat16'):
+        var.cast_for_inference(torch.float16)
+    with pytest.raises(ValueError, match='takes torch.bfloat16 or torch.float16'):
+        tiny('var').cast_for_inference(torch.float32)
