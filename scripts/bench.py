@@ -639,11 +639,16 @@ def print_header(args, setup: Setup, info: dict, peak_fp32: float, peak_dtype: f
         print('# note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than fp32')
     print(f'# dtype {args.dtype}, width {setup.width or "published"}, tokenizer ch {setup.vae_ch or "published"}, '
           f'{16 * setup.patch_nums[-1]} px, best of {args.reps} after {args.warmup} warm-up'
-          + (', torch.compile' if args.compile else ''))
+          + (', torch.compile' if args.compile else '')
+          + ('' if setup.dtype == torch.float32 else
+             ', weights in fp32 (plain autocast)' if args.no_cast else f', weights cast to {args.dtype} once'))
 
 
-def build_for(name: str, width: int, args, setup: Setup):
+def build_for(name: str, width: int, args, setup: Setup, sampling: bool = False):
+    """``sampling`` in half precision: the weights cast once (``VAR.cast_for_inference``) unless ``--no_cast``."""
     vae, var = build(name, width, setup.vae_ch, setup.device, setup.patch_nums)
+    if sampling and setup.dtype != torch.float32 and not args.no_cast:
+        var.cast_for_inference(setup.dtype)
     if args.compile:
         var.compile_blocks()
     return vae, var
@@ -652,7 +657,7 @@ def build_for(name: str, width: int, args, setup: Setup):
 def run_sampling(args, setup: Setup, peak_flops: float) -> List[dict]:
     results = []
     for name in setup.sample_models:
-        vae, var = build_for(name, setup.width, args, setup)
+        vae, var = build_for(name, setup.width, args, setup, sampling=True)
         print(f'# {name}: {num_params(var) / 1e6:.1f} M parameters (width {var.C})', flush=True)
         # iter_tol and the trace are VIAR's: a VAR runs once per batch size
         variants = [(tol, trace) for tol in setup.iter_tols for trace in ((False, True) if args.trace else (False,))]
@@ -794,6 +799,9 @@ def get_parser():
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
     p.add_argument('--matmul_n', type=int, default=2048, help='size of the matmul that measures the FLOP/s limit')
     p.add_argument('--compile', action='store_true', help='torch.compile the blocks (VAR.compile_blocks)')
+    p.add_argument('--no_cast', action='store_true',
+                   help='half precision: leave the weights in fp32 (plain autocast casts them at every call) instead '
+                        'of casting them once (VAR.cast_for_inference; the same images)')
     p.add_argument('--json', default='', help='also write the results here')
     p.add_argument('--plot', default='', help='also draw images/s and KV-cache MB into this PNG')
     p.add_argument('--strict', action='store_true', help='exit 1 when a check is not met')

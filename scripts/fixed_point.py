@@ -51,8 +51,10 @@ from utils.sampling_utils import (
     SamplerSettings,
     add_device_args,
     add_guidance_args,
+    cast_weights,
     check_args,
     dtype_name,
+    resolve_dtype,
     sample_batch,
     setup_device,
 )
@@ -204,6 +206,7 @@ def load_viar(args, device):
         _, var = from_pretrained(args.pretrained, device=device)
     else:
         _, var = load_vae_var(args.vae_ckpt, args.var_ckpt, device=device)
+    cast_weights(var, args, resolve_dtype(args.dtype, device))
     if not var.use_implicit:
         raise FixedPointError(f'{model_source(args)!r} is {var.describe()}, which has no implicit block: the '
                               f'fixed-point diagnostics need a VIAR checkpoint')

@@ -76,10 +76,12 @@ from utils.sampling_utils import (
     SamplerSettings,
     add_device_args,
     add_guidance_args,
+    cast_weights,
     check_args,
     dtype_name,
     parse_tolerance,
     pretrained_name,
+    resolve_dtype,
     sample_batch,
     setup_device,
 )
@@ -249,10 +251,10 @@ def point_run(args, p: Point, num_classes: int, seed: int) -> Run:
 
 
 def load_point(p: Point, args, device):
-    """(tokenizer, transformer) of the point's checkpoint (with ``--vae_ckpt``) or hub folder."""
-    if p.hub:
-        return from_pretrained(p.ckpt, device=device)
-    return load_vae_var(args.vae_ckpt, p.ckpt, device=device)
+    """(tokenizer, transformer) of the point's checkpoint (with ``--vae_ckpt``) or hub folder; under fp16/bf16 the
+    transformer's weights cast once (``--cast_weights``)."""
+    vae, var = from_pretrained(p.ckpt, device=device) if p.hub else load_vae_var(args.vae_ckpt, p.ckpt, device=device)
+    return vae, cast_weights(var, args, resolve_dtype(args.dtype, device))
 
 
 def sample_point(p: Point, run: Run, models, args, amp_dtype) -> None:

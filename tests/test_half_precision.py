@@ -96,3 +96,36 @@ def test_cast_model_refuses_what_it_cannot_do():
         var.cast_for_inference(torch.float16)
     with pytest.raises(ValueError, match='takes torch.bfloat16 or torch.float16'):
         tiny('var').cast_for_inference(torch.float32)
+
+
+def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monkeypatch):
+    """``--dtype bf16`` casts the weights once (``--cast_weights``, default on); ``--cast_weights 0`` leaves them in
+    fp32: the PNGs are byte-identical."""
+    import gen_img
+    from utils import sampling_utils
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, num_classes=3, depth=2,
+                             use_implicit=True, pre_depth=1, post_depth=1)
+    with torch.no_grad():
+        var.head.weight.mul_(50)
+    torch.save(var.state_dict(), tmp_path / 'viar.pth')
+    torch.save(vae.state_dict(), tmp_path / 'vae.pth')
+    loaded = []
+    load_models = sampling_utils.load_models
+
+    def recording(*a):
+        vae_var = load_models(*a)
+        loaded.append(vae_var[1])
+        return vae_var
+
+    monkeypatch.setattr(gen_img, 'load_models', recording)
+    for cast in ('1', '0'):
+        gen_img.main(gen_img.parse_args(['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / 'viar.pth'),
+                                         '--vae_ckpt', str(tmp_path / 'vae.pth'), '--class_label', '0', '2',
+                                         '--seeds', '3', '--dtype', 'bf16', '--cast_weights', cast,
+                                         '--output_dir', str(tmp_path / f'cast{cast}')]))
+    assert [m.inference_dtype for m in loaded] == [torch.bfloat16, None]
+    assert [m.head.weight.dtype for m in loaded] == [torch.bfloat16, torch.float32]
+    pngs = [sorted((tmp_path / f'cast{c}').rglob('*.png')) for c in '10']
+    assert len(pngs[0]) == 2 and [p.name for p in pngs[0]] == [p.name for p in pngs[1]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*pngs))
