@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError, run_cli
+from utils.sampling_utils import SLOW_BF16_NOTE, cpu_has_native_bf16
 
 MODELS = {
     'var_d16': dict(depth=16),
@@ -139,15 +140,6 @@ def matmul_flops_per_s(device, dtype, n: int = 2048, reps: int = 5) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN finds bf16 instructions (avx512_bf16 / AMX) on this CPU; without them bf16 matmuls are
-    emulated and slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def sync(device):
@@ -636,7 +628,7 @@ def print_header(args, setup: Setup, info: dict, peak_fp32: float, peak_dtype: f
     print(f'# matmul {args.matmul_n}^3: fp32 {peak_fp32 / 1e9:.1f} GFLOP/s'
           + ('' if setup.dtype == torch.float32 else f', {args.dtype} {peak_dtype / 1e9:.1f} GFLOP/s'))
     if setup.device.type == 'cpu' and setup.dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        print('# note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than fp32')
+        print(f'# {SLOW_BF16_NOTE}')
     print(f'# dtype {args.dtype}, width {setup.width or "published"}, tokenizer ch {setup.vae_ch or "published"}, '
           f'{16 * setup.patch_nums[-1]} px, best of {args.reps} after {args.warmup} warm-up'
           + (', torch.compile' if args.compile else '')

@@ -1,6 +1,7 @@
 """Half-precision inference with the weights cast once (``VAR.cast_for_inference``): the same tokens and images,
 bit for bit, as plain autocast (which casts the same weights at every call), on the official bf16 vectors and on tiny
 VAR, VIAR and FlexVAR models."""
+import argparse
 import copy
 
 import pytest
@@ -129,3 +130,15 @@ def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monke
     pngs = [sorted((tmp_path / f'cast{c}').rglob('*.png')) for c in '10']
     assert len(pngs[0]) == 2 and [p.name for p in pngs[0]] == [p.name for p in pngs[1]]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*pngs))
+
+
+@pytest.mark.parametrize('native, dtype, noted', [(False, 'bf16', True), (True, 'bf16', False), (False, 'fp32', False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said_once(monkeypatch, capsys, native, dtype, noted):
+    from utils import dist, sampling_utils
+    monkeypatch.setattr(sampling_utils, 'cpu_has_native_bf16', lambda: native)
+    args = argparse.Namespace(device='cpu', dtype=dtype, tf32=False)     # tf32 off: the default precision
+    try:
+        assert sampling_utils.setup_device(args)[1] == sampling_utils.resolve_dtype(dtype, torch.device('cpu'))
+    finally:
+        dist.destroy()
+    assert capsys.readouterr().out.count('no native bf16 matmul') == int(noted)

@@ -54,11 +54,11 @@ from utils.sampler_settings import (
 
 __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
            'SamplerSettings', 'SamplingError', 'add_common_args', 'add_device_args', 'add_flex_args',
-           'add_guidance_args', 'add_model_args', 'add_sampler_args', 'cast_weights', 'check_args', 'check_output_dir',
-           'default_vae_ckpt', 'default_var_ckpt', 'dtype_name', 'effective_top_k', 'guard_writes', 'load_models',
-           'load_pretrained', 'make_output_dir', 'parse_schedule', 'parse_tolerance', 'pretrained_name',
-           'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name', 'setup_backends', 'setup_device',
-           'to_uint8', 'weights_fingerprint']
+           'add_guidance_args', 'add_model_args', 'add_sampler_args', 'cast_weights', 'check_args',
+           'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
+           'effective_top_k', 'guard_writes', 'load_models', 'load_pretrained', 'make_output_dir', 'parse_schedule',
+           'parse_tolerance', 'pretrained_name', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name',
+           'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint']
 
 BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
 
@@ -238,12 +238,29 @@ def dtype_name(amp_dtype: torch.dtype | None) -> str:
     return {None: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[amp_dtype]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN finds bf16 instructions (avx512_bf16 / AMX) on this CPU; without them bf16 matmuls are
+    emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+SLOW_BF16_NOTE = ('note: this CPU has no native bf16 matmul (avx512_bf16 / AMX): bf16 runs emulated, slower than '
+                  'fp32 (use --dtype fp32)')
+
+
 def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
     """Joins the torchrun group (if launched by it), sets the backend flags of ``--tf32`` and returns (this rank's
-    device, autocast dtype of ``--dtype``).  Call ``utils.dist.destroy()`` when done."""
+    device, autocast dtype of ``--dtype``); says once when bf16 on this CPU would be emulated.  Call
+    ``utils.dist.destroy()`` when done."""
     device = dist.init_distributed(args.device)
     setup_backends(args.tf32)
-    return device, resolve_dtype(args.dtype, device)
+    amp_dtype = resolve_dtype(args.dtype, device)
+    if device.type == 'cpu' and amp_dtype == torch.bfloat16 and not cpu_has_native_bf16() and dist.is_master():
+        print(SLOW_BF16_NOTE, flush=True)
+    return device, amp_dtype
 
 
 def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
