@@ -5,8 +5,8 @@ official one imports the code of the checkout given by ``--official`` (github.co
 part of this repository), this repository's side imports its own.  Per model and schedule the two sides take turns,
 one process each per round, ``--rounds`` rounds, so a change of the machine's load falls on both alike; each
 process makes ``--warmup`` untimed calls, then times ``--calls`` calls of ``autoregressive_infer_cfg`` under the
-same autocast (``--dtype``) in ``torch.inference_mode``.  The best time of each side is reported, with the largest
-difference between the two sides' images (0 means the same pixels).
+same autocast (``--dtype``) in ``torch.inference_mode``.  The best wall-clock time and the best CPU time of each
+side are reported, with the largest difference between the two sides' images (0 means the same pixels).
 
     python -m scripts.compare_official --official ../official/VIAR --dtype bf16 --threads 1
 
@@ -59,11 +59,11 @@ def worker(a) -> None:
     times, img = [], None
     for i in range(a.warmup + a.calls):
         with torch.inference_mode(), torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             img = var.autoregressive_infer_cfg(a.batch_size, labels, g_seed=i, **kw)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= a.warmup:
-            times.append(dt)
+            times.append((dt, dc))
     torch.save(img.float(), a.image_out)
     print(json.dumps(dict(side=a.worker, times=times)), flush=True)
 
@@ -116,25 +116,34 @@ def main(a) -> None:
             weights = os.path.join(tmp, f'{name}.pt')
             if not os.path.exists(weights):
                 make_weights(name, a.width, a.vae_ch, a.reso, weights)
-            best = {'ours': float('inf'), 'official': float('inf')}
+            wall = {'ours': [], 'official': []}
+            cpu = {'ours': [], 'official': []}
             for r in range(a.rounds):
                 for side in (('ours', 'official') if r % 2 == 0 else ('official', 'ours')):
-                    t = run_side(a, side, weights, os.path.join(tmp, f'{side}.pt'), il, ir)
-                    best[side] = min(best[side], *t)
+                    for dt, dc in run_side(a, side, weights, os.path.join(tmp, f'{side}.pt'), il, ir):
+                        wall[side].append(dt)
+                        cpu[side].append(dc)
             diff = (torch.load(os.path.join(tmp, 'ours.pt')) - torch.load(os.path.join(tmp, 'official.pt')))
             row = dict(model=name, iters=f'{il}->{ir}' if name.startswith('viar') else '-',
-                       ours=a.batch_size / best['ours'], official=a.batch_size / best['official'],
+                       ours=a.batch_size / min(wall['ours']), official=a.batch_size / min(wall['official']),
+                       cpu_ours=min(cpu['ours']), cpu_official=min(cpu['official']),
                        max_diff=diff.abs().max().item())
             row['speedup'] = row['ours'] / row['official']
+            row['cpu_speedup'] = row['cpu_official'] / row['cpu_ours']
             rows.append(row)
-            print(f'| {name} | {row["iters"]} | {row["ours"]:.4f} | {row["official"]:.4f} | {row["speedup"]:.2f}x | '
-                  f'{row["max_diff"]:.2g} |', flush=True)
+            print(format_row(row), flush=True)
     print(f'# load average {os.getloadavg()[0]:.2f} at the end')
-    print('\n| model | iters | ours img/s | official img/s | ours / official | max image difference |')
-    print('|---|--:|--:|--:|--:|--:|')
-    for row in rows:
-        print(f'| {row["model"]} | {row["iters"]} | {row["ours"]:.4f} | {row["official"]:.4f} | '
-              f'{row["speedup"]:.2f}x | {row["max_diff"]:.2g} |')
+    print('\n| model | iters | ours img/s | official img/s | ours / official | CPU s ours | CPU s official | '
+          'ratio of CPU s | max image difference |')
+    print('|---|--:|--:|--:|--:|--:|--:|--:|--:|')
+    print('\n'.join(format_row(row) for row in rows))
+
+
+def format_row(row: dict) -> str:
+    """A table row: best wall-clock images/s of each side and their ratio, best CPU seconds per call and their
+    ratio (on a busy machine the CPU time of a one-thread process is the steadier measure), image difference."""
+    return (f'| {row["model"]} | {row["iters"]} | {row["ours"]:.4f} | {row["official"]:.4f} | {row["speedup"]:.2f}x | '
+            f'{row["cpu_ours"]:.2f} | {row["cpu_official"]:.2f} | {row["cpu_speedup"]:.2f}x | {row["max_diff"]:.2g} |')
 
 
 def get_parser() -> argparse.ArgumentParser:
