@@ -9,24 +9,21 @@ import torch
 
 import models
 from models import build_vae_var
+from tests.golden import vectors
 
 TINY = dict(V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=5)
 
 
-def f32(sd):
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def golden_model(golden_dir, name):
-    d = torch.load(golden_dir / 'models' / 'vqvae.pt', map_location='cpu', weights_only=True)
-    g = torch.load(golden_dir / 'models' / f'{name}.pt', map_location='cpu', weights_only=True)
-    c = g['config']
+def golden_model(src, name):
+    """The parity vectors' model ``name`` (var or viar) on their tokenizer, in eval mode."""
+    c = vectors.load(src, f'models/{name}.pt')['config']
     vae, var = build_vae_var(
         V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
         num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
         use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
-    vae.load_state_dict(f32(d['state_vae']), strict=True)
-    var.load_state_dict(f32(g['state_var']), strict=True)
+    vectors.load_into(vae, vectors.vae_state(src))
+    vectors.load_into(var, vectors.var_state(src, name))
+    vae.eval()
     var.eval()
     var.cond_drop_rate = 0.0
     return var
@@ -60,9 +57,10 @@ def assert_same(a, b):
     assert all(torch.equal(x, y) for x, y in zip(idx_a, idx_b))
 
 
-def test_cast_weights_give_the_official_bf16_tokens_and_the_autocast_images(golden_dir):
-    d = torch.load(golden_dir / 'bf16' / 'sampling_bf16.pt', map_location='cpu', weights_only=True)
-    plain = {name: golden_model(golden_dir, name) for name in ('var', 'viar')}
+def test_cast_weights_give_the_official_bf16_tokens_and_the_autocast_images(golden_src):
+    d = vectors.load(golden_src, 'bf16/sampling_bf16.pt')
+    assert {c['model'] for c in d['cases']} == {'var', 'viar'}
+    plain = {name: golden_model(golden_src, name) for name in ('var', 'viar')}
     cast = {name: copy.deepcopy(m).cast_for_inference(torch.bfloat16) for name, m in plain.items()}
     for case in d['cases']:
         got = sample(cast[case['model']], **case['kwargs'])
