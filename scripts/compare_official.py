@@ -155,7 +155,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--schedules', default='10-10,10-5', help='VIAR iter_left-iter_right (comma-separated)')
     p.add_argument('--width', type=int, default=1024)
     p.add_argument('--vae_ch', type=int, default=32)
-    p.add_argument('--reso', type=int, default=256, choices=(128, 256))
+    p.add_argument('--reso', type=int, default=256, choices=(128, 256),
+                   help='128: the first 7 scales (quick; the official code spreads a VIAR schedule over 10 scales '
+                        'whatever their number, so a non-constant one such as 10-5 differs there)')
     p.add_argument('--batch_size', type=int, default=2)
     p.add_argument('--dtype', default='bf16', choices=('bf16', 'fp32'))
     p.add_argument('--threads', type=int, default=1)
