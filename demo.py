@@ -185,6 +185,13 @@ def check_args(args) -> Plan:
     reso = 2 ** (len(ch_mult) - 1) * patch_nums[-1]
     if reso < 8:
         raise UserError(f'the images would be {reso} px (tokenizer downsampling x last of --pn); the demo needs >= 8')
+    made = demo_data.dataset_reso(os.path.join(args.out, 'data'))
+    if made is not None and made != reso:
+        down = 2 ** (len(ch_mult) - 1)
+        fit = f'end --pn with {made // down} (e.g. 1_2_4_{made // down})' if made % down == 0 else 'change --pn'
+        raise UserError(f'--pn {args.pn} with --vae_ch_mult {args.vae_ch_mult} ({down}x downsampling) gives {reso} px '
+                        f'images, but {os.path.join(args.out, "data")} holds the demo pictures at {made} px: {fit}, '
+                        f'or pass another --out')
     schedules = [Schedule(*parse_schedule(s)) for s in args.iters]
     if len(set(schedules)) < len(schedules):
         raise UserError(f'--iters {" ".join(args.iters)}: a schedule is given twice')

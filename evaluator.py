@@ -32,10 +32,10 @@ instead of taking all of it, and places on the CPU what has no GPU kernel (``all
 From Python: ``evaluate(ref_npz, sample_npz, ...)`` returns the five numbers as a dict.
 
 Bad input (a missing file, a folder instead of an .npz, a wrong array) ends with one line and exit status 1
-(``utils.errors.run_cli``), checked before TensorFlow is loaded or anything is downloaded.
+(``utils.errors.run_cli``), checked before TensorFlow is loaded or anything is downloaded; so are the output files
+(``--json``, ``--save_ref_stats``: writable) and TensorFlow itself (missing: one line naming requirements-eval.txt).
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError, run_cli
-from utils.misc import atomic_write_bytes, npz_member_crc32, read_npy_header
+from utils.misc import DiskFullError, atomic_write, atomic_write_bytes, npz_member_crc32, read_npy_header
 
 INCEPTION_URL = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb'
 INCEPTION_FILENAME = 'classify_image_graph_def.pb'
@@ -532,25 +532,50 @@ def check_finite(acts, path, what):
 
 
 def save_stats(path, pool, stats, source, graph_sha):
-    """Write pool activations, statistics and what they were made from to ``path`` (temp file, then rename).
-
-    A file that cannot be written is a warning, not an error: the evaluation goes on."""
+    """Write pool activations, statistics and what they were made from to ``path`` (atomically: temp file, then
+    rename).  A file that cannot be written (a full disk included: one line) is a warning, not an error: the
+    evaluation goes on."""
     path = Path(path)
-    tmp = path.with_name(path.stem + '.part.npz')
+    if not path.parent.is_dir():
+        print(f'warning: cannot save the reference statistics to {path} (the folder {path.parent} does not exist); '
+              f'continuing without', file=sys.stderr)
+        return False
+    meta = dict(source_bytes=np.int64(Path(source).stat().st_size), source_crc32=np.int64(npz_member_crc32(source)),
+                graph_sha256=np.array(graph_sha))
     try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, pool=pool, source_bytes=np.int64(Path(source).stat().st_size),
-                     source_crc32=np.int64(npz_member_crc32(source)), graph_sha256=np.array(graph_sha), **stats)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        atomic_write(lambda f: np.savez(f, pool=pool, **meta, **stats), path)
+    except (OSError, DiskFullError) as e:
         print(f'warning: cannot save the reference statistics to {path} ({e}); continuing without', file=sys.stderr)
         return False
     print(f'saved reference statistics and activations to {path}', file=sys.stderr)
     return True
+
+
+def check_writable(path, flag):
+    """An output file (``--json``, ``--save_ref_stats``'s) that cannot be written is refused before anything is
+    computed: its folder must exist and take a new file, and the path must not be a folder."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path('.')
+    if path.is_dir():
+        raise EvalError(f'{flag} {path} is a folder: pass a file path')
+    if not folder.is_dir():
+        raise EvalError(f'{flag} {path}: the folder {folder} does not exist')
+    try:
+        atomic_write_bytes(b'', folder / f'.{path.name}.writable', fsync=False)
+        (folder / f'.{path.name}.writable').unlink()
+    except (OSError, DiskFullError) as e:
+        raise EvalError(f'{flag} {path} cannot be written ({e}); fix that before the Inception pass') from None
+
+
+def import_tensorflow():
+    """TensorFlow, imported before anything is computed or downloaded; missing, one line naming what to install."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise EvalError(f'TensorFlow is needed for the Inception features but cannot be imported ({e}): '
+                        f'pip install -r requirements-eval.txt') from None
+    return tf
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -572,6 +597,11 @@ def evaluate(ref_npz, sample_npz=None, *, inception=None, batch_size=64, save_re
     # Check both files before loading TensorFlow, downloading or computing anything.
     ref = BatchFile(ref_npz, 'reference batch')
     sample = BatchFile(sample_npz, 'sample batch')
+    if save_ref_stats:
+        check_writable(stats_cache_path(ref_npz), '--save_ref_stats')
+    if inception is not None:
+        resolve_inception(inception)            # a wrong --inception path is its own line
+    import_tensorflow()                         # before any download or computation
     graph = resolve_inception(inception)
     graph_sha = file_sha256(graph)
     ref = ref.cached(graph_sha)
@@ -606,6 +636,8 @@ def evaluate(ref_npz, sample_npz=None, *, inception=None, batch_size=64, save_re
 
 def report(args):
     """Evaluate, print the five lines, optionally write them as JSON; returns the numbers."""
+    if args.json:
+        check_writable(args.json, '--json')     # before anything is computed
     results = evaluate(args)
     for name, value in results.items():
         print(f'{name}: {value}')
@@ -614,7 +646,7 @@ def report(args):
                       is_shuffle_seed=None if args.no_is_shuffle else IS_SHUFFLE_SEED, fid_sqrtm=args.sqrtm)
         try:
             atomic_write_bytes((json.dumps(record, indent=1) + '\n').encode(), args.json)
-        except OSError as e:
+        except (OSError, DiskFullError) as e:
             raise EvalError(f'cannot write --json {args.json} ({e}); the numbers are printed above') from None
     return results
 

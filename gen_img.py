@@ -30,11 +30,11 @@ from collections.abc import Sequence
 import torch
 import torchvision
 
+from models.checkpoint import describe_classes, resolve_class_labels
 from utils.errors import run_cli_or_exit
 from utils.misc import save_png_atomic
 from utils.sampling_utils import (
     BOOL,
-    SamplingError,
     add_common_args,
     check_args,
     check_output_dir,
@@ -60,7 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--var_ckpt', type=str, default=None,
                    help='VAR/VIAR/FlexVAR checkpoint (default: ckpts/viar.pth with --use_implicit, else '
                         'ckpts/var_d{depth}.pth, depth 30 when not given)')
-    p.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or several ImageNet classes')
+    p.add_argument('--class_label', type=str, nargs='+', default=['970'],
+                   help='one or several classes: indices (ImageNet for the published files), or the class folder names '
+                        'a train.py checkpoint records (e.g. cats)')
     p.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
     p.add_argument('--output_dir', type=str, default='gen_images')
     p.add_argument('--save_grid', default=False, help='also write all images as one grid', **BOOL)
@@ -96,9 +98,8 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
         args.var_ckpt = default_var_ckpt(args, 30)
     _, var = load_models(args, device, args.var_ckpt)
     source = args.pretrained or args.var_ckpt
-    bad = [c for c in args.class_label if not 0 <= c < var.num_classes]
-    if bad:
-        raise SamplingError(f'--class_label {bad} out of range: {source!r} has classes 0..{var.num_classes - 1}')
+    args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
+                                            path=repr(source))
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
     kind += f', iter_tol {args.iter_tol:g}' if var.use_implicit and args.iter_tol is not None else ''
@@ -112,6 +113,8 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
         name += f'-pn{schedule_name(pns)}'
     out_dir = os.path.join(args.output_dir, name)
     make_output_dir(out_dir)
+    if getattr(var, 'class_names', None):
+        print(f'[gen_img] classes of {source}: {describe_classes(var.class_names)}', flush=True)
     print(f'[gen_img] {source} ({kind}); classes {args.class_label}, seeds {args.seeds}, cfg {args.cfg}, '
           f'top_k {kw["top_k"]}, top_p {args.top_p}; {dtype_name(amp_dtype)} on {device.type} -> {out_dir}/',
           flush=True)

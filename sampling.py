@@ -35,11 +35,14 @@ rename).  Every flag is checked before anything is loaded or written.
 cfg, seed, top_k, top_p, more_smooth, per_class, batch_size, dtype, for VIAR and implicit FlexVAR
 iter_left/iter_right and the fixed-point flags given (iter_tol, iter_exit, iter_solver, anderson_m/anderson_beta,
 warm_start; at their defaults they are not recorded), for FlexVAR infer_patch_nums/max_pn/used_llamagen_cfg) and the
-fingerprints of the weights (``ckpt_fingerprint``, ``vae_fingerprint``: sha256 of the file size and its first and
-last 8 MiB, see ``utils.sampling_utils.weights_fingerprint``).  Resuming into a folder whose images were sampled with
-other settings, or from other weights under the same file name (``local_output/ar-ckpt-last.pth`` trained further),
-is refused; a recorded config without images is simply replaced.  Folders of older versions, without fingerprints,
-are assumed to hold images of the current weights (a note says so) and get the fingerprints recorded.
+fingerprints of the weights (``ckpt_sha256``, ``vae_sha256``: the sha256 of the whole file, cached by size and
+modification time, ``utils.sampling_utils.weights_sha256``; and the quick ``ckpt_fingerprint``, ``vae_fingerprint`` of
+earlier versions: sha256 of the file size and its first and last 8 MiB, ``weights_fingerprint``).  Resuming into a
+folder whose images were sampled with other settings, or from other weights under the same file name
+(``local_output/ar-ckpt-last.pth`` trained further), is refused; a recorded config without images is simply replaced.
+A folder of an earlier version with the quick fingerprints only is checked against them and gets the whole-file ones
+recorded; folders of older versions, without fingerprints, are assumed to hold images of the current weights (a note
+says so) and get the fingerprints recorded.  SIGTERM stops with one line saying that the same command resumes.
 
 ``--pretrained DIR_OR_REPO`` samples a hub folder (``models.save_pretrained``, ``python -m scripts.convert``) or a
 Hugging Face repository holding one instead of ``--ckpt_path``/``--vae_ckpt``: the folder is named after it
@@ -51,15 +54,20 @@ the config: a later run calls the npz up to date only if it is that very file, h
 every PNG; otherwise it packs it again.
 """
 import argparse
+import contextlib
 import math
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from models.checkpoint import describe_classes
 from utils import dist
-from utils.errors import run_cli_or_exit
+from utils.download import resolve_default
+from utils.errors import Preempted, run_cli_or_exit
 from utils.folder_sampling import (  # noqa: F401  (the library half; re-exported for older callers)
     CONFIG_NAME,
     NPZ_KEY,
@@ -148,10 +156,28 @@ def main(args: argparse.Namespace) -> None:
 
 def sample(args: argparse.Namespace) -> None:
     check_sampling_args(args)
+    args.ckpt_path = resolve_default(args.ckpt_path)        # ckpts/<published file>: the repository's, from anywhere
     device, amp_dtype = setup_device(args)
-    with guard_writes('every image written so far is kept: fix this and rerun the same command to resume',
-                      every_rank=True):     # disk full, permissions, a folder removed under us ...: this rank's own
+    with stop_on_sigterm(), guard_writes('every image written so far is kept: fix this and rerun the same command to '
+                                         'resume', every_rank=True):     # disk full, permissions ...: this rank's own
         _sample(args, device, amp_dtype)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a scheduler's preemption) stops the sampling with one line (``run_cli``: status 143) saying that
+    the images written so far are kept and that the same command resumes; the previous handler is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Preempted('SIGTERM: every image written so far is kept; rerun the same command to resume')
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
@@ -163,6 +189,8 @@ def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
         raise SamplingError(f'--num_classes {args.num_classes} but {source!r} has {var.num_classes} classes: '
                             f'pass --num_classes {var.num_classes} or fewer')
     kw = sampler_kwargs(args, var)
+    if dist.is_master() and getattr(var, 'class_names', None):
+        print(f'[sampling] classes of {source}: {describe_classes(var.class_names[:args.num_classes])}', flush=True)
     names, weights = identity(args) if dist.is_master() else (None, None)     # rank 0 records them
     sample_folder(vae, var, os.path.join(args.sample_dir, folder_name(args, var.depth, kw)), args.num_classes,
                   args.per_class, args.seed, batch_size=args.batch_size, amp_dtype=amp_dtype, names=names,

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from models import FlexVAE, build_flex_var, build_var, flex_train_schedule_for
-from models.checkpoint import CheckpointError, load_vae, tokenizer_downsample
+from models.checkpoint import CheckpointError, describe_classes, load_vae, tokenizer_downsample
 from utils import dist, training
 from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
@@ -149,6 +149,7 @@ class Trainer:
     nonfinite_in_a_row: int = 0
     last_save_g_it: int = 0
     datasets: tuple = ()
+    class_names: tuple = ()             # label -> class folder name (sorted folder names of train/)
 
 
 def main(args):
@@ -166,9 +167,11 @@ def main(args):
 
     # ---- data: checked before any model is built ----
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip,
-                                                mid_reso=args.mid_reso, skip_bad=args.skip_bad_images)
+                                                mid_reso=args.mid_reso, skip_bad=args.skip_bad_images,
+                                                allow_empty=args.check_data)
     if args.check_data:
         return training.check_images(run, [train_set, val_set], args.workers)
+    run.log.info(f'[data] classes (label: folder; stored in the checkpoint): {describe_classes(classes)}')
     args.num_classes = args.num_classes or len(classes)
     if args.num_classes < len(classes):
         raise UserError(f'--num_classes {args.num_classes} is smaller than the {len(classes)} class folders in '
@@ -183,7 +186,7 @@ def main(args):
 
     # ---- models, optimizer, progress; loaders whose order and augmentations replay exactly on resume ----
     t = build_trainer(run, ckpt)
-    t.datasets = train_set, val_set
+    t.datasets, t.class_names = (train_set, val_set), tuple(classes)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, dist.get_rank(), dist.get_world_size(),
                                     seed=args.seed)
     t.iters_train = sampler.iters_per_epoch
@@ -319,7 +322,8 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
                 'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
                            'use_implicit': implicit, 'pre_depth': var.pre_depth if implicit else 0,
                            'post_depth': var.post_depth if implicit else 0, 'depth': args.depth,
-                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id, 'flex': t.feed.flex},
+                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id, 'flex': t.feed.flex,
+                           'class_names': list(t.class_names)},
             },
             'args': args_to_dict(args),
             'resume': {'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),

@@ -57,7 +57,7 @@ from models.vq_losses import PatchDiscriminator, VGGPerceptual, restart_dead_cod
 from utils import dist, training
 from utils.arg_util import args_to_dict, default_workers, parse_vae_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes
 from utils.training import Batches, Pace, Run, Sums
@@ -266,7 +266,7 @@ class Step(NamedTuple):
 
 def main(args):
     """Trains the tokenizer for ``--ep`` epochs, resuming from ``vae-ckpt-last.pth`` when the run folder has one."""
-    run = training.start(args, 'train_vae.py', subdirs=('recon',))
+    run = training.start(args, 'train_vae.py', subdirs=() if args.check_data else ('recon',))
     world = dist.get_world_size()
     if args.bs < world:
         raise UserError(f'--bs {args.bs} is smaller than the {world} processes: each needs at least one image')
@@ -276,7 +276,8 @@ def main(args):
 
     # ---- data ----
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip,
-                                                mid_reso=args.mid_reso, skip_bad=args.skip_bad_images)
+                                                mid_reso=args.mid_reso, skip_bad=args.skip_bad_images,
+                                                allow_empty=args.check_data)
     if args.check_data:
         return training.check_images(run, [train_set, val_set], args.workers)
     if len(val_set) == 0:
@@ -287,7 +288,12 @@ def main(args):
                                   sampler=ShardSampler(len(val_set), dist.get_rank(), world))
     n_vis = min(args.n_vis, len(val_set))
     step = max(1, len(val_set) // max(n_vis, 1))        # spread over the classes
-    vis = torch.stack([val_set[i * step][0] for i in range(n_vis)]) if dist.is_master() and n_vis else None
+    try:
+        vis = torch.stack([val_set[i * step][0] for i in range(n_vis)]) if dist.is_master() and n_vis else None
+    except DataError as e:
+        raise DataError(f'{one_line(e)} [reading the validation images of the reconstruction grid, before the first '
+                        f'step: nothing was trained; --check_data lists every unreadable image at once, '
+                        f'--skip_bad_images replaces them]') from None
     run.log.info(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
                  f'{args.data_load_reso} px, scales {args.pn}; per-rank batch {args.batch_size}, '
                  f'{sampler.iters_per_epoch} iterations per epoch, {args.workers} loader worker(s) per process')
@@ -407,8 +413,11 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, val_mse: Optional[fl
     the validation MSE improved), atomically.  The export (``Recipe.export``) is the official format when the keys
     tell the whole architecture (norm_groups 32): VQVAE a bare state dict, FlexVAE ``{'model': state dict}``; else
     with ``'vae_config': {'norm_groups': G}`` beside the weights (``models.checkpoint.load_vae`` reads all of them).
-    Returns whether the MSE improved."""
+    Returns whether the MSE improved.  Before the first optimizer step nothing is written: an export of untrained
+    weights would pass for a tokenizer."""
     args, vae = run.args, t.vae
+    if ep == 0 and it == 0:
+        return False
     improved = val_mse is not None and val_mse < t.best
     t.best = min(t.best, val_mse) if val_mse is not None else t.best
     rngs, rank_sums = training.gather_object(training.rng_state(run.dev)), training.gather_tensor(t.ep_sums.t)
@@ -483,7 +492,8 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
     for it in range(first, iters):
         batch = batches.take(1)         # step boundary: every rank agrees to go on, or saves and stops
         training.step_boundary(run, batches, lambda it=it: save_checkpoint(run, t, ep, it),
-                               f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})')
+                               f'in epoch {ep + 1} after iteration {it}/{iters} ({run.path("vae-ckpt-last.pth")})',
+                               untrained=ep * iters + it == 0)
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it
         training.debug_signal(args, g_it)

@@ -31,7 +31,8 @@ from .vqvae import VQVAE
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
            'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var', 'is_flexvar_state',
-           'is_flexvae_state', 'trained_schedule', 'build_vae_from_config', 'build_var_from_config']
+           'is_flexvae_state', 'trained_schedule', 'build_vae_from_config', 'build_var_from_config', 'class_names',
+           'describe_classes', 'read_class_names', 'resolve_class_labels']
 
 
 class CheckpointError(UserError):
@@ -125,6 +126,53 @@ def trained_schedule(obj: Any) -> Optional[Tuple[int, ...]]:
                 and pns[0] >= 1 and all(b > a for a, b in zip(pns, pns[1:])):
             return tuple(pns)
     return None
+
+
+def class_names(obj: Any) -> Optional[Tuple[str, ...]]:
+    """The class folder name of every label (index -> name) that a ``train.py`` training checkpoint records
+    (``['trainer']['config']['class_names']``: the sorted class folders of its data set), or None (a bare state dict:
+    the published ImageNet files, whose labels are ImageNet's class indices)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get('trainer'), dict):
+        return None
+    names = (obj['trainer'].get('config') or {}).get('class_names')
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
+
+
+def describe_classes(names: Sequence[str], shown: int = 32) -> str:
+    """'0 cats, 1 dogs, ...': the label of every class folder (the first ``shown`` of a long list)."""
+    text = ', '.join(f'{i} {n}' for i, n in enumerate(names[:shown]))
+    return text + (f', ... ({len(names)} classes)' if len(names) > shown else '')
+
+
+def read_class_names(path: str) -> Optional[Tuple[str, ...]]:
+    """``class_names`` of the checkpoint file ``path`` (None when it records none)."""
+    return class_names(read_checkpoint(path, 'model checkpoint'))
+
+
+def resolve_class_labels(labels: Sequence[Union[int, str]], names: Optional[Sequence[str]], num_classes: int,
+                         flag: str = '--class_label', path: str = 'the checkpoint') -> list:
+    """Class indices of ``labels``: numbers (``'207'``) are indices, anything else a class folder name of ``names``
+    (``'cats'``; the checkpoint's ``class_names``).  One CheckpointError line for an unknown name or an index out of
+    range."""
+    out = []
+    for lab in labels:
+        text = str(lab).strip()
+        if text.lstrip('-').isdigit():
+            c = int(text)
+        elif names and text in names:
+            c = list(names).index(text)
+        elif names:
+            shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
+            raise CheckpointError(f'{flag} {text!r} is not a class of {path} (its classes: {shown})')
+        else:
+            raise CheckpointError(f'{flag} {text!r}: {path} records no class names (a published checkpoint, or one '
+                                  f'trained before they were stored): pass class indices')
+        if not 0 <= c < num_classes:
+            raise CheckpointError(f'{flag} {c} out of range: {path} has classes 0..{num_classes - 1}')
+        out.append(c)
+    return out
 
 
 def is_flexvar_state(sd: Dict[str, torch.Tensor]) -> bool:
@@ -340,11 +388,18 @@ def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Op
     model's default schedule (``var.patch_nums``: what sampling uses without ``--infer_pn``); when not given, the
     scales a ``train.py --flex`` checkpoint was trained on (``trained_schedule``), else FlexVAR's official
     1_2_3_4_5_6_8_10_13_16 (the published files)."""
+    names = None
     if state_dict is None:
         obj = read_checkpoint(var_ckpt, 'model checkpoint', hint)
-        sd, schedule = model_state_dict(obj, var_ckpt), schedule or trained_schedule(obj)
+        sd, schedule, names = model_state_dict(obj, var_ckpt), schedule or trained_schedule(obj), class_names(obj)
     else:
         sd = state_dict
+    var = _load_var(var_ckpt, vae, device, expect, flags, sd, schedule)
+    var.class_names = names         # label -> class folder name (``class_names``), None when not recorded
+    return var
+
+
+def _load_var(var_ckpt, vae, device, expect, flags, sd, schedule):
     cfg = infer_var_config(sd, var_ckpt)
     if cfg.get('flex') and schedule:
         cfg['patch_nums'] = tuple(schedule)
@@ -378,4 +433,6 @@ def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Di
     _check_expected(cfg, expect, var_ckpt, flags or {})
     schedule = trained_schedule(obj) if cfg.get('flex') else None
     vae = load_vae(vae_ckpt, device, patch_nums=schedule or cfg['patch_nums'], hint=vae_hint)
-    return vae, load_var(var_ckpt, vae, device, expect=None, state_dict=sd, schedule=schedule)
+    var = load_var(var_ckpt, vae, device, expect=None, state_dict=sd, schedule=schedule)
+    var.class_names = class_names(obj)      # label -> class folder name of a train.py checkpoint, else None
+    return vae, var

@@ -22,13 +22,17 @@ the published width (64 x depth).  Timings are the best of ``--reps`` runs after
 the process's CPU time of a sampler call (all threads): on a shared machine it moves much less with the other
 processes' load than the wall time, so compare it between variants of one run (``--iter_tol``, ``--trace``).
 """
+import os
+import sys
+
+if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import ctypes
 import json
 import math
-import os
 import platform
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext

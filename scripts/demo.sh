@@ -5,6 +5,11 @@
 # requirements-lock.txt; an installed torch / torchvision is kept; no TensorFlow).
 #   bash scripts/demo.sh                  # everything in demo_output/
 #   bash scripts/demo.sh --out my_demo    # flags go to demo.py (python demo.py --help)
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then     # the header above is the usage
+  sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo; "${PYTHON:-python3}" "$(dirname "$0")/../demo.py" --help
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -23,15 +23,20 @@ image: the original (cropped), the input with the region to generate greyed and 
 ``--pretrained DIR_OR_REPO``: both models from a hub folder or repository (``models.save_pretrained``), results under
 ``<output_dir>/<its name>/``.
 """
-import argparse
 import os
 import sys
+
+if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
 from typing import List, Optional, Sequence
 
 import torch
 import torchvision
 
 from models import get_edit_mask
+from models.checkpoint import resolve_class_labels
 from utils.editing import (
     EditError,
     check_region,
@@ -60,11 +65,11 @@ from utils.sampling_utils import (
     to_uint8,
 )
 
-PROG = 'edit.py'
+PROG = 'scripts/edit.py'      # the one name of every message (python scripts/edit.py or python -m scripts.edit)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m scripts.edit', description=__doc__.split('\n')[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--input_img', type=str, nargs='+', required=True,
                    help='image(s) to edit, any size (shorter side resized to the model resolution, centre crop)')
@@ -75,8 +80,9 @@ def get_parser() -> argparse.ArgumentParser:
     region.add_argument('--mask', type=str, default=None,
                         help='mask image of the input\'s aspect ratio (any size): white = generate, black = keep')
     p.add_argument('--outpaint', default=False, help='out-painting: keep the --box, generate the rest', **BOOL)
-    p.add_argument('--class_label', type=int, nargs='+', default=None,
-                   help='class-conditional editing to these classes (default: unconditional in/out-painting)')
+    p.add_argument('--class_label', type=str, nargs='+', default=None,
+                   help='class-conditional editing to these classes: indices, or the class folder names a train.py '
+                        'checkpoint records (default: unconditional in/out-painting)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3], help='one result per seed (and class)')
     p.add_argument('--var_ckpt', type=str, default=None,
                    help='VAR/VIAR checkpoint (default: ckpts/viar.pth with --use_implicit, else '
@@ -89,6 +95,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags; ``--box -0.2,0,1,1`` (a value starting with a minus sign, which argparse would take for a flag) is
+    read as ``--box=-0.2,0,1,1`` and then refused by the range check, not by argparse."""
+    given, argv = list(sys.argv[1:] if argv is None else argv), []
+    while given:
+        a = given.pop(0)
+        if a == '--box' and given and given[0][:1] == '-' and given[0][1:2] in tuple('0123456789.'):
+            a = f'--box={given.pop(0)}'
+        argv.append(a)
     return get_parser().parse_args(argv)
 
 
@@ -126,10 +140,9 @@ def edit(args: argparse.Namespace) -> None:
         args.var_ckpt = default_var_ckpt(args, 36)
     vae, var = load_models(args, device, args.var_ckpt)
     source = args.pretrained or args.var_ckpt
-    bad = [c for c in args.class_label or [] if not 0 <= c < var.num_classes]
-    if bad:
-        raise EditError(f'--class_label {" ".join(map(str, bad))} out of range: {source!r} has classes '
-                        f'0..{var.num_classes - 1}')
+    if args.class_label is not None:
+        args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
+                                                path=repr(source))
     grid = var.patch_nums[-1]
     reso = grid * vae.downsample
     region = 'mask' if mask is not None else ('outpaint' if args.outpaint else 'inpaint')

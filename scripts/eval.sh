@@ -22,6 +22,11 @@
 #   FLEXVAR=d20 INFER_PN=512 bash scripts/eval.sh                                 # 512 px (zero-shot)
 # Environment: REF_BATCH (reference batch, default below), NPROC (processes, default 1), MASTER_PORT, PYTHON;
 # FlexVAR: FLEXVAR, INFER_PN, CFG.
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then     # the header above is the usage
+  sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  :
+  exit 0
+fi
 set -euo pipefail
 REF_BATCH=${REF_BATCH:+$(realpath -m -- "$REF_BATCH")}     # a path given by the caller is relative to their folder
 cd "$(dirname "$0")/.."

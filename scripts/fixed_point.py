@@ -29,11 +29,15 @@ log scale, median and 10-90 % band; right: token change vs n), and prints a summ
 from the checkpoint; a VAR checkpoint (no implicit block) is refused.  A bad flag or file ends with one line and
 exit status 1.
 """
+import os
+import sys
+
+if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -43,6 +47,7 @@ from models.checkpoint import load_vae_var
 from models.hub import from_pretrained
 from models.var import ITER_SOLVERS
 from utils import dist
+from utils.download import resolve_default
 from utils.errors import UserError, run_cli_parsed
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
@@ -205,6 +210,7 @@ def load_viar(args, device):
     if args.pretrained:
         _, var = from_pretrained(args.pretrained, device=device)
     else:
+        args.var_ckpt, args.vae_ckpt = resolve_default(args.var_ckpt), resolve_default(args.vae_ckpt)   # from anywhere
         _, var = load_vae_var(args.vae_ckpt, args.var_ckpt, device=device)
     cast_weights(var, args, resolve_dtype(args.dtype, device))
     if not var.use_implicit:

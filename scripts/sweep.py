@@ -38,13 +38,17 @@ Writes ``<out>/sweep.json`` (a row per point, the machine and its load average, 
 table) and ``<out>/pareto.png`` (FID against images/s and against KV-cache MB, one curve per checkpoint).  A bad flag
 or file ends with one line and exit status 1.
 """
+import os
+import sys
+
+if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -58,6 +62,7 @@ from models.checkpoint import describe_var_config, infer_var_config, load_vae_va
 from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretrained
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
+from utils.download import resolve_default
 from utils.errors import UserError, run_cli_parsed
 from utils.folder_sampling import (
     NPZ_KEY,
@@ -483,6 +488,7 @@ def plan(args) -> Tuple[List[Point], List[List[Run]]]:
 
 def run(args) -> List[Dict[str, Any]]:
     """The sweep of ``args``; returns the table's rows (rank 0; the other ranks return [] once sampling is done)."""
+    args.vae_ckpt = resolve_default(args.vae_ckpt)      # ckpts/<published file>: the repository's, from anywhere
     points, runs = plan(args)
     device, amp_dtype = setup_device(args)
     master = dist.is_master()

@@ -9,6 +9,11 @@
 # DataLoader workers: train.py's default, min(8, CPUs per GPU process) (--workers=N to change).
 # Out of GPU memory (80 GB cards hold this recipe only at small n1): add --grad_ckpt=True (activation checkpointing,
 # same gradients) and/or --ac=2 (the same 512-image step in two halves).
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then     # the header above is the usage
+  sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "Flags: python train.py --help"
+  exit 0
+fi
 set -e
 cd "$(dirname "$0")/.."
 DATA_PATH=/path/to/imagenet-1k

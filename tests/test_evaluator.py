@@ -418,6 +418,7 @@ def test_missing_inception_graph(tmp_path, good_npz):
 
 
 def test_offline_download_fails_with_url_and_destination(tmp_path, good_npz, monkeypatch, capsys):
+    pytest.importorskip('tensorflow')       # without it, the line says what to install before any download
     url = 'http://127.0.0.1:9/classify_image_graph_def.pb'   # nothing listens on the discard port
     monkeypatch.setattr(evaluator, 'INCEPTION_URL', url)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))

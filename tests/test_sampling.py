@@ -101,7 +101,7 @@ def test_flags_parse_booleans_and_defaults():
         ('ckpts/viar.pth', 1.5, 1, 900, 0.96, 1000, 50, 25)
     # the tokenizer follows the model's kind (tests/test_flex_scripts.py): VAR's for the published VAR/VIAR files
     assert a.vae_ckpt is None and sampling_utils.default_vae_ckpt(a.ckpt_path) == 'ckpts/vae_ch160v4096z32.pth'
-    assert a.use_implicit is False and a.more_smooth is False and a.depth is None
+    assert a.use_implicit is None and a.more_smooth is False and a.depth is None     # None: as the file says
     for text, want in (('True', True), ('False', False), ('1', True), ('0', False), ('yes', True), ('no', False)):
         assert sampling.parse_args(['--use_implicit', text]).use_implicit is want
         assert sampling.parse_args([f'--use_implicit={text}']).use_implicit is want
@@ -109,8 +109,9 @@ def test_flags_parse_booleans_and_defaults():
     readme_gen = readme_command('python gen_img.py')                          # the official README's command
     assert readme_gen == ['python', 'gen_img.py', '--use_implicit', '--save_grid']
     g = gen_img.parse_args(readme_gen[2:])
-    assert g.use_implicit is True and g.save_grid is True and g.class_label == [970] and g.seeds == list(range(10, 20))
-    assert gen_img.parse_args(['--class_label', '1', '2', '--seeds', '5']).class_label == [1, 2]
+    assert g.use_implicit is True and g.save_grid is True and g.class_label == ['970']
+    assert g.seeds == list(range(10, 20))
+    assert gen_img.parse_args(['--class_label', '1', '2', '--seeds', '5']).class_label == ['1', '2']     # or names
     with pytest.raises(SystemExit):
         sampling.parse_args(['--use_implicit', 'maybe'])
 
@@ -275,8 +276,8 @@ BAD_FLAGS = [
     (['--top_k', '-2'], '--top_k -2 must be >= 0'),
     (['--top_p', '1.5'], '--top_p 1.5 must be in [0, 1]'),
     (['--top_p', '-0.1'], '--top_p -0.1 must be in [0, 1]'),
-    (['--cfg', '-1'], '--cfg -1.0 must be >= 0'),
-    (['--cfg', 'nan'], '--cfg nan must be >= 0'),
+    (['--cfg', '-1'], '--cfg -1.0 must be a finite number >= 0'),
+    (['--cfg', 'nan'], '--cfg nan must be a finite number >= 0'),
 ]
 
 
@@ -321,7 +322,7 @@ def test_gen_img_rejects_classes_the_checkpoint_lacks_and_an_output_dir_that_is_
         gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
                                          '--class_label', '0', '3', '--output_dir', str(tmp_path / 'g')]))
     err = capsys.readouterr().err
-    assert e.value.code == 1 and '--class_label [3] out of range' in err and 'classes 0..2' in err
+    assert e.value.code == 1 and '--class_label 3 out of range' in err and 'classes 0..2' in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
     (tmp_path / 'f').write_text('a file')
     with pytest.raises(SystemExit) as e:
@@ -404,7 +405,7 @@ def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, 
     # a folder of an older version (no fingerprints recorded): assumed to be of these weights, as before, with a
     # note; the fingerprints are recorded from then on
     perturbed_copy(ckpt, ckpt, 'head.weight')
-    old = {k: v for k, v in record.items() if k not in ('ckpt_fingerprint', 'vae_fingerprint', 'npz_crc32')}
+    old = {k: v for k, v in record.items() if k not in (*sampling.BOOKKEEPING_KEYS, 'npz_crc32')}
     (folder / sampling.CONFIG_NAME).write_text(json.dumps(old))
     run_sampling(argv)
     out = capsys.readouterr().out
@@ -506,7 +507,8 @@ def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
     assert e.value.code == 1 and 'holds a VAR model' in err and 'drop --use_implicit' in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
 
-    for argv, expected in (([], 'add --use_implicit'), (['--use_implicit', '--depth', '30'], 'pass --depth 1')):
+    for argv, expected in ((['--use_implicit', 'False'], 'add --use_implicit'),     # not given: as the file says
+                           (['--use_implicit', '--depth', '30'], 'pass --depth 1')):
         with pytest.raises(SystemExit) as e:
             run_sampling(['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
                           '--sample_dir', str(tmp_path / 's'), '--num_classes', '1'] + argv)
@@ -519,9 +521,11 @@ def test_missing_default_checkpoint_offline_gives_the_download_message(tmp_path)
                        env=script_env(), check=False, capture_output=True, text=True, timeout=120)
     url = 'https://huggingface.co/mobiushy/VIAR/resolve/main/viar.pth'
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
-    assert "'ckpts/viar.pth'" in r.stderr and url in r.stderr and f'wget -O ckpts/viar.pth {url}' in r.stderr
+    # from another folder the default is the repository's ckpts/ (not <cwd>/ckpts): the message names it
+    want = Path(gen_img.__file__).resolve().parent / 'ckpts' / 'viar.pth'
+    assert f"'{want}'" in r.stderr and url in r.stderr and f'wget -O {want} {url}' in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / 'gen_images').exists()
+    assert not (tmp_path / 'gen_images').exists() and not (tmp_path / 'ckpts').exists()
 
 
 def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):

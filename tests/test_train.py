@@ -400,7 +400,7 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
     args = train_args(toy, tmp_path / 'skip', '--skip_bad_images')
     args[1] = str(data)
     r = run_train(args)
-    assert r.returncode == 0 and 'reads of unreadable images so far' in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and 'unreadable image file(s) so far' in r.stderr, r.stderr[-3000:]
 
     # an unreadable validation image: the epoch is saved (and logged) first
     bad_train.write_bytes(good_train)

@@ -4,6 +4,7 @@ Every flag of the official VAR / VIAR recipe keeps its name and default.  Boolea
 ``--flag=True``, ``--flag True`` and the ``False`` forms (the official VIAR scripts parsed ``--x False`` as True).
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -48,6 +49,54 @@ def default_workers() -> int:
     except AttributeError:
         cpus = os.cpu_count() or 1
     return max(1, min(8, cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))))
+
+
+def _finite(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    return lambda v: math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+# flag -> (test, what a valid value is): the numeric flags of the trainers, checked before anything is written
+TRAIN_RANGES = {
+    'tblr': (_finite(0, lo_open=True), 'a finite number > 0'),
+    'twd': (_finite(0), 'a finite number >= 0'),
+    'twde': (_finite(0), 'a finite number >= 0 (0: = --twd)'),
+    'tclip': (_finite(), 'a finite number (<= 0: no clipping)'),
+    'ls': (_finite(0, 1, hi_open=True), 'in [0, 1)'),
+    'wp': (_finite(0), 'a finite number of epochs >= 0 (0: --ep / 50)'),
+    'wp0': (_finite(0), 'a finite lr ratio >= 0'),
+    'wpe': (_finite(0), 'a finite lr ratio >= 0'),
+    'aln': (_finite(), 'a finite number'),
+    'alng': (_finite(), 'a finite number'),
+    'hd': (_finite(), 'a finite number'),
+    'ini': (_finite(), 'a finite number (< 0: sqrt(1/3C))'),
+    'mid_reso': (_finite(1), 'a finite number >= 1 (the resize before the crop must not be smaller than the image)'),
+    'workers': (lambda v: v >= -1, '>= -1 (-1: one per CPU, up to 8; 0: in the training process)'),
+    'log_freq': (lambda v: v >= 0, '>= 0 (0: ~10 per epoch)'),
+}
+VAE_RANGES = {
+    'lr': (_finite(0, lo_open=True), 'a finite number > 0'),
+    'wd': (_finite(0), 'a finite number >= 0'),
+    'wp': (_finite(0), 'a finite number of epochs >= 0'),
+    'lr_end': (_finite(0), 'a finite lr ratio >= 0'),
+    'clip': (_finite(0), 'a finite number >= 0 (0: off)'),
+    'beta': (_finite(0), 'a finite number >= 0'),
+    'quant_resi': (_finite(), 'a finite number'),
+    'disc_start': (_finite(0, 1), 'a fraction of training in [0, 1]'),
+    **{k: (_finite(0), 'a finite number >= 0') for k in ('l1', 'l2', 'lp', 'disc', 'ms_weight')},
+    'mid_reso': TRAIN_RANGES['mid_reso'],
+    'workers': TRAIN_RANGES['workers'],
+    'log_freq': TRAIN_RANGES['log_freq'],
+    **{k: (lambda v: v >= 0, '>= 0') for k in ('threads', 'n_vis', 'ae_warmup', 'code_restart', 'share_quant_resi')},
+    **{k: (lambda v: v >= 1, '>= 1') for k in ('disc_ch', 'max_nonfinite')},
+}
+
+
+def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, rules: dict):
+    """Every numeric flag of ``rules`` checked at once; the bad ones end the run in one line (argparse's error)."""
+    bad = [f'--{k} must be {rule}, got {getattr(args, k)}' for k, (ok, rule) in rules.items()
+           if hasattr(args, k) and not ok(getattr(args, k))]
+    if bad:
+        p.error('; '.join(bad))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +203,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
     if args.vae_ckpt is None:
-        args.vae_ckpt = FLEX_VAE if args.flex else VAR_VAE
+        from utils.download import resolve_default
+        args.vae_ckpt = resolve_default(FLEX_VAE if args.flex else VAR_VAE)     # the repository's ckpts/, from anywhere
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except argparse.ArgumentTypeError as e:
@@ -162,6 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name, lo in (('depth', 1), ('bs', 1), ('ac', 1), ('ep', 1), ('save_freq', 1), ('max_nonfinite', 1)):
         if getattr(args, name) < lo:
             p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
+    check_ranges(p, args, TRAIN_RANGES)
     if args.use_implicit and not 0 <= args.p_depth <= args.depth:
         p.error(f'--p_depth must be between 0 and --depth ({args.depth}), got {args.p_depth}')
     if args.num_classes < 0 or args.ckpt_every_iters < 0:
@@ -320,6 +371,7 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             continue
         if getattr(args, name) < lo:
             p.error(f'--{name} must be >= {lo}, got {getattr(args, name)}')
+    check_ranges(p, args, VAE_RANGES)
     try:
         ch_mult = tuple(int(m) for m in args.ch_mult.replace(',', '_').split('_'))
         assert ch_mult and min(ch_mult) >= 1

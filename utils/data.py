@@ -12,8 +12,10 @@ import multiprocessing
 import os
 from typing import Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
 import PIL.Image as PImage
 import torch
+from PIL import ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder
 from torchvision.transforms import InterpolationMode, transforms
@@ -30,10 +32,32 @@ def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:   # [0, 1] -> [-1, 1
     return x.add(x).add_(-1)
 
 
+def to_rgb(img: PImage.Image) -> PImage.Image:
+    """An opened image as 8-bit RGB, as it looks: the EXIF orientation of a phone photo applied, and a 16-bit (or
+    32-bit integer) grey image scaled to 8 bits (``convert('RGB')`` would clip it to an almost white picture)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if img.mode.startswith('I;16') or arr.max(initial=0) <= 65535 else float(arr.max())
+        img = PImage.fromarray(np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8), mode='L')
+    return img.convert('RGB')
+
+
+def open_rgb(path: str) -> PImage.Image:
+    """The image file ``path`` decoded as 8-bit RGB (``to_rgb``); decoding errors propagate."""
+    with open(path, 'rb') as f:
+        return to_rgb(PImage.open(f))
+
+
+def is_image_file(path: str) -> bool:
+    """What the loaders take from a class folder: an image extension, and not a hidden name (``.DS_Store``, the
+    ``._name.png`` AppleDouble files a copy from a Mac leaves beside each file)."""
+    return not os.path.basename(path).startswith('.') and path.lower().endswith(IMG_EXTENSIONS)
+
+
 def pil_loader(path: str) -> PImage.Image:
     try:
-        with open(path, 'rb') as f:
-            return PImage.open(f).convert('RGB')
+        return open_rgb(path)
     except DECODE_ERRORS as e:
         raise DataError(f'cannot read image {path!r} ({type(e).__name__}: {e}); delete or replace it, then rerun the '
                         f'same command (training resumes from the last checkpoint)', every_rank=True) from None
@@ -43,16 +67,20 @@ class ImageFolder(DatasetFolder):
     """``DatasetFolder`` with a given class -> index map (val/ uses train/'s) whose items can be fetched as
     ``ds[(index, aug_seed)]``: the random augmentation is then drawn from ``aug_seed`` (the global RNG is left
     untouched).  ``skip_bad``: an unreadable image is replaced by the next readable one of the folder order (the
-    same one every time: resuming stays exact), and ``bad_reads`` counts such replacements over all processes."""
+    same one every time: resuming stays exact), and ``bad_files`` marks (shared with the DataLoader workers) every
+    sample found unreadable: ``bad_indices()`` lists them."""
 
     def __init__(self, root: str, class_to_idx: Dict[str, int], transform, skip_bad: bool = False):
         self._class_to_idx = class_to_idx
         try:
-            super().__init__(root, loader=pil_loader, extensions=IMG_EXTENSIONS, transform=transform)
+            super().__init__(root, loader=pil_loader, is_valid_file=is_image_file, transform=transform,
+                             allow_empty=True)
         except FileNotFoundError as e:
             raise DataError(f'{root!r}: {e}') from None
+        have = {t for _, t in self.samples}
+        self.empty_classes = [c for c in self.classes if self.class_to_idx[c] not in have]    # folders without images
         self.skip_bad = skip_bad
-        self.bad_reads = multiprocessing.Value('q', 0) if skip_bad else None    # shared with DataLoader workers
+        self.bad_files = multiprocessing.Array('b', len(self.samples), lock=False) if skip_bad else None
 
     def find_classes(self, directory: str):
         present = set(class_dirs(directory))
@@ -67,9 +95,14 @@ class ImageFolder(DatasetFolder):
             except DataError:
                 if not self.skip_bad:
                     raise
-                with self.bad_reads.get_lock():
-                    self.bad_reads.value += 1
+                self.bad_files[(index + k) % len(self.samples)] = 1
         raise DataError(f'{self.root!r} holds no readable image')
+
+    def bad_indices(self) -> List[int]:
+        """Indices of the samples found unreadable so far (``skip_bad``; by any DataLoader worker)."""
+        if self.bad_files is None:
+            return []
+        return np.flatnonzero(np.frombuffer(self.bad_files, dtype=np.int8)).tolist()
 
     def __getitem__(self, key):
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
@@ -95,13 +128,19 @@ def build_transforms(final_reso: int, hflip: bool = False, mid_reso: float = 1.1
 
 
 def build_dataset(data_path: str, final_reso: int, hflip: bool = False, mid_reso: float = 1.125,
-                  skip_bad: bool = False):
-    """-> (class names, train set, val set); raises DataError on a malformed folder."""
+                  skip_bad: bool = False, allow_empty: bool = False):
+    """-> (class names, train set, val set); raises DataError on a malformed folder, or (unless ``allow_empty``:
+    ``--check_data`` lists them with the unreadable images) on a class folder without images."""
     train_cls, _ = check_data_path(data_path)
     class_to_idx = {c: i for i, c in enumerate(train_cls)}
     train_aug, val_aug = build_transforms(final_reso, hflip=hflip, mid_reso=mid_reso)
     train_set = ImageFolder(os.path.join(data_path, 'train'), class_to_idx, train_aug, skip_bad=skip_bad)
     val_set = ImageFolder(os.path.join(data_path, 'val'), class_to_idx, val_aug, skip_bad=skip_bad)
+    for ds in (train_set, val_set):
+        if ds.empty_classes and not allow_empty:
+            raise DataError(f'{ds.root!r}: Found no valid file for the classes {", ".join(ds.empty_classes[:5])}'
+                            f'{" ..." if len(ds.empty_classes) > 5 else ""} (class folders without images: add images '
+                            f'or remove the folders; --check_data lists every problem at once)')
     return train_cls, train_set, val_set
 
 
@@ -115,8 +154,7 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> str:
         """'' when image ``i`` decodes, else why not."""
         try:
-            with open(self.paths[i], 'rb') as f:
-                PImage.open(f).convert('RGB')
+            open_rgb(self.paths[i])
             return ''
         except DECODE_ERRORS as e:
             return f'{type(e).__name__}: {e}'

@@ -143,6 +143,15 @@ def render_batch(num_per_class: int, num_classes: Optional[int] = None, split: s
     return torch.stack(imgs), torch.tensor(labels)
 
 
+def dataset_reso(root) -> Optional[int]:
+    """The image side of the finished demo dataset in ``root`` (its ``.complete`` marker), None when there is none."""
+    try:
+        reso = json.loads((Path(root) / '.complete').read_text()).get('reso')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return reso if isinstance(reso, int) else None
+
+
 def make_demo_dataset(root, num_train: int = 300, num_val: int = 50, num_classes: Optional[int] = None,
                       seed: int = 0, reso: int = RESO, verbose: bool = True) -> List[str]:
     """Writes ``root/{train,val}/<class>/NNNNN.png``; returns the class names (folder order = label order).

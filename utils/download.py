@@ -15,9 +15,10 @@ from utils import dist
 from utils.errors import UserError
 
 __all__ = ['CKPT_DIR', 'FLEX_TOKENIZER', 'PUBLISHED', 'VAR_TOKENIZER', 'MissingCheckpointError', 'default_path',
-           'ensure_checkpoint', 'hf_url']
+           'ensure_checkpoint', 'hf_url', 'resolve_default']
 
 CKPT_DIR = 'ckpts'
+REPO_CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CKPT_DIR)   # the checkout's
 
 
 class MissingCheckpointError(UserError):
@@ -52,10 +53,25 @@ def default_path(filename: str, ckpt_dir: str = CKPT_DIR) -> str:
     return os.path.join(ckpt_dir, filename)
 
 
+def resolve_default(path: str | None) -> str | None:
+    """A default checkpoint path ``ckpts/<published file>`` means the repository's ``ckpts/`` folder when the working
+    directory has no ``ckpts/`` folder of its own: it is returned as that absolute path (a script run from elsewhere
+    neither misses the files nor downloads them into a new ``<cwd>/ckpts``).  Any other path is returned as it is."""
+    if not path or os.path.isabs(path) or os.path.exists(path) or os.path.isdir(CKPT_DIR):
+        return path
+    norm = os.path.normpath(path)
+    if os.path.dirname(norm) != CKPT_DIR or os.path.basename(norm) not in PUBLISHED:
+        return path
+    repo_path = os.path.join(REPO_CKPT_DIR, os.path.basename(norm))
+    return path if os.path.abspath(norm) == repo_path else repo_path
+
+
 def _published_name(path: str, ckpt_dir: str) -> str | None:
-    """The published file name when ``path`` is its default place ``<ckpt_dir>/<file>``, else None."""
+    """The published file name when ``path`` is its default place ``<ckpt_dir>/<file>`` (or the repository's
+    ``ckpts/<file>``), else None."""
     name = os.path.basename(path)
-    if name in PUBLISHED and os.path.abspath(path) == os.path.abspath(default_path(name, ckpt_dir)):
+    if name in PUBLISHED and os.path.abspath(path) in (os.path.abspath(default_path(name, ckpt_dir)),
+                                                       os.path.join(REPO_CKPT_DIR, name)):
         return name
     return None
 

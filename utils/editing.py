@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.data import to_rgb
 from utils.errors import UserError
 
 __all__ = ['EditError', 'load_image', 'fit_square', 'image_to_uint8', 'image_to_tensor', 'square_input', 'parse_box',
@@ -37,7 +38,8 @@ class EditError(UserError):
 
 # ================================ images ==============================================================================
 def load_image(path: Union[str, os.PathLike], flag: str = '--input_img', mode: str = 'RGB') -> Image.Image:
-    """The decoded image at ``path`` in ``mode``; a missing, unreadable or non-image file is one EditError line."""
+    """The decoded image at ``path`` in ``mode``, as it looks (EXIF orientation applied; a 16-bit image scaled to 8
+    bits: ``utils.data.to_rgb``); a missing, unreadable or non-image file is one EditError line."""
     if os.path.isdir(path):
         raise EditError(f'{flag} {str(path)!r} is a folder, not an image file: pass an image (PNG, JPEG, ...)')
     if not os.path.isfile(path):
@@ -45,7 +47,7 @@ def load_image(path: Union[str, os.PathLike], flag: str = '--input_img', mode: s
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert(mode)
+            return to_rgb(im).convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         why = ' '.join(str(e).split()) or type(e).__name__
         raise EditError(f'{flag} {str(path)!r} cannot be read as an image ({why}): pass a PNG, JPEG or other image '

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from utils import dist
 from utils.misc import (
+    DiskFullError,
     atomic_write_bytes,
     create_npz_from_sample_folder,
     npz_array_header,
@@ -41,6 +42,7 @@ from utils.sampling_utils import (
     sample_batch,
     to_uint8,
     weights_fingerprint,
+    weights_sha256,
 )
 
 __all__ = ['CONFIG_NAME', 'NPZ_KEY', 'check_or_record_settings', 'checkpoint_identity', 'folder_name', 'hub_identity',
@@ -134,20 +136,27 @@ def check_or_record_settings(folder: str, settings: dict[str, Any], weights: dic
         write_config(folder, record)
         return record, True
 
-    bookkeeping = {*fingerprints, NPZ_KEY, 'ckpt_fingerprint', 'vae_fingerprint', 'weights_fingerprint'}
+    bookkeeping = {*fingerprints, NPZ_KEY, 'ckpt_fingerprint', 'vae_fingerprint', 'weights_fingerprint', 'ckpt_sha256',
+                   'vae_sha256', 'weights_sha256'}
     keys = list(settings) + [k for k in old if k not in settings and k not in bookkeeping]
     diffs = [f'{k}={old.get(k)!r} (now {settings.get(k)!r})' for k in keys if old.get(k) != settings.get(k)]
     if diffs:
         raise SamplingError(f'{folder} holds images sampled with other settings: {", ".join(diffs)}; rerun with '
                             f'the recorded settings to resume, or pass another --sample_dir (or delete the folder)')
-    changed = [what for key, (fp, what, _) in weights.items() if key in old and old[key] != fp]
+    changed = list(dict.fromkeys(what for key, (fp, what, _) in weights.items() if key in old and old[key] != fp))
     if changed:
         raise SamplingError(f'{folder} holds images sampled from other weights than the {" and the ".join(changed)} '
                             f'now hold{"" if len(changed) > 1 else "s"} (same file name, other contents, e.g. trained '
                             f'further): to sample these weights, pass another --sample_dir or delete the folder')
     if all(old.get(k) == v for k, v in fingerprints.items()):
         return old, False
-    sources = ' and '.join(src for _, _, src in weights.values())
+    sources = ' and '.join(dict.fromkeys(src for _, _, src in weights.values()))
+    if any(k in old for k in fingerprints):     # an earlier version's quick fingerprints, and they match
+        print(f'[sampling] {os.path.join(folder, CONFIG_NAME)} records the quick fingerprints of an earlier version, '
+              f'which match {sources}: recording their whole-file sha256 from now on', flush=True)
+        record = {**old, **fingerprints}
+        write_config(folder, record)
+        return record, False
     print(f'[sampling] {os.path.join(folder, CONFIG_NAME)} records no fingerprint of the weights (an older version '
           f'wrote it): assuming its images come from {sources} as they are now, and recording their fingerprints',
           flush=True)
@@ -194,9 +203,12 @@ def model_fingerprint(*modules: torch.nn.Module) -> str:
 
 def checkpoint_identity(ckpt_path: str, vae_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
     """``sample_folder``'s ``names`` and ``weights`` for a checkpoint pair (as ``sampling.py`` records them): the
-    file names, and the fingerprints of the files (``weights_fingerprint``)."""
+    file names, and the fingerprints of the files: the whole-file ``weights_sha256`` and the quick
+    ``weights_fingerprint`` that folders of earlier versions record alone (checked with it, then upgraded)."""
     return ({'ckpt': os.path.basename(ckpt_path), 'vae_ckpt': os.path.basename(vae_path)},
-            {'ckpt_fingerprint': (weights_fingerprint(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
+            {'ckpt_sha256': (weights_sha256(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
+             'vae_sha256': (weights_sha256(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path),
+             'ckpt_fingerprint': (weights_fingerprint(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
              'vae_fingerprint': (weights_fingerprint(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path)})
 
 
@@ -204,7 +216,8 @@ def hub_identity(source: str, weights_path: str) -> tuple[dict[str, Any], dict[s
     """``names`` and ``weights`` for a hub folder or repository ``source`` whose ``model.safetensors`` is
     ``weights_path``."""
     return ({'pretrained': pretrained_name(source)},
-            {'weights_fingerprint': (weights_fingerprint(weights_path), f'hub folder {source!r}', weights_path)})
+            {'weights_sha256': (weights_sha256(weights_path), f'hub folder {source!r}', weights_path),
+             'weights_fingerprint': (weights_fingerprint(weights_path), f'hub folder {source!r}', weights_path)})
 
 
 # ================================ sampling ============================================================================
@@ -311,6 +324,8 @@ def sample_folder(vae, var, out_dir: str, classes, per_class: int, seed: int, *,
         else:
             try:
                 create_npz_from_sample_folder(folder, num=total)
+            except DiskFullError as e:
+                error = f'{e}, then rerun the same command (every image is kept)'
             except (OSError, ValueError) as e:
                 error = f'packing {npz_path} failed ({e}); fix or delete the image named and rerun the same command'
         if error is None and record.get(NPZ_KEY) != (crc := npz_member_crc32(npz_path)):

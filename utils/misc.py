@@ -4,18 +4,25 @@ tells users to call, and cheap reads of an npz's array header and checksum (no a
 Imports only numpy at module level (torch and PIL where they are needed), so that ``evaluator.py`` can use it
 without loading PyTorch next to TensorFlow.
 """
+import errno
 import io
 import os
 import secrets
+import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = [
+    'DiskFullError',
     'atomic_write',
     'atomic_write_bytes',
     'create_npz_from_sample_folder',
+    'disk_full_cause',
+    'disk_full_message',
     'npz_array_header',
     'npz_member_crc32',
     'png_is_valid',
@@ -25,21 +32,64 @@ __all__ = [
 ]
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UserError):
+    """A write ran out of disk space (or quota): one line naming the file, the free space and what was kept."""
+
+
+def disk_full_cause(e: BaseException):
+    """The ``OSError`` ENOSPC / EDQUOT behind ``e`` (``e`` itself, or an error it was raised from or during: torch's
+    zip writer turns a full disk into a ``RuntimeError`` whose context is the ``OSError``), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_message(path, e: OSError, existed: bool = True, kept: str | None = None) -> str:
+    """One sentence for a write of ``path`` that ran out of space: the free space of its filesystem and whether the
+    previous file is kept (``existed``) -- the atomic writes leave no partial file behind; ``kept``: say this
+    instead."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        free = f'{shutil.disk_usage(folder).free / 2 ** 20:,.1f} MiB free'
+    except OSError:
+        free = 'free space unknown'
+    what = 'quota exceeded' if e.errno == errno.EDQUOT else 'disk full'
+    if kept is None:
+        kept = (f'the previous {path.name} is kept unchanged' if existed else f'no {path.name} was written') + \
+            ' (no partial file left)'
+    return f'{what} while writing {path} ({free} on {folder}); {kept}: free some space'
+
+
 def atomic_write(write, path, fsync: bool = True) -> None:
     """Calls ``write(file_object)`` on a temporary file beside ``path`` (``.<name>.<pid>.<random>.tmp``, created with
     the usual permissions, i.e. 0o666 less the umask), then renames it over ``path``: a crash or an error leaves either
     the old file or the new one, never a truncated one, and no temporary file.  ``fsync``: flush the data to disk
     before the rename (also survives a power loss); files that are checked when read back can skip it.  Creates the
-    parent folder."""
+    parent folder.  A full disk or quota (ENOSPC / EDQUOT, also behind another error) raises ``DiskFullError``, one
+    line (``disk_full_message``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+                break
+            except FileExistsError:
+                continue
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(disk_full_message(path, e, existed)) from None
+        raise
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
@@ -47,11 +97,14 @@ def atomic_write(write, path, fsync: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = disk_full_cause(e)
+        if full is not None:
+            raise DiskFullError(disk_full_message(path, full, existed)) from None
         raise
 
 

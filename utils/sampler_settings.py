@@ -72,7 +72,7 @@ def knob(default, rule: Tuple[Callable[[Any], bool], str], flag: Optional[str] =
 @dataclass
 class SamplerSettings:
     """The sampler's settings, with the sampling scripts' defaults (``None``: not passed)."""
-    cfg: Optional[float] = knob(1.5, (_finite_at_least(0), 'must be >= 0 (0: no guidance)'))
+    cfg: Optional[float] = knob(1.5, (_finite_at_least(0), 'must be a finite number >= 0 (0: no guidance)'))
     top_k: Optional[int] = knob(900, (_at_least(0), 'must be >= 0 (0: off; more than the vocabulary keeps every '
                                                     'token)'))
     top_p: Optional[float] = knob(0.96, (lambda v: 0 <= v <= 1, 'must be in [0, 1] (0: off)'))

@@ -28,6 +28,7 @@ Layering: this module loads models (it imports ``models.checkpoint``); nothing u
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,8 +40,17 @@ from models.checkpoint import is_flexvar_state, load_vae_var, model_state_dict, 
 from models.flexvar import FlexVAR
 from utils import dist
 from utils.arg_util import str2bool
-from utils.download import CKPT_DIR, FLEX_TOKENIZER, PUBLISHED, VAR_TOKENIZER, default_path, ensure_checkpoint
+from utils.download import (
+    CKPT_DIR,
+    FLEX_TOKENIZER,
+    PUBLISHED,
+    VAR_TOKENIZER,
+    default_path,
+    ensure_checkpoint,
+    resolve_default,
+)
 from utils.errors import UserError
+from utils.misc import DiskFullError
 from utils.sampler_settings import (
     FLEX_PN_ALIASES,
     ITER_EXITS,
@@ -58,7 +68,7 @@ __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KW
            'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
            'effective_top_k', 'guard_writes', 'load_models', 'load_pretrained', 'make_output_dir', 'parse_schedule',
            'parse_tolerance', 'pretrained_name', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name',
-           'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint']
+           'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint', 'weights_sha256']
 
 BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
 
@@ -80,7 +90,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--depth', type=int, default=None,
                    help='depth the checkpoint is expected to have (checked against the file; the architecture is '
                         'always read from the checkpoint)')
-    p.add_argument('--use_implicit', default=False, help='the checkpoint is VIAR (checked against the file)', **BOOL)
+    p.add_argument('--use_implicit', default=None, help='whether the checkpoint is VIAR (default: as the file says; '
+                   'True / False are checked against the file)', **BOOL)
     p.add_argument('--pre_depth', type=int, default=None, help='VIAR pre blocks expected (checked; default: any)')
     p.add_argument('--post_depth', type=int, default=None, help='VIAR post blocks expected (checked; default: any)')
 
@@ -175,7 +186,8 @@ FLAG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'per_class': (_at_least(1), 'must be >= 1'),
     'batch_size': (_at_least(1), 'must be >= 1'),
     'nrow': (_at_least(1), 'must be >= 1 (images per grid row)'),
-    'class_label': (_at_least(0), 'must be >= 0 (class indices)'),
+    'class_label': (lambda v: not str(v).strip().lstrip('-').isdigit() or int(v) >= 0,
+                    'must be >= 0 (class indices; or class names of a train.py checkpoint)'),
     'seed': (lambda v: SEED_MIN <= v <= SEED_MAX, 'must be in [-2**63, 2**64 - 1]'),
     'seeds': (lambda v: SEED_MIN <= v <= SEED_MAX, 'must be in [-2**63, 2**64 - 1]'),
 }
@@ -266,7 +278,7 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | 
 def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
     """The model when ``--var_ckpt`` is not given: ``ckpts/viar.pth`` with ``--use_implicit``, else
     ``ckpts/var_d{--depth}.pth`` (``depth`` when ``--depth`` is not given either)."""
-    return 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth'
+    return resolve_default('ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth')
 
 
 def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
@@ -284,7 +296,7 @@ def guard_writes(kept: str, every_rank: bool = False) -> Iterator[None]:
     this rank's own problem), and the group is left in any case."""
     try:
         yield
-    except OSError as e:
+    except (OSError, DiskFullError) as e:      # DiskFullError: one line naming the file and the free space
         raise SamplingError(f'{e}; {kept}', every_rank=every_rank) from None
     finally:
         dist.destroy()
@@ -316,11 +328,13 @@ def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
     ensure_checkpoint(var_ckpt, 'model checkpoint', download=False)
     if args.vae_ckpt is None:
         args.vae_ckpt = default_vae_ckpt(var_ckpt)
+    args.vae_ckpt = resolve_default(args.vae_ckpt)
     for download in (False, True):
         ensure_checkpoint(var_ckpt, 'model checkpoint', download=download)
         ensure_checkpoint(args.vae_ckpt, 'tokenizer checkpoint', download=download)
     vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=_expected(args), flags=_flags(args))
     _refuse_flex_flags(args, var, repr(var_ckpt))
+    args.use_implicit = bool(var.backbone.is_implicit)     # not given: as the file says
     return vae, cast_weights(var, args, resolve_dtype(getattr(args, 'dtype', 'auto'), device))
 
 
@@ -366,6 +380,7 @@ def load_pretrained(args: argparse.Namespace, device: torch.device, ckpt_flags: 
     vae, var = from_pretrained(folder, device=device)
     _refuse_flex_flags(args, var, f'--pretrained {args.pretrained!r}')
     args.pretrained_dir, args.pretrained_weights = folder, os.path.join(folder, WEIGHTS)
+    args.use_implicit = bool(var.backbone.is_implicit)     # not given: as the folder says
     return vae, var
 
 
@@ -381,10 +396,9 @@ FINGERPRINT_CHUNK = 8 << 20
 
 
 def weights_fingerprint(path: str) -> str:
-    """What identifies the contents of a checkpoint file, cheaply even for 9 GB: the hex sha256 of its size (decimal,
-    then a newline), its first 8 MiB and its last 8 MiB.  A torch zip archive ends with its directory, which holds
-    the CRC-32 of every tensor record, so weights trained further give another fingerprint; the same bytes under
-    another path or name give the same one."""
+    """The quick fingerprint of a checkpoint file that sample folders of earlier versions record
+    (``ckpt_fingerprint``): the hex sha256 of its size (decimal, then a newline), its first 8 MiB and its last 8 MiB.
+    Weights changed only in the middle of a large file keep it: ``weights_sha256`` covers the whole file."""
     size = os.path.getsize(path)
     digest = hashlib.sha256(f'{size}\n'.encode())
     with open(path, 'rb') as f:
@@ -393,6 +407,41 @@ def weights_fingerprint(path: str) -> str:
             f.seek(max(FINGERPRINT_CHUNK, size - FINGERPRINT_CHUNK))
             digest.update(f.read(FINGERPRINT_CHUNK))
     return digest.hexdigest()
+
+
+def _sha256_cache_path() -> str:
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(cache, 'viar', 'weights_sha256.json')
+
+
+def weights_sha256(path: str) -> str:
+    """The hex sha256 of the whole file ``path`` (what identifies its weights: the same bytes under another name give
+    the same one).  Hashing a 9 GB file takes a while, so the hash is cached (``$XDG_CACHE_HOME/viar/
+    weights_sha256.json``, default ``~/.cache``) under the file's real path, size and modification time: a file
+    rewritten (trained further, copied over) is hashed again."""
+    st = os.stat(path)
+    key = f'{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}'
+    cache_path = _sha256_cache_path()
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(FINGERPRINT_CHUNK):
+            digest.update(chunk)
+    cache = {k: v for k, v in cache.items() if not k.startswith(os.path.realpath(path) + '|')}
+    cache[key] = digest.hexdigest()
+    try:
+        from utils.misc import atomic_write_bytes
+        atomic_write_bytes(json.dumps(cache, indent=0).encode(), cache_path, fsync=False)
+    except (OSError, UserError):
+        pass        # no cache: the next run hashes again
+    return cache[key]
 
 
 # ================================ sampling ============================================================================

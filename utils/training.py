@@ -39,7 +39,7 @@ from models.checkpoint import CheckpointError, read_checkpoint
 from utils import dist
 from utils.data import DataError, scan_images
 from utils.errors import Preempted, UserError, one_line, run_cli
-from utils.misc import atomic_write_bytes, save_atomic
+from utils.misc import DiskFullError, atomic_write_bytes, disk_full_cause, disk_full_message, save_atomic
 
 __all__ = ['cli', 'start', 'Run', 'StopFlag', 'TBWriter', 'optimizer_step', 'Sums', 'agree', 'Batches', 'Pace',
            'step_boundary', 'data_error', 'eval_sums', 'seed_everything', 'rng_state', 'set_rng_state',
@@ -163,6 +163,13 @@ def cli(main: Callable[[Any], Optional[int]], parse_args: Callable, argv=None, p
         except torch.OutOfMemoryError:
             raise UserError(f'out of device memory: {oom_hint(args)}, then rerun the same command (it resumes from '
                             f'the last checkpoint)') from None
+        except (OSError, RuntimeError) as e:     # a full disk met by a write other than the checkpoints' own
+            full = disk_full_cause(e)
+            if full is None:
+                raise
+            where = full.filename or getattr(args, 'local_out_dir_path', '.')
+            raise DiskFullError(f'{disk_full_message(where, full, kept="the checkpoints are kept")}, then rerun the '
+                                f'same command (it resumes from the last checkpoint)') from None
         except (UserError, Preempted) as e:
             _record_in_files(f'{"stopped" if isinstance(e, Preempted) else "error"}: {one_line(e)}')
             raise
@@ -337,12 +344,18 @@ def epochs(t, sampler, n_epochs: int) -> Iterator[Tuple[int, int]]:
         yield ep, first
 
 
-def step_boundary(run: Run, batches: Batches, save: Callable[[], Any], where: str):
+def step_boundary(run: Run, batches: Batches, save: Callable[[], Any], where: str, untrained: bool = False):
     """At an optimizer-step boundary, on every rank: when any rank read an unreadable image or got SIGTERM / Ctrl-C,
     every rank saves the checkpoint of this boundary (``save()``, a collective) and stops -- with a DataError naming
-    the image, or ``Preempted``.  ``where``: 'in epoch E before iteration I (path)'."""
+    the image, or ``Preempted``.  ``where``: 'in epoch E before iteration I (path)'.  ``untrained``: no optimizer step
+    was taken yet, so nothing is saved (a checkpoint of untrained weights would pass for a trained one)."""
     stop, bad = agree(run.dev, run.stop.signame, batches.error)
     if bad or stop:
+        if untrained:
+            if bad:
+                raise data_error(batches.error, 'before the first step: nothing was trained, no checkpoint written')
+            raise Preempted(f'{run.stop.signame or "a signal on another rank"} before the first step: nothing was '
+                            f'trained, no checkpoint written; rerun the same command to start')
         save()
         if bad:
             raise data_error(batches.error, f'checkpoint saved {where}')
@@ -551,14 +564,22 @@ def write_checkpoint(obj, path: str, best_path: Optional[str] = None):
                 os.replace(tmp, best_path)
             except OSError:
                 save_atomic(obj, best_path)
+    except DiskFullError as e:
+        raise DiskFullError(f'{e}, then rerun the same command (it resumes from the previous checkpoint)') from None
     except OSError as e:
         raise UserError(f'could not write {path!r} ({e.strerror or e}): free disk space and rerun the same command '
                         f'(it resumes from the previous checkpoint)') from None
 
 
 def append_json_line(path: str, record: dict):
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        if disk_full_cause(e) is None:
+            raise
+        raise DiskFullError(f'{disk_full_message(path, e)}, then rerun the same command (it resumes from the last '
+                            f'checkpoint)') from None
 
 
 def truncate_log(path: str, epoch: int):
@@ -623,15 +644,12 @@ def make_loader(dataset, dev, workers: int, seed: int, **kw):
 
 
 def report_bad_images(run: Run, datasets) -> int:
-    """``--skip_bad_images``: logs how many reads of unreadable images were replaced so far, summed over ranks (a
-    collective), and returns it."""
-    t = torch.tensor([float(sum(d.bad_reads.value for d in datasets if getattr(d, 'bad_reads', None) is not None))],
-                     device=run.dev)
-    if dist.initialized():
-        tdist.all_reduce(t)
-    n = int(t.item())
+    """``--skip_bad_images``: logs how many image files were found unreadable so far (each counted once, whichever
+    rank or worker read it and however often; a collective), and returns it."""
+    mine = [(i, j) for i, d in enumerate(datasets) for j in (d.bad_indices() if hasattr(d, 'bad_indices') else ())]
+    n = len({b for part in gather_object(mine) for b in part})
     if n:
-        run.log.warning(f'[data] {n} reads of unreadable images so far, each replaced by the next readable image '
+        run.log.warning(f'[data] {n} unreadable image file(s) so far, each replaced by the next readable image '
                         f'(--skip_bad_images); --check_data lists them')
     return n
 
@@ -641,19 +659,25 @@ def check_images(run: Run, datasets: Sequence, workers: int, shown: int = 5):
     the unreadable ones to ``bad_images.txt`` of the run folder and raises one UserError naming the first few; logs
     that all decode otherwise."""
     paths = [p for d in datasets for p, _ in d.samples]
+    empty = [(os.path.join(d.root, c), 'class folder without images') for d in datasets
+             for c in getattr(d, 'empty_classes', ())]
     rank, world = dist.get_rank(), dist.get_world_size()
     run.log.info(f'[data] decoding {len(paths):,} images ({world} process(es) x {max(workers, 1)} worker(s)) ...')
     t0 = time.time()
     bad = sorted(b for part in gather_object(scan_images(paths[rank::world], workers)) for b in part)
     listing = run.path('bad_images.txt')
+    bad_files = len(bad)
+    bad += empty
     if dist.is_master():
         with open(listing, 'w', encoding='utf-8') as f:
             f.writelines(f'{p}\t{why}\n' for p, why in bad)
     dist.barrier()
     if bad:
         names = ', '.join(repr(p) for p, _ in bad[:shown]) + (', ...' if len(bad) > shown else '')
-        raise DataError(f'{len(bad)} of {len(paths):,} images cannot be decoded (all listed in {listing}): {names}; '
-                        f'delete or replace them (or train with --skip_bad_images), then run without --check_data')
+        what = [f'{bad_files} of {len(paths):,} images cannot be decoded'] if bad_files else []
+        what += [f'{len(empty)} class folder(s) hold no images'] if empty else []
+        raise DataError(f'{" and ".join(what)} (all listed in {listing}): {names}; delete or replace them (or train '
+                        f'with --skip_bad_images; remove or fill empty class folders), then run without --check_data')
     run.log.info(f'[data] all {len(paths):,} images decode ({time.time() - t0:.0f}s); {listing} is empty')
 
 
