@@ -355,5 +355,7 @@ def test_no_model_offline_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("app.py: error: checkpoint 'ckpts/viar.pth' is missing"), r.stderr
+    want = REPO / 'ckpts' / 'viar.pth'     # run from elsewhere: the repository's ckpts/, not a new <cwd>/ckpts
+    assert len(lines) == 1 and lines[0].startswith(f"app.py: error: checkpoint '{want}' is missing"), r.stderr
+    assert not (tmp_path / 'ckpts').exists()
     assert 'HF_HUB_OFFLINE' in lines[0] and 'Traceback' not in r.stdout + r.stderr

@@ -223,7 +223,9 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
 
 def test_missing_published_flexvar_files_give_the_download_message(tmp_path):
     """Offline, a published FlexVAR file at its default place: the one-line message with its URL (the model first;
-    with the model there, its tokenizer FlexVAE.pth, chosen by the model's kind)."""
+    with the model there, its tokenizer FlexVAE.pth, chosen by the model's kind).  The working directory has its own
+    ckpts/ folder (without one, ckpts/<file> is the repository's)."""
+    (tmp_path / 'ckpts').mkdir()
     for name in ('FlexVARd16-epo179.pth', 'FlexVAE.pth'):
         r = subprocess.run([sys.executable, str(REPO / 'gen_img.py'), '--var_ckpt', 'ckpts/FlexVARd16-epo179.pth'],
                            cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=120)

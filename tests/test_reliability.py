@@ -384,40 +384,39 @@ def test_weights_sha256_covers_the_whole_file_and_is_cached(tmp_path, monkeypatc
     big.write_bytes(data)
     assert sampling_utils.weights_fingerprint(str(big)) == quick            # the quick one misses it
     assert sampling_utils.weights_sha256(str(big)) != full                  # the whole-file hash does not
-    # the cache: the same size and modification time are not hashed again
+    # the cache: a file of the same path, size, times and inode is not hashed again; a touched one is
+    cache_file = tmp_path / 'cache' / 'viar' / 'weights_sha256.json'
+    cache = json.loads(cache_file.read_text())
+    assert list(cache.values()) == [sampling_utils.weights_sha256(str(big))]          # one entry per file
+    cache_file.write_text(json.dumps({k: 'f' * 64 for k in cache}))
+    assert sampling_utils.weights_sha256(str(big)) == 'f' * 64                           # read from the cache
     st = big.stat()
-    data[0] ^= 1
-    big.write_bytes(data)
-    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
-    cached = sampling_utils.weights_sha256(str(big))
-    assert cached != __import__('hashlib').sha256(bytes(data)).hexdigest()
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
     assert sampling_utils.weights_sha256(str(big)) == __import__('hashlib').sha256(bytes(data)).hexdigest()
 
 
 def test_a_folder_with_only_the_quick_fingerprints_is_checked_then_upgraded(tmp_path, monkeypatch, capsys):
+    from utils import folder_sampling as fs
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     ckpt, vae = tmp_path / 'm.pth', tmp_path / 'v.pth'
     ckpt.write_bytes(b'model' * 100)
     vae.write_bytes(b'vae' * 100)
-
-    class A:
-        ckpt_path, vae_ckpt = str(ckpt), str(vae)
     folder = tmp_path / 'f'
     folder.mkdir()
     (folder / '000000.png').write_bytes(b'png')
-    fps = {**{k: sampling_utils.weights_sha256(getattr(A, f)) for k, (_, f) in sampling.FINGERPRINT_KEYS.items()},
-           **{k: sampling_utils.weights_fingerprint(getattr(A, f))
-              for k, (_, f) in sampling.QUICK_FINGERPRINT_KEYS.items()}}
+    _, weights = fs.checkpoint_identity(str(ckpt), str(vae))
+    assert set(weights) == {'ckpt_sha256', 'vae_sha256', 'ckpt_fingerprint', 'vae_fingerprint'}
     settings = {'seed': 1}
-    old = {'seed': 1, **{k: fps[k] for k in sampling.QUICK_FINGERPRINT_KEYS}}       # an earlier version's record
-    (folder / sampling.CONFIG_NAME).write_text(json.dumps(old))
-    record, legacy = sampling.check_or_record_settings(str(folder), settings, fps, A)
-    assert not legacy and record == {**old, **fps} and 'whole-file sha256' in capsys.readouterr().out
+    old = {'seed': 1, **{k: weights[k][0] for k in ('ckpt_fingerprint', 'vae_fingerprint')}}   # an earlier version
+    (folder / fs.CONFIG_NAME).write_text(json.dumps(old))
+    record, legacy = fs.check_or_record_settings(str(folder), settings, weights)
+    assert not legacy and record == {**old, **{k: v[0] for k, v in weights.items()}}
+    assert 'whole-file sha256' in capsys.readouterr().out
     ckpt.write_bytes(b'MODEL' * 100)        # other weights under the same name: refused on the full hash
-    fps2 = {**fps, 'ckpt_sha256': sampling_utils.weights_sha256(str(ckpt))}
-    with pytest.raises(sampling_utils.SamplingError, match='other weights'):
-        sampling.check_or_record_settings(str(folder), settings, fps2, A)
+    _, weights2 = fs.checkpoint_identity(str(ckpt), str(vae))
+    with pytest.raises(sampling_utils.SamplingError, match='other weights than the model checkpoint') as e:
+        fs.check_or_record_settings(str(folder), settings, weights2)
+    assert str(e.value).count('model checkpoint') == 1      # named once, though both of its fingerprints differ
 
 
 # ============================================== paths and scripts =====================================================

@@ -278,7 +278,7 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | 
 def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
     """The model when ``--var_ckpt`` is not given: ``ckpts/viar.pth`` with ``--use_implicit``, else
     ``ckpts/var_d{--depth}.pth`` (``depth`` when ``--depth`` is not given either)."""
-    return resolve_default('ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth')
+    return 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth'
 
 
 def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
@@ -321,10 +321,12 @@ def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
     the file and checked against ``--depth / --use_implicit / --pre_depth / --post_depth``.  ``args.vae_ckpt`` None:
     the tokenizer of the model's kind (``default_vae_ckpt``; set in ``args``).  FlexVAR's flags on a VAR/VIAR model
     are refused.  With ``--pretrained`` both models come from that hub folder or repository (``load_pretrained``).
-    Under fp16/bf16 the transformer's weights are cast once (``cast_weights``)."""
+    Under fp16/bf16 the transformer's weights are cast once (``cast_weights``).  ``ckpts/<published file>`` is the
+    repository's ``ckpts/`` when the working directory has none (``utils.download.resolve_default``)."""
     if getattr(args, 'pretrained', None):
         vae, var = load_pretrained(args, device)
         return vae, cast_weights(var, args, resolve_dtype(getattr(args, 'dtype', 'auto'), device))
+    var_ckpt = resolve_default(var_ckpt)        # ckpts/<published file>: the repository's, from anywhere
     ensure_checkpoint(var_ckpt, 'model checkpoint', download=False)
     if args.vae_ckpt is None:
         args.vae_ckpt = default_vae_ckpt(var_ckpt)
@@ -417,10 +419,10 @@ def _sha256_cache_path() -> str:
 def weights_sha256(path: str) -> str:
     """The hex sha256 of the whole file ``path`` (what identifies its weights: the same bytes under another name give
     the same one).  Hashing a 9 GB file takes a while, so the hash is cached (``$XDG_CACHE_HOME/viar/
-    weights_sha256.json``, default ``~/.cache``) under the file's real path, size and modification time: a file
-    rewritten (trained further, copied over) is hashed again."""
+    weights_sha256.json``, default ``~/.cache``) under the file's real path, size, modification and change times and
+    inode: a file rewritten (trained further, copied over, replaced) is hashed again."""
     st = os.stat(path)
-    key = f'{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}'
+    key = f'{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}'
     cache_path = _sha256_cache_path()
     try:
         with open(cache_path) as f:
