@@ -198,6 +198,9 @@ def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Union[Sample
     its fields; default the scripts' defaults); ``card``: fields of the model card (``name``, ``description``,
     ``training_data``, ``license``, anything else as a line).  Returns ``save_dir``."""
     from safetensors.torch import save_file
+    if getattr(var, 'inference_dtype', None) is not None:
+        raise HubError(f'this model was cast to {var.inference_dtype} for sampling (cast_for_inference): save it as '
+                       f'loaded, before the cast, so that the folder holds the float32 weights')
     try:
         cfg = hub_config(vae, var, sampler, **card)
     except SettingsError as e:

@@ -124,6 +124,10 @@ def test_saving_refuses_meta_models_and_foreign_folders(tmp_path):
     save_pretrained(vae, var, tmp_path / 'again')
     save_pretrained(vae, var, tmp_path / 'again')          # a hub folder is overwritten in place
     assert sorted(os.listdir(tmp_path / 'again')) == sorted(HUB_FILES)
+    var.cast_for_inference(torch.bfloat16)                 # half-precision weights are no checkpoint to share
+    with pytest.raises(HubError, match='cast to torch.bfloat16 for sampling'):
+        save_pretrained(vae, var, tmp_path / 'cast')
+    assert not (tmp_path / 'cast').exists()
 
 
 def test_missing_foreign_and_offline_sources_are_one_line(tmp_path, monkeypatch):
