@@ -96,6 +96,8 @@ MARGINS = {
     'requested_vs_next': 'requested - next class at 10->10: worst 0.75 (avx2/avx512, 1 thread) >= 0.4',
     'vs_chance': 'requested class at 10->10: worst 0.81 (avx2/avx512, 1 thread) >= 0.5 (2 x chance)',
     'residuals': 'largest last residual at 10->10 3.2e-4, smallest at 1->1 1.27 (must be smaller)',
+    'anderson_decades': 'Anderson - Picard mean log10 residual, iterations 6-12: worst -0.20 (the six settings on one '
+                        'trained model) < -0.05',
 }
 
 
@@ -212,29 +214,42 @@ def test_rerun_skips_every_finished_stage_and_scores_the_same(demo_run, repo_dir
     assert rep2['edit'] == rep['edit']
 
 
-def mean_iterations_to(var, solver: str, tol: float = 1e-4, n: int = 30) -> list:
-    """Per scale, the mean over the CFG rows (2 images of each class, g_seed 1, cfg 2, n iterations at every scale) of
-    the first iteration whose relative residual is below ``tol`` (n + 1 for a row that never gets there)."""
+def residual_rows(var, solver: str, n: int = 30) -> list:
+    """Per scale, the relative fixed-point residual of every CFG row (2 images of each class, g_seed 1, cfg 2) at each
+    of ``n`` iterations: (n, rows) tensors."""
     trace, labels = {}, torch.arange(var.num_classes).repeat_interleave(2)
     with torch.inference_mode():
         var.autoregressive_infer_cfg(B=len(labels), label_B=labels, g_seed=1, cfg=2.0, top_k=0, top_p=0.0,
                                      iter_left=n, iter_right=n, trace=trace, iter_solver=solver)
+    return trace['residual_rows']
+
+
+def mean_iterations_to(rows: list, tol: float = 1e-4) -> list:
+    """Per scale, the mean over the rows of the first iteration whose residual is below ``tol`` (n + 1 for a row that
+    never gets there)."""
     out = []
-    for R in trace['residual_rows']:
+    for R in rows:
         below = R < tol
-        first = torch.where(below.any(dim=0), below.float().argmax(dim=0) + 1, n + 1)
+        first = torch.where(below.any(dim=0), below.float().argmax(dim=0) + 1, len(R) + 1)
         out.append(first.double().mean().item())
     return out
 
 
 @pytest.mark.slow
 def test_anderson_converges_in_fewer_iterations_than_picard_on_the_demo_model(demo_run):
-    """The fixed point of the trained demo VIAR: Anderson acceleration (memory 5) gets the rows below a relative
-    residual of 1e-4 in fewer iterations than the paper's plain iteration, at every scale.  Measured (mean over the
-    rows): this test's model 9.4/10.7/9.2/9.5 (Picard) against 9.0/9.3/9.0/9.1 (Anderson); the full demo's
-    (``bash scripts/demo.sh``, 8 classes, scales 1 2 4 8) 12.3/10.6/13.5/19.7 against 10.1/9.9/10.5/12.0."""
+    """The fixed point of the trained demo VIAR: Anderson acceleration (memory 5) is closer to the fixed point than
+    the paper's plain iteration at every scale, and gets the rows below a relative residual of 1e-4 in fewer
+    iterations.  Counts of iterations move in steps of one row, so the per-scale comparison rests on the mean log10
+    residual over iterations 6-12 (measured on this test's model: Anderson 0.20-0.51 decades lower at every scale);
+    the counts to 1e-4 are compared in total (this model 38.8 Picard against 36.3 Anderson; per scale
+    9.4/10.7/9.2/9.5 against 9.0/9.3/9.0/9.1; the full demo's, ``bash scripts/demo.sh``, 12.3/10.6/13.5/19.7 against
+    10.1/9.9/10.5/12.0)."""
     from models.checkpoint import load_vae_var
     _, _, _, rep = demo_run
     _, var = load_vae_var(rep['tokenizer']['checkpoint'], rep['viar']['checkpoint'])
-    picard, anderson = mean_iterations_to(var, 'picard'), mean_iterations_to(var, 'anderson')
-    assert all(a < p for a, p in zip(anderson, picard)), (picard, anderson)
+    picard, anderson = residual_rows(var, 'picard'), residual_rows(var, 'anderson')
+    gap = [(a[5:12].clamp_min(1e-12).log10().mean() - p[5:12].clamp_min(1e-12).log10().mean()).item()
+           for p, a in zip(picard, anderson)]
+    assert all(g < -0.05 for g in gap), gap                                       # MARGINS['anderson_decades']
+    n_picard, n_anderson = mean_iterations_to(picard), mean_iterations_to(anderson)
+    assert sum(n_anderson) < sum(n_picard), (n_picard, n_anderson)
