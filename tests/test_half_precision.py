@@ -62,11 +62,12 @@ def test_cast_weights_give_the_official_bf16_tokens_and_the_autocast_images(gold
     assert {c['model'] for c in d['cases']} == {'var', 'viar'}
     plain = {name: golden_model(golden_src, name) for name in ('var', 'viar')}
     cast = {name: copy.deepcopy(m).cast_for_inference(torch.bfloat16) for name, m in plain.items()}
+    official = vectors.bf16_kernels_differ(d) is None      # bf16 tokens are compared on the kernels that made them
     for case in d['cases']:
         got = sample(cast[case['model']], **case['kwargs'])
         for si, (t, exp) in enumerate(zip(got[1], case['tokens'])):
-            assert torch.equal(t, exp), f'{case["model"]} {case["kwargs"]}: tokens differ at scale {si}'
-        if case.get('image') is not None:     # the images: bit-identical to plain autocast
+            assert not official or torch.equal(t, exp), f'{case["model"]} {case["kwargs"]}: tokens differ at scale {si}'
+        if case.get('image') is not None or not official:     # bit-identical to plain autocast on any CPU
             assert_same(got, sample(plain[case['model']], **case['kwargs']))
 
 

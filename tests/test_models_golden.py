@@ -102,6 +102,8 @@ def test_bf16_autocast_sampling_gives_the_official_tokens_golden(golden_src, vae
     """Under CPU bf16 autocast the sampler rounds as the official code does: every scale's tokens are the official
     ones (``golden/bf16/sampling_bf16.pt``, made by the official code with the same weights)."""
     d = vectors.load(golden_src, 'bf16/sampling_bf16.pt')
+    if vectors.bf16_kernels_differ(d):
+        pytest.skip(vectors.bf16_kernels_differ(d))
     models_ = {name: build(golden_src, vae_case, name)[1] for name in ('var', 'viar')}
     assert len(d['cases']) >= 2 and {c['model'] for c in d['cases']} == {'var', 'viar'}
     for case in d['cases']:

@@ -39,13 +39,25 @@ FLEX_CFG = dict(V=64, Cvae=32, depth=2, num_classes=10, attn_l2_norm=True, vq_ch
 SEEDS = dict(vqvae=2201, var=2202, var_saln=2203, viar=2204, flex_vae=2205, flex_var=2206, data=2207)
 LABELS = (3, 7)
 
+
+
+def bf16_kernels() -> dict:
+    """What decides how bf16 autocast rounds on this CPU: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``) and
+    whether oneDNN has bf16 instructions (avx512_bf16 / AMX) for the matmuls.  Tokens near a tie flip with them."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return {'aten': torch.backends.cpu.get_cpu_capability(), 'native_bf16': native}
+
+
 # every file with its top-level keys
 LAYOUT = {
     'models/vqvae.pt': {'format', 'official', 'config', 'weights', 'inputs', 'outputs'},
     'models/var.pt': {'format', 'official', 'config', 'weights', 'forward', 'sampling'},
     'models/var_saln.pt': {'format', 'official', 'config', 'weights', 'forward', 'sampling'},
     'models/viar.pt': {'format', 'official', 'config', 'weights', 'forward', 'sampling'},
-    'bf16/sampling_bf16.pt': {'format', 'official', 'config_var', 'config_viar', 'cases'},
+    'bf16/sampling_bf16.pt': {'format', 'official', 'kernels', 'config_var', 'config_viar', 'cases'},
     'edit/edit.pt': {'format', 'official', 'config_var', 'config_viar', 'cases'},
     'flexvar/flexvar.pt': {'format', 'official', 'config', 'weights', 'tokenize', 'forward', 'sampling'},
     'official_keys.json.gz': {'format', 'official', 'models'},
@@ -210,7 +222,7 @@ def worker_var_viar(official: str, notebook: str, which: str) -> dict:
     # half precision: CPU bf16 autocast, tokens (and one image per model)
     model = 'var' if which == 'var' else 'viar'
     vae, var, cfg = built[model]
-    plans = [dict(g_seed=s) for s in (7, 8, 9)]
+    plans = [dict(g_seed=s) for s in (7, 8, 9, 10, 11, 12)]
     if model == 'viar':
         plans += [dict(g_seed=7, iter_left=6, iter_right=2), dict(g_seed=7, iter_left=2, iter_right=5)]
     plans.append(dict(g_seed=7, more_smooth=True, **(dict(iter_left=3, iter_right=3) if model == 'viar' else {})))
@@ -221,8 +233,8 @@ def worker_var_viar(official: str, notebook: str, which: str) -> dict:
             image = var.autoregressive_infer_cfg(**kwargs)
         cases.append({'model': model, 'kwargs': kwargs, 'tokens': rec.take(),
                       'image': _half(image) if i == 0 else None})
-    out['bf16/sampling_bf16.pt'] = {'format': FORMAT, 'official': {model: origin}, f'config_{model}': cfg,
-                                    'cases': cases}
+    out['bf16/sampling_bf16.pt'] = {'format': FORMAT, 'official': {model: origin}, 'kernels': bf16_kernels(),
+                                    f'config_{model}': cfg, 'cases': cases}
 
     # zero-shot editing: the notebook's masked sampler (VAR); VIAR's own sampler with the notebook's replacement of
     # the kept codes just before they enter f_hat (the one place the notebook's function differs from the sampler)

@@ -1,16 +1,19 @@
 """Weights of the parity models, drawn from a seed: the generator and the tests draw the same numbers.
 
-Every parameter ``name`` of shape ``shape`` is drawn with its own ``torch.Generator`` seeded by the first 8 bytes of
-SHA-256(``f'{seed}/{name}'``) (so the draw does not depend on the order of the parameters), as standard normals
-scaled by the rule of ``_draw``, then rounded to bfloat16 and kept in float32 (exact in either precision).
+Every parameter ``name`` of shape ``shape`` is drawn from its own numpy PCG64 generator seeded by the first 8 bytes
+of SHA-256(``f'{seed}/{name}'``) (so the draw does not depend on the order of the parameters), as uniform values of
+unit variance made from 24-bit integers by exact arithmetic (torch.randn is not used: its vectorised and scalar CPU
+paths draw different numbers, so the result would depend on the CPU), scaled by the rule of ``_draw``, then rounded
+to bfloat16 and kept in float32 (exact in either precision).
 The vectors store the seed, every parameter's shape and ``params_sha256`` of the draw; a test that redraws a
-different set fails on the hash before it compares anything.  Only torch and hashlib are imported here: the
+different set fails on the hash before it compares anything.  Only numpy, torch and hashlib are imported here: the
 generator imports this module next to the official ``models`` package.
 """
 import hashlib
 import math
 from typing import Dict, Sequence
 
+import numpy as np
 import torch
 
 LOG_4 = math.log(4.0)
@@ -21,14 +24,15 @@ def _seed_of(seed: int, name: str) -> int:
 
 
 def _draw(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
-    """N(0, 1) values mapped to the rule of this parameter:
+    """Unit-variance values (N below) mapped to the rule of this parameter:
 
     * the attention's log temperature ``*scale_mul_1H11``: log(4) + 0.5 N (the official init is log 4);
     * 1-D ``*.weight`` (LayerNorm / GroupNorm gains): 1 + 0.1 N; other 1-D tensors (biases): 0.1 N;
     * tensors whose first dimension is 1 (position embeddings, start token, shared AdaLN gains): 0.5 N;
     * every other tensor (linear, conv, embedding, codebook): N / sqrt(fan-in), fan-in = prod(shape[1:]).
     """
-    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed_of(seed, name)), dtype=torch.float32)
+    k = np.random.Generator(np.random.PCG64(_seed_of(seed, name))).integers(0, 2 ** 24, size=tuple(shape))
+    x = torch.from_numpy(((k + 0.5) / 2 ** 23 - 1) * math.sqrt(3)).float()     # uniform, mean 0, variance 1
     if name.endswith('scale_mul_1H11'):
         x = LOG_4 + 0.5 * x
     elif len(shape) == 1:
