@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PYTHON="$PY" LOG_PREFIX="[test.sh]" bash scripts/install_missing.sh \
-  torch torchvision numpy scipy pillow tqdm tensorboard huggingface_hub tensorflow-cpu pytest gradio gradio_client selenium
+  torch torchvision numpy scipy pillow tqdm tensorboard huggingface_hub safetensors tensorflow-cpu pytest gradio gradio_client selenium
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 exec "$PY" -m pytest -q "$@"     # no path given: pyproject.toml's testpaths (tests/)
