@@ -8,13 +8,12 @@ config's keys and the Hub's offline behaviour are described in docs/families.md 
 import json
 import os
 import re
-import secrets
 import tempfile
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from utils.misc import atomic_write_bytes
+from utils.misc import atomic_save_to_path, atomic_write_bytes
 from utils.sampler_settings import SamplerSettings, SettingsError
 
 from .checkpoint import (
@@ -212,13 +211,9 @@ def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Union[Sample
     if other:
         raise HubError(f'{save_dir!r} holds other files ({", ".join(other[:3])}{", ..." if len(other) > 3 else ""}):'
                        f' pass a new or empty folder')
-    tmp = os.path.join(save_dir, f'.{WEIGHTS}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    try:
-        save_file(_state_for_safetensors(vae, var), tmp, metadata={'format': 'pt', 'family': cfg['family']})
-        os.replace(tmp, os.path.join(save_dir, WEIGHTS))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    state = _state_for_safetensors(vae, var)
+    atomic_save_to_path(lambda tmp: save_file(state, tmp, metadata={'format': 'pt', 'family': cfg['family']}),
+                        os.path.join(save_dir, WEIGHTS))
     atomic_write_bytes((json.dumps(cfg, indent=2) + '\n').encode(), os.path.join(save_dir, CONFIG))
     atomic_write_bytes(_card(cfg, save_dir).encode(), os.path.join(save_dir, CARD))
     return save_dir

@@ -124,6 +124,21 @@ def test_saving_refuses_meta_models_and_foreign_folders(tmp_path):
     save_pretrained(vae, var, tmp_path / 'again')
     save_pretrained(vae, var, tmp_path / 'again')          # a hub folder is overwritten in place
     assert sorted(os.listdir(tmp_path / 'again')) == sorted(HUB_FILES)
+    import errno
+
+    import safetensors.torch
+
+    from utils.misc import DiskFullError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    before = (tmp_path / 'again' / 'model.safetensors').read_bytes()
+    with pytest.MonkeyPatch.context() as mp:                # a full disk: one line, the previous weights kept
+        mp.setattr(safetensors.torch, 'save_file', full)
+        with pytest.raises(DiskFullError, match='disk full while writing .*model.safetensors.*previous'):
+            save_pretrained(vae, var, tmp_path / 'again')
+    assert sorted(os.listdir(tmp_path / 'again')) == sorted(HUB_FILES)
+    assert (tmp_path / 'again' / 'model.safetensors').read_bytes() == before
     var.cast_for_inference(torch.bfloat16)                 # half-precision weights are no checkpoint to share
     with pytest.raises(HubError, match='cast to torch.bfloat16 for sampling'):
         save_pretrained(vae, var, tmp_path / 'cast')

@@ -18,6 +18,7 @@ from utils.errors import UserError
 
 __all__ = [
     'DiskFullError',
+    'atomic_save_to_path',
     'atomic_write',
     'atomic_write_bytes',
     'create_npz_from_sample_folder',
@@ -75,6 +76,27 @@ def atomic_write(write, path, fsync: bool = True) -> None:
     before the rename (also survives a power loss); files that are checked when read back can skip it.  Creates the
     parent folder.  A full disk or quota (ENOSPC / EDQUOT, also behind another error) raises ``DiskFullError``, one
     line (``disk_full_message``)."""
+    def to_file(fd: int, tmp: Path) -> None:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    _atomic(to_file, path)
+
+
+def atomic_save_to_path(save, path) -> None:
+    """``atomic_write`` for a writer that takes a file name, not a file object (``safetensors.torch.save_file``):
+    ``save(temporary_path)``, then the rename; the same temporary name, clean-up and disk-full line."""
+    def to_path(fd: int, tmp: Path) -> None:
+        os.close(fd)
+        save(str(tmp))
+    _atomic(to_path, path)
+
+
+def _atomic(fill, path) -> None:
+    """Creates the temporary file beside ``path`` (exclusively), calls ``fill(fd, tmp_path)``, renames it over
+    ``path``; on any error removes it and turns a full disk into ``DiskFullError``."""
     path = Path(path)
     existed = path.exists()
     try:
@@ -91,11 +113,7 @@ def atomic_write(write, path, fsync: bool = True) -> None:
             raise DiskFullError(disk_full_message(path, e, existed)) from None
         raise
     try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        fill(fd, tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:
