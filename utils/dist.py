@@ -101,6 +101,11 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def destroy():
+def destroy(sync: bool = False):
+    """Leaves the process group.  ``sync`` (on the way out of a run that succeeded on every rank): a barrier first, so
+    that no rank tears down its gloo connections while another still reads the last collective from them (which
+    ended in an abort, 'terminate called without an active exception', at exit under load)."""
     if initialized():
+        if sync:
+            tdist.barrier()
         tdist.destroy_process_group()

@@ -294,12 +294,14 @@ def guard_writes(kept: str, every_rank: bool = False) -> Iterator[None]:
     """Around a script's work once ``setup_device`` has joined the torchrun group: an OSError (disk full, an output
     folder that is a file, permissions ...) becomes one ``SamplingError`` line ``'{e}; {kept}'`` (``every_rank``:
     this rank's own problem), and the group is left in any case."""
+    ok = False
     try:
         yield
+        ok = True
     except (OSError, DiskFullError) as e:      # DiskFullError: one line naming the file and the free space
         raise SamplingError(f'{e}; {kept}', every_rank=every_rank) from None
     finally:
-        dist.destroy()
+        dist.destroy(sync=ok)       # a barrier only when every rank got here the same way
 
 
 def default_vae_ckpt(var_ckpt: str) -> str:
