@@ -310,9 +310,10 @@ def sampling_row(var, B, runs, iter_tol, trace, peak_flops, patch_nums=None) -> 
         kv_cache_mb=best['kv'] / 2 ** 20)
 
 
-def bench_training(var, vae, name, B, n0, n1, args, device, dtype):
+def bench_training(var, vae, name, B, n0, n1, args, device, dtype, grad_ckpt=False):
     from utils.memory import PeakMemory, SavedTensorMeter
     var.train()
+    var.set_grad_checkpointing(grad_ckpt)
     var.cond_drop_rate = 0.1
     g = torch.Generator(device='cpu').manual_seed(0)
     x_BLCv = torch.randn(B, var.L - var.first_l, vae.Cvae, generator=g).to(device)
@@ -339,8 +340,10 @@ def bench_training(var, vae, name, B, n0, n1, args, device, dtype):
             act_peak, mem_peak = max(act_peak, meter.peak), max(mem_peak, mem.peak)
             mem_delta = max(mem_delta, mem.delta)
     var.zero_grad(set_to_none=True)
+    var.set_grad_checkpointing(False)
     var.eval()
-    return dict(kind='train', model=name, width=var.C, B=B, dtype=args.dtype, n0=n0, n1=n1, step_s=min(times),
+    return dict(kind='train', model=name, width=var.C, B=B, dtype=args.dtype, n0=n0, n1=n1, grad_ckpt=grad_ckpt,
+                step_s=min(times),
                 saved_act_mb=act_peak / 2 ** 20, peak_mem_mb=mem_peak / 2 ** 20, peak_mem_delta_mb=mem_delta / 2 ** 20)
 
 
@@ -383,7 +386,8 @@ SAMPLE_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{
                ('GFLOP/s', 'transformer_gflop_s', '{:.1f}'), ('% of matmul', 'frac_pct', '{:.0f}%'),
                ('peak mem MB', 'peak_mem_mb', '{:.0f}'), ('KV cache MB', 'kv_cache_mb', '{:.1f}')]
 TRAIN_COLS = [('model', 'model', '{}'), ('width', 'width', '{}'), ('B', 'B', '{}'), ('dtype', 'dtype', '{}'),
-              ('n0 (no grad)', 'n0', '{}'), ('n1 (grad)', 'n1', '{}'), ('step s', 'step_s', '{:.3f}'),
+              ('n0 (no grad)', 'n0', '{}'), ('n1 (grad)', 'n1', '{}'),
+              ('grad ckpt', 'grad_ckpt', lambda v: 'on' if v else 'off'), ('step s', 'step_s', '{:.3f}'),
               ('saved activations MB', 'saved_act_mb', '{:.1f}'), ('peak mem MB', 'peak_mem_mb', '{:.0f}'),
               ('peak - start MB', 'peak_mem_delta_mb', '{:.0f}')]
 
@@ -424,23 +428,24 @@ def checks(results) -> list:
                                     f'{lo["kv_cache_mb"] / hi["kv_cache_mb"]:.2f}x KV-cache bytes'))
     tr = [r for r in results if r['kind'] == 'train']
     by_n1 = defaultdict(dict)
-    for r in tr:
-        by_n1[r['n1']][r['n0']] = r
-    for n1, d in by_n1.items():
+    for r in tr:        # with and without activation checkpointing apart
+        by_n1[(r['n1'], r.get('grad_ckpt', False))][r['n0']] = r
+    for (n1, gc), d in by_n1.items():
         if 0 in d and len(d) > 1:
             worst = max(v['saved_act_mb'] for v in d.values()) / d[0]['saved_act_mb'] - 1
-            out.append((worst <= 0.15, f'training, n1={n1}: saved activations vary by {100 * worst:+.1f}% over '
+            tag = ', grad ckpt' if gc else ''
+            out.append((worst <= 0.15, f'training, n1={n1}{tag}: saved activations vary by {100 * worst:+.1f}% over '
                                        f'n0 in {sorted(d)} (flat: within 15%)'))
     by_n0 = defaultdict(dict)
     for r in tr:
-        by_n0[r['n0']][r['n1']] = r
-    for n0, d in by_n0.items():
-        n1s = sorted(d)
+        by_n0[(r['n0'], r.get('grad_ckpt', False))][r['n1']] = r
+    for (n0, gc), d in by_n0.items():
+        n1s, tag = sorted(d), (', grad ckpt' if gc else '')
         if len(n1s) >= 3:
             a, b = d[n1s[0]]['saved_act_mb'], d[n1s[1]]['saved_act_mb']
             per = (b - a) / (n1s[1] - n1s[0])
             dev = max(abs(d[n]['saved_act_mb'] - (a + per * (n - n1s[0]))) for n in n1s) / max(per, 1e-9)
-            out.append((per > 0 and dev <= 0.05 * max(n1s), f'training, n0={n0}: saved activations grow by '
+            out.append((per > 0 and dev <= 0.05 * max(n1s), f'training, n0={n0}{tag}: saved activations grow by '
                         f'{per:.2f} MB per gradient step (linear fit over n1 in {n1s}, max deviation '
                         f'{dev:.2f} steps)'))
     return out
@@ -550,6 +555,7 @@ class Setup:
     iter_tols: List[Optional[float]]
     batch_sizes: List[int]
     grid: List[Tuple[int, int]]
+    grad_ckpt: List[bool]                    # training rows without / with activation checkpointing
     infer_pns: List[Tuple[int, ...]]         # FlexVAR's schedules of scales
 
 
@@ -617,7 +623,16 @@ def resolve_setup(args) -> Setup:
         iter_tols=parse_tols(args.iter_tol),
         batch_sizes=parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64]),
         grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)],
+        grad_ckpt=parse_grad_ckpt(args.train_grad_ckpt),
         infer_pns=resolve_infer_pns(args, patch_nums))
+
+
+def parse_grad_ckpt(text: str) -> List[bool]:
+    """``--train_grad_ckpt``: off, on or off,on."""
+    words = [w.strip() for w in text.split(',') if w.strip()]
+    if not words or any(w not in ('off', 'on') for w in words):
+        raise BenchError(f'--train_grad_ckpt takes off, on or off,on, got {text!r}')
+    return list(dict.fromkeys(w == 'on' for w in words))
 
 
 def measure_matmul(args, setup: Setup) -> Tuple[float, float]:
@@ -674,10 +689,11 @@ def run_training(args, setup: Setup) -> List[dict]:
     results = []
     for name in setup.train_models:
         vae, var = build_for(name, setup.train_width, args, setup)
-        for n0, n1 in (setup.grid if var.use_implicit else [(0, 0)]):
-            r = bench_training(var, vae, name, args.train_bs, n0, n1, args, setup.device, setup.dtype)
-            results.append(r)
-            print(table([r], TRAIN_COLS).splitlines()[-1], flush=True)
+        for gc in setup.grad_ckpt:
+            for n0, n1 in (setup.grid if var.use_implicit else [(0, 0)]):
+                r = bench_training(var, vae, name, args.train_bs, n0, n1, args, setup.device, setup.dtype, gc)
+                results.append(r)
+                print(table([r], TRAIN_COLS).splitlines()[-1], flush=True)
         del vae, var
         trim_host_memory()
     return results
@@ -789,6 +805,8 @@ def get_parser():
     p.add_argument('--train_models', default='viar_d30', help='training benchmarks (none to skip)')
     p.add_argument('--train_grid', default='0-2,5-2,10-2,0-1,0-4,0-8', help='n0-n1 pairs (steps without-with grad)')
     p.add_argument('--train_bs', type=int, default=2)
+    p.add_argument('--train_grad_ckpt', default='off', help='training rows with activation checkpointing '
+                   '(train.py --grad_ckpt): off, on or off,on')
     p.add_argument('--train_width', type=int, default=-1, help='width of the training benchmark (default: --width)')
     p.add_argument('--reps', type=int, default=2)
     p.add_argument('--warmup', type=int, default=1)
