@@ -160,8 +160,8 @@ def _int(value: Any, what: str, lo: int | None = None, hi: int | None = None) ->
         raise AppError(f'{what} is empty: enter a whole number')
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise AppError(f'{what} {value!r} is not a number') from None
+    except (TypeError, ValueError) as e:
+        raise AppError(f'{what} {value!r} is not a number') from e
     if not f.is_integer():
         raise AppError(f'{what} {value} is not a whole number')
     v = int(f)
@@ -173,8 +173,8 @@ def _int(value: Any, what: str, lo: int | None = None, hi: int | None = None) ->
 def _float(value: Any, what: str) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError):
-        raise AppError(f'{what} {value!r} is not a number') from None
+    except (TypeError, ValueError) as e:
+        raise AppError(f'{what} {value!r} is not a number') from e
 
 
 def _grid(tiles_N3HW: torch.Tensor, pad_value) -> np.ndarray:
@@ -230,7 +230,7 @@ class Engine:
         try:
             return settings.check().kwargs(self.var)
         except SettingsError as e:      # the flag rules' own words, without the command line's dashes
-            raise AppError(one_line(e).replace('--', '')) from None
+            raise AppError(one_line(e).replace('--', '')) from e
 
     def _sample(self, label: int, seeds: Sequence[int], kw: dict[str, Any]):
         """One ``sample_batch`` call per seed (B = 1, as gen_img.py): (images (N, 3, H, W) uint8, seconds, iterations
@@ -395,8 +395,8 @@ def import_gradio():
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')      # no usage statistics sent anywhere
     try:
         import gradio
-    except ImportError:
-        raise AppError('gradio is not installed: pip install -r requirements-app.txt') from None
+    except ImportError as e:
+        raise AppError('gradio is not installed: pip install -r requirements-app.txt') from e
     return gradio
 
 
@@ -412,11 +412,11 @@ def on_page(fn):
         except gr.Error:
             raise
         except UserError as e:
-            raise gr.Error(one_line(e), print_exception=False) from None
+            raise gr.Error(one_line(e), print_exception=False) from e
         except Exception as e:
             traceback.print_exc()
             raise gr.Error(f'internal error ({type(e).__name__}: {one_line(e)[:200]}); the server log has the '
-                           f'details', print_exception=False) from None
+                           f'details', print_exception=False) from e
     return wrapped
 
 
@@ -583,7 +583,7 @@ def serve(args: argparse.Namespace) -> None:
     except OSError as e:        # e.g. the port is taken; gradio's sentence without its advice about launch()
         port = args.port or os.environ.get('GRADIO_SERVER_PORT') or 7860
         raise AppError(f'cannot serve on port {port} ({one_line(e).split(". ")[0]}): pass another --port (or stop '
-                       f'what uses it)') from None
+                       f'what uses it)') from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -137,9 +137,9 @@ class Schedule:
 def parse_schedule(s: str) -> Tuple[int, int]:
     try:
         a, b = (int(v) for v in s.split('-'))
-    except ValueError:
+    except ValueError as e:
         raise UserError(f'--iters {s!r}: a schedule looks like 10-10 (implicit iterations at the first and the last '
-                        f'scale)') from None
+                        f'scale)') from e
     if a < 1 or b < 1:
         raise UserError(f'--iters {s!r}: iteration counts must be >= 1')
     return a, b
@@ -173,7 +173,7 @@ def check_args(args) -> Plan:
     try:
         patch_nums = parse_patch_nums(args.pn)
     except argparse.ArgumentTypeError as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e)) from e
     try:
         ch_mult = [int(m) for m in args.vae_ch_mult.split('_')]
     except ValueError:
@@ -203,7 +203,7 @@ def check_args(args) -> Plan:
         try:
             shlex.split(getattr(args, k))
         except ValueError as e:
-            raise UserError(f'--{k} {getattr(args, k)!r}: {e}') from None
+            raise UserError(f'--{k} {getattr(args, k)!r}: {e}') from e
     if args.device == 'cuda':
         import torch
         if not torch.cuda.is_available():
@@ -573,7 +573,7 @@ def run(args) -> None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise UserError(f'cannot create --out {args.out!r} ({e.strerror or e}); pass another folder') from None
+        raise UserError(f'cannot create --out {args.out!r} ({e.strerror or e}); pass another folder') from e
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if args.threads > 0:
         import torch

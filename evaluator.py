@@ -267,7 +267,7 @@ class NpzImages:
         try:
             shape, fortran_order, dtype = read_npy_header(f)
         except ValueError as e:
-            raise EvalError(f'{self.name}: {self.member} is not a readable .npy array ({e})') from None
+            raise EvalError(f'{self.name}: {self.member} is not a readable .npy array ({e})') from e
         if fortran_order and len(shape) > 1:
             raise EvalError(f'{self.name}: {self.member} is stored in Fortran order; save it C-contiguous')
         return shape, dtype
@@ -285,7 +285,7 @@ class NpzImages:
                 try:
                     data = f.read(count * per_image)
                 except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                    raise EvalError(f'{self.name}: {self.member} is damaged near image {start} ({e})') from None
+                    raise EvalError(f'{self.name}: {self.member} is damaged near image {start} ({e})') from e
                 if len(data) != count * per_image:
                     raise EvalError(f'{self.name}: {self.member} is truncated after about {start} images')
                 yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + tuple(self.shape[1:]))
@@ -309,7 +309,7 @@ def open_npz(path, what):
         with zipfile.ZipFile(path) as zf:
             return {n[:-4] for n in zf.namelist() if n.endswith('.npy')}
     except (zipfile.BadZipFile, OSError) as e:
-        raise EvalError(f'{what} {path} is not an .npz archive ({e})') from None
+        raise EvalError(f'{what} {path} is not an .npz archive ({e})') from e
 
 
 def load_arrays(path, keys):
@@ -317,7 +317,7 @@ def load_arrays(path, keys):
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in keys}
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise EvalError(f'{path}: cannot read {", ".join(keys)} ({e})') from None
+        raise EvalError(f'{path}: cannot read {", ".join(keys)} ({e})') from e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def download(url, dest):
     except (OSError, ValueError) as e:   # URLError, HTTPError, timeouts and disk errors are OSErrors
         part.unlink(missing_ok=True)
         raise EvalError(f'cannot download the Inception graph from {url} ({getattr(e, "reason", e)}); '
-                        f'download it yourself and save it as {dest}, or pass --inception PATH') from None
+                        f'download it yourself and save it as {dest}, or pass --inception PATH') from e
 
 
 def resolve_inception(path=None):
@@ -401,7 +401,7 @@ class InceptionFeatures:
         try:
             graph_def.ParseFromString(Path(graph_path).read_bytes())
         except Exception as e:
-            raise EvalError(f'{graph_path} is not a TensorFlow GraphDef ({e})') from None
+            raise EvalError(f'{graph_path} is not a TensorFlow GraphDef ({e})') from e
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.images = tf1.placeholder(tf.float32, shape=[None, None, None, 3])
@@ -411,7 +411,7 @@ class InceptionFeatures:
                     return_elements=[POOL_TENSOR, SPATIAL_TENSOR, LOGITS_OP], name='inception')
             except (ValueError, KeyError) as e:
                 raise EvalError(f'{graph_path} does not look like the Inception graph '
-                                f'({str(e).splitlines()[0]})') from None
+                                f'({str(e).splitlines()[0]})') from e
             self.pool = tf.reshape(pool, [tf.shape(pool)[0], -1])
             self.spatial = tf.reshape(spatial[..., :SPATIAL_CHANNELS], [tf.shape(spatial)[0], -1])
             self.pool_input = tf1.placeholder(tf.float32, shape=[None, None])
@@ -564,7 +564,7 @@ def check_writable(path, flag):
         atomic_write_bytes(b'', folder / f'.{path.name}.writable', fsync=False)
         (folder / f'.{path.name}.writable').unlink()
     except (OSError, DiskFullError) as e:
-        raise EvalError(f'{flag} {path} cannot be written ({e}); fix that before the Inception pass') from None
+        raise EvalError(f'{flag} {path} cannot be written ({e}); fix that before the Inception pass') from e
 
 
 def import_tensorflow():
@@ -574,7 +574,7 @@ def import_tensorflow():
         import tensorflow as tf
     except ImportError as e:
         raise EvalError(f'TensorFlow is needed for the Inception features but cannot be imported ({e}): '
-                        f'pip install -r requirements-eval.txt') from None
+                        f'pip install -r requirements-eval.txt') from e
     return tf
 
 
@@ -624,7 +624,7 @@ def evaluate(ref_npz, sample_npz=None, *, inception=None, batch_size=64, save_re
                                                use_sqrtm=sqrtm, factor1=sample_factors[sigma],
                                                factor2=ref_factors[sigma])
         except EvalError as e:
-            raise EvalError(f'{name} of {sample_npz} against {ref_npz}: {e}') from None
+            raise EvalError(f'{name} of {sample_npz} against {ref_npz}: {e}') from e
     return {
         'Inception Score': inception_score(probs, shuffle_seed=IS_SHUFFLE_SEED if is_shuffle else None),
         'FID': distances['FID'],
@@ -647,7 +647,7 @@ def report(args):
         try:
             atomic_write_bytes((json.dumps(record, indent=1) + '\n').encode(), args.json)
         except (OSError, DiskFullError) as e:
-            raise EvalError(f'cannot write --json {args.json} ({e}); the numbers are printed above') from None
+            raise EvalError(f'cannot write --json {args.json} ({e}); the numbers are printed above') from e
     return results
 
 

@@ -159,7 +159,7 @@ def main(args):
         finalize_args(args, dist.get_world_size(), downsample=tokenizer_downsample(args.vae_ckpt))
         check_schedule(args.sche)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e)) from e
     run.log.info(f'[train] world size {dist.get_world_size()}, device {run.dev}, per-rank batch {args.batch_size}, '
                  f'global batch {args.glb_batch_size} x ac {args.ac} = {args.glb_batch_size * args.ac}, '
                  f'lr {args.tlr:.3g}')
@@ -261,7 +261,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                 scaler.load_state_dict(ckpt['trainer']['var_opt']['scaler'])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{last_path!r} does not fit the model of this command ({str(e).splitlines()[0]}); '
-                                  f'pass another --local_out_dir_path to start a new run') from None
+                                  f'pass another --local_out_dir_path to start a new run') from e
     run.log.info(f'[model] {var_wo_ddp.extra_repr()}: {sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6:.2f}M '
                  f'parameters{", activation checkpointing" if args.grad_ckpt else ""}; tokenizer V={vae.vocab_size} '
                  f'Cvae={vae.Cvae} from {args.vae_ckpt}')

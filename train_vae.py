@@ -293,7 +293,7 @@ def main(args):
     except DataError as e:
         raise DataError(f'{one_line(e)} [reading the validation images of the reconstruction grid, before the first '
                         f'step: nothing was trained; --check_data lists every unreadable image at once, '
-                        f'--skip_bad_images replaces them]') from None
+                        f'--skip_bad_images replaces them]') from e
     run.log.info(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
                  f'{args.data_load_reso} px, scales {args.pn}; per-rank batch {args.batch_size}, '
                  f'{sampler.iters_per_epoch} iterations per epoch, {args.workers} loader worker(s) per process')
@@ -350,7 +350,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
             vae.load_state_dict(src.state_dict(), strict=True)
         except RuntimeError as e:
             raise CheckpointError(f'--init {args.init!r} does not fit --flex/--ch/--vocab_size/--z_channels'
-                                  f'{"/--codebook_dim" if args.flex else ""} ({str(e).splitlines()[0]})') from None
+                                  f'{"/--codebook_dim" if args.flex else ""} ({str(e).splitlines()[0]})') from e
     vae.train()
     disc = PatchDiscriminator(args.disc_ch).to(dev).train() if args.disc > 0 else None
     perc = None
@@ -375,7 +375,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{run.path("vae-ckpt-last.pth")!r} does not fit this command '
                                   f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new '
-                                  f'run') from None
+                                  f'run') from e
     run.log.info(f'[model] {recipe.describe(args)}: '
                  f'{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters; losses: l2 {args.l2} l1 {args.l1} '
                  f'vq (beta {args.beta}) lp {args.lp} disc {args.disc}')

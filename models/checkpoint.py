@@ -56,10 +56,10 @@ def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
             raise CheckpointError(
                 f'{what} {path!r} holds objects other than tensors and plain containers and was not loaded for safety '
                 f'(weights_only=True); if you trust it, re-save its state dict with '
-                f'torch.save(model.state_dict(), path)') from None
-        raise _not_a_checkpoint(what, path) from None
-    except Exception:       # truncated zip, text file, random bytes, legacy pickle ...: all the same to the user
-        raise _not_a_checkpoint(what, path) from None
+                f'torch.save(model.state_dict(), path)') from e
+        raise _not_a_checkpoint(what, path) from e
+    except Exception as err:       # truncated zip, text file, random bytes, legacy pickle ...: all the same to the user
+        raise _not_a_checkpoint(what, path) from err
 
 
 def _is_torch_archive(path: str) -> bool:
@@ -253,9 +253,9 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
     try:
         ch_mult = tuple(sd[f'decoder.up.{i}.block.0.conv1.weight'].shape[0] // ch for i in levels)
         blocks = {int(k.split('.')[4]) for k in sd if k.startswith(f'decoder.up.{levels[0]}.block.')}
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f'{path!r} is not a complete tokenizer (VQVAE) checkpoint: decoder blocks are '
-                              f'missing') from None
+                              f'missing') from e
     cfg = dict(V=V, Cvae=Cvae, ch=ch, share_quant_resi=n_phi or 1, ch_mult=ch_mult, num_res_blocks=len(blocks) - 1,
                using_sa=any(k.startswith(f'decoder.up.{levels[-1]}.attn.') for k in sd),
                using_mid_sa=any(k.startswith('decoder.mid.attn_1.') for k in sd), norm_groups=32)
@@ -274,9 +274,9 @@ def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str,
         ch_mult = tuple(sd[f'encoder.conv_blocks.{i}.res.0.conv1.weight'].shape[0] // ch for i in levels)
         blocks = {k.split('.')[4] for k in sd if k.startswith('encoder.conv_blocks.0.res.')}
         z_channels = sd['quant_conv.weight'].shape[1]
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f'{path!r} is not a complete FlexVAR tokenizer (FlexVAE) checkpoint: '
-                              f'the encoder, quant_conv or codebook is missing') from None
+                              f'the encoder, quant_conv or codebook is missing') from e
     cfg = dict(flex=True, V=V, Cvae=Cvae, ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=len(blocks),
                norm_groups=32)
     cfg.update({k: v for k, v in (extra or {}).items() if k == 'norm_groups'})
@@ -374,7 +374,7 @@ def _load_strict(model: torch.nn.Module, sd, device, message: str):
     try:
         model.load_state_dict(_float32(sd), strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(message.replace('{err}', str(e).splitlines()[0])) from None
+        raise CheckpointError(message.replace('{err}', str(e).splitlines()[0])) from e
     return model.to(device).eval().requires_grad_(False)
 
 

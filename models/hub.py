@@ -122,8 +122,8 @@ def resolve_pretrained(path_or_repo_id: str, revision: Optional[str] = None) -> 
 def _download(repo: str, revision: Optional[str]) -> str:
     try:
         from huggingface_hub import snapshot_download
-    except ImportError:
-        raise HubError(_fetch_message(repo, 'huggingface_hub is not installed')) from None
+    except ImportError as err:
+        raise HubError(_fetch_message(repo, 'huggingface_hub is not installed')) from err
     from huggingface_hub.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -131,7 +131,7 @@ def _download(repo: str, revision: Optional[str]) -> str:
         return snapshot_download(repo_id=repo, revision=revision, allow_patterns=list(HUB_FILES))
     except Exception as e:      # offline, unknown repository, gated, no network ...: one line
         from utils.download import _reason
-        raise HubError(_fetch_message(repo, _reason(e))) from None
+        raise HubError(_fetch_message(repo, _reason(e))) from e
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -144,7 +144,7 @@ def read_hub_config(path_or_repo_id: str, revision: Optional[str] = None) -> Dic
         with open(where) as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise HubError(f'{where} cannot be read ({e}): write the folder again with save_pretrained') from None
+        raise HubError(f'{where} cannot be read ({e}): write the folder again with save_pretrained') from e
     return _check_config(cfg, where)
 
 
@@ -203,7 +203,7 @@ def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Union[Sample
     try:
         cfg = hub_config(vae, var, sampler, **card)
     except SettingsError as e:
-        raise HubError(f'sampler defaults: {e}') from None
+        raise HubError(f'sampler defaults: {e}') from e
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise HubError(f'{save_dir!r} is a file: pass a new or empty folder')
     os.makedirs(save_dir, exist_ok=True)
@@ -249,7 +249,7 @@ def from_pretrained(path_or_repo_id: str, device='cpu', revision: Optional[str] 
         flat = load_file(where, device='cpu')
     except Exception as e:      # truncated download, another kind of file
         raise HubError(f'{where} cannot be read as safetensors ({type(e).__name__}): download or save it again') \
-            from None
+            from e
     sds = {p: {k[len(p):]: v for k, v in flat.items() if k.startswith(p)} for p in PREFIXES}
     tok, arch = cfg['tokenizer'], cfg['transformer']
     try:
@@ -259,7 +259,7 @@ def from_pretrained(path_or_repo_id: str, device='cpu', revision: Optional[str] 
         var = _load_strict(var, sds['var.'], device, f'{where}: the transformer weights do not fit config.json '
                                                      f'({{err}})')
     except (KeyError, TypeError) as e:
-        raise HubError(f'{os.path.join(folder, CONFIG)} lacks or garbles {e}: write the folder again') from None
+        raise HubError(f'{os.path.join(folder, CONFIG)} lacks or garbles {e}: write the folder again') from e
     if dtype is not None:
         vae, var = vae.to(dtype), var.to(dtype)
     return vae, var
@@ -270,5 +270,5 @@ def sampler_defaults(path_or_repo_id: str, revision: Optional[str] = None) -> Sa
     try:
         return SamplerSettings.from_dict(read_hub_config(path_or_repo_id, revision)['sampler'])
     except SettingsError as e:
-        raise HubError(f'{path_or_repo_id!r}: config.json sampler: {e}') from None
+        raise HubError(f'{path_or_repo_id!r}: config.json sampler: {e}') from e
 

@@ -30,7 +30,7 @@ class VGGPerceptual(nn.Module):
             from torch.hub import get_dir
             raise UserError(f"--lp needs torchvision's VGG16 ImageNet weights (vgg16-397923af.pth, 528 MB), which "
                             f"could not be loaded ({type(e).__name__}); run once with internet access, or copy the "
-                            f"file into {os.path.join(get_dir(), 'checkpoints')}, or pass --lp 0") from None
+                            f"file into {os.path.join(get_dir(), 'checkpoints')}, or pass --lp 0") from e
         self.features = vgg.features[:self.CUTS[-1]].eval().requires_grad_(False)
         self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))

@@ -512,8 +512,8 @@ def parse_list(s, what, conv=int):
         return []
     try:
         return [conv(x) for x in s.split(',') if x.strip()]
-    except ValueError:
-        raise BenchError(f'could not read {what} {s!r}') from None
+    except ValueError as e:
+        raise BenchError(f'could not read {what} {s!r}') from e
 
 
 def parse_tols(s) -> List[Optional[float]]:

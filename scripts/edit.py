@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             edit(parse_args(argv))
         except OSError as e:    # disk full, permissions ...
-            raise EditError(f'{e}; the images written so far are kept') from None
+            raise EditError(f'{e}; the images written so far are kept') from e
     return run_cli(run, PROG, interrupted='interrupted; the images written so far are kept')
 
 

@@ -181,8 +181,8 @@ def parse_iters(text: Optional[str], max_iters: int) -> List[int]:
         return list(range(1, max_iters + 1))
     try:
         ns = sorted({int(x) for x in text.replace(' ', ',').split(',') if x.strip()})
-    except ValueError:
-        raise FixedPointError(f'--token_iters {text!r}: write iteration counts, e.g. 1,2,3,5,10,20,30') from None
+    except ValueError as e:
+        raise FixedPointError(f'--token_iters {text!r}: write iteration counts, e.g. 1,2,3,5,10,20,30') from e
     if not ns or ns[0] < 0:
         raise FixedPointError(f'--token_iters {text!r}: iteration counts must be >= 0')
     return ns
@@ -272,7 +272,7 @@ def run(args) -> Dict[str, Any]:
         atomic_write_bytes((json.dumps(doc, indent=1) + '\n').encode(), args.out + '.json')
         plot(doc, args.out + '.png')
     except OSError as e:
-        raise FixedPointError(f'cannot write {args.out}.json / .png ({e}): pass another --out') from None
+        raise FixedPointError(f'cannot write {args.out}.json / .png ({e}): pass another --out') from e
     print(summary(doc))
     print(f'[fixed_point] wrote {args.out}.json and {args.out}.png ({doc["seconds"]:.1f} s)')
     return doc

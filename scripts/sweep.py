@@ -274,7 +274,7 @@ def sample_point(p: Point, run: Run, models, args, amp_dtype) -> None:
                       amp_dtype=amp_dtype, names=names, weights=weights, settings=run.settings)
     except OSError as e:
         raise SweepError(f'{e}; every image written so far is kept: fix this and rerun the same command to resume',
-                         every_rank=True) from None
+                         every_rank=True) from e
 
 
 # ============================================== 2. measuring ==========================================================
@@ -465,7 +465,7 @@ def check_flags(args) -> None:
     try:
         check_args(args)        # --cfg / --top_k / --top_p / --seed: the sampling scripts' rules
     except UserError as e:
-        raise SweepError(str(e)) from None
+        raise SweepError(str(e)) from e
     last_g_seed = max(args.seed) + math.ceil(args.per_class / args.batch_size) - 1
     if last_g_seed > SEED_MAX:
         raise SweepError(f'--seed {max(args.seed)} is too large: the last batch of a class would use g_seed '

@@ -34,9 +34,9 @@ def parse_patch_nums(pn: str) -> List[int]:
     text = PN_ALIASES.get(str(pn).strip(), str(pn).strip())
     try:
         nums = [int(x) for x in text.replace('-', '_').split('_')]
-    except ValueError:
+    except ValueError as e:
         raise argparse.ArgumentTypeError(f"--pn must be '256', '512' or scale sides like 1_2_3_4_5_6_8_10_13_16, "
-                                         f"got {pn!r}") from None
+                                         f"got {pn!r}") from e
     if not nums or nums[0] < 1 or any(b <= a for a, b in zip(nums, nums[1:])):
         raise argparse.ArgumentTypeError(f'--pn scale sides must be positive and increasing, got {pn!r}')
     return nums

@@ -60,7 +60,7 @@ def pil_loader(path: str) -> PImage.Image:
         return open_rgb(path)
     except DECODE_ERRORS as e:
         raise DataError(f'cannot read image {path!r} ({type(e).__name__}: {e}); delete or replace it, then rerun the '
-                        f'same command (training resumes from the last checkpoint)', every_rank=True) from None
+                        f'same command (training resumes from the last checkpoint)', every_rank=True) from e
 
 
 class ImageFolder(DatasetFolder):
@@ -76,7 +76,7 @@ class ImageFolder(DatasetFolder):
             super().__init__(root, loader=pil_loader, is_valid_file=is_image_file, transform=transform,
                              allow_empty=True)
         except FileNotFoundError as e:
-            raise DataError(f'{root!r}: {e}') from None
+            raise DataError(f'{root!r}: {e}') from e
         have = {t for _, t in self.samples}
         self.empty_classes = [c for c in self.classes if self.class_to_idx[c] not in have]    # folders without images
         self.skip_bad = skip_bad

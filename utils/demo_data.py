@@ -190,7 +190,7 @@ def make_demo_dataset(root, num_train: int = 300, num_val: int = 50, num_classes
         marker.write_text(json.dumps(params))
     except OSError as e:
         raise DemoDataError(f'cannot write the demo dataset under {root}: {e.strerror or e}; '
-                            f'pass a writable folder') from None
+                            f'pass a writable folder') from e
     if verbose:
         print(f'[data] wrote {n_written} images: {len(names)} classes x ({num_train} train + {num_val} val) '
               f'at {reso} px in {root}')

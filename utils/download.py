@@ -95,8 +95,8 @@ def _reason(e: Exception) -> str:
 def _download(path: str, name: str) -> None:
     try:
         from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise MissingCheckpointError(_manual_message(path, name, 'huggingface_hub is not installed')) from None
+    except ImportError as err:
+        raise MissingCheckpointError(_manual_message(path, name, 'huggingface_hub is not installed')) from err
     url = hf_url(name)
     print(f'[download] {path} is missing: fetching {url} ...', flush=True)
     from huggingface_hub.utils import logging as hf_logging
@@ -106,7 +106,7 @@ def _download(path: str, name: str) -> None:
         local_dir = os.path.normpath(os.path.dirname(path) or '.')      # './ckpts/x.pth' -> 'ckpts'
         got = hf_hub_download(repo_id=PUBLISHED[name], filename=name, local_dir=local_dir)
     except Exception as e:     # offline, no network, 404, disk full, interrupted ...: all end the same way
-        raise MissingCheckpointError(_manual_message(path, name, _reason(e))) from None
+        raise MissingCheckpointError(_manual_message(path, name, _reason(e))) from e
     finally:
         hf_logging.set_verbosity(verbosity)
     if not os.path.isfile(path):

@@ -51,7 +51,7 @@ def load_image(path: Union[str, os.PathLike], flag: str = '--input_img', mode: s
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         why = ' '.join(str(e).split()) or type(e).__name__
         raise EditError(f'{flag} {str(path)!r} cannot be read as an image ({why}): pass a PNG, JPEG or other image '
-                        f'file') from None
+                        f'file') from e
 
 
 def _fit_geometry(w: int, h: int, size: int) -> Tuple[Tuple[int, int], Tuple[int, int, int, int]]:
@@ -114,9 +114,9 @@ def parse_box(text: str, flag: str = '--box') -> Tuple[float, float, float, floa
     """``'y0,x0,y1,x1'`` (fractions of the image side) checked by ``check_box``."""
     try:
         values = [float(v) for v in text.replace(' ', '').split(',')]
-    except ValueError:
+    except ValueError as e:
         raise EditError(f'{flag} {text!r} is not four numbers: write y0,x0,y1,x1 as fractions, e.g. 0.25,0.25,0.75,0.75'
-                        ) from None
+                        ) from e
     return check_box(values, flag)
 
 

@@ -238,9 +238,9 @@ def sample_folder(vae, var, out_dir: str, classes, per_class: int, seed: int, *,
         settings.check()
         kw = settings.kwargs(var)
     except TypeError as e:
-        raise SamplingError(f'sample_folder: {e}') from None
+        raise SamplingError(f'sample_folder: {e}') from e
     except SettingsError as e:
-        raise SamplingError(str(e)) from None
+        raise SamplingError(str(e)) from e
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad or not classes or per_class < 1 or batch_size < 1:
         raise SamplingError(f'sample_folder: classes must be in 0..{var.num_classes - 1} (got {bad or classes}), '

@@ -110,7 +110,7 @@ def _atomic(fill, path) -> None:
                 continue
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(disk_full_message(path, e, existed)) from None
+            raise DiskFullError(disk_full_message(path, e, existed)) from e
         raise
     try:
         fill(fd, tmp)
@@ -122,7 +122,7 @@ def _atomic(fill, path) -> None:
             pass
         full = disk_full_cause(e)
         if full is not None:
-            raise DiskFullError(disk_full_message(path, full, existed)) from None
+            raise DiskFullError(disk_full_message(path, full, existed)) from e
         raise
 
 

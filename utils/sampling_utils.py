@@ -220,8 +220,8 @@ def parse_tolerance(text: str, flag: str, error: type[UserError] = SamplingError
     ``--iter_tol`` (``FLAG_RULES``); else one ``error`` line (``hint`` ends the one for what is no number)."""
     try:
         tol = float(text)
-    except ValueError:
-        raise error(f'could not read the tolerance {text!r} of {flag}{hint}') from None
+    except ValueError as e:
+        raise error(f'could not read the tolerance {text!r} of {flag}{hint}') from e
     ok, rule = FLAG_RULES['iter_tol']
     if not ok(tol):
         raise error(f'{flag} {text} {rule}')
@@ -286,7 +286,7 @@ def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise error(f'cannot create the output folder {path} ({e}): pass another --output_dir') from None
+        raise error(f'cannot create the output folder {path} ({e}): pass another --output_dir') from e
 
 
 @contextlib.contextmanager
@@ -299,7 +299,7 @@ def guard_writes(kept: str, every_rank: bool = False) -> Iterator[None]:
         yield
         ok = True
     except (OSError, DiskFullError) as e:      # DiskFullError: one line naming the file and the free space
-        raise SamplingError(f'{e}; {kept}', every_rank=every_rank) from None
+        raise SamplingError(f'{e}; {kept}', every_rank=every_rank) from e
     finally:
         dist.destroy(sync=ok)       # a barrier only when every rank got here the same way
 
@@ -464,7 +464,7 @@ def sampler_kwargs(args: argparse.Namespace, var=None) -> dict[str, Any]:
     try:
         return SamplerSettings.from_namespace(args).kwargs(var)
     except SettingsError as e:
-        raise SamplingError(str(e)) from None
+        raise SamplingError(str(e)) from e
 
 
 @torch.inference_mode()

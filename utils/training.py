@@ -160,16 +160,16 @@ def cli(main: Callable[[Any], Optional[int]], parse_args: Callable, argv=None, p
     def body():
         try:
             return main(args)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
             raise UserError(f'out of device memory: {oom_hint(args)}, then rerun the same command (it resumes from '
-                            f'the last checkpoint)') from None
+                            f'the last checkpoint)') from err
         except (OSError, RuntimeError) as e:     # a full disk met by a write other than the checkpoints' own
             full = disk_full_cause(e)
             if full is None:
                 raise
             where = full.filename or getattr(args, 'local_out_dir_path', '.')
             raise DiskFullError(f'{disk_full_message(where, full, kept="the checkpoints are kept")}, then rerun the '
-                                f'same command (it resumes from the last checkpoint)') from None
+                                f'same command (it resumes from the last checkpoint)') from e
         except (UserError, Preempted) as e:
             _record_in_files(f'{"stopped" if isinstance(e, Preempted) else "error"}: {one_line(e)}')
             raise
@@ -202,7 +202,7 @@ def start(args, prog: str, subdirs: Sequence[str] = ()) -> Run:
         for d in ('', *subdirs):
             os.makedirs(os.path.join(out, d), exist_ok=True)
     except OSError as e:
-        raise UserError(f'cannot create --local_out_dir_path {out!r}: {e.strerror}') from None
+        raise UserError(f'cannot create --local_out_dir_path {out!r}: {e.strerror}') from e
     name = prog.split('.')[0]
     log = create_logger(out, name)
     if dist.get_local_rank() == 0:
@@ -533,7 +533,7 @@ def _read_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged
         ckpt = read_checkpoint(path, 'training checkpoint')
     except CheckpointError as e:
         raise CheckpointError(f'cannot resume: {e}. Checkpoints are written atomically, so the file was damaged '
-                              f'afterwards: restore it{damaged_hint}, or move it away to start over') from None
+                              f'afterwards: restore it{damaged_hint}, or move it away to start over') from e
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and all(k in ckpt['trainer'] for k in need)
             and isinstance(ckpt.get('args'), dict) and 'epoch' in ckpt):
         raise CheckpointError(f'cannot resume: {path!r} is not a training checkpoint written by {writer}; move it away '
@@ -565,10 +565,10 @@ def write_checkpoint(obj, path: str, best_path: Optional[str] = None):
             except OSError:
                 save_atomic(obj, best_path)
     except DiskFullError as e:
-        raise DiskFullError(f'{e}, then rerun the same command (it resumes from the previous checkpoint)') from None
+        raise DiskFullError(f'{e}, then rerun the same command (it resumes from the previous checkpoint)') from e
     except OSError as e:
         raise UserError(f'could not write {path!r} ({e.strerror or e}): free disk space and rerun the same command '
-                        f'(it resumes from the previous checkpoint)') from None
+                        f'(it resumes from the previous checkpoint)') from e
 
 
 def append_json_line(path: str, record: dict):
@@ -579,7 +579,7 @@ def append_json_line(path: str, record: dict):
         if disk_full_cause(e) is None:
             raise
         raise DiskFullError(f'{disk_full_message(path, e)}, then rerun the same command (it resumes from the last '
-                            f'checkpoint)') from None
+                            f'checkpoint)') from e
 
 
 def truncate_log(path: str, epoch: int):
