@@ -3,28 +3,11 @@
     python demo.py                      # or: bash scripts/demo.sh (installs requirements.txt first if an import fails)
     python demo.py --out my_demo --var_ep 40 --iters 10-10 3-3 1-1
 
-Stages (each runs the repository's own script as a user would; rerunning the same command skips what is finished
-and resumes an interrupted training):
-
-1. data       ``utils/demo_data.py`` draws 8 classes of 32 px pictures (a red disc, a green square, a blue triangle, a
-              yellow ring, magenta stripes, a cyan checkerboard, an orange cross, a white star) as an ImageFolder
-              ``<out>/data/{train,val}/<class>/``.
-2. tokenizer  ``train_vae.py``: a small multi-scale residual VQVAE (4x downsampling, scales ``--pn``), first as a plain
-              autoencoder (``--ae_warmup``), then with its codebook -> ``<out>/vae/vae_ch{ch}v{V}z{Cvae}.pth``.
-3. VIAR       ``train.py --use_implicit``: pre blocks, the implicit block, post blocks, trained with Jacobian-free
-              backprop on the frozen tokenizer -> ``<out>/viar/ar-ckpt-last.pth``.
-4. samples    ``gen_img.py`` per iteration schedule ``iter_left-iter_right`` of ``--iters`` (the first is the paper's
-              10-10): ``--per_class`` images of every class and a grid (one row per class); ``<out>/grids.png``
-              puts the grids side by side.
-5. speed      images/s of each schedule (one batch sampled in this process after a warm-up batch) and how far the
-              implicit block is from its fixed point at the end of each scale.
-6. score      FID needs the TensorFlow Inception graph, which cannot be downloaded here; instead a small CNN
-              (``models/demo_classifier.py``) trained on the demo's training split says how often the samples show
-              the class they were asked for, next to its accuracy on real validation images and on their tokenizer
-              reconstructions (the ceiling a generator on this tokenizer can reach).
-
-Everything goes to ``<out>/``: ``report.json`` (all numbers), the grids, ``demo_log.txt`` and the TensorBoard logs of
-both trainings.  A summary is printed at the end.
+Stages, each running the repository's own script as a user would (rerunning skips what is finished and resumes an
+interrupted training): data (``utils/demo_data.py``: 8 classes of 32 px pictures), tokenizer (``train_vae.py``), VIAR
+(``train.py --use_implicit``), samples (``gen_img.py`` per schedule of ``--iters``), speed (images/s, distance to the
+fixed point) and score (a small CNN, ``models/demo_classifier.py``, in place of FID).  Everything goes to ``<out>/``:
+``report.json``, the grids, ``demo_log.txt`` and the TensorBoard logs.  Details: docs/demo.md.
 """
 import argparse
 import glob

@@ -1,39 +1,13 @@
-"""
-Evaluate a batch of samples against a reference batch with the ADM ("OpenAI") evaluation suite.
+"""Evaluate a batch of samples against a reference batch with the ADM ("OpenAI") evaluation suite.
 
     python evaluator.py data/VIRTUAL_imagenet256_labeled.npz samples/implicit-viar.pth-cfg-1.5-seed-1.npz
 
-prints the numbers every paper in this field reports, computed the way guided-diffusion's
-``evaluations/evaluator.py`` computes them, on today's numpy 2 / TensorFlow 2:
-
-    Inception Score: ...
-    FID: ...
-    sFID: ...
-    Precision: ...
-    Recall: ...
-
-Both files are ``.npz`` archives whose ``arr_0`` holds uint8 images (N, H, W, 3); they are streamed batch by batch,
-so a 50,000-image file never sits in memory.  A file may instead (or also) hold precomputed statistics
-``mu, sigma, mu_s, sigma_s`` (the published reference batches do) and ``pool`` activations; these are used as they
-are.  ``--save_ref_stats`` writes them next to a freshly computed reference (``REF_stats.npz``), which later runs
-pick up by themselves.  The Inception graph ``classify_image_graph_def.pb`` is taken from ``--inception``, else from
-the cache (``$XDG_CACHE_HOME/viar``, default ``~/.cache/viar``), else downloaded there.
-
-Differences from the ADM suite (see the README, "Evaluation"): the Inception Score shuffles the samples with a fixed
-seed before its splits of 5000 (``--no_is_shuffle`` keeps the file order); tr sqrt(S1 S2) of FID/sFID comes from
-symmetric eigendecompositions rather than scipy's ``sqrtm`` (``--sqrtm`` restores it; the numbers agree to ~1e-6
-relative and the default is several times faster); a complex square root keeps its real part with a warning
-instead of stopping.
-
-Only the feature extraction needs TensorFlow, and it is imported when it is needed; the metrics below are plain
-numpy/scipy functions.  The TensorFlow session grows its GPU memory as needed (``allow_growth``, as the ADM suite)
-instead of taking all of it, and places on the CPU what has no GPU kernel (``allow_soft_placement``).
-
-From Python: ``evaluate(ref_npz, sample_npz, ...)`` returns the five numbers as a dict.
-
-Bad input (a missing file, a folder instead of an .npz, a wrong array) ends with one line and exit status 1
-(``utils.errors.run_cli``), checked before TensorFlow is loaded or anything is downloaded; so are the output files
-(``--json``, ``--save_ref_stats``: writable) and TensorFlow itself (missing: one line naming requirements-eval.txt).
+prints Inception Score, FID, sFID, precision and recall, computed as guided-diffusion's ``evaluations/evaluator.py``
+computes them, on numpy 2 / TensorFlow 2.  Both ``.npz`` files hold uint8 images (N, H, W, 3) in ``arr_0``, streamed
+batch by batch, and/or precomputed statistics.  Only the feature extraction needs TensorFlow (imported when needed);
+the metrics are numpy/scipy functions.  From Python: ``evaluate(ref_npz, sample_npz, ...)`` returns the five numbers.
+Bad input ends with one line and exit status 1, checked before TensorFlow is loaded.  The files, the Inception graph
+cache and the differences from the ADM suite: docs/sampling_evaluation.md ("The evaluator").
 """
 import argparse
 import hashlib

@@ -3,25 +3,12 @@
     python gen_img.py --use_implicit --save_grid              # VIAR (ckpts/viar.pth), class 970, seeds 10..19
     python gen_img.py --depth 16 --class_label 207 88 --seeds 0 1 2 3 --save_grid --nrow 4   # VAR-d16
     python gen_img.py --var_ckpt ckpts/FlexVARd24-epo349.pth --infer_pn 512 --cfg 3.0 --top_p 0.95 --save_grid
-                                                              # FlexVAR-d24, zero-shot 512 px (15 steps)
 
-Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` (a FlexVAR model: ``<checkpoint
-name>-pn{schedule}/``, so that other schedules of the same checkpoint do not overwrite them) and the grid to
-``class{c}_seeds{s0_s1_s2_s3}_etc{n}_grid.png`` (``make_grid`` with ``--nrow`` images per row, 2 px white padding;
-classes in the order given, each class's seeds in order).  Missing default checkpoints (``ckpts/viar.pth``,
-``ckpts/var_d{depth}.pth``, ``ckpts/vae_ch160v4096z32.pth``, and the published FlexVAR files ``ckpts/FlexVAE.pth``,
-``ckpts/FlexVARd{16,20,24}-epo*.pth``) are downloaded from Hugging Face.  A FlexVAR checkpoint (the kind is read from
-the file) takes any schedule ``--infer_pn`` (default: the model's own: the ``--pn`` a ``train.py --flex`` checkpoint
-was trained on, 1_2_3_4_5_6_8_10_13_16 for the published files) and FlexVAR's guidance flags ``--max_pn`` /
-``--used_llamagen_cfg``; its tokenizer defaults to ``ckpts/FlexVAE.pth``.
-
-Seeding: every image is one sampler call with ``B = 1``, ``label_B = [c]`` and ``g_seed = s``, as in the official
-script, so ``class970_seed10.png`` is the same image whatever other classes or seeds are asked for.
-
-``--pretrained DIR_OR_REPO`` takes both models from a hub folder (``models.save_pretrained``, ``python -m
-scripts.convert``) or a Hugging Face repository holding one; images go to ``<output_dir>/<folder name>/``.
-
-Every flag is checked before a model loads or a file is written; a problem ends with one line and status 1.
+Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` (FlexVAR: ``<checkpoint name>-pn{schedule}/``)
+and the grid next to them.  Every image is one sampler call with ``B = 1`` and ``g_seed = s``, as in the official
+script, so an image does not depend on the other classes or seeds asked for.  Missing published checkpoints are
+downloaded; ``--pretrained DIR_OR_REPO`` takes both models from a hub folder.  Every flag is checked before a model
+loads; a problem ends with one line and status 1.  Details: docs/sampling_evaluation.md ("Generating images").
 """
 import argparse
 import os

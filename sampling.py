@@ -1,57 +1,16 @@
 """Samples the 50,000 class-conditional images of the FID protocol (50 per ImageNet class) and packs them in an npz.
 
-    python sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 \\
+    python sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 \
         --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10
     torchrun --nproc_per_node=8 sampling.py ...            # same flags, same images, 8x faster
 
-writes ``samples/implicit-viar.pth-cfg-1.5-seed-1/000000.png ... 049999.png`` and
-``samples/implicit-viar.pth-cfg-1.5-seed-1.npz`` (key ``arr_0``, uint8 (N, H, W, 3), index order) for
-``evaluator.py``.  A VAR checkpoint (no ``--use_implicit``) goes to ``samples/d{depth}-{ckpt}-cfg-{cfg}-seed-{seed}/``.
-
-FlexVAR checkpoints (the kind is read from the file; the tokenizer defaults to ``ckpts/FlexVAE.pth``) sample any
-schedule, ``--infer_pn`` (default: the model's own, ``256`` = 1_2_3_4_5_6_8_10_13_16 for the published files, the
-``--pn`` it was trained on for a ``train.py --flex`` checkpoint; image side 16 x the last side), with FlexVAR's
-guidance knobs ``--max_pn`` (16) and ``--used_llamagen_cfg`` (off); the official evaluation uses ``--cfg 2.5
---top_p 0.95``:
-
-    python sampling.py --ckpt_path ckpts/FlexVARd24-epo349.pth --cfg 2.5 --top_p 0.95 --infer_pn 1_2_3_4_5_7_10_13_16
-
-writes ``samples/flexvar-d24-FlexVARd24-epo349.pth-pn1_2_3_4_5_7_10_13_16-cfg-2.5-maxpn-16-seed-1/`` (an implicit
-FlexVAR: ``flexvar-implicit-d{depth}-...``; ``-llamagen`` before ``-seed`` with ``--used_llamagen_cfg``).
-
-Seeding (the official one): the images of class ``c`` are drawn in batches of ``--batch_size`` (25); batch ``i``
-holds images ``c * per_class + i * batch_size + j`` and is sampled with ``g_seed = seed + i``.  With the defaults
-this is exactly the official layout, so a published checkpoint gives the official images (on CUDA with the official
-fp16 autocast).  When ``per_class`` is not a multiple of ``batch_size`` the last batch of a class is shorter and
-uses the same rule (``g_seed = seed + i``); so do FlexVAR models (the official ``eval_c2i.py`` shuffles the classes
-and samples without a seed: its images cannot be reproduced).  A (class, batch) unit is the unit of work: units are
-dealt to the ``torchrun`` ranks round-robin, so the images do not depend on the number of processes.
-
-Resuming: rerunning the same command skips every PNG that exists and decodes; a unit is sampled again only if one
-of its PNGs is missing or broken, and then only those are written.  PNGs are written atomically (temporary file +
-rename).  Every flag is checked before anything is loaded or written.
-
-``<folder>/sampling_config.json`` records what decides the pixels: the settings (checkpoint and tokenizer file names,
-cfg, seed, top_k, top_p, more_smooth, per_class, batch_size, dtype, for VIAR and implicit FlexVAR
-iter_left/iter_right and the fixed-point flags given (iter_tol, iter_exit, iter_solver, anderson_m/anderson_beta,
-warm_start; at their defaults they are not recorded), for FlexVAR infer_patch_nums/max_pn/used_llamagen_cfg) and the
-fingerprints of the weights (``ckpt_sha256``, ``vae_sha256``: the sha256 of the whole file, cached by size and
-modification time, ``utils.sampling_utils.weights_sha256``; and the quick ``ckpt_fingerprint``, ``vae_fingerprint`` of
-earlier versions: sha256 of the file size and its first and last 8 MiB, ``weights_fingerprint``).  Resuming into a
-folder whose images were sampled with other settings, or from other weights under the same file name
-(``local_output/ar-ckpt-last.pth`` trained further), is refused; a recorded config without images is simply replaced.
-A folder of an earlier version with the quick fingerprints only is checked against them and gets the whole-file ones
-recorded; folders of older versions, without fingerprints, are assumed to hold images of the current weights (a note
-says so) and get the fingerprints recorded.  SIGTERM stops with one line saying that the same command resumes.
-
-``--pretrained DIR_OR_REPO`` samples a hub folder (``models.save_pretrained``, ``python -m scripts.convert``) or a
-Hugging Face repository holding one instead of ``--ckpt_path``/``--vae_ckpt``: the folder is named after it
-(``implicit-<name>-cfg-...``) and the fingerprint is that of its ``model.safetensors``.  The work itself is
-``utils.folder_sampling.sample_folder``, which Python code can call directly.
-
-Once every image exists, rank 0 packs the npz and records its checksum (``npz_crc32``, the CRC-32 of ``arr_0``) in
-the config: a later run calls the npz up to date only if it is that very file, holds every image and is newer than
-every PNG; otherwise it packs it again.
+writes ``samples/implicit-viar.pth-cfg-1.5-seed-1/000000.png ... 049999.png`` and the ``.npz`` next to the folder
+(key ``arr_0``) for ``evaluator.py``.  The images of class ``c`` are drawn in batches of ``--batch_size``; batch ``i``
+uses ``g_seed = seed + i`` (the official layout), so they do not depend on the number of processes.  Rerunning the
+same command resumes; ``sampling_config.json`` records the settings and the weights' fingerprints, and a folder
+sampled with other settings or weights is refused.  FlexVAR checkpoints take ``--infer_pn``, ``--max_pn``,
+``--used_llamagen_cfg``.  The work is ``utils.folder_sampling.sample_folder``, which Python code can call directly.
+Details: docs/sampling_evaluation.md ("Sampling 50,000 images for FID").
 """
 import argparse
 import contextlib

@@ -3,28 +3,13 @@ with ``--flex`` (and an implicit FlexVAR with both) on its FlexVAE tokenizer.
 
     torchrun --nproc_per_node=8 train.py --data_path=/path/to/imagenet-1k --depth=30 --bs=512 --ep=550 \
         --tblr=8e-5 --fp16=1 --alng=1e-5 --wpe=0.01 --twde=0.08 --use_implicit=True --p_depth=5
-    torchrun --nproc_per_node=8 train.py --flex --data_path=/path/to/imagenet-1k --depth=24 --bs=768 --ep=350 \
-        --tblr=8e-5 --fp16=1 --alng=1e-4 --wpe=0.01          # FlexVAR-d24's official recipe, ckpts/FlexVAE.pth
 
-One process per GPU under ``torchrun`` (NCCL; gloo on CPU), or a plain ``python train.py ...`` (one process).
-Teacher forcing: the tokenizer turns each image into its multi-scale token maps ``gt_idx_Bl``; the transformer
-predicts every token from the class and the earlier scales; the loss is the cross-entropy averaged uniformly
-over the L tokens.  VIAR trains its implicit block with Jacobian-free backprop: (n0, n1) fixed-point steps
-without / with gradient, drawn per iteration from one seeded generator shared by all ranks (every rank runs the
-same counts: no rank waits for a slower one, and the draw is part of the checkpoint).
-
-FlexVAR (``--flex``): every iteration first draws its schedule from that same generator
-(``models.flex_train_schedule_for``: the official rule at the official scales ``--pn 256``; an implicit FlexVAR then
-draws its (n0, n1)); the token maps of that schedule are the targets (``vae.img_to_idxBl(img, pns)``), the previous
-scale's codes bicubic-resized the input (``idxBl_to_var_input(idx, pns)``), the loss is averaged uniformly over
-that schedule's tokens, and the tail / per-scale metrics follow it.  Validation uses ``--pn`` (deterministic).
-What a step feeds the model is the one difference between the families, chosen once (``Feed``, ``FlexFeed``).
-
-Outputs in ``--local_out_dir_path``: stdout.txt / stderr.txt, log.txt (one JSON line per epoch and per
-validation), TensorBoard ``tb-VARd{depth}__pn...``, ar-ckpt-last.pth and ar-ckpt-best.pth (best validation tail
-loss).  Rerunning the same command resumes exactly from ar-ckpt-last.pth (model, optimizer, GradScaler, schedule
-position, data order, RNG states); SIGTERM / Ctrl-C -- and an unreadable image -- save a checkpoint first.
-The harness (logging, checkpoints, steps, preemption) is ``utils/training.py``.
+Teacher forcing: the tokenizer turns each image into its multi-scale token maps, the transformer predicts every
+token from the class and the earlier scales (cross-entropy averaged over the tokens); VIAR trains its implicit block
+with Jacobian-free backprop, (n0, n1) drawn per iteration from one seeded generator all ranks share.  What a step
+feeds the model is the one difference between the families, chosen once (``Feed``, ``FlexFeed``).  Rerunning the
+same command resumes exactly from ``ar-ckpt-last.pth``.  The harness (logging, steps, preemption) is
+``utils/training.py``.  Details: docs/training.md.
 """
 import contextlib
 import math

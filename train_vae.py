@@ -1,42 +1,15 @@
 """Trains the multi-scale residual VQVAE tokenizer of VAR / VIAR (the piece the official code never released), or with
 ``--flex`` FlexVAR's FlexVAE tokenizer.
 
-    # the published tokenizer's architecture (vae_ch160v4096z32.pth) on ImageNet, 8 GPUs
     torchrun --nproc_per_node=8 train_vae.py --data_path=/path/to/imagenet --pn 256 --ch 160 --vocab_size 4096 \
-        --z_channels 32 --bs 256 --ep 100 --lr 1e-4 --lp 1.0 --disc 0.1
-    # the laptop demo (64 px images, 4 scales 1-2-3-4)
+        --z_channels 32 --bs 256 --ep 100 --lr 1e-4 --lp 1.0 --disc 0.1     # vae_ch160v4096z32.pth's architecture
     python train_vae.py --data_path demo_output/data --pn 1_2_3_4 --ch 32 --vocab_size 256 --z_channels 16 ...
-    # FlexVAR's tokenizer at FlexVAE.pth's architecture (the --flex defaults: ch 128, z_channels 256, V 8912, Cvae 32)
-    torchrun --nproc_per_node=8 train_vae.py --flex --data_path=/path/to/imagenet --pn 256 --bs 256 --ep 100 \
-        --lr 1e-4 --lp 1.0 --disc 0.1
 
-Training forward (``VQVAE.forward``): encoder -> quant_conv -> residual quantiser over the scales (nearest code,
-straight-through estimator, loss = beta * commitment + codebook, beta = 0.25, averaged over scales) ->
-post_quant_conv -> decoder.  Loss = l2 * MSE + l1 * L1 (reconstruction) + vq loss [+ lp * perceptual (VGG16
-features, off by default) + disc * hinge-GAN generator loss (PatchGAN, off by default)]; the loss networks and
-the codebook restarts are in ``models/vq_losses.py``, the flags in ``utils/arg_util.py``, the harness (logging,
-checkpoints, steps, preemption) in ``utils/training.py``.
-
-``--flex`` (``FlexVAE.forward``, LlamaGen's VQ-16 layout): encoder -> quant_conv (z_channels -> codebook_dim) ->
-l2-normalised nearest code (straight-through estimator; LlamaGen's vq loss: codebook + beta * commitment on the
-normalised vectors) -> post_quant_conv -> decoder.  FlexVAR tokenises every scale of a schedule independently (the
-features area-resized to pn x pn, then quantised) and decodes the last scale's map at its own size, so besides the
-full map (with every loss above) each step also quantises the features area-resized to one smaller scale of
-``--pn``, drawn at random (the generator every rank shares, kept in the checkpoint), decodes it at its own size and
-adds ``ms_weight * (l2 * MSE + l1 * L1)`` against the image area-resized to that size.  The FlexVAR paper trains its
-tokenizer on latents "downsampled at K random scales", each decoded (Î_1..Î_K) with LlamaGen's losses; its code
-decodes each scale's map at its own size (``VQModel.forward(x, v_patch_nums)``).  What differs between the two
-tokenizers is chosen once (``Recipe``, ``FlexRecipe``), as train.py's ``Feed`` / ``FlexFeed``.
-
-Outputs in ``--local_out_dir_path``: stdout.txt / stderr.txt, log.txt (JSON lines), TensorBoard ``tb-VAE...``
-(``tb-FlexVAE...``; losses, PSNR, codebook usage per scale, reconstruction grids), ``recon/ep{N}.png`` (rows: inputs,
-then the reconstruction after scale 1, 2, ..., K; FlexVAE: of scale 1, 2, ..., K, each decoded at its own size and
-bicubic-upsampled for the grid), ``vae-ckpt-last.pth`` (training checkpoint, resumed exactly by rerunning the same
-command) and the tokenizer that train.py (--vae_ckpt), sampling.py and ``models.checkpoint.load_vae`` read:
-``vae_ch{ch}v{V}z{Cvae}.pth``, the bare state dict of the official format, or, with ``--norm_groups`` other than 32
-(which a state dict cannot tell), ``{'trainer': {'vae_wo_ddp': state dict}, 'vae_config': {...}}``; with ``--flex``
-``FlexVAE_ch{ch}z{z_channels}v{V}c{Cvae}.pth``, ``{'model': state dict}`` as FlexVAE.pth (plus ``'vae_config'`` with
-``--norm_groups`` other than 32).  SIGTERM / Ctrl-C -- and an unreadable image -- save a checkpoint first.
+Loss = l2 * MSE + l1 * L1 + vq loss [+ lp * perceptual (VGG16) + disc * hinge-GAN (PatchGAN)]; the loss networks and
+the codebook restarts are in ``models/vq_losses.py``.  ``--flex`` also decodes one smaller scale per step at its own
+size.  What differs between the two tokenizers is chosen once (``Recipe``, ``FlexRecipe``).  Writes
+``vae-ckpt-last.pth`` (resumed by rerunning the same command) and the tokenizer train.py, sampling.py and
+``models.checkpoint.load_vae`` read.  Details: docs/tokenizer.md.
 """
 import io
 import math

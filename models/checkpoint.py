@@ -7,8 +7,7 @@
   kind, V, Cvae, ch, z_channels) is read from the state dict itself: FlexVAR's transformer has a 4-D position grid
   ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
   ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for
-  ``viar.pth``), a contradiction ends in one ``CheckpointError`` sentence naming the file, what it holds and the flag
-  to fix.
+  ``viar.pth``), a contradiction ends in one ``CheckpointError`` sentence naming the file and what it holds.
 * A FlexVAR model samples any schedule; its default one (``var.patch_nums``) is the schedule a ``train.py --flex``
   training checkpoint records it was trained on (``trained_schedule``), the official 1_2_3_4_5_6_8_10_13_16 for a
   bare state dict (the published files).

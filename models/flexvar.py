@@ -8,14 +8,11 @@ per-scale iteration knob) by construction.  What changes:
   pn x pn, l2-normalised codebook), not a residual;
 * the input of scale k+1 is scale k's normalised codes bicubic-resized to its side (``advance``); the image is the
   decoder of the last scale's codes (``decode``);
-* positions: a learnt grid ``pos_1LC`` of shape (1, C, 32, 32) (the published name; initialised with a 2-D
-  sinusoid), area-resized to each scale's side and flattened; no level embedding;
+* positions: a learnt grid ``pos_1LC`` (1, C, 32, 32), area-resized to each scale's side; no level embedding;
 * the block-causal mask is built for the schedule at hand (the stored ``attn_bias_for_masking`` is rebuilt on load);
 * sampling: guidance ramps with ``si / min(K - 1, 9)`` (VAR's rule, or LlamaGen's ``u + (c - u) cfg``), scales
   larger than ``max_pn`` use the full ``cfg`` and, like sides FlexVAR was not trained on, greedy top-1 draws.
-
-A schedule is a strictly increasing tuple of token-map sides that starts with the model's first side (1), e.g.
-``(1, 2, 4, 8, 16)``, ``(1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 24)`` (384 px) or ``(1, 2, ..., 32)`` (512 px).
+A schedule is a strictly increasing tuple of token-map sides starting at 1, e.g. ``(1, 2, 4, 8, 16)``; docs/families.md.
 """
 import math
 import random

@@ -1,26 +1,13 @@
 """Sampling and training benchmarks for VAR, VIAR and FlexVAR (random weights of the published shapes).
 
-Sampling: images/s, the time and FLOP/s of the transformer part (backbone + head at every scale, counted
-analytically) as a fraction of this machine's measured matmul FLOP/s, peak memory and peak KV-cache bytes, for
-VAR-d16, VAR-d30 and VIAR-d30 across iteration schedules and batch sizes; FlexVAR-d16/d20/d24 (and an implicit
-FlexVAR-d16, ``flexviar_d16``) across the schedules of scales ``--infer_pn``.  Training: step time (forward +
-backward), activation memory saved for backward and peak memory against the fixed-point steps without (n0) and
-with (n1) gradient.
-
   python -m scripts.bench                                   # CPU: narrow models (width 128), a few minutes
   python -m scripts.bench --device cuda --dtype fp16        # published widths, torch.cuda.max_memory_allocated
-  python -m scripts.bench --models viar_d30 --width 1024 --schedules 10-10 --batch_sizes 4 --train_grid none
   python -m scripts.bench --json bench.json --plot bench.png
-  python -m scripts.bench --models flexvar_d16,flexvar_d24 --infer_pn 1_2_3_4_5_6_8_10_13_16,1_2_4_8_16 \
-      --train_models none                                   # FlexVAR: 10 steps against 5
 
-Run it from the repository root as a module (``python -m scripts.bench``).  A bad flag ends with one line and
-exit status 1.
-
-Widths other than the published ones keep depth, heads of 64 channels and everything else; ``--width 0`` means
-the published width (64 x depth).  Timings are the best of ``--reps`` runs after ``--warmup`` runs.  ``CPU s`` is
-the process's CPU time of a sampler call (all threads): on a shared machine it moves much less with the other
-processes' load than the wall time, so compare it between variants of one run (``--iter_tol``, ``--trace``).
+Sampling: images/s, the transformer's time and FLOP/s against this machine's matmul FLOP/s, peak memory and KV-cache
+bytes across iteration schedules, batch sizes and FlexVAR schedules.  Training: step time and memory against the
+fixed-point steps (n0, n1).  ``--width 0`` is the published width (64 x depth); timings are the best of ``--reps``
+runs after ``--warmup``.  A bad flag ends with one line and exit status 1.  Details: docs/performance.md.
 """
 import os
 import sys

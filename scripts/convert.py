@@ -8,9 +8,7 @@ To a hub folder: the transformer (a published ``.pth`` or a ``train.py`` checkpo
 tokenizer (``--vae_ckpt``; default: the published one of the model's kind) are loaded as the sampling scripts load
 them (published files at their default place downloaded when missing) and written with ``models.save_pretrained``;
 the sampler flags (``--cfg``, ``--top_k``, ``--iter_left`` ...) are recorded as the folder's sampling defaults.
-Back: ``--pretrained DIR_OR_REPO`` is written as bare state dicts (FlexVAR's tokenizer as ``{'model': ...}``, as
-published; a FlexVAR transformer whose default schedule is not the official one as a training checkpoint that
-records it).
+Back: ``--pretrained DIR_OR_REPO`` is written as bare state dicts, as published (docs/families.md, "Hub folders").
 
 At the end both sides sample ``--parity_images`` images (classes 0, 1, ...; ``g_seed = --parity_seed``; the
 recorded sampling defaults) and the script prints whether they are identical; a difference ends with status 1.

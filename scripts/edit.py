@@ -7,21 +7,8 @@
 
 The model keeps the input image's tokens outside the region to generate and samples the rest, scale by scale (the
 official notebook ``demo_zero_shot_edit.ipynb``): the kept positions of every scale are teacher-forced with the
-input's tokens, the region is given on the last scale's token grid (16x16 at 256 px, 32x32 at 512 px).
-
-* ``--input_img``: one or several images of any size, resized on the shorter side to the model's resolution and
-  centre-cropped (the resolution comes from the checkpoint: 512 px for VAR-d36, 256 px for the others and VIAR).
-* the region: ``--box y0,x0,y1,x1`` (fractions of the side: top, left, bottom, right) is generated (in-painting),
-  or kept with ``--outpaint`` (out-painting); or ``--mask PATH``, an image of the input's aspect ratio (any size)
-  whose white pixels are generated.  A token is generated when more than half of its patch is in the region.
-* ``--class_label``: class-conditional editing (the region is re-drawn as that class; several classes allowed);
-  without it the region is filled unconditionally (the unconditional class, as the notebook's in-painting).
-
-Each result is one sampler call with ``B = 1`` and ``g_seed = seed``.  Written to ``<output_dir>/<checkpoint name>/``:
-``<image>_<inpaint|outpaint|mask>[_class<c>]_seed<s>.png`` per result, and ``<image>_<...>_grid.png`` per input
-image: the original (cropped), the input with the region to generate greyed and hatched, then every result.
-``--pretrained DIR_OR_REPO``: both models from a hub folder or repository (``models.save_pretrained``), results under
-``<output_dir>/<its name>/``.
+input's tokens.  Each result is one sampler call with ``B = 1`` and ``g_seed = seed``, written to
+``<output_dir>/<checkpoint name>/`` with one grid per input image.  Details: docs/editing.md.
 """
 import os
 import sys

@@ -1,33 +1,14 @@
 """Fixed-point diagnostics of a VIAR checkpoint: does the implicit block converge, how fast at each scale, and how
 many iterations does sampling need before more stop changing the tokens?
 
-    python -m scripts.fixed_point --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \\
+    python -m scripts.fixed_point --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \
         --classes 207 360 387 974 88 979 417 279 --per_class 4 --max_iters 30 --out fixed_point
-    python -m scripts.fixed_point --var_ckpt demo_output/viar/ar-ckpt-last.pth \\
-        --vae_ckpt demo_output/vae/vae_ch32v256z16.pth --max_iters 30        # a small model: classes 0..7
 
-Two measurements on the same images (class c, batch i of ``--batch_size`` -> ``g_seed = seed + i``, as sampling.py):
-
-1. **Residual curves.** The images are sampled with ``--max_iters`` iterations at every scale (beyond the training
-   range on purpose) and the relative residual ``||z_i - z_(i-1)|| / ||z_i||`` (z_0 = u, the input injection) of
-   every CFG row (2 per image: conditional and unconditional) is recorded at every iteration of every scale.  Per
-   scale: the median and the 10-90 % spread over the rows, the contraction rate (geometric mean of the median's
-   ratio per iteration from ``--ref_iters`` on; < 1: still converging) and, for a few tolerances, the first
-   iteration at which every row is below it (what ``iter_tol`` would stop at, if the earlier scales had run as
-   many iterations).
-2. **Token change.** The same images are sampled with the schedule n->n for every n of ``--token_iters`` (default
-   1..max_iters) and compared token by token with the ``--ref_iters`` -> ``--ref_iters`` (default 10->10) result:
-   the fraction of tokens that differ (all scales; per scale) and of images with any difference.  Once a scale's
-   tokens differ, the later scales are drawn from another context, so the curve is the sampler's sensitivity to n,
-   not a quality measure.
-
-Both run with the fixed-point solver of ``--iter_solver`` (``picard``, the paper's; ``anderson`` with
-``--anderson_m``, ``--anderson_beta``) and ``--warm_start``: run the script once per solver to compare their curves.
-
-Writes ``<out>.json`` (everything above, and the settings) and ``<out>.png`` (left: residual vs iteration per scale,
-log scale, median and 10-90 % band; right: token change vs n), and prints a summary.  The architecture is read
-from the checkpoint; a VAR checkpoint (no implicit block) is refused.  A bad flag or file ends with one line and
-exit status 1.
+Two measurements on the same images (as sampling.py seeds them): the relative residual of every CFG row at every
+iteration of every scale with ``--max_iters`` iterations (median, 10-90 % band, contraction rate, the iteration each
+tolerance is reached), and the fraction of tokens that change when sampling with n->n instead of ``--ref_iters``.
+Both use ``--iter_solver`` and ``--warm_start``.  Writes ``<out>.json`` and ``<out>.png``; a VAR checkpoint is
+refused; a bad flag or file ends with one line and exit status 1.  Details: docs/compute_control.md.
 """
 import os
 import sys

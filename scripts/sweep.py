@@ -1,42 +1,15 @@
 """The quality-compute sweep: FID (and sFID, IS, precision, recall) against images/s, peak memory and KV-cache bytes
 for VAR checkpoints and for VIAR checkpoints under several iteration schedules and early-exit tolerances.
 
-    python -m scripts.sweep --ckpts ckpts/var_d30.pth ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \\
-        --schedules 10-10 10-5 5-5 10-1 3-3 --iter_tols 1e-2 1e-3 --num_classes 1000 --per_class 10 \\
+    python -m scripts.sweep --ckpts ckpts/var_d30.pth ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \
+        --schedules 10-10 10-5 5-5 10-1 3-3 --iter_tols 1e-2 1e-3 --num_classes 1000 --per_class 10 \
         --ref_batch data/VIRTUAL_imagenet256_labeled.npz --out sweep
-    torchrun --nproc_per_node=8 -m scripts.sweep ...             # the same flags: sampling is sharded, same images
-    python -m scripts.sweep --ckpts demo_output/var/ar-ckpt-last.pth demo_output/viar/ar-ckpt-last.pth \\
-        --vae_ckpt demo_output/vae/vae_ch32v256z16.pth --ref_batch demo_output/data/val \\
-        --inception stand_in_inception.pb --per_class 20 --out demo_output/sweep      # small models, on a CPU
 
-Models: ``--ckpts`` (.pth files, with ``--vae_ckpt``) and/or ``--pretrained`` (hub folders or repositories).
-Operating points: every VAR checkpoint once; every VIAR checkpoint once per ``--schedules`` entry (iter_left-
-iter_right) and once per ``--iter_tols`` entry (early exit, with ``--tol_schedule`` as each scale's maximum).  The
-kind of each checkpoint is read from the file.  For every point:
-
-1. **Samples** ``--num_classes`` x ``--per_class`` images with ``utils.folder_sampling.sample_folder`` (sampling.py's
-   pipeline: its units: class c, batch i of ``--batch_size`` -> ``g_seed = seed + i``; PNGs written atomically;
-   resumable; under torchrun the units are dealt to the ranks and the images do not depend on their number; settings
-   and weights fingerprints recorded in ``sampling_config.json``), into ``<out>/samples/<point>/<sampling.py's
-   folder>`` and its npz.
-2. **Measures** (rank 0 alone, after all sampling, before TensorFlow is loaded): ``--time_batches`` sampler calls of
-   ``--batch_size`` images (the first units of the sample, after ``--time_warmup`` untimed calls): images/s of the
-   whole sampler call (transformer and decoder; PNG writing excluded; per wall-clock second, and per second of
-   the process's CPU time), peak memory (CUDA:
-   ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set, weights included, and its rise during
-   the calls), the peak KV-cache bytes (``var.kv_cache_nbytes()`` after every scale and before every cache is
-   freed) and the implicit iterations each scale ran.
-3. **Scores** the npz with ``evaluator.evaluate`` against ``--ref_batch`` (an npz, or a folder of images packed once
-   into ``<out>/ref_batch.npz``); the reference statistics are cached next to it (``evaluator.py
-   --save_ref_stats``).  Without ``--ref_batch`` the points are measured but not scored.
-
-Resuming: rerunning the same command skips finished images, and reuses a point's measurement and scores (stored in
-``<out>/points/<point>.json``) while its sampling settings, weights, measurement settings, npz, reference batch and
-Inception graph are the same (``--remeasure`` times every point again, e.g. on a quieter machine).
-
-Writes ``<out>/sweep.json`` (a row per point, the machine and its load average, the flags), ``<out>/sweep.md`` (the
-table) and ``<out>/pareto.png`` (FID against images/s and against KV-cache MB, one curve per checkpoint).  A bad flag
-or file ends with one line and exit status 1.
+For every operating point: samples (``utils.folder_sampling.sample_folder``, sampling.py's pipeline, resumable,
+sharded under torchrun), measures (rank 0: images/s, peak memory, KV-cache bytes, iterations run) and scores
+(``evaluator.evaluate`` against ``--ref_batch``).  Rerunning the same command reuses what is done.  Writes
+``<out>/sweep.json``, ``<out>/sweep.md`` and ``<out>/pareto.png``; a bad flag or file ends with one line and exit
+status 1.  Details: docs/compute_control.md ("The quality-compute sweep").
 """
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Command-line flags of ``train.py`` (SPEC §6) and ``train_vae.py``, and the values derived from them.
+"""Command-line flags of ``train.py`` and ``train_vae.py``, and the values derived from them.
 
 Every flag of the official VAR / VIAR recipe keeps its name and default.  Booleans accept ``--flag``,
 ``--flag=True``, ``--flag True`` and the ``False`` forms (the official VIAR scripts parsed ``--x False`` as True).

@@ -1,5 +1,5 @@
-"""What the sampling scripts share: ``sampling.py`` (50,000 images for FID), ``gen_img.py`` (images and grids) and
-those to come (zero-shot editing, ...).  A script is built from these pieces, in this order:
+"""What the sampling scripts share (``sampling.py``, ``gen_img.py``, ``scripts/edit.py`` ...).  A script is built from
+these pieces, in this order:
 
     p = argparse.ArgumentParser(...); <its own flags>; add_common_args(p)   # or the groups one by one
     check_args(args)                           # every flag checked before anything is loaded or written
@@ -7,23 +7,10 @@ those to come (zero-shot editing, ...).  A script is built from these pieces, in
     vae, var = load_models(args, device, ckpt) # missing published files downloaded, --depth/--use_implicit checked
     kw = sampler_kwargs(args, var)             # autoregressive_infer_cfg's keyword arguments from the flags
     img_B3HW = sample_batch(var, label_B, g_seed, kw, amp_dtype)    # add keys to kw for more (edit_mask=...)
-    save_png_atomic(to_uint8(img_B3HW)[0], path)                    # utils.misc; the official uint8 conversion
 
-FlexVAR checkpoints go through the same pieces: ``add_common_args`` adds FlexVAR's flags (``--infer_pn``, ``--max_pn``,
-``--used_llamagen_cfg``; ``FLEX_KWARGS``), ``load_models`` picks its tokenizer (``ckpts/FlexVAE.pth``) when
-``--vae_ckpt`` is not given and refuses those flags for a VAR/VIAR model, ``sampler_kwargs`` gives a FlexVAR model its
-schedule and guidance keywords (defaults filled in), and ``sample_batch`` passes keywords only.
-
-A new sampler flag (e.g. ``--iter_tol``) slots in with two lines: add it to a parser group, and add its field (keyword
-of ``autoregressive_infer_cfg``, rule, kind) to ``SamplerSettings`` (``utils.sampler_settings``), from which
-``SAMPLER_FLAGS``, ``ITERATION_KWARGS``, ``FLEX_KWARGS`` and the sampler rows of ``FLAG_RULES`` are derived.
-``sampler_kwargs`` then passes it (unless it is None), ``check_args`` validates it, and ``sampling.py`` records it
-with the settings of a sample folder (images made with another value are never mixed in).
-
-Every user-fixable problem is a ``SamplingError`` (a ``utils.errors.UserError``): scripts end with
-``utils.errors.run_cli``, which prints it as one line and exits with status 1.
-
-Layering: this module loads models (it imports ``models.checkpoint``); nothing under ``models/`` imports it.
+FlexVAR checkpoints go through the same pieces.  A new sampler flag is a parser line and a field of
+``SamplerSettings`` (``utils.sampler_settings``).  Every user-fixable problem is a ``SamplingError`` (a
+``UserError``).  This module loads models; nothing under ``models/`` imports it.
 """
 import argparse
 import contextlib

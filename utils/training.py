@@ -1,18 +1,13 @@
 """The harness train.py and train_vae.py share, so that each trainer reads top to bottom as its own recipe (in the
 manner of DiT's train.py).
 
-* ``cli``: parse the flags, run ``main(args)``, turn every user-fixable error into one line and an exit status
-  (``utils.errors.run_cli``), and put the process back as it was (streams, signal handlers, global RNGs, logging,
-  process group): ``train.run(argv)`` can be called in-process.
-* ``start``: processes and device, the run folder (temporary files of an interrupted save removed), the logger
-  (rank 0: the console and ``stdout.txt`` / ``stderr.txt`` of the run folder; other ranks silent), SIGTERM /
-  SIGINT turned into "save, then stop", precision.
-* Steps: ``optimizer_step`` (GradScaler, grad-norm clipping, non-finite steps skipped alike on every rank),
-  ``Sums`` (named per-rank metric sums kept on the device: no host sync per iteration), ``agree`` (one small
-  all-reduce per optimizer step so that every rank stops together), ``Batches`` (an unreadable image stops the
-  loop at a step boundary instead of killing the process), ``Pace`` (seconds per iteration, time left).
-* Checkpoints: every RNG stream as tensors (files load with ``weights_only=True``), gathers, atomic writes, the
-  checks a resume makes, ``fingerprint`` (identity of a state dict).
+* ``cli``: parse the flags, run ``main(args)`` and turn every user-fixable error into one line and an exit status.
+* ``start``: processes and device, the run folder, the logger (rank 0: the console and ``stdout.txt`` /
+  ``stderr.txt``), SIGTERM / SIGINT turned into "save, then stop", precision.
+* Steps: ``optimizer_step`` (GradScaler, clipping, non-finite steps skipped alike on every rank), ``Sums``
+  (metric sums kept on the device), ``agree`` (every rank stops together), ``Batches`` (an unreadable image stops
+  the loop at a step boundary), ``Pace``.
+* Checkpoints: every RNG stream as tensors, atomic writes, the checks a resume makes, ``fingerprint``.
 * Data: loaders that never touch the global RNG, ``check_images`` (``--check_data``), TensorBoard writer.
 """
 import hashlib
