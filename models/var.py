@@ -10,9 +10,9 @@ The transformer is embeddings -> backbone -> head, with two independent choices:
   tokenizer sums them into ``f_hat``); ``models.flexvar.FlexVAR`` overrides the few methods marked "scale paradigm"
   below (positions, the next scale's input, decoding) to predict each scale's own token map for any schedule.
 
-The backbone's modules are registered on the transformer itself, under the names of the published checkpoints
-(``blocks.*`` or ``implicit_block_projection.*``, ``pre_blocks.*``, ``implicit_block.*``, ``post_blocks.*``); the
-backbone object holds the logic that runs them and VIAR's iteration settings.
+The backbone is a submodule (``var.backbone``: ``train()``, ``eval()``, ``to()`` reach it); the state dict keeps the
+names of the published checkpoints (``blocks.*`` or ``implicit_block_projection.*``, ``pre_blocks.*``,
+``implicit_block.*``, ``post_blocks.*``, without ``backbone.``): a key remap on save and load (``published_key``).
 """
 import math
 import random
@@ -31,7 +31,8 @@ from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 
 __all__ = ['VAR', 'ExplicitBackbone', 'ImplicitBackbone', 'FixedPointOptions', 'iterations_per_scale',
-           'block_causal_mask', 'get_edit_mask', 'anderson_step', 'IMPLICIT_ATTRS', 'ITER_EXITS', 'ITER_SOLVERS']
+           'block_causal_mask', 'get_edit_mask', 'anderson_step', 'published_key', 'IMPLICIT_ATTRS', 'ITER_EXITS',
+           'ITER_SOLVERS']
 
 # VIAR's official iteration attributes (``var.implicit_no_grad_min_iters = 3`` ...): they live on the backbone
 IMPLICIT_ATTRS = ('implicit_no_grad_min_iters', 'implicit_no_grad_max_iters', 'implicit_with_grad_min_iters',
@@ -281,7 +282,7 @@ class ImplicitBackbone(nn.Module):
         for b in self.pre_blocks:
             x_BLC = _maybe_checkpoint(ckpt, b, x_BLC, cond_BD_or_gss, attn_bias)
         if iters is None:
-            iters = self.draw_iters() if self.implicit_block.training else self.eval_iters()
+            iters = self.draw_iters() if self.training else self.eval_iters()
         n_no_grad, n_with_grad = iters
         u_BLC = x_BLC
         inj_BLC = self._injection_if_exact(u_BLC)      # with gradient into the projection and the pre blocks
@@ -430,6 +431,43 @@ class ImplicitBackbone(nn.Module):
                 attn.cache(j).append(src_k, src_v)
 
 
+# ============================================== published keys ========================================================
+BACKBONE = 'backbone.'
+
+
+def published_key(name: str) -> str:
+    """The published name of a parameter or buffer of a VAR/VIAR/FlexVAR model (``named_parameters()`` name ->
+    state-dict key): ``backbone.blocks.0.attn.proj.weight`` -> ``blocks.0.attn.proj.weight``; other names unchanged."""
+    return name[len(BACKBONE):] if name.startswith(BACKBONE) else name
+
+
+def _to_published_keys(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: ``<prefix>backbone.X`` -> ``<prefix>X`` in place, order kept (and in ``_metadata``)."""
+    inner = prefix + BACKBONE
+    items = [(prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+    meta = getattr(state_dict, '_metadata', None)
+    if meta is not None:
+        entries = [(prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in meta.items()
+                   if k != inner[:-1]]
+        meta.clear()
+        meta.update(entries)
+
+
+def _from_published_keys(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the published ``<prefix>X`` of a backbone module -> ``<prefix>backbone.X``."""
+    heads = tuple(prefix + name + '.' for name in module.backbone._modules)
+    for k in [k for k in state_dict if k.startswith(heads)]:
+        state_dict[prefix + BACKBONE + k[len(prefix):]] = state_dict.pop(k)
+
+
+def _published_incompatible_keys(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: missing / unexpected keys (and so torch's error message) under published names."""
+    for keys in incompatible_keys:
+        keys[:] = [k.replace('.' + BACKBONE, '.', 1) if ('.' + BACKBONE) in k else published_key(k) for k in keys]
+
+
 # ============================================== VAR ===================================================================
 class VAR(nn.Module):
     inference_dtype: Optional[torch.dtype] = None      # set by ``cast_for_inference``
@@ -500,32 +538,46 @@ class VAR(nn.Module):
                 with_grad_iters=(implicit_with_grad_min_iters, implicit_with_grad_max_iters))
         else:
             backbone = ExplicitBackbone(make_block, depth)
-        for name, module in backbone.named_children():   # official checkpoint names, registered once, here
-            self.add_module(name, module)
-        object.__setattr__(self, 'backbone', backbone)    # the logic that runs them (not a second owner)
+        self.backbone = backbone        # registered here: parameter order = the published state-dict order
+        self.register_state_dict_post_hook(_to_published_keys)
+        self.register_load_state_dict_pre_hook(_from_published_keys)
+        self.register_load_state_dict_post_hook(_published_incompatible_keys)
 
         # 5. classifier head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
         self.head = nn.Linear(self.C, self.V)
 
-    # ---- VIAR's iteration attributes, under their official names (a VAR has none: a clear error) ---------------------
+    # ---- the backbone's blocks and VIAR's iteration attributes under their official names: see the properties below
     def __getattr__(self, name):
-        if name in IMPLICIT_ATTRS:
-            return getattr(self._implicit_backbone(name), name)
+        if name in IMPLICIT_ATTRS:      # its property found no implicit backbone: say so (nn.Module's text would not)
+            self._implicit_backbone(name)
         return super().__getattr__(name)
 
-    def __setattr__(self, name, value):
-        if name in IMPLICIT_ATTRS:
-            setattr(self._implicit_backbone(name), name, int(value))
-        else:
-            super().__setattr__(name, value)
-
-    def _implicit_backbone(self, name: str) -> ImplicitBackbone:
-        backbone = self.__dict__['backbone']
-        if not backbone.is_implicit:
+    def _implicit_backbone(self, name: str) -> 'ImplicitBackbone':
+        if not self.backbone.is_implicit:
             raise AttributeError(f'{name}: this {type(self).__name__} has no implicit block (built with '
                                  f'use_implicit=False); the iteration settings exist only for VIAR models')
-        return backbone
+        return self.backbone
+
+    def _backbone_module(name: str):
+        def get(self):
+            module = self.backbone._modules.get(name)
+            if module is None:
+                raise AttributeError(f'{name}: this {type(self).__name__} has no such backbone part '
+                                     f'({"VIAR" if self.backbone.is_implicit else "VAR"} backbone)')
+            return module
+        return property(get, doc=f'``backbone.{name}`` (official attribute name)')
+
+    def _iteration_attr(name: str):
+        return property(lambda self: getattr(self._implicit_backbone(name), name),
+                        lambda self, value: setattr(self._implicit_backbone(name), name, int(value)),
+                        doc=f'``backbone.{name}`` (VIAR only; official attribute name)')
+
+    blocks, implicit_block_projection, pre_blocks, implicit_block, post_blocks = map(
+        _backbone_module, ('blocks', 'implicit_block_projection', 'pre_blocks', 'implicit_block', 'post_blocks'))
+    (implicit_no_grad_min_iters, implicit_no_grad_max_iters, implicit_with_grad_min_iters,
+     implicit_with_grad_max_iters, implicit_eval_iters) = map(_iteration_attr, IMPLICIT_ATTRS)
+    del _backbone_module, _iteration_attr
 
     # ---- scale paradigm: positions, the next scale's input, decoding -------------------------------------------------
     def build_positions(self, init_std: float):

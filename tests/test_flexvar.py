@@ -10,7 +10,7 @@ import models
 from models import FlexVAE, FlexVAR, build_flexvar, build_vae_var, flex_train_schedule
 from models.checkpoint import CheckpointError, infer_vae_config, infer_var_config, load_vae_var
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
-from models.var import ImplicitBackbone, block_causal_mask
+from models.var import ImplicitBackbone, block_causal_mask, published_key
 from tests.golden import vectors
 
 
@@ -36,7 +36,7 @@ def test_published_transformers_match_flexvar_keys_parity(published, depth):
     got = {k: list(v.shape) for k, v in var.state_dict().items()}
     assert list(got) == list(published[f'FlexVARd{depth}'])           # same keys, same order
     assert got == published[f'FlexVARd{depth}']
-    buffers = {k for k, _ in var.named_buffers()}
+    buffers = {published_key(k) for k, _ in var.named_buffers()}
     assert buffers == {'attn_bias_for_masking'} | {k for k in got if k.endswith('zero_k_bias')}
     n_params = sum(math.prod(s) for k, s in published[f'FlexVARd{depth}'].items() if k not in buffers)
     assert sum(p.numel() for p in var.parameters()) == n_params
@@ -235,7 +235,7 @@ def test_implicit_flexvar_trains_with_iters_and_a_drawn_schedule():
     loss.backward()
     for name in ('pos_1LC', 'pos_start', 'implicit_block_projection.0.weight', 'pre_blocks.0.attn.mat_qkv.weight',
                  'implicit_block.ffn.fc1.weight', 'post_blocks.0.ffn.fc2.weight', 'word_embed.weight'):
-        g = dict(var.named_parameters())[name].grad
+        g = {published_key(k): p for k, p in var.named_parameters()}[name].grad
         assert g is not None and g.abs().sum() > 0, name
     # more iterations, different logits (the knob reaches the implicit block)
     var.eval()

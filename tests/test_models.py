@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import models
 from models import PATCH_NUMS_512, build_vae_var, iterations_per_scale
 from models.checkpoint import CheckpointError, infer_var_config, load_vae_var
+from models.var import published_key
 from tests.golden import vectors
 
 PUBLISHED = {
@@ -54,6 +55,11 @@ def test_iteration_schedule_is_numpy_linspace_cast_toward_zero():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+def published_params(var):
+    """The parameters by their published (state-dict) names."""
+    return {published_key(k): p for k, p in var.named_parameters()}
+
+
 def tiny(use_implicit, depth=2, **kw):
     torch.manual_seed(0)
     vae, var = build_vae_var(depth=depth, use_implicit=use_implicit, pre_depth=1, post_depth=1, **TINY, **kw)
@@ -186,7 +192,7 @@ def test_jfb_gradients_reach_pre_blocks_through_the_injection():
     logits.square().mean().backward()
     for name in ('pre_blocks.0.attn.mat_qkv.weight', 'implicit_block.ffn.fc1.weight',
                  'implicit_block_projection.0.weight', 'post_blocks.0.ffn.fc2.weight'):
-        assert dict(var.named_parameters())[name].grad.abs().sum() > 0, name
+        assert published_params(var)[name].grad.abs().sum() > 0, name
 
 
 def test_iteration_range_attributes():

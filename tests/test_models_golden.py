@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from models.var import published_key
 from tests.golden import vectors
 
 
@@ -70,7 +71,7 @@ def test_teacher_forcing_logits_loss_and_grads_parity(golden_src, vae_case, name
     loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), inp['gt_BL'].reshape(-1))
     assert abs(loss.item() - out['loss']) <= 1e-3 * abs(out['loss'])
     loss.backward()
-    params = dict(var.named_parameters())
+    params = {published_key(k): p for k, p in var.named_parameters()}     # the official names
     assert set(out['grad_norms']) == {k for k, p in params.items() if p.requires_grad}
     for k, ref_norm in out['grad_norms'].items():
         got = params[k].grad.norm().item()

@@ -170,7 +170,7 @@ def test_lr_wd_schedule_and_param_groups():
     d = [n for n, p in params.items() if id(p) in by_name['D']]
     for key in ('pos_1LC', 'pos_start', 'lvl_embed.weight', 'ada_gss', 'scale_mul_1H11', 'word_embed.bias'):
         assert any(key in n for n in nd) and not any(key in n for n in d), key
-    assert 'implicit_block.attn.mat_qkv.weight' in d and 'head.weight' in d and 'class_emb.weight' in d
+    assert 'backbone.implicit_block.attn.mat_qkv.weight' in d and 'head.weight' in d and 'class_emb.weight' in d
     assert {g['wd_sc'] for g in groups} == {0.0, 1.0}
 
 

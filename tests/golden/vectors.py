@@ -82,7 +82,8 @@ def flex_states(src: Path):
 def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
     """Loads ``state`` strictly; buffers it lacks (masks, counters: the in-repository vectors keep only
     parameters) come from the module itself; every parameter must be in ``state``."""
-    missing = sorted({k for k, _ in module.named_parameters()} - set(state))
+    params = {k for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
+    missing = sorted(params - set(state))      # by state-dict (published) names
     assert not missing, f'parameters not in the vectors: {missing[:5]}'
     module.load_state_dict({**module.state_dict(), **state}, strict=True)
     return module
