@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import FlexVAE, build_flex_var, build_var, flex_train_schedule_for
+from models import FlexVAE, build_var, flex_train_schedule_for
 from models.checkpoint import CheckpointError, describe_classes, load_vae, tokenizer_downsample
 from utils import dist, training
 from utils.arg_util import args_to_dict, finalize_args, parse_args
@@ -97,8 +97,8 @@ def build_model(args, vae, dev):
                                   f"VAR's multi-scale VQVAE: pass FlexVAE.pth as --vae_ckpt (or drop --flex)")
         raise CheckpointError(f"--vae_ckpt {args.vae_ckpt!r} is FlexVAR's tokenizer (FlexVAE): add --flex to train "
                               f"FlexVAR, or pass VAR's tokenizer (vae_ch160v4096z32.pth)")
-    build, feed = (build_flex_var, FlexFeed) if args.flex else (build_var, Feed)
-    var_wo_ddp = build(
+    feed = FlexFeed if args.flex else Feed
+    var_wo_ddp = build_var(
         vae, device=dev, patch_nums=tuple(args.patch_nums), num_classes=args.num_classes, depth=args.depth,
         shared_aln=args.saln, attn_l2_norm=args.anorm, flash_if_available=args.fuse, init_adaln=args.aln,
         init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,

@@ -1,7 +1,8 @@
 """Models: the multi-scale VQVAE tokenizer and the VAR / VIAR transformers; FlexVAR's tokenizer and transformer.
 
 ``build_vae_var`` keeps the official signature and defaults; ``build_flexvar`` builds FlexVAR (``FlexVAE.pth`` +
-``FlexVARd{16,20,24}``), with an explicit or an implicit backbone.  ``device='meta'`` builds the models without
+``FlexVARd{16,20,24}``), with an explicit or an implicit backbone; ``build_var`` builds the transformer of either on
+an existing tokenizer.  ``device='meta'`` builds the models without
 allocating or initialising any weight (a 2B-parameter checkpoint then loads with ``load_state_dict(...,
 assign=True)``, see ``models.checkpoint``).  ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``: hub folders
 (``models.hub``).
@@ -17,7 +18,7 @@ from .var import VAR, get_edit_mask, iterations_per_scale
 from .vqvae import VQVAE
 
 __all__ = ['VQVAE', 'VAR', 'VectorQuantizer2', 'build_vae_var', 'build_var', 'get_edit_mask', 'iterations_per_scale',
-           'FlexVAE', 'FlexVAR', 'build_flexvar', 'build_flex_var', 'flex_train_schedule', 'flex_train_schedule_for',
+           'FlexVAE', 'FlexVAR', 'build_flexvar', 'flex_train_schedule', 'flex_train_schedule_for',
            'save_pretrained', 'from_pretrained', 'push_to_hub', 'load_vae_var']
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -39,18 +40,21 @@ def _build_transformer(cls, vae_local, depth: int, device, init_kw: dict, **mode
 
 
 def build_var(
-    vae_local: VQVAE, depth=16, num_classes=1000, patch_nums=PATCH_NUMS_256, shared_aln=False, attn_l2_norm=True,
+    vae_local, depth=16, num_classes=1000, patch_nums=PATCH_NUMS_256, shared_aln=False, attn_l2_norm=True,
     flash_if_available=True, use_implicit=False, pre_depth=5, post_depth=5, device='meta',
-    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
+    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1, pos_grid=32,
 ) -> VAR:
-    """The transformer on top of ``vae_local`` (held by reference): width 64*depth, depth heads, drop-path
-    0.1*depth/24.  Built on ``meta`` (nothing allocated: load a state dict with ``assign=True``); on a real device it
-    gets the fresh-training initialisation (``init_weights``)."""
+    """The transformer on top of ``vae_local`` (held by reference): VAR / VIAR on a ``VQVAE``, FlexVAR on a
+    ``FlexVAE`` (``patch_nums``: its default schedule; ``pos_grid``: its position grid's side).  Width 64*depth, depth
+    heads, drop-path 0.1*depth/24.  Built on ``meta`` (nothing allocated: load a state dict with ``assign=True``); on
+    a real device it gets the fresh-training initialisation (``init_weights``)."""
+    flex = isinstance(vae_local, FlexVAE)
     return _build_transformer(
-        VAR, vae_local, depth, device,
+        FlexVAR if flex else VAR, vae_local, depth, device,
         dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
         num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth)
+        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth,
+        **(dict(pos_grid=pos_grid) if flex else {}))
 
 
 def build_vae_var(
@@ -87,22 +91,6 @@ def build_vae_var(
     return vae_local, var_wo_ddp
 
 
-def build_flex_var(
-    vae_local: FlexVAE, depth=16, num_classes=1000, patch_nums=FLEX_PATCH_NUMS, shared_aln=False, attn_l2_norm=True,
-    flash_if_available=True, use_implicit=False, pre_depth=5, post_depth=5, pos_grid=32, device='meta',
-    init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
-) -> FlexVAR:
-    """FlexVAR's transformer on top of an existing ``FlexVAE`` (held by reference), as ``build_var`` is VAR's:
-    nothing allocated on ``meta``, the fresh-training initialisation on a real device.  ``patch_nums``: the default
-    schedule (training's validation scales, the stored mask's size); ``use_implicit``: VIAR's backbone."""
-    return _build_transformer(
-        FlexVAR, vae_local, depth, device,
-        dict(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std),
-        num_classes=num_classes, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-        flash_if_available=flash_if_available, use_implicit=use_implicit, pre_depth=pre_depth, post_depth=post_depth,
-        pos_grid=pos_grid)
-
-
 def build_flexvar(
     V=8912, Cvae=32, depth=16, num_classes=1000, device='cpu', patch_nums=FLEX_PATCH_NUMS,
     # tokenizer (FlexVAE.pth: LlamaGen VQ-16)
@@ -125,11 +113,10 @@ def build_flexvar(
         vae.to_empty(device=device)
         with torch.no_grad():
             vae.init_weights()
-    var = build_flex_var(vae, depth=depth, num_classes=num_classes, patch_nums=patch_nums, shared_aln=shared_aln,
-                         attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available, use_implicit=use_implicit,
-                         pre_depth=pre_depth, post_depth=post_depth, pos_grid=pos_grid, device=device,
-                         init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
-                         init_std=init_std)
+    var = build_var(vae, depth=depth, num_classes=num_classes, patch_nums=patch_nums, shared_aln=shared_aln,
+                    attn_l2_norm=attn_l2_norm, flash_if_available=flash_if_available, use_implicit=use_implicit,
+                    pre_depth=pre_depth, post_depth=post_depth, pos_grid=pos_grid, device=device,
+                    init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std)
     return vae, var
 
 

@@ -22,9 +22,8 @@ import torch
 
 from utils.errors import UserError
 
-from . import PATCH_NUMS_256, PATCH_NUMS_512, _build_transformer, build_var
+from . import PATCH_NUMS_256, PATCH_NUMS_512, build_var
 from .flexvae import FLEX_PATCH_NUMS, FlexVAE
-from .flexvar import FlexVAR
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -362,9 +361,7 @@ def build_var_from_config(cfg: Dict[str, Any], vae: Union[VQVAE, FlexVAE]) -> VA
     arch = dict(num_classes=cfg['num_classes'], patch_nums=tuple(cfg['patch_nums']), shared_aln=cfg['shared_aln'],
                 attn_l2_norm=cfg['attn_l2_norm'], use_implicit=cfg['use_implicit'],
                 pre_depth=cfg['pre_depth'] or 5, post_depth=cfg['post_depth'] or 5)
-    if cfg.get('flex'):
-        return _build_transformer(FlexVAR, vae, cfg['depth'], 'meta', {}, pos_grid=cfg['pos_grid'], **arch)
-    return build_var(vae, depth=cfg['depth'], **arch)
+    return build_var(vae, depth=cfg['depth'], pos_grid=cfg.get('pos_grid', 32), **arch)
 
 
 def _load_strict(model: torch.nn.Module, sd, device, message: str):

@@ -238,9 +238,10 @@ class FlexVAR(VAR):
         The other arguments are ``VAR.autoregressive_infer_cfg``'s (``iter_*``, ``anderson_*``, ``warm_start``:
         implicit backbone only; ``input_img_tokens``: ``vae.img_to_idxBl(img, infer_patch_nums)``).
         """
-        patch_nums = self.check_schedule(infer_patch_nums)
-        fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
         with self.inference_autocast():
-            return self._sample(B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
-                                iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace,
-                                max_pn=max_pn, used_llamagen_cfg=used_llamagen_cfg, invalid_ids=invalid_ids)
+            return self._sample(
+                B, label_B, patch_nums=self.check_schedule(infer_patch_nums), g_seed=g_seed, cfg=cfg, top_k=top_k,
+                top_p=top_p, more_smooth=more_smooth, iter_left=iter_left, iter_right=iter_right, ret_idx_Bl=ret_idx_Bl,
+                input_img_tokens=input_img_tokens, edit_mask=edit_mask, trace=trace,
+                fp=FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start)),
+                max_pn=max_pn, used_llamagen_cfg=used_llamagen_cfg, invalid_ids=invalid_ids)

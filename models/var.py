@@ -729,10 +729,12 @@ class VAR(nn.Module):
                       acceleration with memory anderson_m and damping anderson_beta)
         :param warm_start: VIAR only: each scale starts from the previous scale's fixed point (upsampled), not u
         """
-        fp = FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start))
         with self.inference_autocast():
-            return self._sample(B, label_B, self.patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left,
-                                iter_right, ret_idx_Bl, input_img_tokens, edit_mask, fp, trace)
+            return self._sample(
+                B, label_B, patch_nums=self.patch_nums, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
+                more_smooth=more_smooth, iter_left=iter_left, iter_right=iter_right, ret_idx_Bl=ret_idx_Bl,
+                input_img_tokens=input_img_tokens, edit_mask=edit_mask, trace=trace,
+                fp=FixedPointOptions(iter_tol, iter_exit, iter_solver, anderson_m, anderson_beta, bool(warm_start)))
 
     def _sampling_rng(self, g_seed, B: int, dev: torch.device):
         """None (the global RNG), this model's generator of ``dev`` seeded with the int ``g_seed`` (the official
@@ -746,8 +748,11 @@ class VAR(nn.Module):
             return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
         return self._rng(dev).manual_seed(g_seed)
 
-    def _sample(self, B, label_B, patch_nums, g_seed, cfg, top_k, top_p, more_smooth, iter_left, iter_right,
-                ret_idx_Bl, input_img_tokens, edit_mask, fp: FixedPointOptions, trace, **paradigm_kw):
+    def _sample(self, B: int, label_B, *, patch_nums: Sequence[int], g_seed, cfg: float, top_k: int, top_p: float,
+                more_smooth: bool, iter_left: int, iter_right: int, ret_idx_Bl: bool, input_img_tokens, edit_mask,
+                fp: FixedPointOptions, trace: Optional[Dict[str, list]], **paradigm_kw):
+        """The sampler of every family (``autoregressive_infer_cfg``, ``FlexVAR.sample``; run under
+        ``inference_autocast``); ``paradigm_kw`` go to the scale paradigm's ``guidance`` and ``top_k_at``."""
         dev = self.class_emb.weight.device
         rng = self._sampling_rng(g_seed, B, dev)
         if label_B is None:

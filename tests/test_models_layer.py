@@ -132,3 +132,25 @@ def test_a_training_checkpoint_of_published_names_resumes_by_position(tmp_path):
     opt2.load_state_dict(ckpt['trainer']['var_opt']['optimizer'])
     for k, p in var2.named_parameters():
         assert torch.equal(opt2.state[p]['exp_avg'], saved[published_key(k)]), k
+
+
+# ================================ one builder per role, one sampler ==================================================
+def test_build_var_builds_the_family_of_its_tokenizer():
+    import models
+    vae, flex = build('FlexVAR')
+    other = models.build_var(vae, depth=2, num_classes=3, patch_nums=(1, 2, 3, 4), pre_depth=1, post_depth=1)
+    assert type(other) is type(flex) is models.FlexVAR
+    assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in flex.state_dict().items()}
+    vae, var = build('VAR')
+    assert type(models.build_var(vae, depth=2, num_classes=3, patch_nums=(1, 2, 3, 4))) is models.VAR
+    assert not hasattr(models, 'build_flex_var')
+
+
+def test_sampler_internals_are_keyword_only():
+    import inspect
+
+    from models import VAR, FlexVAR
+    params = inspect.signature(VAR._sample).parameters
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == ['self', 'B', 'label_B']
+    assert 'fp' in params and params['fp'].kind is inspect.Parameter.KEYWORD_ONLY
+    assert FlexVAR._sample is VAR._sample
