@@ -17,7 +17,6 @@ import functools
 import glob
 import json
 import os
-import sys
 import threading
 import time
 import traceback
@@ -592,4 +591,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())

@@ -625,13 +625,9 @@ def report(args):
     return results
 
 
-def main(args):
-    """:func:`report`; an input problem ends the process with one error line and status 1 (``run_cli``)."""
-    results = {}
-    rc = run_cli(lambda: results.update(report(args)), PROG, interrupted='interrupted')
-    if rc:
-        raise SystemExit(rc)
-    return results
+def main(argv=None) -> int:
+    """``python evaluator.py ARGV``: :func:`report`; the exit status (1 after one error line)."""
+    return run_cli(lambda: report(get_parser().parse_args(argv)), PROG, interrupted='interrupted')
 
 
 def get_parser():
@@ -656,4 +652,4 @@ def get_parser():
 
 
 if __name__ == '__main__':
-    main(get_parser().parse_args())
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from models.checkpoint import describe_classes, resolve_class_labels
-from utils.errors import run_cli_or_exit
+from utils.errors import run_cli
 from utils.misc import save_png_atomic
 from utils.sampling_utils import (
     BOOL,
@@ -62,9 +62,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return get_parser().parse_args(argv)
 
 
-def main(args: argparse.Namespace) -> None:
-    """Generates (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
-    run_cli_or_exit(lambda: generate(args), PROG, interrupted='interrupted; the images written so far are kept')
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python gen_img.py ARGV``: generates (``generate``); the exit status (1 after one error line, 130 Ctrl-C)."""
+    return run_cli(lambda: generate(parse_args(argv)), PROG,
+                   interrupted='interrupted; the images written so far are kept')
 
 
 def grid_name(labels: Sequence[int], seeds: Sequence[int]) -> str:
@@ -123,4 +124,4 @@ def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    raise SystemExit(main())

@@ -26,7 +26,7 @@ import torch
 from models.checkpoint import describe_classes
 from utils import dist
 from utils.download import resolve_default
-from utils.errors import Preempted, run_cli_or_exit
+from utils.errors import Preempted, run_cli
 from utils.folder_sampling import (  # noqa: F401  (the library half; re-exported for older callers)
     CONFIG_NAME,
     NPZ_KEY,
@@ -107,10 +107,10 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     check_output_dir(args.sample_dir, '--sample_dir')
 
 
-def main(args: argparse.Namespace) -> None:
-    """Samples (see the module doc); a user error ends the process with one line and status 1, Ctrl-C with 130."""
-    run_cli_or_exit(lambda: sample(args), PROG,
-                    interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python sampling.py ARGV``: samples (``sample``); the exit status (1 after one error line, 130 Ctrl-C)."""
+    return run_cli(lambda: sample(parse_args(argv)), PROG,
+                   interrupted='interrupted; every image written so far is kept: rerun the same command to resume')
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -157,4 +157,4 @@ def _sample(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    raise SystemExit(main())

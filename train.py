@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -137,7 +136,7 @@ class Trainer:
     class_names: tuple = ()             # label -> class folder name (sorted folder names of train/)
 
 
-def main(args):
+def train(args):
     """Trains until ``--ep`` epochs are done, resuming from ``ar-ckpt-last.pth`` when the run folder has one."""
     run = training.start(args, 'train.py')                  # processes, run folder, logger, SIGTERM -> save, precision
     try:
@@ -542,13 +541,13 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, ld_val, pace: Pace, t_start: flo
         raise run.stopped(f'at the end of epoch {ep + 1} ({last_path})')
 
 
-def run(argv=None) -> int:
-    """Parses ``argv``, trains, and returns the exit status (0 done, 1 error, 143 stopped by a signal after
-    saving); the process state (stdout/stderr, signal handlers, global RNGs) is restored afterwards."""
-    return training.cli(main, parse_args, argv, prog='train.py', oom_hint=lambda args: (
+def main(argv=None) -> int:
+    """``python train.py ARGV``: trains (``train``); the exit status (0 done, 1 after one error line, 143 stopped by
+    a signal after saving)."""
+    return training.cli(train, parse_args, argv, prog='train.py', oom_hint=lambda args: (
         f'lower --bs, raise --ac (the same global batch in more, smaller steps) or add --grad_ckpt (per-rank batch '
         f'{getattr(args, "batch_size", "?")} images)'))
 
 
 if __name__ == '__main__':
-    sys.exit(run())
+    raise SystemExit(main())

@@ -14,7 +14,6 @@ size.  What differs between the two tokenizers is chosen once (``Recipe``, ``Fle
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -237,7 +236,7 @@ class Step(NamedTuple):
     small_pn: Optional[int] = None      # FlexVAE: the smaller scale of this step
 
 
-def main(args):
+def train(args):
     """Trains the tokenizer for ``--ep`` epochs, resuming from ``vae-ckpt-last.pth`` when the run folder has one."""
     run = training.start(args, 'train_vae.py', subdirs=() if args.check_data else ('recon',))
     world = dist.get_world_size()
@@ -626,10 +625,12 @@ def end_of_epoch(run: Run, t: Trainer, ep: int, usages, ld_val, vis, t_run: floa
         raise run.stopped(f'at the end of epoch {ep + 1} ({run.path("vae-ckpt-last.pth")})')
 
 
-def run(argv=None) -> int:
-    return training.cli(main, parse_vae_args, argv, prog='train_vae.py', oom_hint=lambda args: (
+def main(argv=None) -> int:
+    """``python train_vae.py ARGV``: trains (``train``); the exit status (0 done, 1 after one error line, 143 stopped
+    by a signal after saving)."""
+    return training.cli(train, parse_vae_args, argv, prog='train_vae.py', oom_hint=lambda args: (
         f'lower --bs (per-rank batch {getattr(args, "batch_size", "?")} images)'))
 
 
 if __name__ == '__main__':
-    sys.exit(run())
+    raise SystemExit(main())

@@ -749,7 +749,7 @@ def write_outputs(args, info: dict, peaks: Tuple[float, float], results: List[di
         print(f'wrote {args.plot}')
 
 
-def main(args) -> int:
+def run(args) -> int:
     """Runs the benchmarks of ``args``; returns the exit status (1: ``--strict`` and a check not met)."""
     setup = resolve_setup(args)
     if args.threads > 0:
@@ -809,10 +809,10 @@ def get_parser():
     return p
 
 
-def cli(argv=None) -> int:
-    """Exit status of ``python -m scripts.bench ARGV``: main's, or 1 after one error line."""
-    return run_cli(lambda: main(get_parser().parse_args(argv)), 'scripts.bench')
+def main(argv=None) -> int:
+    """``python -m scripts.bench ARGV``: the exit status (``run``'s, or 1 after one error line)."""
+    return run_cli(lambda: run(get_parser().parse_args(argv)), 'scripts.bench')
 
 
 if __name__ == '__main__':
-    sys.exit(cli())
+    raise SystemExit(main())

@@ -94,7 +94,7 @@ def run_side(a, side: str, weights: str, image_out: str, il: int, ir: int) -> li
     return json.loads(out.stdout.strip().splitlines()[-1])['times']
 
 
-def main(a) -> None:
+def compare(a) -> None:
     import torch
     if not os.path.isfile(os.path.join(a.official, 'models', 'var.py')):
         sys.exit(f'--official {a.official!r} is not a checkout of the official VIAR code (no models/var.py)')
@@ -174,6 +174,14 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv=None) -> int:
+    """``python scripts/compare_official.py ARGV`` (or one worker process); a problem ends the process with its
+    message (``sys.exit``: this tool imports nothing of ours at the top, so that a worker can run in the official
+    checkout)."""
+    args = get_parser().parse_args(argv)
+    worker(args) if args.worker else compare(args)
+    return 0
+
+
 if __name__ == '__main__':
-    args = get_parser().parse_args()
-    worker(args) if args.worker else main(args)
+    raise SystemExit(main())

@@ -15,7 +15,6 @@ recorded sampling defaults) and the script prints whether they are identical; a 
 """
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from models.checkpoint import load_vae_var
 from models.flexvae import FLEX_PATCH_NUMS, FlexVAE
 from models.flexvar import FlexVAR
 from models.hub import HUB_FILES, save_pretrained
-from utils.errors import UserError, run_cli_parsed
+from utils.errors import UserError, run_cli
 from utils.misc import save_atomic
 from utils.sampling_utils import (
     SamplerSettings,
@@ -127,8 +126,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.convert ARGV``: 0, or 1 after one error line."""
-    return run_cli_parsed(run, get_parser, argv, PROG)
+    return run_cli(lambda: run(get_parser().parse_args(argv)), PROG)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())

@@ -29,7 +29,7 @@ from models.hub import from_pretrained
 from models.var import ITER_SOLVERS
 from utils import dist
 from utils.download import resolve_default
-from utils.errors import UserError, run_cli_parsed
+from utils.errors import UserError, run_cli
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
 from utils.sampling_utils import (
@@ -293,8 +293,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.fixed_point ARGV``: 0, or 1 after one error line."""
-    return run_cli_parsed(run, get_parser, argv, PROG)
+    return run_cli(lambda: run(get_parser().parse_args(argv)), PROG)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())

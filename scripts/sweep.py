@@ -36,7 +36,7 @@ from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretra
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.download import resolve_default
-from utils.errors import UserError, run_cli_parsed
+from utils.errors import UserError, run_cli
 from utils.folder_sampling import (
     NPZ_KEY,
     checkpoint_identity,
@@ -635,10 +635,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.sweep ARGV``: 0, or 1 after one error line (130: Ctrl-C)."""
-    return run_cli_parsed(run, get_parser, argv, PROG,
-                          interrupted='interrupted; every image and measurement written so far is kept: rerun the '
-                                      'same command to resume')
+    return run_cli(lambda: run(get_parser().parse_args(argv)), PROG,
+                   interrupted='interrupted; every image and measurement written so far is kept: rerun the same '
+                               'command to resume')
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())

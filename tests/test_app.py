@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_main import run_main
 
 import gen_img
 from models import build_vae_var
@@ -127,10 +128,10 @@ def one_thread():
 
 
 def _gen_img(ckpts, out, c, seeds, il, ir, cfg):
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+    run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
                                      '--class_label', str(c), '--seeds', *map(str, seeds), '--cfg', str(cfg),
                                      '--iter_left', str(il), '--iter_right', str(ir), '--output_dir', str(out),
-                                     '--use_implicit', '--device', 'cpu']))
+                                     '--use_implicit', '--device', 'cpu'])
     return {s: _png(out / 'viar' / f'class{c}_seed{s}.png') for s in seeds}
 
 

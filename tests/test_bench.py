@@ -55,7 +55,7 @@ def test_bench_runs_tiny_and_shows_the_claims(tmp_path):
     args = bench.get_parser().parse_args(TINY + [
         '--models', 'viar_d30', '--schedules', '3-3,3-1,1-1', '--train_models', 'viar_d30',
         '--train_grid', '0-1,4-1,0-2,0-3', '--train_bs', '1', '--json', str(out_json), '--plot', str(out_png)])
-    assert bench.main(args) == 0
+    assert bench.run(args) == 0
     doc = json.loads(out_json.read_text())
     assert doc['matmul_gflop_s']['fp32'] > 0 and doc['machine']['threads'] >= 1
     sample = {r['schedule']: r for r in doc['results'] if r['kind'] == 'sample' and r['model'] == 'viar_d30'}
@@ -89,7 +89,7 @@ def test_bench_runs_tiny_and_shows_the_claims(tmp_path):
 ])
 def test_bad_flags_are_reported(extra, message):
     with pytest.raises(bench.BenchError, match=message):
-        bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none'] + extra))
+        bench.run(bench.get_parser().parse_args(TINY + ['--train_models', 'none'] + extra))
 
 
 def test_bad_flag_ends_in_one_line_from_the_command_line(repo_dir):
@@ -108,7 +108,7 @@ def test_iter_tol_and_trace_rows(tmp_path, capsys):
     args = bench.get_parser().parse_args(TINY + [
         '--models', 'viar_d30', '--schedules', '3-3,1-1', '--iter_tol', 'none,0,1e9', '--trace',
         '--train_models', 'none', '--json', str(out_json)])
-    assert bench.main(args) == 0
+    assert bench.run(args) == 0
     rows = [r for r in json.loads(out_json.read_text())['results'] if r['kind'] == 'sample']
     assert len(rows) == 2 * 3 * 2
     by = {(r['schedule'], r['iter_tol'], r['trace']): r for r in rows}
@@ -126,9 +126,9 @@ def test_iter_tol_and_trace_rows(tmp_path, capsys):
 
 def test_bad_iter_tol_is_reported():
     with pytest.raises(bench.BenchError, match='--iter_tol -1 must be >= 0'):
-        bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'none,-1']))
+        bench.run(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'none,-1']))
     with pytest.raises(bench.BenchError, match='could not read the tolerance'):
-        bench.main(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'tight']))
+        bench.run(bench.get_parser().parse_args(TINY + ['--train_models', 'none', '--iter_tol', 'tight']))
 
 
 @pytest.mark.parametrize('name, sched', [('flexvar_d16', (0, 0)), ('flexviar_d16', (3, 1))])
@@ -164,7 +164,7 @@ def test_bench_flexvar_schedules_of_scales(tmp_path, capsys):
     args = bench.get_parser().parse_args(TINY + [
         '--models', 'flexvar_d16,flexviar_d16', '--infer_pn', '1_2_3,1_3', '--schedules', '2-1',
         '--train_models', 'flexvar_d16', '--json', str(out_json)])
-    assert bench.main(args) == 0
+    assert bench.run(args) == 0
     doc = json.loads(out_json.read_text())
     rows = {(r['model'], r['infer_pn']): r for r in doc['results'] if r['kind'] == 'sample'}
     assert set(rows) == {(m, pn) for m in ('flexvar_d16', 'flexviar_d16') for pn in ('1_2_3', '1_3')}

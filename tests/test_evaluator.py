@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import scipy.linalg
 import scipy.special
 from scipy.spatial.distance import cdist
+from script_main import run_main
 
 import evaluator
 from tests.golden import vectors
@@ -31,9 +31,8 @@ def run_cli(*args, env=None, cwd=None):
 
 
 def cli_args(ref, sample, **kw):
-    defaults = {'inception': None, 'batch_size': 64, 'json': None, 'save_ref_stats': False, 'no_is_shuffle': False,
-                'sqrtm': False}
-    return Namespace(ref_batch=str(ref), sample_batch=str(sample), **{**defaults, **kw})
+    """The command line of ``evaluator.py ref sample --key value ...``."""
+    return [str(ref), str(sample), *(str(x) for k, v in kw.items() for x in (f'--{k}', v))]
 
 
 def images(n, size=8, seed=0):
@@ -423,7 +422,7 @@ def test_offline_download_fails_with_url_and_destination(tmp_path, good_npz, mon
     monkeypatch.setattr(evaluator, 'INCEPTION_URL', url)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     with pytest.raises(SystemExit) as exc:
-        evaluator.main(cli_args(good_npz, good_npz))
+        run_main(evaluator.main, cli_args(good_npz, good_npz))
     dest = tmp_path / 'cache' / 'viar' / 'classify_image_graph_def.pb'
     captured = capsys.readouterr()
     note, message = captured.err.strip().splitlines()
@@ -461,7 +460,7 @@ def write_nan_graph(path):
 def test_non_finite_features(tmp_path, good_npz, capsys):
     write_nan_graph(tmp_path / 'nan.pb')
     with pytest.raises(SystemExit) as exc:
-        evaluator.main(cli_args(good_npz, good_npz, inception=str(tmp_path / 'nan.pb')))
+        run_main(evaluator.main, cli_args(good_npz, good_npz, inception=str(tmp_path / 'nan.pb')))
     captured = capsys.readouterr()
     message = captured.err.strip().splitlines()[-1]        # after the progress bar
     assert exc.value.code == 1
@@ -477,7 +476,7 @@ def test_stored_non_finite_pool_and_bad_batch_size(tmp_path, good_npz, monkeypat
     with pytest.raises(evaluator.EvalError, match='features are not finite'):
         evaluator.BatchFile(path, 'sample batch').read(FakeModel(), 8, 'sha')
     with pytest.raises(SystemExit) as exc:
-        evaluator.main(cli_args(good_npz, good_npz, batch_size=0))
+        run_main(evaluator.main, cli_args(good_npz, good_npz, batch_size=0))
     assert exc.value.code == 1
     assert capsys.readouterr().err == 'evaluator.py: error: --batch_size must be positive, got 0\n'
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_main import run_main
 
 import gen_img
 import sampling
@@ -99,10 +100,10 @@ def test_sampling_two_schedules_from_one_checkpoint(ckpts, tmp_path):
     vae, var = load_vae_var(str(ckpts / 'FlexVAE.pth'), str(ckpts / 'flex.pth'))
     assert isinstance(var, FlexVAR)
     for pn, side in (('1_2_4', 64), ('1_2_3_4_6', 96)):
-        sampling.main(sampling.parse_args([
+        run_main(sampling.main, [
             '--ckpt_path', str(ckpts / 'flex.pth'), '--vae_ckpt', str(ckpts / 'FlexVAE.pth'), '--infer_pn', pn,
             '--cfg', '2.5', '--top_p', '0.95', '--sample_dir', str(tmp_path), '--num_classes', '2', '--per_class', '3',
-            '--batch_size', '2']))
+            '--batch_size', '2'])
         folder = tmp_path / f'flexvar-d1-flex.pth-pn{pn}-cfg-2.5-maxpn-16-seed-1'
         names = sorted(p.name for p in folder.glob('*.png'))
         assert names == [f'{k:06d}.png' for k in range(6)]
@@ -131,7 +132,7 @@ def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer
     args = sampling.parse_args(['--ckpt_path', str(ckpts / 'flex_implicit.pth'), '--use_implicit', '--sample_dir', 's',
                                 '--num_classes', '1', '--per_class', '1', '--used_llamagen_cfg', '--max_pn', '4',
                                 '--iter_left', '3', '--iter_right', '1', '--cfg', '3'])
-    sampling.main(args)
+    sampling.sample(args)
     assert args.vae_ckpt == 'ckpts/FlexVAE.pth'
     folder = tmp_path / 's' / ('flexvar-implicit-d1-flex_implicit.pth-pn1_2_3_4_5_6_8_10_13_16-cfg-3.0-maxpn-4-'
                                'llamagen-seed-1')
@@ -148,10 +149,10 @@ def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer
 def test_gen_img_two_schedules_and_resolutions(ckpts, tmp_path):
     vae, var = load_vae_var(str(ckpts / 'FlexVAE.pth'), str(ckpts / 'flex.pth'))
     for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'flex.pth'), '--vae_ckpt',
+        run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'flex.pth'), '--vae_ckpt',
                                          str(ckpts / 'FlexVAE.pth'), '--infer_patch_nums', pn, '--class_label', '0',
                                          '2', '--seeds', '3', '4', '--save_grid', '--nrow', '2', '--output_dir',
-                                         str(tmp_path)]))
+                                         str(tmp_path)])
         out = tmp_path / f'flex-pn{pn}'
         singles = [f'class{c}_seed{s}.png' for c in (0, 2) for s in (3, 4)]
         assert sorted(p.name for p in out.glob('*.png')) == sorted(singles + ['class0_2_seeds3_4_grid.png'])
@@ -186,7 +187,7 @@ def test_bad_schedules_end_in_one_line_before_loading(ckpts, tmp_path, monkeypat
         ['--ckpt_path', str(ckpts / 'flex.pth'), '--sample_dir', str(out), '--num_classes', '1'] if mod is sampling
         else ['--var_ckpt', str(ckpts / 'flex.pth'), '--output_dir', str(out)])
     with pytest.raises(SystemExit) as e:
-        mod.main(mod.parse_args(common + argv))
+        run_main(mod.main, common + argv)
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith(f'{script}: error: ') and expected in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
@@ -207,7 +208,7 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
     for extra, want in ((['--infer_pn', '1_2_4'], '--infer_pn is a FlexVAR flag, but'),
                         (['--max_pn', '8', '--used_llamagen_cfg'], '--max_pn --used_llamagen_cfg are FlexVAR flags')):
         with pytest.raises(SystemExit) as e:
-            sampling.main(sampling.parse_args(base + extra))
+            run_main(sampling.main, base + extra)
         err = capsys.readouterr().err
         assert e.value.code == 1 and want in err and 'holds VAR-d1, whose scales are fixed' in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / 's').exists()
@@ -215,8 +216,8 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
     for var_ckpt, vae_ckpt, want in (('flex.pth', 'vae.pth', "needs FlexVAR's tokenizer (FlexVAE.pth)"),
                                      ('var.pth', 'FlexVAE.pth', "needs VAR's multi-scale VQVAE")):
         with pytest.raises(SystemExit) as e:
-            gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / var_ckpt), '--vae_ckpt', str(ckpts / vae_ckpt),
-                                             '--output_dir', str(tmp_path / 'g')]))
+            run_main(gen_img.main, ['--var_ckpt', str(ckpts / var_ckpt), '--vae_ckpt', str(ckpts / vae_ckpt),
+                                             '--output_dir', str(tmp_path / 'g')])
         err = capsys.readouterr().err
         assert e.value.code == 1 and want in err and '--vae_ckpt' in err and len(err.strip().splitlines()) == 1
 
@@ -425,9 +426,9 @@ def test_flex_training_draws_schedules_and_samples_two_schedules(toy, tmp_path):
     vae, var = load_vae_var(str(toy / 'FlexVAE.pth'), str(out / 'ar-ckpt-last.pth'), expect={'flex': True})
     assert isinstance(var, FlexVAR) and not var.backbone.is_implicit
     for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
+        run_main(gen_img.main, ['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
                                          str(toy / 'FlexVAE.pth'), '--infer_pn', pn, '--class_label', '1',
-                                         '--seeds', '5', '--top_k', '10', '--output_dir', str(tmp_path / 'g')]))
+                                         '--seeds', '5', '--top_k', '10', '--output_dir', str(tmp_path / 'g')])
         img = read_png(tmp_path / 'g' / f'ar-ckpt-last-pn{pn}' / 'class1_seed5.png')
         assert img.shape == (side, side, 3)
         assert np.array_equal(img, direct(var, vae, 1, 5, 1, tuple(map(int, pn.split('_'))), top_k=10)[0])
@@ -480,9 +481,9 @@ def test_implicit_flexvar_samples_with_fewer_steps_and_fewer_iterations(toy, tmp
         var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([2]), infer_patch_nums=(1, 2, 4), g_seed=7, top_k=10,
                                      iter_left=2, iter_right=1, trace=few)
     assert full['iters'] == [10, 10, 10, 10] and few['iters'] == [2, 1, 1]
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpt), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--use_implicit',
+    run_main(gen_img.main, ['--var_ckpt', str(ckpt), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--use_implicit',
                                      '--infer_pn', '1_2_4', '--iter_left', '2', '--iter_right', '1', '--class_label',
-                                     '2', '--seeds', '7', '--top_k', '10', '--output_dir', str(tmp_path)]))
+                                     '2', '--seeds', '7', '--top_k', '10', '--output_dir', str(tmp_path)])
     img = read_png(tmp_path / 'ar-ckpt-last-pn1_2_4' / 'class2_seed7.png')
     assert img.shape == (64, 64, 3)
     assert np.array_equal(img, direct(var, vae, 2, 7, 1, (1, 2, 4), top_k=10, iter_left=2, iter_right=1)[0])
@@ -500,16 +501,16 @@ def test_a_training_checkpoint_samples_the_schedule_it_was_trained_on_by_default
     assert var.patch_nums == TRAIN_PN and vae.v_patch_nums == TRAIN_PN
     assert load_var(str(ckpt), vae).patch_nums == TRAIN_PN
     assert sampling_utils.sampler_kwargs(sampling.parse_args([]), var)['infer_patch_nums'] == TRAIN_PN
-    sampling.main(sampling.parse_args(['--ckpt_path', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--sample_dir',
+    run_main(sampling.main, ['--ckpt_path', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--sample_dir',
                                        str(tmp_path / 's'), '--num_classes', '1', '--per_class', '1', '--top_k', '10',
-                                       '--iter_left', '2', '--iter_right', '1']))
+                                       '--iter_left', '2', '--iter_right', '1'])
     folder = tmp_path / 's' / 'flexvar-implicit-d2-ar-ckpt-last.pth-pn1_2_3_4-cfg-1.5-maxpn-16-seed-1'
     assert json.loads((folder / sampling.CONFIG_NAME).read_text())['infer_patch_nums'] == list(TRAIN_PN)
     want = direct(var, vae, 0, 1, 1, TRAIN_PN, top_k=10, iter_left=2, iter_right=1)
     assert want.shape == (1, 64, 64, 3) and np.array_equal(read_png(folder / '000000.png'), want[0])
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--class_label', '0',
+    run_main(gen_img.main, ['--var_ckpt', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--class_label', '0',
                                      '--seeds', '1', '--top_k', '10', '--iter_left', '2', '--iter_right', '1',
-                                     '--output_dir', str(tmp_path / 'g')]))
+                                     '--output_dir', str(tmp_path / 'g')])
     assert np.array_equal(read_png(tmp_path / 'g' / 'ar-ckpt-last-pn1_2_3_4' / 'class0_seed1.png'), want[0])
     # the published convention: a bare state dict has no record of its training, its default is the official one
     torch.save(torch.load(ckpt, map_location='cpu', weights_only=True)['trainer']['var_wo_ddp'], tmp_path / 'bare.pth')
@@ -539,7 +540,7 @@ def test_flex_training_refuses_the_wrong_tokenizer_or_a_changed_flag(toy, tmp_pa
     import train
 
     def run(argv):
-        rc = train.run(argv)
+        rc = train.main(argv)
         cap = capsys.readouterr()
         return rc, cap.out, cap.err
     argv = flex_args(toy, tmp_path / 'a')

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from script_main import run_main
 
 import models
 from models import build_vae_var
@@ -120,10 +121,10 @@ def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monke
 
     monkeypatch.setattr(gen_img, 'load_models', recording)
     for cast in ('1', '0'):
-        gen_img.main(gen_img.parse_args(['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / 'viar.pth'),
+        run_main(gen_img.main, ['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / 'viar.pth'),
                                          '--vae_ckpt', str(tmp_path / 'vae.pth'), '--class_label', '0', '2',
                                          '--seeds', '3', '--dtype', 'bf16', '--cast_weights', cast,
-                                         '--output_dir', str(tmp_path / f'cast{cast}')]))
+                                         '--output_dir', str(tmp_path / f'cast{cast}')])
     assert [m.inference_dtype for m in loaded] == [torch.bfloat16, None]
     assert [m.head.weight.dtype for m in loaded] == [torch.bfloat16, torch.float32]
     pngs = [sorted((tmp_path / f'cast{c}').rglob('*.png')) for c in '10']

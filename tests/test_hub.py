@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_main import run_main
 
 import models
 from models import build_flexvar, build_vae_var, from_pretrained, push_to_hub, save_pretrained
@@ -363,10 +364,10 @@ def test_gen_img_and_edit_take_pretrained(pair, tmp_path, capsys):
     from scripts import edit
     common = ['--use_implicit', '--iter_left', '3', '--iter_right', '2', '--class_label', '1', '--seeds', '4',
               '--device', 'cpu']
-    gen_img.main(gen_img.parse_args(['--pretrained', str(pair / 'tiny-viar'), '--output_dir', str(tmp_path / 'a'),
-                                     *common]))
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
-                                     '--output_dir', str(tmp_path / 'b'), *common]))
+    run_main(gen_img.main, ['--pretrained', str(pair / 'tiny-viar'), '--output_dir', str(tmp_path / 'a'),
+                                     *common])
+    run_main(gen_img.main, ['--var_ckpt', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
+                                     '--output_dir', str(tmp_path / 'b'), *common])
     a, b = tmp_path / 'a' / 'tiny-viar' / 'class1_seed4.png', tmp_path / 'b' / 'viar' / 'class1_seed4.png'
     assert np.array_equal(read_png(a), read_png(b))
 
@@ -391,7 +392,7 @@ def test_gen_img_bad_pretrained_is_one_line(pair, tmp_path, capsys, argv, messag
     import gen_img
     argv = [a.replace('{tiny}', str(pair / 'tiny-viar')).replace('{pair}', str(pair)) for a in argv]
     with pytest.raises(SystemExit) as e:
-        gen_img.main(gen_img.parse_args([*argv, '--output_dir', str(tmp_path / 'o'), '--device', 'cpu']))
+        run_main(gen_img.main, [*argv, '--output_dir', str(tmp_path / 'o'), '--device', 'cpu'])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and message in err[0], err
 
@@ -402,10 +403,10 @@ def test_sampling_sweep_and_fixed_point_take_pretrained(pair, tmp_path, capsys):
     from utils.folder_sampling import sample_folder
     flags = ['--num_classes', '2', '--per_class', '2', '--batch_size', '2', '--use_implicit', '--iter_left', '3',
              '--iter_right', '2', '--device', 'cpu']
-    sampling.main(sampling.parse_args(['--pretrained', str(pair / 'tiny-viar'), '--sample_dir', str(tmp_path / 's1'),
-                                       *flags]))
-    sampling.main(sampling.parse_args(['--ckpt_path', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
-                                       '--sample_dir', str(tmp_path / 's2'), *flags]))
+    run_main(sampling.main, ['--pretrained', str(pair / 'tiny-viar'), '--sample_dir', str(tmp_path / 's1'),
+                                       *flags])
+    run_main(sampling.main, ['--ckpt_path', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
+                                       '--sample_dir', str(tmp_path / 's2'), *flags])
     npz1 = tmp_path / 's1' / 'implicit-tiny-viar-cfg-1.5-seed-1.npz'
     npz2 = tmp_path / 's2' / 'implicit-viar.pth-cfg-1.5-seed-1.npz'
     with np.load(npz1) as z1, np.load(npz2) as z2:

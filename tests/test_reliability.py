@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_main import run_main
 
 import evaluator
 import sampling
@@ -207,7 +208,7 @@ def test_check_data_lists_empty_class_folders_with_the_bad_images(tmp_path, caps
     (data / 'train' / 'birds').mkdir()
     (data / 'train' / 'cats' / '2.png').write_bytes(b'broken')
     out = tmp_path / 'out'
-    rc = train_vae.run(['--data_path', str(data), '--check_data', '--local_out_dir_path', str(out), '--pn', '1_2',
+    rc = train_vae.main(['--data_path', str(data), '--check_data', '--local_out_dir_path', str(out), '--pn', '1_2',
                         '--ch', '32', '--ch_mult', '1_2', '--norm_groups', '8', '--workers', '0'])
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
@@ -229,14 +230,14 @@ def test_train_vae_exports_nothing_before_the_first_step(tmp_path, capsys):
     for p in (data / 'train').rglob('*.png'):
         p.write_bytes(b'broken')
     out = tmp_path / 'out'
-    rc = train_vae.run(['--data_path', str(data), '--local_out_dir_path', str(out), *VAE_FLAGS])
+    rc = train_vae.main(['--data_path', str(data), '--local_out_dir_path', str(out), *VAE_FLAGS])
     err = capsys.readouterr().err
     assert rc == 1 and 'nothing was trained, no checkpoint written' in err and '--check_data' in err, err
     assert not list(out.glob('*.pth'))
     # an unreadable validation image of the reconstruction grid, read before step 1: the same hints
     data2 = make_data(tmp_path / 'd2')
     (data2 / 'val' / 'cats' / '0.png').write_bytes(b'broken')
-    rc = train_vae.run(['--data_path', str(data2), '--local_out_dir_path', str(tmp_path / 'o2'), *VAE_FLAGS])
+    rc = train_vae.main(['--data_path', str(data2), '--local_out_dir_path', str(tmp_path / 'o2'), *VAE_FLAGS])
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and '--check_data' in err and '--skip_bad_images' in err
 
@@ -303,25 +304,25 @@ def test_class_names_are_read_and_accepted_by_name(named_ckpts, tmp_path, capsys
         resolve_class_labels(['cats'], None, 3)
     import gen_img
     # no --use_implicit for this VIAR checkpoint: the architecture is as the file says
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(named_ckpts / 'ar-ckpt-last.pth'), '--vae_ckpt',
+    run_main(gen_img.main, ['--var_ckpt', str(named_ckpts / 'ar-ckpt-last.pth'), '--vae_ckpt',
                                      str(named_ckpts / 'vae.pth'), '--class_label', 'owls', 'cats', '--seeds', '0',
-                                     '--output_dir', str(tmp_path)]))
+                                     '--output_dir', str(tmp_path)])
     out = capsys.readouterr().out
     assert '0 cats, 1 dogs, 2 owls' in out
     assert sorted(p.name for p in (tmp_path / 'ar-ckpt-last').iterdir()) == ['class0_seed0.png', 'class2_seed0.png']
     with pytest.raises(SystemExit):     # --use_implicit False is still checked against the file
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(named_ckpts / 'bare.pth'), '--vae_ckpt',
+        run_main(gen_img.main, ['--var_ckpt', str(named_ckpts / 'bare.pth'), '--vae_ckpt',
                                          str(named_ckpts / 'vae.pth'), '--use_implicit', 'False', '--seeds', '0',
-                                         '--class_label', '1', '--output_dir', str(tmp_path)]))
+                                         '--class_label', '1', '--output_dir', str(tmp_path)])
     assert 'add --use_implicit' in capsys.readouterr().err
 
 
 def test_sampling_on_a_full_disk_is_one_line(named_ckpts, tmp_path, monkeypatch, capsys):
     fill_disk_after(monkeypatch, 2000)          # the config fits, an image does not
     with pytest.raises(SystemExit) as e:
-        sampling.main(sampling.parse_args(['--ckpt_path', str(named_ckpts / 'ar-ckpt-last.pth'), '--vae_ckpt',
+        run_main(sampling.main, ['--ckpt_path', str(named_ckpts / 'ar-ckpt-last.pth'), '--vae_ckpt',
                                            str(named_ckpts / 'vae.pth'), '--sample_dir', str(tmp_path), '--num_classes',
-                                           '1', '--per_class', '1']))
+                                           '1', '--per_class', '1'])
     out, err = capsys.readouterr()
     err = '\n'.join(line for line in err.splitlines() if 'batch/s' not in line).strip()      # no progress bar
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and err.startswith('sampling.py: error: '), err
@@ -343,7 +344,7 @@ def test_train_py_prints_and_stores_the_class_names(tmp_path, capsys):
     vae = VQVAE(vocab_size=16, z_channels=8, ch=32, v_patch_nums=(1, 2, 4, 8), ch_mult=(1, 2), norm_groups=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     out = tmp_path / 'run'
-    rc = train.run(['--data_path', str(data), '--vae_ckpt', str(tmp_path / 'vae.pth'), '--pn', '1_2_4_8', '--depth',
+    rc = train.main(['--data_path', str(data), '--vae_ckpt', str(tmp_path / 'vae.pth'), '--pn', '1_2_4_8', '--depth',
                     '1', '--bs', '2', '--ep', '1', '--seed', '0', '--workers', '0', '--mid_reso', '1',
                     '--local_out_dir_path', str(out)])
     cap = capsys.readouterr()
@@ -351,9 +352,9 @@ def test_train_py_prints_and_stores_the_class_names(tmp_path, capsys):
     assert '[data] classes (label: folder; stored in the checkpoint): 0 cats, 1 dogs, 2 owls' in cap.out
     ckpt = torch.load(out / 'ar-ckpt-last.pth', weights_only=True)
     assert class_names(ckpt) == ('cats', 'dogs', 'owls')
-    gen_img.main(gen_img.parse_args(['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
+    run_main(gen_img.main, ['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
                                      str(tmp_path / 'vae.pth'), '--class_label', 'dogs', '--seeds', '3',
-                                     '--output_dir', str(tmp_path / 'g')]))
+                                     '--output_dir', str(tmp_path / 'g')])
     assert (tmp_path / 'g' / 'ar-ckpt-last' / 'class1_seed3.png').is_file()
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_main import run_main
 
 import gen_img
 import sampling
@@ -60,7 +61,7 @@ def ckpts(tmp_path_factory):
 
 
 def run_sampling(argv):
-    sampling.main(sampling.parse_args(argv))
+    run_main(sampling.main, argv)
 
 
 def official_batch(var, c, g_seed, B, iters=(10, 10), cfg=1.5):
@@ -310,8 +311,8 @@ def test_gen_img_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, mo
     for name in ('setup_device', 'load_models'):
         monkeypatch.setattr(gen_img, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
     with pytest.raises(SystemExit) as e:
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
-                                         '--output_dir', str(tmp_path / 'g')] + argv))
+        run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                                         '--output_dir', str(tmp_path / 'g')] + argv)
     err = capsys.readouterr().err
     assert e.value.code == 1 and expected in err and err.startswith('gen_img.py: error: '), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
@@ -319,14 +320,14 @@ def test_gen_img_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, mo
 
 def test_gen_img_rejects_classes_the_checkpoint_lacks_and_an_output_dir_that_is_a_file(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        gen_img.main(gen_img.parse_args(['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
-                                         '--class_label', '0', '3', '--output_dir', str(tmp_path / 'g')]))
+        run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                                         '--class_label', '0', '3', '--output_dir', str(tmp_path / 'g')])
     err = capsys.readouterr().err
     assert e.value.code == 1 and '--class_label 3 out of range' in err and 'classes 0..2' in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()
     (tmp_path / 'f').write_text('a file')
     with pytest.raises(SystemExit) as e:
-        gen_img.main(gen_img.parse_args(['--output_dir', str(tmp_path / 'f')]))
+        run_main(gen_img.main, ['--output_dir', str(tmp_path / 'f')])
     assert e.value.code == 1 and 'is a file, not a folder: pass another --output_dir' in capsys.readouterr().err
 
 
@@ -479,9 +480,9 @@ def test_sampler_kwargs_come_from_the_flags():
 
 
 def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
-    gen_img.main(gen_img.parse_args(['--use_implicit', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
+    run_main(gen_img.main, ['--use_implicit', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
                                      str(ckpts / 'vae.pth'), '--class_label', '0', '2', '--seeds', '3', '4', '5',
-                                     '--save_grid', '--nrow', '3', '--output_dir', str(tmp_path)]))
+                                     '--save_grid', '--nrow', '3', '--output_dir', str(tmp_path)])
     out = tmp_path / 'viar'
     names = sorted(p.name for p in out.glob('*.png'))
     singles = [f'class{c}_seed{s}.png' for c in (0, 2) for s in (3, 4, 5)]
@@ -501,8 +502,8 @@ def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
 
 def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        gen_img.main(gen_img.parse_args(['--use_implicit', '--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt',
-                                         str(ckpts / 'vae.pth'), '--output_dir', str(tmp_path / 'g')]))
+        run_main(gen_img.main, ['--use_implicit', '--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt',
+                                         str(ckpts / 'vae.pth'), '--output_dir', str(tmp_path / 'g')])
     err = capsys.readouterr().err
     assert e.value.code == 1 and 'holds a VAR model' in err and 'drop --use_implicit' in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'g').exists()

@@ -1,6 +1,6 @@
 """train.py / scripts/train.sh on CPU: a tiny tokenizer (V=64, Cvae=8, ch=32), 3 classes of 64 px images made
 here, depth-2 VAR / VIAR.  Training runs are subprocesses with one thread each (torchrun + gloo for 2 ranks);
-error paths run in-process through ``train.run``."""
+error paths run in-process through ``train.main``."""
 import json
 import math
 import os
@@ -109,7 +109,7 @@ def tb_dir(out):
 
 def run_inprocess(argv, capsys):
     import train
-    rc = train.run(argv)
+    rc = train.main(argv)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 

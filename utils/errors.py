@@ -1,17 +1,22 @@
 """The errors a user can cause, and the one exit wrapper every script uses (a leaf module: imports nothing of ours).
 
 Every user-fixable problem is a ``UserError`` (or a subclass: ``CheckpointError``, ``DataError``, ``SamplingError``,
-``EvalError`` ...) whose message is one sentence saying what to do.  ``run_cli(main)`` turns it into one line on
-stderr and exit status 1; ``Preempted`` (a checkpoint was saved, then SIGTERM/SIGINT stopped the run) into 143;
-Ctrl-C into 130.  Set ``VIAR_TRACEBACK=1`` to see the full traceback instead.  A script's ``main(args)`` that ends
-the process on an error uses ``run_cli_or_exit``; a ``main(argv) -> status`` that parses its own command line,
-``run_cli_parsed``.
+``EvalError`` ...) whose message is one sentence saying what to do.  Every script has the same entry point::
+
+    def main(argv=None) -> int:
+        return run_cli(lambda: work(get_parser().parse_args(argv)), PROG)
+
+    if __name__ == '__main__':
+        raise SystemExit(main())
+
+``run_cli`` turns a ``UserError`` into one line on stderr and status 1, ``Preempted`` (a checkpoint was saved, then
+SIGTERM/SIGINT stopped the run) into 143, Ctrl-C into 130.  ``VIAR_TRACEBACK=1`` shows the full traceback instead.
 """
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-__all__ = ['UserError', 'Preempted', 'EXIT_PREEMPTED', 'one_line', 'run_cli', 'run_cli_or_exit', 'run_cli_parsed']
+__all__ = ['UserError', 'Preempted', 'EXIT_PREEMPTED', 'one_line', 'run_cli']
 
 EXIT_PREEMPTED = 143        # the exit status after a signal stopped a run that saved its checkpoint first
 INTERRUPTED = 'interrupted; what was written so far is kept'        # run_cli's default Ctrl-C line
@@ -43,16 +48,19 @@ def _reports(e: BaseException) -> bool:
     return os.environ.get('RANK', '0') == '0' or getattr(e, 'every_rank', False)
 
 
-def run_cli(main: Callable[[], Optional[int]], prog: Optional[str] = None, interrupted: str = INTERRUPTED) -> int:
-    """Runs ``main()`` and returns the process exit status: 0 (or main's own), 1 for a ``UserError``, 143 for
-    ``Preempted``, 130 for Ctrl-C.  With ``VIAR_TRACEBACK=1`` errors propagate with their traceback."""
+def _status(result: Any) -> int:
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def run_cli(work: Callable[[], Any], prog: Optional[str] = None, interrupted: str = INTERRUPTED) -> int:
+    """Runs ``work()`` and returns the process exit status: ``work``'s own if it returns an int (other results, kept
+    for callers in Python, mean 0), 1 for a ``UserError``, 143 for ``Preempted``, 130 for Ctrl-C.  With
+    ``VIAR_TRACEBACK=1`` errors propagate with their traceback (the chain of causes included)."""
     prog = prog or os.path.basename(sys.argv[0] or 'viar')
     if os.environ.get('VIAR_TRACEBACK', '').strip() not in ('', '0'):
-        rc = main()
-        return 0 if rc is None else int(rc)
+        return _status(work())
     try:
-        rc = main()
-        return 0 if rc is None else int(rc)
+        return _status(work())
     except Preempted as e:
         print(f'[{prog}] stopped: {one_line(e)}', flush=True)
         return EXIT_PREEMPTED
@@ -63,21 +71,3 @@ def run_cli(main: Callable[[], Optional[int]], prog: Optional[str] = None, inter
     except KeyboardInterrupt:
         print(f'{prog}: {interrupted}', file=sys.stderr, flush=True)
         return 130
-
-
-def run_cli_or_exit(main: Callable[[], Optional[int]], prog: Optional[str] = None,
-                    interrupted: str = INTERRUPTED) -> None:
-    """``run_cli(main, prog, interrupted)``; returns when it ended with status 0, else ends the process with it."""
-    rc = run_cli(main, prog, interrupted)
-    if rc:
-        raise SystemExit(rc)
-
-
-def run_cli_parsed(main: Callable[[Any], Any], get_parser: Callable[[], Any], argv: Optional[Sequence[str]],
-                   prog: Optional[str] = None, interrupted: str = INTERRUPTED) -> int:
-    """The exit status (``run_cli``) of ``main(get_parser().parse_args(argv))``, whatever ``main`` returns (its
-    result is for callers in Python).  The command line is parsed inside: a bad flag ends with argparse's usage
-    message and status 2."""
-    def go():
-        main(get_parser().parse_args(argv))
-    return run_cli(go, prog, interrupted)
