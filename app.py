@@ -55,10 +55,11 @@ from utils.sampling_utils import (
     setup_device,
     to_uint8,
 )
+from utils.zoo import VIAR_MODEL, default_path
 
 PROG = 'app.py'
 MAX_IMAGES = 16         # images per call (one sampler call each)
-PUBLISHED_VIAR = 'ckpts/viar.pth'
+PUBLISHED_VIAR = default_path(VIAR_MODEL)
 EDIT_MODES = {'in-paint': 'inpaint', 'out-paint': 'outpaint', 're-draw as a class': 'class'}
 
 

@@ -19,26 +19,22 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from utils.errors import UserError, run_cli  # noqa: E402  (a leaf module: cheap, and needed for the exit wrapper)
+from utils.flags import Parser  # noqa: E402  (a leaf module too)
 
 PROG = 'demo.py'
 
 
 # ============================================== command line ==========================================================
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):       # a bad flag is one line, like every other user error of the demo
-        raise UserError(message)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.split('\n\n')[0], allow_abbrev=False, error_class=UserError,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)     # a bad flag: one line, as every error
     p.add_argument('--out', type=str, default='demo_output', help='everything goes here')
     g = p.add_argument_group('data')
     g.add_argument('--classes', type=int, default=8, help='number of procedural classes (2-8)')
@@ -117,21 +113,11 @@ class Schedule:
         return dict(iter_left=self.il, iter_right=self.ir, iter_tol=self.tol)
 
 
-def parse_schedule(s: str) -> Tuple[int, int]:
-    try:
-        a, b = (int(v) for v in s.split('-'))
-    except ValueError as e:
-        raise UserError(f'--iters {s!r}: a schedule looks like 10-10 (implicit iterations at the first and the last '
-                        f'scale)') from e
-    if a < 1 or b < 1:
-        raise UserError(f'--iters {s!r}: iteration counts must be >= 1')
-    return a, b
-
-
 def check_args(args) -> Plan:
     """Every flag checked up front; a problem is one ``UserError`` sentence naming the flag."""
     from utils import demo_data
     from utils.arg_util import parse_patch_nums
+    from utils.flags import parse_iterations
     n_max = len(demo_data.CLASSES)
     if not 2 <= args.classes <= n_max:
         raise UserError(f'--classes must be 2 to {n_max} (the demo dataset has {n_max} classes), got {args.classes}')
@@ -175,7 +161,9 @@ def check_args(args) -> Plan:
         raise UserError(f'--pn {args.pn} with --vae_ch_mult {args.vae_ch_mult} ({down}x downsampling) gives {reso} px '
                         f'images, but {os.path.join(args.out, "data")} holds the demo pictures at {made} px: {fit}, '
                         f'or pass another --out')
-    schedules = [Schedule(*parse_schedule(s)) for s in args.iters]
+    schedules = [Schedule(*parse_iterations(s, '--iters', UserError)) for s in args.iters]
+    if any(min(s) < 1 for s in schedules):
+        raise UserError(f'--iters {" ".join(args.iters)}: iteration counts must be >= 1')
     if len(set(schedules)) < len(schedules):
         raise UserError(f'--iters {" ".join(args.iters)}: a schedule is given twice')
     if not (math.isfinite(args.iter_tol) and args.iter_tol >= 0):

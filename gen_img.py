@@ -26,6 +26,7 @@ from utils.sampling_utils import (
     check_args,
     check_output_dir,
     default_var_ckpt,
+    default_var_ckpt_help,
     dtype_name,
     guard_writes,
     load_models,
@@ -45,8 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--var_ckpt', type=str, default=None,
-                   help='VAR/VIAR/FlexVAR checkpoint (default: ckpts/viar.pth with --use_implicit, else '
-                        'ckpts/var_d{depth}.pth, depth 30 when not given)')
+                   help='VAR/VIAR/FlexVAR checkpoint ' + default_var_ckpt_help(', depth 30 when not given'))
     p.add_argument('--class_label', type=str, nargs='+', default=['970'],
                    help='one or several classes: indices (ImageNet for the published files), or the class folder names '
                         'a train.py checkpoint records (e.g. cats)')

@@ -10,10 +10,12 @@ import os
 dependencies = ['torch', 'numpy', 'safetensors']
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FLEX_FILES = {16: 'FlexVARd16-epo179.pth', 20: 'FlexVARd20-epo249.pth', 24: 'FlexVARd24-epo349.pth'}
 
 
-def _published(var_file: str, vae_file: str, device, ckpt_dir):
+def _published(var_file: str, device, ckpt_dir):
+    """The published transformer ``var_file`` and its tokenizer (the registry ``utils.zoo.MODELS``)."""
+    from utils.zoo import MODELS
+    vae_file = MODELS[var_file].tokenizer
     from models.checkpoint import load_vae_var
     from utils.download import default_path, ensure_checkpoint
     paths = [default_path(f, ckpt_dir) for f in (var_file, vae_file)]
@@ -29,7 +31,8 @@ def var(depth: int = 16, pretrained: bool = True, device='cpu', ckpt_dir: str = 
     if pretrained:
         if kw:
             raise TypeError(f'var(pretrained=True) takes no architecture arguments, got {sorted(kw)}')
-        return _published(f'var_d{depth}.pth', 'vae_ch160v4096z32.pth', device, ckpt_dir)
+        from utils.zoo import var_file
+        return _published(var_file(depth), device, ckpt_dir)
     if depth == 36:
         kw = {'shared_aln': True, 'patch_nums': PATCH_NUMS_512, **kw}
     return build_vae_var(device=device, depth=depth, **kw)
@@ -41,7 +44,8 @@ def viar(pretrained: bool = True, device='cpu', ckpt_dir: str = os.path.join(HER
     if pretrained:
         if kw:
             raise TypeError(f'viar(pretrained=True) takes no architecture arguments, got {sorted(kw)}')
-        return _published('viar.pth', 'vae_ch160v4096z32.pth', device, ckpt_dir)
+        from utils.zoo import VIAR_MODEL
+        return _published(VIAR_MODEL, device, ckpt_dir)
     return build_vae_var(device=device, **{'depth': 30, 'use_implicit': True, 'pre_depth': 5, 'post_depth': 5, **kw})
 
 
@@ -52,7 +56,9 @@ def flexvar(depth: int = 24, pretrained: bool = True, device='cpu', ckpt_dir: st
     if pretrained:
         if kw:
             raise TypeError(f'flexvar(pretrained=True) takes no architecture arguments, got {sorted(kw)}')
-        if depth not in FLEX_FILES:
-            raise ValueError(f'FlexVAR publishes depths {sorted(FLEX_FILES)}, not {depth}')
-        return _published(FLEX_FILES[depth], 'FlexVAE.pth', device, ckpt_dir)
+        from utils.zoo import flex_models
+        published = flex_models()
+        if depth not in published:
+            raise ValueError(f'FlexVAR publishes depths {sorted(published)}, not {depth}')
+        return _published(published[depth].file, device, ckpt_dir)
     return build_flexvar(device=device, depth=depth, **kw)

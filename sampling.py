@@ -55,6 +55,7 @@ from utils.sampling_utils import (
     sampler_kwargs,
     setup_device,
 )
+from utils.zoo import VIAR_MODEL, default_path
 
 PROG = 'sampling.py'
 
@@ -82,7 +83,7 @@ def identity(args) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt_path', type=str, default='ckpts/viar.pth', help='VAR, VIAR or FlexVAR checkpoint')
+    p.add_argument('--ckpt_path', type=str, default=default_path(VIAR_MODEL), help='VAR, VIAR or FlexVAR checkpoint')
     p.add_argument('--sample_dir', type=str, default='samples', help='parent folder of the sample folder and npz')
     p.add_argument('--seed', type=int, default=1, help='batch i of every class uses g_seed = seed + i')
     p.add_argument('--num_classes', type=int, default=1000, help='sample classes 0 .. num_classes-1')

@@ -29,10 +29,10 @@ from models.checkpoint import CheckpointError, describe_classes, load_vae, token
 from utils import dist, training
 from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
-from utils.download import hf_url
 from utils.errors import UserError
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
 from utils.training import Batches, Pace, Run, Sums
+from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, hf_url
 
 ARCH_FLAGS = ('depth', 'use_implicit', 'p_depth', 'pn', 'saln', 'anorm', 'num_classes', 'flex')  # a resume keeps them
 VAE_ID_KEYS = ('quantize.embedding.weight', 'quant_conv.weight', 'quant_conv.bias', 'encoder.conv_in.weight',
@@ -41,8 +41,8 @@ EPOCH_SUMS = ('L_mean', 'L_tail', 'acc_mean', 'acc_tail', 'iters', 'skipped', 'g
 
 
 def vae_hint(flex: bool) -> str:
-    name = 'FlexVAE.pth' if flex else 'vae_ch160v4096z32.pth'
-    return f'download it from {hf_url(name)} and place it in ckpts/ (or pass --vae_ckpt /path/to/it)'
+    return (f'download it from {hf_url(FLEX_TOKENIZER if flex else VAR_TOKENIZER)} and place it in ckpts/ '
+            f'(or pass --vae_ckpt /path/to/it)')
 
 
 class Step(NamedTuple):
@@ -93,9 +93,9 @@ def build_model(args, vae, dev):
     if args.flex != isinstance(vae, FlexVAE):
         if args.flex:
             raise CheckpointError(f"--flex trains FlexVAR on FlexVAR's tokenizer, but --vae_ckpt {args.vae_ckpt!r} is "
-                                  f"VAR's multi-scale VQVAE: pass FlexVAE.pth as --vae_ckpt (or drop --flex)")
+                                  f"VAR's multi-scale VQVAE: pass {FLEX_TOKENIZER} as --vae_ckpt (or drop --flex)")
         raise CheckpointError(f"--vae_ckpt {args.vae_ckpt!r} is FlexVAR's tokenizer (FlexVAE): add --flex to train "
-                              f"FlexVAR, or pass VAR's tokenizer (vae_ch160v4096z32.pth)")
+                              f"FlexVAR, or pass VAR's tokenizer ({VAR_TOKENIZER})")
     feed = FlexFeed if args.flex else Feed
     var_wo_ddp = build_var(
         vae, device=dev, patch_nums=tuple(args.patch_nums), num_classes=args.num_classes, depth=args.depth,

@@ -29,8 +29,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from utils import dist
 from utils.errors import UserError, run_cli
-from utils.sampling_utils import SLOW_BF16_NOTE, cpu_has_native_bf16
+from utils.flags import FLEX_SCHEDULE_PRESETS, parse_iterations, parse_scales
+from utils.sampling_utils import SLOW_BF16_NOTE, autocast, cpu_has_native_bf16, resolve_dtype
 
 MODELS = {
     'var_d16': dict(depth=16),
@@ -38,13 +40,13 @@ MODELS = {
     'var_d24': dict(depth=24),
     'var_d30': dict(depth=30),
     'viar_d30': dict(depth=30, use_implicit=True, pre_depth=5, post_depth=5),
-    # FlexVAR (github jiaosiyu1999/FlexVAR): FlexVARd{16,20,24}-epo*.pth's shapes on FlexVAE.pth's (V 8912, Cvae 32)
+    # FlexVAR (github jiaosiyu1999/FlexVAR): the published FlexVAR-d{16,20,24} on its tokenizer (V 8912, Cvae 32)
     'flexvar_d16': dict(depth=16, flex=True),
     'flexvar_d20': dict(depth=20, flex=True),
     'flexvar_d24': dict(depth=24, flex=True),
     'flexviar_d16': dict(depth=16, flex=True, use_implicit=True, pre_depth=5, post_depth=5),   # not published
 }
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+DTYPES = ('fp32', 'bf16', 'fp16')
 # RTX 4090, 256 px, from the paper (VIAR with lowered per-scale iterations)
 PAPER = {'var_d30': dict(img_s=15.16, mem_gb=19.24), 'viar_d30': dict(img_s=32.08, mem_gb=8.53)}
 
@@ -230,12 +232,6 @@ class Probe:
 
 
 # ============================================== benchmarks ============================================================
-def autocast(device, dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flops, variants=((None, False),),
                    infer_pn=None):
     """One schedule and batch size under each (iter_tol, trace) of ``variants`` (passed to
@@ -257,7 +253,7 @@ def bench_sampling(var, vae, name, B, schedule_lr, args, device, dtype, peak_flo
             for iter_tol, trace in variants:
                 probe.reset()
                 trim_host_memory()
-                with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, dtype):
+                with PeakMemory(device) as mem, torch.inference_mode(), autocast(device, amp(dtype)):
                     sync(device)
                     t0, c0 = time.perf_counter(), time.process_time()
                     var.autoregressive_infer_cfg(B, labels, g_seed=rep, cfg=1.5, top_k=900, top_p=0.96,
@@ -315,7 +311,7 @@ def bench_training(var, vae, name, B, n0, n1, args, device, dtype, grad_ckpt=Fal
             sync(device)
             t0 = time.perf_counter()
             with meter:
-                with autocast(device, dtype):
+                with autocast(device, amp(dtype)):
                     logits_BLV = var(label_B, x_BLCv, iters=(n0, n1) if var.use_implicit else None)
                     loss = F.cross_entropy(logits_BLV.view(-1, vae.vocab_size), gt_BL.view(-1))
                 loss.backward()
@@ -516,17 +512,6 @@ def parse_tols(s) -> List[Optional[float]]:
     return list(dict.fromkeys(tols))
 
 
-def parse_schedule(s):
-    for sep in ('->', '→', ':', '-'):
-        if sep in s:
-            a, b = s.split(sep, 1)
-            try:
-                return int(a), int(b)
-            except ValueError:
-                break
-    raise BenchError(f'could not read the iteration schedule {s!r}; write LEFT-RIGHT, e.g. 10-5')
-
-
 @dataclass
 class Setup:
     """What the flags resolve to (defaults filled in for the device)."""
@@ -546,47 +531,39 @@ class Setup:
     infer_pns: List[Tuple[int, ...]]         # FlexVAR's schedules of scales
 
 
-def resolve_device(name: str) -> torch.device:
-    device = name if name != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise BenchError('--device cuda was asked for but no CUDA GPU is visible; use --device cpu')
-    device = torch.device(device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    return device
+def amp(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The autocast dtype of the measured ``dtype`` (None: fp32, no autocast)."""
+    return None if dtype == torch.float32 else dtype
 
 
 def resolve_patch_nums(args) -> Tuple[int, ...]:
     from models import PATCH_NUMS_256, PATCH_NUMS_512
     if not args.patch_nums:
         return PATCH_NUMS_512 if args.reso == 512 else PATCH_NUMS_256
-    return parse_scales(args.patch_nums.replace(',', '_'), '--patch_nums')
+    return scales(args.patch_nums.replace(',', '_'), '--patch_nums')
 
 
-def parse_scales(text: str, flag: str) -> Tuple[int, ...]:
-    """Token-map sides like 1_2_3_4, strictly increasing from 1."""
+def scales(text: str, flag: str, presets=None) -> Tuple[int, ...]:
+    """Token-map sides like 1_2_3_4, strictly increasing from 1 (``utils.flags.parse_scales``)."""
     try:
-        pns = tuple(int(x) for x in text.strip().replace('-', '_').split('_'))
+        return parse_scales(text, presets, from_one=True)
     except ValueError:
-        pns = ()
-    if not pns or pns[0] != 1 or any(a >= b for a, b in zip(pns, pns[1:])):
-        raise BenchError(f'{flag} must be increasing and start at 1 (sides like 1_2_4_8), got {text!r}')
-    return pns
+        raise BenchError(f'{flag} must be increasing and start at 1 (sides like 1_2_4_8), got {text!r}') from None
 
 
 def resolve_infer_pns(args, patch_nums) -> List[Tuple[int, ...]]:
     """``--infer_pn``: comma-separated FlexVAR schedules (default: the scales of ``--patch_nums`` / ``--reso``)."""
     texts = [t for t in (args.infer_pn or '').split(',') if t.strip()]
-    return list(dict.fromkeys(parse_scales(t, '--infer_pn') for t in texts)) or [tuple(patch_nums)]
+    return list(dict.fromkeys(scales(t, '--infer_pn', FLEX_SCHEDULE_PRESETS) for t in texts)) or [tuple(patch_nums)]
 
 
 def resolve_setup(args) -> Setup:
     """Every flag checked and its device default filled in, before anything is built or measured."""
-    device = resolve_device(args.device)
+    device = dist.init_distributed(args.device)
     on_cpu = device.type == 'cpu'
     if args.dtype not in DTYPES:
         raise BenchError(f'--dtype must be one of {", ".join(DTYPES)}, got {args.dtype!r}')
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device) or torch.float32
     if on_cpu and dtype == torch.float16:
         raise BenchError('fp16 autocast is a CUDA path; use --dtype bf16 or fp32 on CPU')
     if args.reps < 1 or args.warmup < 0:
@@ -606,10 +583,11 @@ def resolve_setup(args) -> Setup:
         device=device, dtype=dtype, width=width, train_width=train_width,
         vae_ch=args.vae_ch if args.vae_ch > 0 else (32 if on_cpu else 0), patch_nums=patch_nums,
         sample_models=sample_models, train_models=train_models,
-        schedules=[parse_schedule(s) for s in parse_list(args.schedules, 'schedules', str)] or [(10, 10)],
+        schedules=[parse_iterations(s, error=BenchError) for s in parse_list(args.schedules, 'schedules', str)]
+        or [(10, 10)],
         iter_tols=parse_tols(args.iter_tol),
         batch_sizes=parse_list(args.batch_sizes, 'batch sizes') or ([2] if on_cpu else [16, 64]),
-        grid=[parse_schedule(s) for s in parse_list(args.train_grid, 'training grid', str)],
+        grid=[parse_iterations(s, error=BenchError) for s in parse_list(args.train_grid, 'training grid', str)],
         grad_ckpt=parse_grad_ckpt(args.train_grad_ckpt),
         infer_pns=resolve_infer_pns(args, patch_nums))
 

@@ -42,6 +42,7 @@ from utils.sampling_utils import (
     check_args,
     check_output_dir,
     default_var_ckpt,
+    default_var_ckpt_help,
     dtype_name,
     load_models,
     make_output_dir,
@@ -72,8 +73,8 @@ def get_parser() -> argparse.ArgumentParser:
                         'checkpoint records (default: unconditional in/out-painting)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3], help='one result per seed (and class)')
     p.add_argument('--var_ckpt', type=str, default=None,
-                   help='VAR/VIAR checkpoint (default: ckpts/viar.pth with --use_implicit, else '
-                        'ckpts/var_d{depth}.pth with depth 36, the 512 px model the notebook recommends)')
+                   help='VAR/VIAR checkpoint ' + default_var_ckpt_help(' with depth 36, the 512 px model the notebook '
+                                                                       'recommends'))
     p.add_argument('--output_dir', type=str, default='edit_images')
     add_common_args(p)
     # the notebook's editing call: cfg 3, top-k 900, top-p 0.95, more_smooth

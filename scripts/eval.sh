@@ -34,37 +34,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 NPROC=${NPROC:-1}
 FLEXVAR=${FLEXVAR:-}
-RESO=256
+# the model, its tokenizer and the evaluation settings come from the registry of published models (utils/zoo.py):
+# the resolution, the .npz sampling.py packs, then sampling.py's arguments, one a line; a bad setting is one line
+ZOO_PY=python3
+command -v python3 > /dev/null || ZOO_PY=$PY
 if [ -n "$FLEXVAR" ]; then
-  case "$FLEXVAR" in
-    d16) FLEX_CKPT=FlexVARd16-epo179.pth ;;
-    d20) FLEX_CKPT=FlexVARd20-epo249.pth ;;
-    d24) FLEX_CKPT=FlexVARd24-epo349.pth ;;
-    *) echo "error: FLEXVAR must be d16, d20 or d24 (the published FlexVAR checkpoints), got '$FLEXVAR'" >&2; exit 1 ;;
-  esac
-  INFER_PN=${INFER_PN:-256}
-  case "$INFER_PN" in
-    256) PN=1_2_3_4_5_6_8_10_13_16 ;;
-    512) PN=1_2_3_4_5_6_7_8_9_10_12_14_16_23_32 ;;
-    *) PN=${INFER_PN//-/_} ;;
-  esac
-  if ! [[ "$PN" =~ ^[0-9]+(_[0-9]+)*$ ]]; then
-    echo "error: INFER_PN must be token-map sides like 1_2_3_4_5_6_8_10_13_16, or 256 / 512, got '$INFER_PN'" >&2
-    exit 1
-  fi
-  IFS=_ read -ra SIDES <<< "$PN"
-  PN=""
-  for s in "${SIDES[@]}"; do PN+="${PN:+_}$((10#$s))"; done      # as sampling.py names it (no leading zeros)
-  RESO=$((16 * ${PN##*_}))
-  if [ "$RESO" = 512 ]; then CFG=${CFG:-3.0}; else CFG=${CFG:-2.5}; fi
-  if ! [[ "$CFG" =~ ^([0-9]+)(\.([0-9]*))?$ ]]; then
-    echo "error: CFG must be a number like 2.5, got '$CFG'" >&2
-    exit 1
-  fi
-  INT=$((10#${BASH_REMATCH[1]})) FRAC=${BASH_REMATCH[3]}
-  while [[ "$FRAC" == *0 ]]; do FRAC=${FRAC%0}; done
-  CFG="$INT.${FRAC:-0}"                                           # as Python prints the float: 3 -> 3.0, 2.50 -> 2.5
+  SETTINGS=$("$ZOO_PY" -m utils.zoo eval-args --flexvar "$FLEXVAR" --infer_pn "${INFER_PN:-256}" ${CFG:+--cfg "$CFG"}) \
+    || exit 1
+else
+  SETTINGS=$("$ZOO_PY" -m utils.zoo eval-args) || exit 1
 fi
+mapfile -t SETTINGS <<< "$SETTINGS"
+RESO=${SETTINGS[0]}
+NPZ=${SETTINGS[1]}
+SAMPLING_ARGS=("${SETTINGS[@]:2}")
 if [ "$RESO" = 512 ]; then
   REF_BATCH=${REF_BATCH:-data/VIRTUAL_imagenet512.npz}
   REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/VIRTUAL_imagenet512.npz
@@ -92,49 +75,10 @@ else
   LAUNCH=("$PY")
 fi
 
-# For FlexVAR (FLEXVAR=d16|d20|d24, see the top)
-if [ -n "$FLEXVAR" ]; then
-  "${LAUNCH[@]}" sampling.py \
-      --ckpt_path "ckpts/$FLEX_CKPT" \
-      --vae_ckpt ckpts/FlexVAE.pth \
-      --depth "${FLEXVAR#d}" \
-      --infer_pn "$PN" \
-      --cfg "$CFG" \
-      --top_k 900 \
-      --top_p 0.95 \
-      --max_pn 16 \
-      --sample_dir samples
+# VIAR-d30 (the default) or FlexVAR (FLEXVAR=d16|d20|d24, see the top). VAR-d30 is evaluated the same way:
+#   "${LAUNCH[@]}" sampling.py --ckpt_path ckpts/var_d30.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 \
+#       --depth 30 --sample_dir samples
+#   "$PY" evaluator.py "$REF_BATCH" samples/d30-var_d30.pth-cfg-1.5-seed-1.npz
+"${LAUNCH[@]}" sampling.py "${SAMPLING_ARGS[@]}"
 
-  "$PY" evaluator.py \
-      "$REF_BATCH" \
-      "samples/flexvar-$FLEXVAR-$FLEX_CKPT-pn$PN-cfg-$CFG-maxpn-16-seed-1.npz"
-  exit 0
-fi
-
-# For VAR
-# "${LAUNCH[@]}" sampling.py \
-#     --ckpt_path ckpts/var_d30.pth \
-#     --vae_ckpt ckpts/vae_ch160v4096z32.pth \
-#     --cfg 1.5 \
-#     --depth 30 \
-#     --sample_dir samples
-#
-# "$PY" evaluator.py \
-#     "$REF_BATCH" \
-#     samples/d30-var_d30.pth-cfg-1.5-seed-1.npz
-
-
-# For VIAR
-"${LAUNCH[@]}" sampling.py \
-    --ckpt_path ckpts/viar.pth \
-    --vae_ckpt ckpts/vae_ch160v4096z32.pth \
-    --cfg 1.5 \
-    --depth 30 \
-    --sample_dir samples \
-    --use_implicit True \
-    --iter_left 10 \
-    --iter_right 10
-
-"$PY" evaluator.py \
-    "$REF_BATCH" \
-    samples/implicit-viar.pth-cfg-1.5-seed-1.npz
+"$PY" evaluator.py "$REF_BATCH" "$NPZ"

@@ -44,6 +44,7 @@ from utils.sampling_utils import (
     sample_batch,
     setup_device,
 )
+from utils.zoo import VAR_TOKENIZER, VIAR_MODEL, default_path
 
 PROG = 'scripts.fixed_point'
 QUANTILES = (0.1, 0.5, 0.9)
@@ -263,8 +264,9 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m scripts.fixed_point', description=__doc__.split('\n\n')[0],
                                 epilog='\n\n'.join(__doc__.split('\n\n')[1:]), allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--var_ckpt', default='ckpts/viar.pth', help='VIAR checkpoint (architecture read from the file)')
-    p.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='its tokenizer')
+    p.add_argument('--var_ckpt', default=default_path(VIAR_MODEL),
+                   help='VIAR checkpoint (architecture read from the file)')
+    p.add_argument('--vae_ckpt', default=default_path(VAR_TOKENIZER), help='its tokenizer')
     p.add_argument('--pretrained', default=None, metavar='DIR_OR_REPO',
                    help='a VIAR hub folder (models.save_pretrained) or Hugging Face repository holding one, instead of '
                         '--var_ckpt/--vae_ckpt')

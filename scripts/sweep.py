@@ -37,6 +37,7 @@ from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.download import resolve_default
 from utils.errors import UserError, run_cli
+from utils.flags import parse_iterations
 from utils.folder_sampling import (
     NPZ_KEY,
     checkpoint_identity,
@@ -63,6 +64,7 @@ from utils.sampling_utils import (
     sample_batch,
     setup_device,
 )
+from utils.zoo import VAR_TOKENIZER, default_path
 
 PROG = 'scripts.sweep'
 SCORE_NAMES = {'FID': 'fid', 'sFID': 'sfid', 'Inception Score': 'inception_score', 'Precision': 'precision',
@@ -122,13 +124,6 @@ class Point:
 
 
 
-def parse_schedule(text: str) -> Tuple[int, int]:
-    m = re.fullmatch(r'\s*(\d+)\s*(?:-|->|:)\s*(\d+)\s*', text)
-    if not m:
-        raise SweepError(f'could not read the schedule {text!r}: write ITER_LEFT-ITER_RIGHT, e.g. 10-5')
-    return int(m.group(1)), int(m.group(2))
-
-
 def split_list(values: Sequence[str]) -> List[str]:
     """Flag values given space- or comma-separated (``10-10 5-5`` or ``10-10,5-5``)."""
     return [x for v in values for x in v.split(',') if x.strip()]
@@ -168,8 +163,8 @@ def inspect_ckpt(path: str, hub: bool = False) -> Dict[str, Any]:
 
 def plan_points(args) -> List[Point]:
     """Every operating point of the flags, in order: each checkpoint's points together."""
-    schedules = [parse_schedule(s) for s in split_list(args.schedules)]
-    tol_sched = parse_schedule(args.tol_schedule)
+    schedules = [parse_iterations(s, '--schedules', SweepError) for s in split_list(args.schedules)]
+    tol_sched = parse_iterations(args.tol_schedule, '--tol_schedule', SweepError)
     points, labels = [], {}
     sources = [(c, False) for c in dict.fromkeys(args.ckpts)] + [(h, True) for h in dict.fromkeys(args.pretrained)]
     for ckpt, hub in sources:
@@ -592,7 +587,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--pretrained', nargs='+', default=[], metavar='DIR_OR_REPO',
                    help='VAR and VIAR hub folders (models.save_pretrained) or Hugging Face repositories holding one; '
                         'their own tokenizer is used, not --vae_ckpt')
-    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='their tokenizer')
+    g.add_argument('--vae_ckpt', default=default_path(VAR_TOKENIZER), help='their tokenizer')
     g.add_argument('--schedules', nargs='*', default=['10-10', '10-5', '5-5', '10-1', '3-3'],
                    help='VIAR iteration schedules ITER_LEFT-ITER_RIGHT, one point each')
     g.add_argument('--iter_tols', nargs='*', default=[],

@@ -30,6 +30,7 @@ from models import build_vae_var
 from models.var import iterations_per_scale
 from scripts import edit as edit_cli
 from utils.errors import UserError
+from utils.zoo import VIAR_MODEL, var_file
 
 gradio_client = pytest.importorskip('gradio_client', reason='gradio_client is not installed: '
                                                             'pip install -r requirements-app.txt')
@@ -52,7 +53,7 @@ def ckpts(tmp_path_factory):
                              num_classes=NUM_CLASSES, depth=1, use_implicit=True, pre_depth=1, post_depth=1)
     with torch.no_grad():
         var.head.weight.mul_(50)
-    torch.save(var.state_dict(), d / 'viar.pth')
+    torch.save(var.state_dict(), d / VIAR_MODEL)
     torch.save(vae.state_dict(), d / 'vae.pth')
     rng = np.random.RandomState(0)
     Image.fromarray(rng.randint(0, 256, (64, 64, 3), np.uint8)).save(d / 'pic.png')
@@ -77,7 +78,7 @@ def server(ckpts, tmp_path_factory):
     log = tmp_path_factory.mktemp('app_log') / 'app.log'
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', GRADIO_ANALYTICS_ENABLED='False',
                PYTHONUNBUFFERED='1', GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp('gradio_tmp')))
-    cmd = [sys.executable, 'app.py', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+    cmd = [sys.executable, 'app.py', '--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'),
            '--device', 'cpu', '--host', '127.0.0.1', '--port', str(port)]
     with open(log, 'w') as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -128,7 +129,7 @@ def one_thread():
 
 
 def _gen_img(ckpts, out, c, seeds, il, ir, cfg):
-    run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+    run_main(gen_img.main, ['--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'),
                                      '--class_label', str(c), '--seeds', *map(str, seeds), '--cfg', str(cfg),
                                      '--iter_left', str(il), '--iter_right', str(ir), '--output_dir', str(out),
                                      '--use_implicit', '--device', 'cpu'])
@@ -165,7 +166,7 @@ def test_generate_side_by_side(client):
 
 def test_edit_is_scripts_edit(client, ckpts, tmp_path, one_thread):
     rc = edit_cli.main(['--input_img', str(ckpts / 'pic.png'), '--box', '0,0.5,1,1', '--seeds', '3',
-                        '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+                        '--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'),
                         '--iter_left', '4', '--iter_right', '4', '--output_dir', str(tmp_path), '--device', 'cpu',
                         '--use_implicit'])
     assert rc == 0
@@ -271,7 +272,7 @@ def test_demo_output_is_the_default_model(ckpts, tmp_path, monkeypatch):
     demo = tmp_path / 'demo_output'
     (demo / 'viar').mkdir(parents=True)
     (demo / 'vae').mkdir()
-    shutil.copy(ckpts / 'viar.pth', demo / 'viar' / 'ar-ckpt-last.pth')
+    shutil.copy(ckpts / VIAR_MODEL, demo / 'viar' / 'ar-ckpt-last.pth')
     shutil.copy(ckpts / 'vae.pth', demo / 'vae' / 'vae_ch32v64z8.pth')
     for c in ('a_cls', 'b_cls', 'c_cls'):
         (demo / 'data' / 'val' / c).mkdir(parents=True)
@@ -282,8 +283,9 @@ def test_demo_output_is_the_default_model(ckpts, tmp_path, monkeypatch):
     engine = app.load_engine(app.get_parser().parse_args(['--device', 'cpu']))
     assert engine.var_ckpt == os.path.join('demo_output', 'viar', 'ar-ckpt-last.pth')
     assert engine.names == ['a_cls', 'b_cls', 'c_cls'] and engine.implicit and len(engine.val_images) == 3
-    assert app.choose_checkpoints(app.get_parser().parse_args(['--demo_dir', 'nowhere'])) == ('ckpts/viar.pth', False)
-    assert app.choose_checkpoints(app.get_parser().parse_args(['--depth', '16'])) == ('ckpts/var_d16.pth', False)
+    assert app.choose_checkpoints(app.get_parser().parse_args(['--demo_dir', 'nowhere'])) == (
+        f'ckpts/{VIAR_MODEL}', False)
+    assert app.choose_checkpoints(app.get_parser().parse_args(['--depth', '16'])) == (f'ckpts/{var_file(16)}', False)
 
 
 def test_editor_layers_are_the_mask():
@@ -337,11 +339,11 @@ def test_pretrained_hub_folder(ckpts, tmp_path, one_thread):
     from models import save_pretrained
     from models.checkpoint import load_vae_var
     from utils.sampler_settings import SamplerSettings
-    vae, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    vae, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / VIAR_MODEL))
     hub = save_pretrained(vae, var, str(tmp_path / 'hub'), sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2))
     engine = app.load_engine(app.get_parser().parse_args(['--pretrained', hub, '--device', 'cpu']))
     assert engine.var_ckpt == hub and (engine.defaults.cfg, engine.defaults.iter_left) == (3.0, 6)
-    files = app.load_engine(app.get_parser().parse_args(['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
+    files = app.load_engine(app.get_parser().parse_args(['--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt',
                                                          str(ckpts / 'vae.pth'), '--device', 'cpu']))
     np.testing.assert_array_equal(engine.generate(1, 4, 3.0, 6, 2, 1)[0], files.generate(1, 4, 3.0, 6, 2, 1)[0])
     with pytest.raises(UserError, match='drop --vae_ckpt'):
@@ -356,7 +358,7 @@ def test_no_model_offline_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
-    want = REPO / 'ckpts' / 'viar.pth'     # run from elsewhere: the repository's ckpts/, not a new <cwd>/ckpts
+    want = REPO / 'ckpts' / VIAR_MODEL     # run from elsewhere: the repository's ckpts/, not a new <cwd>/ckpts
     assert len(lines) == 1 and lines[0].startswith(f"app.py: error: checkpoint '{want}' is missing"), r.stderr
     assert not (tmp_path / 'ckpts').exists()
     assert 'HF_HUB_OFFLINE' in lines[0] and 'Traceback' not in r.stdout + r.stderr

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models import build_vae_var
+from utils.zoo import VIAR_MODEL
 
 PNS = (1, 2, 3, 4)
 NUM_CLASSES = 4
@@ -288,16 +289,17 @@ def test_fixed_point_flags_reach_the_sampler_the_folder_name_and_the_config():
     assert {k: kw[k] for k in ('iter_tol', 'iter_exit', 'iter_solver', 'anderson_m', 'warm_start')} == dict(
         iter_tol=0.05, iter_exit='row', iter_solver='anderson', anderson_m=3, warm_start=True)
     assert 'anderson_beta' not in kw
-    assert sampling.folder_name(args, 16) == 'implicit-viar.pth-cfg-1.5-tol0.05-row-anderson3-warm-seed-1'
+    assert sampling.folder_name(args, 16) == f'implicit-{VIAR_MODEL}-cfg-1.5-tol0.05-row-anderson3-warm-seed-1'
     from utils.folder_sampling import image_settings
-    settings = image_settings({'ckpt': 'viar.pth'}, 1, 50, 25, kw, True, None)
+    settings = image_settings({'ckpt': VIAR_MODEL}, 1, 50, 25, kw, True, None)
     assert settings['iter_exit'] == 'row' and settings['warm_start'] is True and settings['anderson_m'] == 3
     # today's values spelled out change nothing: same keywords, folder and recorded settings as without them
     plain = sampling.parse_args(['--use_implicit'])
     spelled = sampling.parse_args(['--use_implicit', '--iter_exit', 'batch', '--iter_solver', 'picard',
                                    '--anderson_m', '7', '--warm_start', 'false'])
     assert sampler_kwargs(spelled) == sampler_kwargs(plain)
-    assert sampling.folder_name(spelled, 16) == sampling.folder_name(plain, 16) == 'implicit-viar.pth-cfg-1.5-seed-1'
+    assert sampling.folder_name(spelled, 16) == sampling.folder_name(plain, 16) == (
+        f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1')
     with pytest.raises(SamplingError, match=r'--anderson_m 0 must be >= 1.*--anderson_beta 2.0 must be in \(0, 1\]'):
         check_args(sampling.parse_args(['--anderson_m', '0', '--anderson_beta', '2']))
 
@@ -361,11 +363,11 @@ def test_the_trace_leaves_images_unchanged(viar, dtype):
 # ============================================== scripts/fixed_point.py ================================================
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
-    """vae.pth, var.pth and viar.pth of the tiny models above."""
+    """vae.pth, var.pth and the VIAR file (named as the published one) of the tiny models above."""
     d = tmp_path_factory.mktemp('ckpts')
     for implicit in (False, True):
         vae, model = tiny(implicit)
-        torch.save(model.state_dict(), d / ('viar.pth' if implicit else 'var.pth'))
+        torch.save(model.state_dict(), d / (VIAR_MODEL if implicit else 'var.pth'))
     torch.save(vae.state_dict(), d / 'vae.pth')
     return d
 
@@ -393,7 +395,7 @@ def test_fixed_point_diagnostics(ckpts, tmp_path, viar):
     from scripts import fixed_point
     from utils.misc import png_is_valid
     out = tmp_path / 'fp'
-    argv = ['--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--classes', '1', '3',
+    argv = ['--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'), '--classes', '1', '3',
             '--per_class', '3', '--batch_size', '2', '--seed', '5', '--max_iters', '7', '--ref_iters', '4',
             '--token_iters', '0,1,2,4,7', '--device', 'cpu', '--out', str(out)]
     assert fixed_point.main(argv) == 0
@@ -424,9 +426,9 @@ def test_fixed_point_diagnostics(ckpts, tmp_path, viar):
 
 @pytest.mark.parametrize('which, extra, message', [
     ('var.pth', [], 'has no implicit block: the fixed-point diagnostics need a VIAR checkpoint'),
-    ('viar.pth', ['--classes', '9'], '--classes 9 is out of range'),
-    ('viar.pth', ['--max_iters', '0'], '--max_iters 0 must be >= 1'),
-    ('viar.pth', ['--token_iters', '1,x'], '--token_iters'),
+    (VIAR_MODEL, ['--classes', '9'], '--classes 9 is out of range'),
+    (VIAR_MODEL, ['--max_iters', '0'], '--max_iters 0 must be >= 1'),
+    (VIAR_MODEL, ['--token_iters', '1,x'], '--token_iters'),
     ('missing.pth', [], 'missing.pth'),
 ])
 def test_fixed_point_bad_input_is_one_line(ckpts, tmp_path, capsys, which, extra, message):
@@ -441,7 +443,7 @@ def test_fixed_point_bad_input_is_one_line(ckpts, tmp_path, capsys, which, extra
 
 # ============================================== scripts/sweep.py ======================================================
 def sweep_argv(ckpts, out, *extra):
-    return ['--ckpts', str(ckpts / 'var.pth'), str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+    return ['--ckpts', str(ckpts / 'var.pth'), str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'),
             '--schedules', '3-3,3-3', '--num_classes', '2', '--per_class', '4', '--batch_size', '2',   # one point
             '--time_batches', '1', '--time_warmup', '0', '--device', 'cpu', '--out', str(out), *extra]
 
@@ -560,7 +562,7 @@ def test_sweep_variants_and_seed_sets(ckpts, tmp_path, viar):
     out = tmp_path / 'sw'
     argv = sweep_argv(ckpts, out, '--iter_tols', '1e-3', '--variants', 'batch', 'row+anderson+warm', '--seed', '1',
                       '5', '--time_batches', '2')
-    argv[argv.index('--ckpts') + 1:argv.index('--vae_ckpt')] = [str(ckpts / 'viar.pth')]
+    argv[argv.index('--ckpts') + 1:argv.index('--vae_ckpt')] = [str(ckpts / VIAR_MODEL)]
     assert sweep.main(argv) == 0
     rows = {r['point']: r for r in json.loads((out / 'sweep.json').read_text())['points']}
     name = f'{ckpts.name}-viar-it10-10-tol0.001'
@@ -571,7 +573,7 @@ def test_sweep_variants_and_seed_sets(ckpts, tmp_path, viar):
     assert len(r['images_s_all']) == 2 and r['images_s'] == pytest.approx(statistics.mean(r['images_s_all']))
     assert r['images_s_sd'] == pytest.approx(statistics.stdev(r['images_s_all']))
     assert [os.path.basename(p) for p in r['npz_all']] == [
-        f'implicit-viar.pth-cfg-1.5-tol0.001-row-anderson5-warm-seed-{s}.npz' for s in (1, 5)]
+        f'implicit-{VIAR_MODEL}-cfg-1.5-tol0.001-row-anderson5-warm-seed-{s}.npz' for s in (1, 5)]
     with torch.inference_mode():    # class 1, batch 1 of seed set 5: g_seed 6
         img = viar.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 1]), g_seed=6, cfg=1.5, top_k=64, top_p=0.96,
                                             iter_left=10, iter_right=10, iter_tol=1e-3, iter_exit='row',
@@ -582,7 +584,7 @@ def test_sweep_variants_and_seed_sets(ckpts, tmp_path, viar):
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--schedules', '10to5'], "could not read the schedule '10to5'"),
+    (['--schedules', '10to5'], "could not read the iteration schedule '10to5'"),
     (['--iter_tols', '0.1', '--variants', 'row+fast'], "could not read the variant 'row+fast'"),
     (['--variants', 'batch+row'], "could not read the variant 'batch+row'"),
     (['--seed', '1', '2'], '--seed 1 2 overlap: a seed set uses g_seed = seed + i for the 2 batches'),

@@ -30,6 +30,7 @@ from utils.editing import (
     parse_box,
 )
 from utils.sampling_utils import to_uint8
+from utils.zoo import VIAR_MODEL
 
 
 def f32(sd):
@@ -305,7 +306,7 @@ def ckpts(tmp_path_factory):
                                    pre_depth=1, post_depth=1)
     torch.save(vae.state_dict(), d / 'vae.pth')
     torch.save(var.state_dict(), d / 'var.pth')
-    torch.save(viar.state_dict(), d / 'viar.pth')
+    torch.save(viar.state_dict(), d / VIAR_MODEL)
     rng = np.random.RandomState(0)
     Image.fromarray(rng.randint(0, 256, (64, 64, 3), np.uint8)).save(d / 'sq.png')
     Image.fromarray(rng.randint(0, 256, (60, 90, 3), np.uint8)).save(d / 'wide.jpg')
@@ -423,7 +424,7 @@ def test_cli_missing_checkpoints(ckpts, tmp_path, capsys):
                                                str(ckpts / 'var.pth')]))
     assert 'no_vae.pth' in err
     err = _error(capsys, edit_cli.main(base + ['--vae_ckpt', str(ckpts / 'vae.pth'), '--var_ckpt',
-                                               str(ckpts / 'viar.pth'), '--use_implicit', 'False']))
+                                               str(ckpts / VIAR_MODEL), '--use_implicit', 'False']))
     assert 'add --use_implicit' in err      # stated and contradicted (not stated: as the file says)
 
 

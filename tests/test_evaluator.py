@@ -20,6 +20,7 @@ from script_main import run_main
 
 import evaluator
 from tests.golden import vectors
+from utils.zoo import VIAR_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')
@@ -397,12 +398,12 @@ def test_bad_input_is_one_clear_line(tmp_path, good_npz, case, which):
 
 def test_a_sample_folder_instead_of_its_npz_is_named(tmp_path, good_npz):
     """D8: the folder sampling.py wrote, passed instead of the .npz packed next to it."""
-    folder = tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1'
+    folder = tmp_path / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1'
     folder.mkdir()
     with pytest.raises(evaluator.EvalError, match='is a directory, not an .npz file') as e:
         evaluator.BatchFile(folder, 'sample batch')
     assert 'is one' not in str(e.value)
-    (tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1.npz').write_bytes(good_npz.read_bytes())
+    (tmp_path / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1.npz').write_bytes(good_npz.read_bytes())
     with pytest.raises(evaluator.EvalError, match=re.escape(f'({folder}.npz is one)')):
         evaluator.BatchFile(folder, 'sample batch')
     with pytest.raises(evaluator.EvalError, match='is a directory: pass the classify_image_graph_def.pb file'):

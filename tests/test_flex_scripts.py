@@ -32,6 +32,9 @@ import sampling
 from models import FlexVAR, build_flexvar, build_vae_var, flex_train_schedule_for
 from models.checkpoint import load_vae_var
 from utils import sampling_utils
+from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, flex_models
+
+FLEX_FILES = {d: e.file for d, e in flex_models().items()}
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -48,7 +51,7 @@ def one_thread():
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
-    """FlexVAE.pth ({'model': state dict}), flex.pth (explicit FlexVAR, depth 1), flex_implicit.pth (1 pre + 1
+    """FLEX_TOKENIZER ({'model': state dict}), flex.pth (explicit FlexVAR, depth 1), flex_implicit.pth (1 pre + 1
     implicit + 1 post block), random weights made to depend on the class; and
     VAR's tokenizer and a VAR model, for the mismatch messages."""
     d = tmp_path_factory.mktemp('flex_ckpts')
@@ -63,7 +66,7 @@ def ckpts(tmp_path_factory):
             var.head.weight.normal_(0, 0.3)
         torch.save(var.state_dict(), d / ('flex_implicit.pth' if implicit else 'flex.pth'))
         if not implicit:
-            torch.save({'model': vae.state_dict()}, d / 'FlexVAE.pth')
+            torch.save({'model': vae.state_dict()}, d / FLEX_TOKENIZER)
     torch.manual_seed(0)
     vae, var = build_vae_var(device='cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, num_classes=NUM_CLASSES,
                              depth=1)
@@ -97,11 +100,11 @@ def script_env(**extra):
 # ================================ sampling.py =========================================================================
 def test_sampling_two_schedules_from_one_checkpoint(ckpts, tmp_path):
     """1_2_4 (64 px) and 1_2_3_4_6 (96 px), official seeding, folders and recorded settings naming the schedule."""
-    vae, var = load_vae_var(str(ckpts / 'FlexVAE.pth'), str(ckpts / 'flex.pth'))
+    vae, var = load_vae_var(str(ckpts / FLEX_TOKENIZER), str(ckpts / 'flex.pth'))
     assert isinstance(var, FlexVAR)
     for pn, side in (('1_2_4', 64), ('1_2_3_4_6', 96)):
         run_main(sampling.main, [
-            '--ckpt_path', str(ckpts / 'flex.pth'), '--vae_ckpt', str(ckpts / 'FlexVAE.pth'), '--infer_pn', pn,
+            '--ckpt_path', str(ckpts / 'flex.pth'), '--vae_ckpt', str(ckpts / FLEX_TOKENIZER), '--infer_pn', pn,
             '--cfg', '2.5', '--top_p', '0.95', '--sample_dir', str(tmp_path), '--num_classes', '2', '--per_class', '3',
             '--batch_size', '2'])
         folder = tmp_path / f'flexvar-d1-flex.pth-pn{pn}-cfg-2.5-maxpn-16-seed-1'
@@ -119,38 +122,38 @@ def test_sampling_two_schedules_from_one_checkpoint(ckpts, tmp_path):
             assert not np.array_equal(pngs[a], pngs[b]), (a, b)
         record = json.loads((folder / sampling.CONFIG_NAME).read_text())
         assert record['infer_patch_nums'] == list(schedule) and record['max_pn'] == 16
-        assert record['used_llamagen_cfg'] is False and record['vae_ckpt'] == 'FlexVAE.pth'
+        assert record['used_llamagen_cfg'] is False and record['vae_ckpt'] == FLEX_TOKENIZER
         assert 'iter_left' not in record           # an explicit backbone ignores the iteration knob
 
 
 def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer(ckpts, tmp_path, monkeypatch):
     """The default schedule (the official 1_2_..._16: 256 px) with LlamaGen's guidance, max_pn 4 (greedy, full cfg
-    above it) and 3 -> 1 implicit iterations; --vae_ckpt left out: ckpts/FlexVAE.pth, found by the model's kind."""
+    above it) and 3 -> 1 implicit iterations; --vae_ckpt left out: ckpts/FLEX_TOKENIZER, found by the model's kind."""
     (tmp_path / 'ckpts').mkdir()
-    shutil.copy(ckpts / 'FlexVAE.pth', tmp_path / 'ckpts' / 'FlexVAE.pth')
+    shutil.copy(ckpts / FLEX_TOKENIZER, tmp_path / 'ckpts' / FLEX_TOKENIZER)
     monkeypatch.chdir(tmp_path)
     args = sampling.parse_args(['--ckpt_path', str(ckpts / 'flex_implicit.pth'), '--use_implicit', '--sample_dir', 's',
                                 '--num_classes', '1', '--per_class', '1', '--used_llamagen_cfg', '--max_pn', '4',
                                 '--iter_left', '3', '--iter_right', '1', '--cfg', '3'])
     sampling.sample(args)
-    assert args.vae_ckpt == 'ckpts/FlexVAE.pth'
+    assert args.vae_ckpt == f'ckpts/{FLEX_TOKENIZER}'
     folder = tmp_path / 's' / ('flexvar-implicit-d1-flex_implicit.pth-pn1_2_3_4_5_6_8_10_13_16-cfg-3.0-maxpn-4-'
                                'llamagen-seed-1')
     record = json.loads((folder / sampling.CONFIG_NAME).read_text())
     assert (record['infer_patch_nums'], record['max_pn'], record['used_llamagen_cfg']) == \
         ([1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 4, True)
     assert (record['iter_left'], record['iter_right']) == (3, 1)
-    vae, var = load_vae_var('ckpts/FlexVAE.pth', str(ckpts / 'flex_implicit.pth'))
+    vae, var = load_vae_var(f'ckpts/{FLEX_TOKENIZER}', str(ckpts / 'flex_implicit.pth'))
     want = direct(var, vae, 0, 1, 1, None, cfg=3.0, max_pn=4, llamagen=True, iter_left=3, iter_right=1)
     assert want.shape == (1, 256, 256, 3) and np.array_equal(read_png(folder / '000000.png'), want[0])
 
 
 # ================================ gen_img.py ==========================================================================
 def test_gen_img_two_schedules_and_resolutions(ckpts, tmp_path):
-    vae, var = load_vae_var(str(ckpts / 'FlexVAE.pth'), str(ckpts / 'flex.pth'))
+    vae, var = load_vae_var(str(ckpts / FLEX_TOKENIZER), str(ckpts / 'flex.pth'))
     for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
         run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'flex.pth'), '--vae_ckpt',
-                                         str(ckpts / 'FlexVAE.pth'), '--infer_patch_nums', pn, '--class_label', '0',
+                                         str(ckpts / FLEX_TOKENIZER), '--infer_patch_nums', pn, '--class_label', '0',
                                          '2', '--seeds', '3', '4', '--save_grid', '--nrow', '2', '--output_dir',
                                          str(tmp_path)])
         out = tmp_path / f'flex-pn{pn}'
@@ -183,7 +186,7 @@ def test_bad_schedules_end_in_one_line_before_loading(ckpts, tmp_path, monkeypat
     for name in ('setup_device', 'load_models'):
         monkeypatch.setattr(mod, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
     out = tmp_path / 'out'
-    common = ['--vae_ckpt', str(ckpts / 'FlexVAE.pth')] + (
+    common = ['--vae_ckpt', str(ckpts / FLEX_TOKENIZER)] + (
         ['--ckpt_path', str(ckpts / 'flex.pth'), '--sample_dir', str(out), '--num_classes', '1'] if mod is sampling
         else ['--var_ckpt', str(ckpts / 'flex.pth'), '--output_dir', str(out)])
     with pytest.raises(SystemExit) as e:
@@ -213,8 +216,8 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
         assert e.value.code == 1 and want in err and 'holds VAR-d1, whose scales are fixed' in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / 's').exists()
     # a FlexVAR model with VAR's tokenizer (and the reverse): one sentence naming --vae_ckpt
-    for var_ckpt, vae_ckpt, want in (('flex.pth', 'vae.pth', "needs FlexVAR's tokenizer (FlexVAE.pth)"),
-                                     ('var.pth', 'FlexVAE.pth', "needs VAR's multi-scale VQVAE")):
+    for var_ckpt, vae_ckpt, want in (('flex.pth', 'vae.pth', f"needs FlexVAR's tokenizer ({FLEX_TOKENIZER})"),
+                                     ('var.pth', FLEX_TOKENIZER, "needs VAR's multi-scale VQVAE")):
         with pytest.raises(SystemExit) as e:
             run_main(gen_img.main, ['--var_ckpt', str(ckpts / var_ckpt), '--vae_ckpt', str(ckpts / vae_ckpt),
                                              '--output_dir', str(tmp_path / 'g')])
@@ -224,11 +227,11 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
 
 def test_missing_published_flexvar_files_give_the_download_message(tmp_path):
     """Offline, a published FlexVAR file at its default place: the one-line message with its URL (the model first;
-    with the model there, its tokenizer FlexVAE.pth, chosen by the model's kind).  The working directory has its own
+    with the model there, its tokenizer FLEX_TOKENIZER, chosen by the model's kind).  The working directory has its own
     ckpts/ folder (without one, ckpts/<file> is the repository's)."""
     (tmp_path / 'ckpts').mkdir()
-    for name in ('FlexVARd16-epo179.pth', 'FlexVAE.pth'):
-        r = subprocess.run([sys.executable, str(REPO / 'gen_img.py'), '--var_ckpt', 'ckpts/FlexVARd16-epo179.pth'],
+    for name in (FLEX_FILES[16], FLEX_TOKENIZER):
+        r = subprocess.run([sys.executable, str(REPO / 'gen_img.py'), '--var_ckpt', f'ckpts/{FLEX_FILES[16]}'],
                            cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=120)
         url = f'https://huggingface.co/jiaosiyu1999/FlexVAR/resolve/main/{name}'
         assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
@@ -238,7 +241,7 @@ def test_missing_published_flexvar_files_give_the_download_message(tmp_path):
         torch.manual_seed(0)
         _, var = build_flexvar(V=64, Cvae=8, ch=32, z_channels=32, num_classes=3, depth=1, device='meta')
         torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in var.state_dict().items()},
-                   tmp_path / 'ckpts' / 'FlexVARd16-epo179.pth')
+                   tmp_path / 'ckpts' / FLEX_FILES[16])
 
 
 # ================================ scripts/eval.sh =====================================================================
@@ -249,13 +252,13 @@ def test_eval_sh_flexvar_commands_name_the_folder_sampling_py_writes(tmp_path):
     stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     stub.chmod(0o755)
     ref.write_bytes(b'stand-in')
-    cases = [({'FLEXVAR': 'd16'}, 16, 'FlexVARd16-epo179.pth', '1_2_3_4_5_6_8_10_13_16', '2.5'),
-             ({'FLEXVAR': 'd20', 'INFER_PN': '1_2_3_4_5_6_7_8_9_10_12_14_16'}, 20, 'FlexVARd20-epo249.pth',
+    cases = [({'FLEXVAR': 'd16'}, 16, FLEX_FILES[16], '1_2_3_4_5_6_8_10_13_16', '2.5'),
+             ({'FLEXVAR': 'd20', 'INFER_PN': '1_2_3_4_5_6_7_8_9_10_12_14_16'}, 20, FLEX_FILES[20],
               '1_2_3_4_5_6_7_8_9_10_12_14_16', '2.5'),
-             ({'FLEXVAR': 'd24', 'INFER_PN': '512'}, 24, 'FlexVARd24-epo349.pth',
+             ({'FLEXVAR': 'd24', 'INFER_PN': '512'}, 24, FLEX_FILES[24],
               '1_2_3_4_5_6_7_8_9_10_12_14_16_23_32', '3.0'),
-             ({'FLEXVAR': 'd24', 'INFER_PN': '1-2-04-8', 'CFG': '4'}, 24, 'FlexVARd24-epo349.pth', '1_2_4_8', '4.0'),
-             ({'FLEXVAR': 'd16', 'CFG': '2.50'}, 16, 'FlexVARd16-epo179.pth', '1_2_3_4_5_6_8_10_13_16', '2.5')]
+             ({'FLEXVAR': 'd24', 'INFER_PN': '1-2-04-8', 'CFG': '4'}, 24, FLEX_FILES[24], '1_2_4_8', '4.0'),
+             ({'FLEXVAR': 'd16', 'CFG': '2.50'}, 16, FLEX_FILES[16], '1_2_3_4_5_6_8_10_13_16', '2.5')]
     for env_extra, depth, ckpt, pn, cfg in cases:
         log.unlink(missing_ok=True)
         env = dict(os.environ, PYTHON=str(stub), REF_BATCH=str(ref), **env_extra)
@@ -265,8 +268,8 @@ def test_eval_sh_flexvar_commands_name_the_folder_sampling_py_writes(tmp_path):
         sample_line, eval_line = log.read_text().splitlines()
         argv = sample_line.split()
         assert argv[0] == 'sampling.py'
-        assert ' '.join(argv) == (f'sampling.py --ckpt_path ckpts/{ckpt} --vae_ckpt ckpts/FlexVAE.pth --depth {depth} '
-                                  f'--infer_pn {pn} --cfg {cfg} --top_k 900 --top_p 0.95 --max_pn 16 '
+        assert ' '.join(argv) == (f'sampling.py --ckpt_path ckpts/{ckpt} --vae_ckpt ckpts/{FLEX_TOKENIZER} '
+                                  f'--depth {depth} --infer_pn {pn} --cfg {cfg} --top_k 900 --top_p 0.95 --max_pn 16 '
                                   f'--sample_dir samples')
         args = sampling.parse_args(argv[1:])
         sampling.check_sampling_args(args)
@@ -292,7 +295,7 @@ TRAIN_PN = (1, 2, 3, 4)
 
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
-    """3 colour classes of 64 px PNGs (4 train / 1 val each), FlexVAR's tokenizer (FlexVAE.pth: V=64, Cvae 8, ch 32,
+    """3 colour classes of 64 px PNGs (4 train / 1 val each), FlexVAR's tokenizer (FLEX_TOKENIZER: V=64, Cvae 8, ch 32,
     z_channels 32) and VAR's (vae.pth), random weights."""
     root = tmp_path_factory.mktemp('flex_toy')
     rng = np.random.default_rng(0)
@@ -306,14 +309,14 @@ def toy(tmp_path_factory):
                 Image.fromarray(a).save(d / f'{i}.png')
     torch.manual_seed(0)
     vae, _ = build_flexvar(V=64, Cvae=8, ch=32, z_channels=32, num_classes=3, depth=1, patch_nums=TRAIN_PN)
-    torch.save({'model': vae.state_dict()}, root / 'FlexVAE.pth')
+    torch.save({'model': vae.state_dict()}, root / FLEX_TOKENIZER)
     var_vae, _ = build_vae_var(device='cpu', patch_nums=TRAIN_PN, V=64, Cvae=8, ch=32, num_classes=3, depth=1)
     torch.save(var_vae.state_dict(), root / 'vae.pth')
     return root
 
 
 def flex_args(toy, out, *extra, ep=1):
-    return ['--flex', '--data_path', str(toy / 'data'), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--pn', '1_2_3_4',
+    return ['--flex', '--data_path', str(toy / 'data'), '--vae_ckpt', str(toy / FLEX_TOKENIZER), '--pn', '1_2_3_4',
             '--depth', '2', '--bs', '2', '--ep', str(ep), '--seed', '0', '--log_freq', '1', '--save_freq', '1',
             '--workers', '0', '--local_out_dir_path', str(out), *map(str, extra)]
 
@@ -423,11 +426,11 @@ def test_flex_training_draws_schedules_and_samples_two_schedules(toy, tmp_path):
 
     ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
     assert ckpt['trainer']['config']['flex'] is True and ckpt['args']['flex'] is True
-    vae, var = load_vae_var(str(toy / 'FlexVAE.pth'), str(out / 'ar-ckpt-last.pth'), expect={'flex': True})
+    vae, var = load_vae_var(str(toy / FLEX_TOKENIZER), str(out / 'ar-ckpt-last.pth'), expect={'flex': True})
     assert isinstance(var, FlexVAR) and not var.backbone.is_implicit
     for pn, side in (('1_2_3_4', 64), ('1_2_4_8', 128)):
         run_main(gen_img.main, ['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',
-                                         str(toy / 'FlexVAE.pth'), '--infer_pn', pn, '--class_label', '1',
+                                         str(toy / FLEX_TOKENIZER), '--infer_pn', pn, '--class_label', '1',
                                          '--seeds', '5', '--top_k', '10', '--output_dir', str(tmp_path / 'g')])
         img = read_png(tmp_path / 'g' / f'ar-ckpt-last-pn{pn}' / 'class1_seed5.png')
         assert img.shape == (side, side, 3)
@@ -473,7 +476,7 @@ def test_implicit_flexvar_samples_with_fewer_steps_and_fewer_iterations(toy, tmp
     same checkpoint: gen_img's image is the model's, and the trace shows the iterations run."""
     A, _ = implicit_run
     ckpt = A / 'ar-ckpt-last.pth'
-    vae, var = load_vae_var(str(toy / 'FlexVAE.pth'), str(ckpt), expect={'flex': True, 'use_implicit': True})
+    vae, var = load_vae_var(str(toy / FLEX_TOKENIZER), str(ckpt), expect={'flex': True, 'use_implicit': True})
     full, few = {}, {}
     with torch.inference_mode():
         var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([2]), infer_patch_nums=TRAIN_PN, g_seed=7, top_k=10,
@@ -481,7 +484,7 @@ def test_implicit_flexvar_samples_with_fewer_steps_and_fewer_iterations(toy, tmp
         var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([2]), infer_patch_nums=(1, 2, 4), g_seed=7, top_k=10,
                                      iter_left=2, iter_right=1, trace=few)
     assert full['iters'] == [10, 10, 10, 10] and few['iters'] == [2, 1, 1]
-    run_main(gen_img.main, ['--var_ckpt', str(ckpt), '--vae_ckpt', str(toy / 'FlexVAE.pth'), '--use_implicit',
+    run_main(gen_img.main, ['--var_ckpt', str(ckpt), '--vae_ckpt', str(toy / FLEX_TOKENIZER), '--use_implicit',
                                      '--infer_pn', '1_2_4', '--iter_left', '2', '--iter_right', '1', '--class_label',
                                      '2', '--seeds', '7', '--top_k', '10', '--output_dir', str(tmp_path)])
     img = read_png(tmp_path / 'ar-ckpt-last-pn1_2_4' / 'class2_seed7.png')
@@ -496,7 +499,7 @@ def test_a_training_checkpoint_samples_the_schedule_it_was_trained_on_by_default
     from models.checkpoint import load_var, trained_schedule
     from models.flexvae import FLEX_PATCH_NUMS
     A, _ = implicit_run
-    ckpt, tok = A / 'ar-ckpt-last.pth', str(toy / 'FlexVAE.pth')
+    ckpt, tok = A / 'ar-ckpt-last.pth', str(toy / FLEX_TOKENIZER)
     vae, var = load_vae_var(tok, str(ckpt))
     assert var.patch_nums == TRAIN_PN and vae.v_patch_nums == TRAIN_PN
     assert load_var(str(ckpt), vae).patch_nums == TRAIN_PN
@@ -546,14 +549,14 @@ def test_flex_training_refuses_the_wrong_tokenizer_or_a_changed_flag(toy, tmp_pa
     argv = flex_args(toy, tmp_path / 'a')
     argv[argv.index('--vae_ckpt') + 1] = str(toy / 'vae.pth')
     rc, out, err = run(argv)
-    assert rc == 1 and "--flex trains FlexVAR on FlexVAR's tokenizer" in err and 'pass FlexVAE.pth' in err, err
+    assert rc == 1 and "--flex trains FlexVAR on FlexVAR's tokenizer" in err and f'pass {FLEX_TOKENIZER}' in err, err
     assert err.count('\n') == 1 and '[model]' not in out
-    rc, out, err = run(flex_args(toy, tmp_path / 'b')[1:])          # FlexVAE.pth without --flex
+    rc, out, err = run(flex_args(toy, tmp_path / 'b')[1:])          # FlexVAR's tokenizer without --flex
     assert rc == 1 and "is FlexVAR's tokenizer (FlexVAE): add --flex" in err and err.count('\n') == 1, err
     # resuming a --flex run without --flex (or the reverse) is refused before any model is built
     shutil.copytree(implicit_run[0], tmp_path / 'c')
     rc, out, err = run(flex_args(toy, tmp_path / 'c', '--use_implicit', '--p_depth', '1', ep=3)[1:])
     assert rc == 1 and '--flex True, but this command gives --flex False' in err and '[model]' not in out, err
     from utils.arg_util import parse_args
-    assert parse_args(['--flex']).vae_ckpt == 'ckpts/FlexVAE.pth'
-    assert parse_args([]).vae_ckpt == 'ckpts/vae_ch160v4096z32.pth'
+    assert parse_args(['--flex']).vae_ckpt == f'ckpts/{FLEX_TOKENIZER}'
+    assert parse_args([]).vae_ckpt == f'ckpts/{VAR_TOKENIZER}'

@@ -12,6 +12,7 @@ from models.checkpoint import CheckpointError, infer_vae_config, infer_var_confi
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
 from models.var import ImplicitBackbone, block_causal_mask, published_key
 from tests.golden import vectors
+from utils.zoo import FLEX_TOKENIZER
 
 
 def f32(sd):
@@ -49,9 +50,9 @@ def test_published_tokenizer_matches_flexvae_keys_parity(published):
     vae, _ = build_flexvar(device='meta')
     assert isinstance(vae, FlexVAE) and all(t.is_meta for t in vae.state_dict().values())
     got = {k: list(v.shape) for k, v in vae.state_dict().items()}
-    assert list(got) == list(published['FlexVAE.pth:model'])
-    assert got == published['FlexVAE.pth:model']
-    assert infer_vae_config(vae.state_dict(), 'FlexVAE.pth') == dict(
+    assert list(got) == list(published[f'{FLEX_TOKENIZER}:model'])
+    assert got == published[f'{FLEX_TOKENIZER}:model']
+    assert infer_vae_config(vae.state_dict(), FLEX_TOKENIZER) == dict(
         flex=True, V=8912, Cvae=32, ch=128, z_channels=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, norm_groups=32)
 
 
@@ -125,9 +126,9 @@ def test_sampling_parity(golden, golden_models):
 
 
 def test_checkpoint_files_are_recognised_golden(golden, golden_models, tmp_path):
-    """FlexVAE.pth is ``{'model': state}``; the transformer a bare state dict or a training checkpoint.  The kind, the
-    depth and the tokenizer's widths (here ch 32, z_channels 64) are read from the keys."""
-    vae_path, var_path, ckpt_path = tmp_path / 'FlexVAE.pth', tmp_path / 'FlexVARd2.pth', tmp_path / 'ar-ckpt.pth'
+    """FlexVAR's tokenizer file is ``{'model': state}``; the transformer a bare state dict or a training checkpoint.
+    The kind, the depth and the tokenizer's widths (here ch 32, z_channels 64) are read from the keys."""
+    vae_path, var_path, ckpt_path = tmp_path / FLEX_TOKENIZER, tmp_path / 'FlexVARd2.pth', tmp_path / 'ar-ckpt.pth'
     vae_sd, var_sd = golden_models[0].state_dict(), golden_models[1].state_dict()
     torch.save({'model': vae_sd}, vae_path)
     torch.save(var_sd, var_path)
@@ -149,7 +150,7 @@ def test_checkpoint_files_are_recognised_golden(golden, golden_models, tmp_path)
     var_vae_path, var_var_path = tmp_path / 'vae.pth', tmp_path / 'var.pth'
     torch.save(var_vae.state_dict(), var_vae_path)
     torch.save(var_var.state_dict(), var_var_path)
-    with pytest.raises(CheckpointError, match=r"needs FlexVAR's tokenizer \(FlexVAE.pth\).*--vae_ckpt"):
+    with pytest.raises(CheckpointError, match=rf"needs FlexVAR's tokenizer \({FLEX_TOKENIZER}\).*--vae_ckpt"):
         load_vae_var(str(var_vae_path), str(var_path))
     with pytest.raises(CheckpointError, match=r"holds a VAR model .*needs VAR's multi-scale VQVAE"):
         load_vae_var(str(vae_path), str(var_var_path))
@@ -247,9 +248,9 @@ def test_implicit_flexvar_trains_with_iters_and_a_drawn_schedule():
 
 def test_implicit_flexvar_checkpoint_round_trip(tmp_path):
     vae, var = tiny(True)
-    torch.save({'model': vae.state_dict()}, tmp_path / 'FlexVAE.pth')
+    torch.save({'model': vae.state_dict()}, tmp_path / FLEX_TOKENIZER)
     torch.save(var.state_dict(), tmp_path / 'flex_implicit.pth')
-    vae2, var2 = load_vae_var(str(tmp_path / 'FlexVAE.pth'), str(tmp_path / 'flex_implicit.pth'),
+    vae2, var2 = load_vae_var(str(tmp_path / FLEX_TOKENIZER), str(tmp_path / 'flex_implicit.pth'),
                               expect={'flex': True, 'use_implicit': True, 'depth': 2})
     assert isinstance(var2, FlexVAR) and var2.describe() == 'FlexVIAR-d2 (1 pre + 1 implicit + 1 post blocks)'
     assert (vae2.ch, vae2.z_channels) == (TINY['ch'], TINY['z_channels'])

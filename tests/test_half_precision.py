@@ -11,6 +11,7 @@ from script_main import run_main
 import models
 from models import build_vae_var
 from tests.golden import vectors
+from utils.zoo import VIAR_MODEL
 
 TINY = dict(V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=5)
 
@@ -109,7 +110,7 @@ def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monke
                              use_implicit=True, pre_depth=1, post_depth=1)
     with torch.no_grad():
         var.head.weight.mul_(50)
-    torch.save(var.state_dict(), tmp_path / 'viar.pth')
+    torch.save(var.state_dict(), tmp_path / VIAR_MODEL)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     loaded = []
     load_models = sampling_utils.load_models
@@ -121,7 +122,7 @@ def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monke
 
     monkeypatch.setattr(gen_img, 'load_models', recording)
     for cast in ('1', '0'):
-        run_main(gen_img.main, ['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / 'viar.pth'),
+        run_main(gen_img.main, ['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / VIAR_MODEL),
                                          '--vae_ckpt', str(tmp_path / 'vae.pth'), '--class_label', '0', '2',
                                          '--seeds', '3', '--dtype', 'bf16', '--cast_weights', cast,
                                          '--output_dir', str(tmp_path / f'cast{cast}')])

@@ -18,6 +18,7 @@ from models.checkpoint import load_vae_var
 from models.hub import HUB_FILES, HubError, read_hub_config, sampler_defaults
 from tests.golden import vectors
 from utils.sampler_settings import SamplerSettings, SettingsError
+from utils.zoo import VAR_TOKENIZER, VIAR_MODEL, var_file
 
 REPO = Path(__file__).resolve().parents[1]
 PNS = (1, 2, 3, 4)
@@ -268,13 +269,13 @@ def test_torch_hub_pretrained_loads_the_published_files(tmp_path, monkeypatch):
     architecture read from them); a missing one that cannot be fetched is one MissingCheckpointError line."""
     from utils.download import MissingCheckpointError
     vae, var = tiny('VIAR')
-    torch.save(var.state_dict(), tmp_path / 'viar.pth')
-    torch.save(vae.state_dict(), tmp_path / 'vae_ch160v4096z32.pth')
+    torch.save(var.state_dict(), tmp_path / VIAR_MODEL)
+    torch.save(vae.state_dict(), tmp_path / VAR_TOKENIZER)
     vae2, var2 = torch.hub.load(str(REPO), 'viar', source='local', ckpt_dir=str(tmp_path))
     assert torch.equal(images(var2), images(var))
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
-    with pytest.raises(MissingCheckpointError, match='var_d16.pth'):
+    with pytest.raises(MissingCheckpointError, match=var_file(16)):
         torch.hub.load(str(REPO), 'var', source='local', depth=16, ckpt_dir=str(tmp_path))
 
 
@@ -321,9 +322,9 @@ def pair(tmp_path_factory):
     from scripts import convert
     d = tmp_path_factory.mktemp('hub_scripts')
     vae, var = tiny('VIAR')
-    torch.save(var.state_dict(), d / 'viar.pth')
+    torch.save(var.state_dict(), d / VIAR_MODEL)
     torch.save(vae.state_dict(), d / 'vae.pth')
-    assert convert.main(['--var_ckpt', str(d / 'viar.pth'), '--vae_ckpt', str(d / 'vae.pth'), '--out',
+    assert convert.main(['--var_ckpt', str(d / VIAR_MODEL), '--vae_ckpt', str(d / 'vae.pth'), '--out',
                          str(d / 'tiny-viar'), '--iter_left', '3', '--iter_right', '2']) == 0
     return d
 
@@ -337,7 +338,7 @@ def test_convert_writes_a_hub_folder_and_back_with_a_parity_check(pair, tmp_path
     out = capsys.readouterr().out
     assert 'parity check: 2 image(s)' in out and 'are identical' in out
     _, var = load_vae_var(str(tmp_path / 'a.pth'), str(tmp_path / 'v.pth'))
-    _, ref = load_vae_var(str(pair / 'vae.pth'), str(pair / 'viar.pth'))
+    _, ref = load_vae_var(str(pair / 'vae.pth'), str(pair / VIAR_MODEL))
     assert all(torch.equal(a, b) for a, b in zip(var.state_dict().values(), ref.state_dict().values()))
     assert convert.main(['--pretrained', str(pair / 'tiny-viar')]) == 1
     assert 'pass --out_var FILE.pth and --out_vae' in capsys.readouterr().err
@@ -345,7 +346,7 @@ def test_convert_writes_a_hub_folder_and_back_with_a_parity_check(pair, tmp_path
 
 def test_convert_a_training_checkpoint(pair, tmp_path, capsys):
     from scripts import convert
-    sd = torch.load(pair / 'viar.pth', weights_only=True)
+    sd = torch.load(pair / VIAR_MODEL, weights_only=True)
     torch.save({'epoch': 3, 'trainer': {'var_wo_ddp': sd}}, tmp_path / 'ar-ckpt-last.pth')
     assert convert.main(['--var_ckpt', str(tmp_path / 'ar-ckpt-last.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
                          '--out', str(tmp_path / 'h'), '--parity_images', '1']) == 0
@@ -366,7 +367,7 @@ def test_gen_img_and_edit_take_pretrained(pair, tmp_path, capsys):
               '--device', 'cpu']
     run_main(gen_img.main, ['--pretrained', str(pair / 'tiny-viar'), '--output_dir', str(tmp_path / 'a'),
                                      *common])
-    run_main(gen_img.main, ['--var_ckpt', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
+    run_main(gen_img.main, ['--var_ckpt', str(pair / VIAR_MODEL), '--vae_ckpt', str(pair / 'vae.pth'),
                                      '--output_dir', str(tmp_path / 'b'), *common])
     a, b = tmp_path / 'a' / 'tiny-viar' / 'class1_seed4.png', tmp_path / 'b' / 'viar' / 'class1_seed4.png'
     assert np.array_equal(read_png(a), read_png(b))
@@ -376,7 +377,7 @@ def test_gen_img_and_edit_take_pretrained(pair, tmp_path, capsys):
     argv = ['--input_img', str(tmp_path / 'in.png'), '--box', '0,0,0.5,1', '--seeds', '0', '--use_implicit',
             '--device', 'cpu']
     assert edit.main(['--pretrained', str(pair / 'tiny-viar'), '--output_dir', str(tmp_path / 'e1'), *argv]) == 0
-    assert edit.main(['--var_ckpt', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'), '--output_dir',
+    assert edit.main(['--var_ckpt', str(pair / VIAR_MODEL), '--vae_ckpt', str(pair / 'vae.pth'), '--output_dir',
                       str(tmp_path / 'e2'), *argv]) == 0
     r1, r2 = (sorted((tmp_path / e).rglob('*_seed0.png')) for e in ('e1', 'e2'))
     assert len(r1) == len(r2) == 1 and np.array_equal(read_png(r1[0]), read_png(r2[0]))
@@ -405,10 +406,10 @@ def test_sampling_sweep_and_fixed_point_take_pretrained(pair, tmp_path, capsys):
              '--iter_right', '2', '--device', 'cpu']
     run_main(sampling.main, ['--pretrained', str(pair / 'tiny-viar'), '--sample_dir', str(tmp_path / 's1'),
                                        *flags])
-    run_main(sampling.main, ['--ckpt_path', str(pair / 'viar.pth'), '--vae_ckpt', str(pair / 'vae.pth'),
+    run_main(sampling.main, ['--ckpt_path', str(pair / VIAR_MODEL), '--vae_ckpt', str(pair / 'vae.pth'),
                                        '--sample_dir', str(tmp_path / 's2'), *flags])
     npz1 = tmp_path / 's1' / 'implicit-tiny-viar-cfg-1.5-seed-1.npz'
-    npz2 = tmp_path / 's2' / 'implicit-viar.pth-cfg-1.5-seed-1.npz'
+    npz2 = tmp_path / 's2' / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1.npz'
     with np.load(npz1) as z1, np.load(npz2) as z2:
         assert z1['arr_0'].shape == (4, 64, 64, 3) and np.array_equal(z1['arr_0'], z2['arr_0'])
     rec = json.loads((tmp_path / 's1' / 'implicit-tiny-viar-cfg-1.5-seed-1' / 'sampling_config.json').read_text())

@@ -24,6 +24,7 @@ from utils.arg_util import parse_args, parse_vae_args
 from utils.data import build_dataset, open_rgb, scan_images
 from utils.editing import load_image
 from utils.errors import EXIT_PREEMPTED, run_cli
+from utils.zoo import VAR_TOKENIZER, VIAR_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -423,13 +424,13 @@ def test_a_folder_with_only_the_quick_fingerprints_is_checked_then_upgraded(tmp_
 # ============================================== paths and scripts =====================================================
 def test_default_checkpoints_resolve_against_the_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert download.resolve_default('ckpts/viar.pth') == str(REPO / 'ckpts' / 'viar.pth')
+    assert download.resolve_default(f'ckpts/{VIAR_MODEL}') == str(REPO / 'ckpts' / VIAR_MODEL)
     assert download.resolve_default('ckpts/mine.pth') == 'ckpts/mine.pth'          # not a published name
-    assert parse_args([]).vae_ckpt == str(REPO / 'ckpts' / 'vae_ch160v4096z32.pth')
+    assert parse_args([]).vae_ckpt == str(REPO / 'ckpts' / VAR_TOKENIZER)
     (tmp_path / 'ckpts').mkdir()
-    assert download.resolve_default('ckpts/viar.pth') == 'ckpts/viar.pth'          # the cwd's own ckpts/ folder
+    assert download.resolve_default(f'ckpts/{VIAR_MODEL}') == f'ckpts/{VIAR_MODEL}'      # the cwd's own ckpts/
     monkeypatch.chdir(REPO)
-    assert download.resolve_default('ckpts/viar.pth') == 'ckpts/viar.pth'
+    assert download.resolve_default(f'ckpts/{VIAR_MODEL}') == f'ckpts/{VIAR_MODEL}'
 
 
 @pytest.mark.parametrize('script', ['edit', 'bench', 'sweep', 'fixed_point'])

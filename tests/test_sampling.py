@@ -27,6 +27,7 @@ from models import build_vae_var
 from models.checkpoint import load_vae_var
 from readme_commands import readme_command
 from utils import download, folder_sampling, sampling_utils
+from utils.zoo import VAR_TOKENIZER, VIAR_MODEL, var_file
 
 PNS = (1, 2, 3, 4)
 NUM_CLASSES = 3
@@ -46,7 +47,7 @@ def one_thread():
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
     """vae.pth (V=1024 so that the default top_k 900 applies unclamped, Cvae 8, ch 32), var.pth (VAR, depth 1) and
-    viar.pth (VIAR, depth 1: 1 pre + 1 implicit + 1 post block), random weights."""
+    VIAR_MODEL (VIAR, depth 1: 1 pre + 1 implicit + 1 post block), random weights."""
     d = tmp_path_factory.mktemp('ckpts')
     for implicit in (False, True):
         torch.manual_seed(0)
@@ -54,7 +55,7 @@ def ckpts(tmp_path_factory):
                                  num_classes=NUM_CLASSES, depth=1, use_implicit=implicit, pre_depth=1, post_depth=1)
         with torch.no_grad():   # the fresh-training head (x0.02) gives near-uniform logits, so that every class
             var.head.weight.mul_(50)    # draws the same tokens from a seed: sharpen them to make classes differ
-        torch.save(var.state_dict(), d / ('viar.pth' if implicit else 'var.pth'))
+        torch.save(var.state_dict(), d / (VIAR_MODEL if implicit else 'var.pth'))
         if not implicit:
             torch.save(vae.state_dict(), d / 'vae.pth')
     return d
@@ -99,9 +100,9 @@ def script_env(**extra):
 def test_flags_parse_booleans_and_defaults():
     a = sampling.parse_args([])
     assert (a.ckpt_path, a.cfg, a.seed, a.top_k, a.top_p, a.num_classes, a.per_class, a.batch_size) == \
-        ('ckpts/viar.pth', 1.5, 1, 900, 0.96, 1000, 50, 25)
+        (f'ckpts/{VIAR_MODEL}', 1.5, 1, 900, 0.96, 1000, 50, 25)
     # the tokenizer follows the model's kind (tests/test_flex_scripts.py): VAR's for the published VAR/VIAR files
-    assert a.vae_ckpt is None and sampling_utils.default_vae_ckpt(a.ckpt_path) == 'ckpts/vae_ch160v4096z32.pth'
+    assert a.vae_ckpt is None and sampling_utils.default_vae_ckpt(a.ckpt_path) == f'ckpts/{VAR_TOKENIZER}'
     assert a.use_implicit is None and a.more_smooth is False and a.depth is None     # None: as the file says
     for text, want in (('True', True), ('False', False), ('1', True), ('0', False), ('yes', True), ('no', False)):
         assert sampling.parse_args(['--use_implicit', text]).use_implicit is want
@@ -131,10 +132,10 @@ def test_units_follow_the_official_layout():
 
 def test_sampling_writes_official_names_images_and_npz(ckpts, tmp_path):
     out = tmp_path / 'samples'
-    run_sampling(['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--cfg', '1.5',
+    run_sampling(['--ckpt_path', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'), '--cfg', '1.5',
                   '--depth', '1', '--sample_dir', str(out), '--use_implicit', 'True', '--iter_left', '3',
                   '--iter_right', '2', '--num_classes', '3', '--per_class', '4', '--batch_size', '2'])
-    folder = out / 'implicit-viar.pth-cfg-1.5-seed-1'
+    folder = out / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1'
     names = sorted(p.name for p in folder.glob('*.png'))
     assert names == [f'{k:06d}.png' for k in range(12)]
     assert not [p for p in folder.iterdir() if p.name.endswith('.tmp')]
@@ -146,7 +147,7 @@ def test_sampling_writes_official_names_images_and_npz(ckpts, tmp_path):
     assert np.array_equal(arr, pngs)
 
     # the official seeding: batch i of class c = autoregressive_infer_cfg(B=2, [c]*2, g_seed=1+i), in index order
-    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / VIAR_MODEL))
     want = np.concatenate([official_batch(var, c, 1 + i, 2, iters=(3, 2)) for c in range(3) for i in range(2)])
     assert np.array_equal(pngs, want)
     # and the images are not all alike: other classes, other seeds and the other images of a batch differ
@@ -158,18 +159,18 @@ def test_iter_tol_is_a_flag_recorded_with_its_own_folder(ckpts, tmp_path):
     """--iter_tol 0 never stops early (same PNGs as the fixed schedule), lands in a folder of its own and is recorded;
     a huge tolerance is the 1->1 schedule."""
     out = tmp_path / 'samples'
-    base = ['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir', str(out),
+    base = ['--ckpt_path', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir', str(out),
             '--use_implicit', 'True', '--iter_left', '3', '--iter_right', '2', '--num_classes', '2', '--per_class', '2',
             '--batch_size', '2']
     run_sampling(base)
     run_sampling(base + ['--iter_tol', '0'])
-    plain, tol0 = out / 'implicit-viar.pth-cfg-1.5-seed-1', out / 'implicit-viar.pth-cfg-1.5-tol0-seed-1'
+    plain, tol0 = out / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1', out / f'implicit-{VIAR_MODEL}-cfg-1.5-tol0-seed-1'
     pngs = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.glob('*.png'))}
     assert len(pngs(plain)) == 4 and pngs(plain) == pngs(tol0)
     assert json.loads((tol0 / 'sampling_config.json').read_text())['iter_tol'] == 0
     run_sampling(base + ['--iter_tol', '1e9'])
-    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
-    huge = out / 'implicit-viar.pth-cfg-1.5-tol1e+09-seed-1'
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / VIAR_MODEL))
+    huge = out / f'implicit-{VIAR_MODEL}-cfg-1.5-tol1e+09-seed-1'
     want = np.concatenate([official_batch(var, c, 1, 2, iters=(1, 1)) for c in range(2)])
     assert np.array_equal(np.stack([read_png(huge / f'{k:06d}.png') for k in range(4)]), want)
 
@@ -244,10 +245,10 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpts, tmp_path
 
 
 def test_resume_refuses_other_settings(ckpts, tmp_path, capsys):
-    argv = ['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--use_implicit',
+    argv = ['--ckpt_path', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'), '--use_implicit',
             '--sample_dir', str(tmp_path), '--num_classes', '1', '--per_class', '1', '--batch_size', '1']
     run_sampling(argv + ['--iter_left', '2', '--iter_right', '1'])
-    folder = tmp_path / 'implicit-viar.pth-cfg-1.5-seed-1'
+    folder = tmp_path / f'implicit-{VIAR_MODEL}-cfg-1.5-seed-1'
     png = (folder / '000000.png').read_bytes()
     with pytest.raises(SystemExit) as e:
         run_sampling(argv + ['--iter_left', '4', '--iter_right', '1'])
@@ -480,7 +481,7 @@ def test_sampler_kwargs_come_from_the_flags():
 
 
 def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
-    run_main(gen_img.main, ['--use_implicit', '--var_ckpt', str(ckpts / 'viar.pth'), '--vae_ckpt',
+    run_main(gen_img.main, ['--use_implicit', '--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt',
                                      str(ckpts / 'vae.pth'), '--class_label', '0', '2', '--seeds', '3', '4', '5',
                                      '--save_grid', '--nrow', '3', '--output_dir', str(tmp_path)])
     out = tmp_path / 'viar'
@@ -488,7 +489,7 @@ def test_gen_img_writes_images_and_grid(ckpts, tmp_path):
     singles = [f'class{c}_seed{s}.png' for c in (0, 2) for s in (3, 4, 5)]
     assert names == sorted(singles + ['class0_2_seeds3_4_5_grid.png'])
     # each image is the official gen_img.py call: B=1, label [c], g_seed = seed
-    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / 'viar.pth'))
+    _, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / VIAR_MODEL))
     imgs = [read_png(out / n) for n in singles]
     assert np.array_equal(imgs[4], official_batch(var, 2, 4, 1)[0])
     # the grid: 3 per row, 2 px white padding, classes in order then seeds
@@ -511,7 +512,7 @@ def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
     for argv, expected in ((['--use_implicit', 'False'], 'add --use_implicit'),     # not given: as the file says
                            (['--use_implicit', '--depth', '30'], 'pass --depth 1')):
         with pytest.raises(SystemExit) as e:
-            run_sampling(['--ckpt_path', str(ckpts / 'viar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),
+            run_sampling(['--ckpt_path', str(ckpts / VIAR_MODEL), '--vae_ckpt', str(ckpts / 'vae.pth'),
                           '--sample_dir', str(tmp_path / 's'), '--num_classes', '1'] + argv)
         assert e.value.code == 1 and expected in capsys.readouterr().err
     assert not (tmp_path / 's').exists()
@@ -520,10 +521,10 @@ def test_architecture_mismatch_messages(ckpts, tmp_path, capsys):
 def test_missing_default_checkpoint_offline_gives_the_download_message(tmp_path):
     r = subprocess.run([sys.executable, str(Path(gen_img.__file__)), '--use_implicit'], cwd=tmp_path,
                        env=script_env(), check=False, capture_output=True, text=True, timeout=120)
-    url = 'https://huggingface.co/mobiushy/VIAR/resolve/main/viar.pth'
+    url = f'https://huggingface.co/mobiushy/VIAR/resolve/main/{VIAR_MODEL}'
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     # from another folder the default is the repository's ckpts/ (not <cwd>/ckpts): the message names it
-    want = Path(gen_img.__file__).resolve().parent / 'ckpts' / 'viar.pth'
+    want = Path(gen_img.__file__).resolve().parent / 'ckpts' / VIAR_MODEL
     assert f"'{want}'" in r.stderr and url in r.stderr and f'wget -O {want} {url}' in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'gen_images').exists() and not (tmp_path / 'ckpts').exists()
@@ -542,18 +543,18 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
-    assert download.ensure_checkpoint('ckpts/var_d16.pth') == 'ckpts/var_d16.pth'
-    assert download.ensure_checkpoint('./ckpts/viar.pth') == './ckpts/viar.pth'
-    assert got == [('FoundationVision/var', 'var_d16.pth', 'ckpts'), ('mobiushy/VIAR', 'viar.pth', 'ckpts')]
-    assert download.ensure_checkpoint('ckpts/viar.pth') == 'ckpts/viar.pth' and len(got) == 2   # present: no call
-    for path in ('elsewhere/viar.pth', 'ckpts/mine.pth'):       # not a default place: never downloaded
+    assert download.ensure_checkpoint(f'ckpts/{var_file(16)}') == f'ckpts/{var_file(16)}'
+    assert download.ensure_checkpoint(f'./ckpts/{VIAR_MODEL}') == f'./ckpts/{VIAR_MODEL}'
+    assert got == [('FoundationVision/var', var_file(16), 'ckpts'), ('mobiushy/VIAR', VIAR_MODEL, 'ckpts')]
+    assert download.ensure_checkpoint(f'ckpts/{VIAR_MODEL}') == f'ckpts/{VIAR_MODEL}' and len(got) == 2   # present
+    for path in (f'elsewhere/{VIAR_MODEL}', 'ckpts/mine.pth'):       # not a default place: never downloaded
         with pytest.raises(download.MissingCheckpointError, match='does not exist'):
             download.ensure_checkpoint(path)
     assert len(got) == 2
-    (tmp_path / 'ckpts' / 'var_d20.pth').mkdir()
+    (tmp_path / 'ckpts' / var_file(20)).mkdir()
     with pytest.raises(download.MissingCheckpointError,
-                       match="'ckpts/var_d20.pth' is a directory: pass the checkpoint"):
-        download.ensure_checkpoint('ckpts/var_d20.pth')
+                       match=f"'ckpts/{var_file(20)}' is a directory: pass the checkpoint"):
+        download.ensure_checkpoint(f'ckpts/{var_file(20)}')
     assert len(got) == 2
 
     def failing(**kw):
@@ -561,10 +562,10 @@ def test_ensure_checkpoint_downloads_only_default_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda *a, **k: failing())
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
     with pytest.raises(download.MissingCheckpointError) as e:
-        download.ensure_checkpoint('ckpts/vae_ch160v4096z32.pth')
+        download.ensure_checkpoint(f'ckpts/{VAR_TOKENIZER}')
     msg = str(e.value)
-    assert 'connection refused' in msg and download.hf_url('vae_ch160v4096z32.pth') in msg
-    assert msg.count('\n') == 0 and 'wget -O ckpts/vae_ch160v4096z32.pth' in msg
+    assert 'connection refused' in msg and download.hf_url(VAR_TOKENIZER) in msg
+    assert msg.count('\n') == 0 and f'wget -O ckpts/{VAR_TOKENIZER}' in msg
 
 
 def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_path):
@@ -598,9 +599,9 @@ def test_eval_sh_checks_the_reference_batch_then_runs_the_readme_commands(tmp_pa
     sample_cmd = ' '.join(readme_command('python sampling.py')[1:])
     eval_cmd = ' '.join(readme_command('python evaluator.py')[1:]).replace('data/VIRTUAL_imagenet256_labeled.npz',
                                                                            str(ref))
-    assert sample_cmd == ('sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 '
+    assert sample_cmd == (f'sampling.py --ckpt_path ckpts/{VIAR_MODEL} --vae_ckpt ckpts/{VAR_TOKENIZER} --cfg 1.5 '
                           '--depth 30 --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')
-    assert eval_cmd == f'evaluator.py {ref} samples/implicit-viar.pth-cfg-1.5-seed-1.npz'
+    assert eval_cmd == f'evaluator.py {ref} samples/implicit-{VIAR_MODEL}-cfg-1.5-seed-1.npz'
     r = run()
     assert r.returncode == 0, r.stderr
     assert log.read_text().splitlines() == [sample_cmd, eval_cmd]

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from readme_commands import readme_command
+from utils.zoo import VAR_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 # the official VIAR README's training command (scripts/train.sh): README.md must show it, and train.sh must run it
@@ -502,11 +503,11 @@ def test_start_removes_temporary_files_of_an_interrupted_save(toy, tmp_path, cap
 
 def test_missing_tokenizer_says_where_to_get_it(toy, tmp_path, capsys):
     argv = train_args(toy, tmp_path / 'out')
-    argv[3] = str(tmp_path / 'ckpts' / 'vae_ch160v4096z32.pth')
+    argv[3] = str(tmp_path / 'ckpts' / VAR_TOKENIZER)
     rc, out, err = run_inprocess(argv, capsys)
     assert rc == 1 and 'Traceback' not in err and err.count('\n') == 1 and '[model]' not in out
     assert 'not found' in err and 'ckpts/' in err and \
-        'https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth' in err
+        f'https://huggingface.co/FoundationVision/var/resolve/main/{VAR_TOKENIZER}' in err
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(toy, tmp_path, capsys):

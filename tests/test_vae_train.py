@@ -119,8 +119,8 @@ def epoch_records(out):
 
 
 def test_flex_defaults_are_the_published_tokenizers():
-    """Without size flags each family gets its published file's architecture (FlexVAE.pth: ch 128, z_channels 256,
-    V 8912, Cvae 32; vae_ch160v4096z32.pth); flags given win."""
+    """Without size flags each family gets its published file's architecture (FLEX_TOKENIZER: ch 128, z_channels
+    256, V 8912, Cvae 32; VAR_TOKENIZER); flags given win."""
     from utils.arg_util import parse_vae_args
     a = parse_vae_args(['--data_path', 'd', '--flex'])
     assert (a.ch, a.z_channels, a.vocab_size, a.codebook_dim, a.ch_mult, a.downsample) == \
@@ -185,7 +185,7 @@ def test_flex_resumes_exactly_learns_and_exports_what_train_py_reads(repo_dir, d
                         '--local_out_dir_path', str(tmp_path / 'ar')], cwd=repo_dir, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and '[model] FlexVAR-d1' in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    # with 32 GroupNorm groups the keys tell everything: FlexVAE.pth's own format, the weights alone
+    # with 32 GroupNorm groups the keys tell everything: FLEX_TOKENIZER's own format, the weights alone
     sd = {'w': torch.zeros(1)}
     assert FlexRecipe.export(None, sd, {'norm_groups': 32}) == {'model': sd}
 

@@ -7,39 +7,25 @@ import argparse
 import math
 import os
 import re
-import sys
 from typing import List, Optional, Sequence
 
+from utils.flags import BOOL, VAR_SCALE_PRESETS, Parser, parse_scales, str2bool
+from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, default_path
+
 __all__ = ['get_parser', 'parse_args', 'finalize_args', 'get_vae_parser', 'parse_vae_args', 'str2bool',
-           'parse_patch_nums', 'default_workers', 'PN_ALIASES']
+           'parse_patch_nums', 'default_workers']
 
-PN_ALIASES = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}
 PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py passes the one of --vae_ckpt)
-VAR_VAE, FLEX_VAE = 'ckpts/vae_ch160v4096z32.pth', 'ckpts/FlexVAE.pth'     # train.py's default tokenizers
-
-
-def str2bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ('1', 'true', 't', 'yes', 'y', 'on'):
-        return True
-    if s in ('0', 'false', 'f', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected a boolean (True/False/1/0), got {v!r}')
+VAR_VAE, FLEX_VAE = default_path(VAR_TOKENIZER), default_path(FLEX_TOKENIZER)     # train.py's default tokenizers
 
 
 def parse_patch_nums(pn: str) -> List[int]:
-    """'256' | '512' | '1_2_3_4_...' -> increasing list of scale sides."""
-    text = PN_ALIASES.get(str(pn).strip(), str(pn).strip())
+    """``--pn``: a preset of ``VAR_SCALE_PRESETS`` ('256' | '512') or sides like 1_2_3_4_... -> increasing list."""
     try:
-        nums = [int(x) for x in text.replace('-', '_').split('_')]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--pn must be '256', '512' or scale sides like 1_2_3_4_5_6_8_10_13_16, "
-                                         f"got {pn!r}") from e
-    if not nums or nums[0] < 1 or any(b <= a for a, b in zip(nums, nums[1:])):
-        raise argparse.ArgumentTypeError(f'--pn scale sides must be positive and increasing, got {pn!r}')
-    return nums
+        return list(parse_scales(pn, VAR_SCALE_PRESETS))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pn must be '256', '512' or scale sides like 1_2_3_4_5_6_8_10_13_16 "
+                                         f"(positive, increasing), got {pn!r}") from None
 
 
 def default_workers() -> int:
@@ -99,20 +85,12 @@ def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, rules: di
         p.error('; '.join(bad))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        if os.environ.get('RANK', '0') != '0':     # under torchrun, rank 0 alone reports a bad command line
-            sys.exit(2)
-        super().error(message)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         description='Train VAR, VIAR (--use_implicit), FlexVAR (--flex) or an implicit FlexVAR (--flex --use_implicit) '
                     'on an ImageNet-style folder with a frozen tokenizer. Rerunning the same command resumes from '
                     '<local_out_dir_path>/ar-ckpt-last.pth.',
         allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
 
     g = p.add_argument_group('data')
     g.add_argument('--data_path', type=str, default='/path/to/imagenet',
@@ -121,26 +99,26 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--pn', type=str, default='1_2_3_4_5_6_8_10_13_16',
                    help="token-map sides per scale; '256' and '512' are aliases; image side = the tokenizer's "
                         "downsampling (16 for the published one) x the last side")
-    _data_flags(g, B)
+    _data_flags(g)
 
     g = p.add_argument_group('model')
     g.add_argument('--depth', type=int, default=16, help='nominal depth: width 64 x depth, depth heads')
-    g.add_argument('--use_implicit', default=False, help='VIAR: p_depth pre + 1 implicit + p_depth post blocks', **B)
+    g.add_argument('--use_implicit', default=False, help='VIAR: p_depth pre + 1 implicit + p_depth post blocks', **BOOL)
     g.add_argument('--p_depth', type=int, default=5, help='VIAR pre and post blocks (each)')
-    g.add_argument('--saln', default=False, help='shared AdaLN', **B)
-    g.add_argument('--anorm', default=True, help='L2-normalised attention', **B)
-    g.add_argument('--fuse', default=True, help='use fused / flash kernels when available', **B)
+    g.add_argument('--saln', default=False, help='shared AdaLN', **BOOL)
+    g.add_argument('--anorm', default=True, help='L2-normalised attention', **BOOL)
+    g.add_argument('--fuse', default=True, help='use fused / flash kernels when available', **BOOL)
     g.add_argument('--aln', type=float, default=0.5, help='AdaLN weight init multiplier')
     g.add_argument('--alng', type=float, default=1e-5, help='AdaLN gamma-rows init multiplier')
     g.add_argument('--hd', type=float, default=0.02, help='head weight init multiplier')
     g.add_argument('--ini', type=float, default=-1, help='init std (<0: sqrt(1/3C))')
     g.add_argument('--flex', default=False, help='FlexVAR (github jiaosiyu1999/FlexVAR): every step predicts the token '
                    'maps of a random schedule of scales (the official rule, drawn from the seeded generator all ranks '
-                   'share), on its FlexVAE tokenizer; --use_implicit gives an implicit FlexVAR', **B)
+                   'share), on its FlexVAE tokenizer; --use_implicit gives an implicit FlexVAR', **BOOL)
     g.add_argument('--vae_ckpt', type=str, default=None, help=f'frozen tokenizer checkpoint (default: {VAR_VAE}, with '
                    f'--flex {FLEX_VAE})')
     g.add_argument('--allow_other_vae', default=False, help='resume although --vae_ckpt holds other weights than the '
-                   'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **B)
+                   'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **BOOL)
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--bs', type=int, default=768,
@@ -158,10 +136,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--sche', type=str, default='lin0',
                    help='lr schedule after warm-up: lin0, lin, lin00, linX, cos, exp')
     g.add_argument('--fp16', type=int, default=0, choices=(0, 1, 2), help='0: fp32, 1: fp16 + GradScaler, 2: bf16')
-    g.add_argument('--tf32', default=True, help='allow TF32 matmuls on CUDA', **B)
+    g.add_argument('--tf32', default=True, help='allow TF32 matmuls on CUDA', **BOOL)
     g.add_argument('--grad_ckpt', default=False, help='activation checkpointing: every block (and implicit step with '
                    'gradient) recomputes its activations in backward: far less memory, about 1/3 more compute, the '
-                   'same gradients', **B)
+                   'same gradients', **BOOL)
 
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=None, help='seed (default: drawn once, then kept in the checkpoint)')
@@ -180,16 +158,16 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _data_flags(g, B):
+def _data_flags(g):
     g.add_argument('--mid_reso', type=float, default=1.125,
                    help='resize the shorter side to round(mid_reso x side), then crop')
-    g.add_argument('--hflip', default=False, help='random horizontal flip', **B)
+    g.add_argument('--hflip', default=False, help='random horizontal flip', **BOOL)
     g.add_argument('--workers', type=int, default=-1, help='DataLoader worker processes per rank (-1: min(8, CPUs '
                    'per process); 0: decode images in the training process)')
     g.add_argument('--check_data', default=False, help='decode every image of train/ and val/ (in parallel), list the '
-                   'unreadable ones (all of them in <local_out_dir_path>/bad_images.txt), then exit', **B)
+                   'unreadable ones (all of them in <local_out_dir_path>/bad_images.txt), then exit', **BOOL)
     g.add_argument('--skip_bad_images', default=False, help='replace an unreadable image by the next readable one '
-                   '(in folder order, with its label; counted in the log) instead of stopping the run', **B)
+                   '(in folder order, with its label; counted in the log) instead of stopping the run', **BOOL)
 
 
 def _debug_flags(p):
@@ -269,28 +247,27 @@ def args_to_dict(args: argparse.Namespace) -> dict:
 
 # ============================================== train_vae.py ==========================================================
 # train_vae.py: the flags whose default depends on the tokenizer (VAR's VQVAE, FlexVAR's FlexVAE with --flex): the
-# published files' architectures (vae_ch160v4096z32.pth; FlexVAE.pth, LlamaGen's VQ-16)
+# published files' architectures (utils.zoo.VAR_TOKENIZER; FLEX_TOKENIZER, LlamaGen's VQ-16)
 VAE_DEFAULTS = {False: {'vocab_size': 4096, 'z_channels': 32, 'ch': 160},
                 True: {'vocab_size': 8912, 'z_channels': 256, 'ch': 128, 'codebook_dim': 32}}
 
 
 def get_vae_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train the multi-scale residual VQVAE tokenizer of VAR / VIAR, or with --flex FlexVAR's "
+    p = Parser(description="Train the multi-scale residual VQVAE tokenizer of VAR / VIAR, or with --flex FlexVAR's "
                             'FlexVAE tokenizer. Rerunning the same command resumes from '
                             '<local_out_dir_path>/vae-ckpt-last.pth.',
                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    B = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
     unset = argparse.SUPPRESS          # family-dependent defaults (VAE_DEFAULTS), filled in by parse_vae_args
     g = p.add_argument_group('data')
     g.add_argument('--data_path', type=str, required=True,
                    help='folder with train/<class>/<images> and val/<class>/<images>')
     g.add_argument('--pn', type=str, default='256', help="scales: '256', '512' or sides like 1_2_3_4; image side = "
                    "downsampling x the last side")
-    _data_flags(g, B)
+    _data_flags(g)
     g = p.add_argument_group('model')
     g.add_argument('--flex', default=False, help="FlexVAR's tokenizer (FlexVAE: LlamaGen's VQ-16 layout, l2-normalised "
                    'codebook; every scale of a schedule is the feature map area-resized and quantised on its own) '
-                   'instead of the residual VQVAE; the export is what train.py --flex --vae_ckpt reads', **B)
+                   'instead of the residual VQVAE; the export is what train.py --flex --vae_ckpt reads', **BOOL)
     g.add_argument('--vocab_size', type=int, default=unset, help='codebook size V (default 4096; --flex: 8912)')
     g.add_argument('--z_channels', type=int, default=unset, help='VQVAE: latent / code dimension Cvae (default 32); '
                    '--flex: encoder output channels, before the 1x1 quant_conv to --codebook_dim (default 256)')
@@ -301,7 +278,7 @@ def get_vae_parser() -> argparse.ArgumentParser:
                    'downsampling = 2^(levels - 1): 16 for the published tokenizer')
     g.add_argument('--num_res_blocks', type=int, default=2, help='residual blocks per level (decoder: one more)')
     g.add_argument('--attn', default=True, help='spatial self-attention at the lowest resolution (the FlexVAE layout '
-                   'always has it)', **B)
+                   'always has it)', **BOOL)
     g.add_argument('--norm_groups', type=int, default=32, help='GroupNorm groups (32 as published; a narrow --ch '
                    'wants fewer, e.g. --ch 32 --norm_groups 8: 32 groups of 1 channel erase colour levels)')
     g.add_argument('--beta', type=float, default=0.25, help='commitment loss weight')

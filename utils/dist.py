@@ -60,7 +60,10 @@ def init_distributed(device: str = 'auto', timeout_minutes: int = 30) -> torch.d
     """Joins the process group when launched by torchrun (RANK/WORLD_SIZE set) and returns this rank's device.
 
     ``device``: 'auto' (CUDA if available, else CPU, saying so in one line when NVIDIA devices exist but CUDA is
-    unusable), 'cpu' or 'cuda'."""
+    unusable), 'cpu', 'cuda' or 'cuda:N' (device N, one process)."""
+    index = None
+    if device.startswith('cuda:') and device[5:].isdigit():
+        device, index = 'cuda', int(device[5:])
     if device in ('auto', 'cuda'):
         usable, why = cuda_status()
         if device == 'cuda' and not usable:
@@ -71,7 +74,7 @@ def init_distributed(device: str = 'auto', timeout_minutes: int = 30) -> torch.d
             print(f'[device] note: running on the CPU (much slower): {why}; pass --device cpu to silence this',
                   file=sys.stderr, flush=True)
     if device == 'cuda':
-        torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(get_local_rank() % torch.cuda.device_count() if index is None else index)
     dev = torch.device('cuda', torch.cuda.current_device()) if device == 'cuda' else torch.device('cpu')
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1 and not initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'

@@ -1,7 +1,7 @@
 """Fetching the published checkpoints into ``ckpts/`` — only when a script's *default* path is asked for and missing.
 
-``ensure_checkpoint('ckpts/viar.pth')`` returns the path when the file is there; when it is one of the published
-files (``PUBLISHED``) at its default place ``ckpts/<file>`` and missing, it downloads it with
+``ensure_checkpoint('ckpts/<file>')`` returns the path when the file is there; when it is one of the published
+files (``utils.zoo.MODELS``) at its default place ``ckpts/<file>`` and missing, it downloads it with
 ``huggingface_hub.hf_hub_download(repo_id, file, local_dir='ckpts')``.  Offline (``HF_HUB_OFFLINE=1``), without
 ``huggingface_hub`` or on any other failure it raises ``MissingCheckpointError`` (a ``UserError``) with the file, its
 URL and the command that places it by hand.  A path the user chose (not the default) is never downloaded: a missing
@@ -13,44 +13,18 @@ import os
 
 from utils import dist
 from utils.errors import UserError
+from utils.zoo import CKPT_DIR, FLEX_TOKENIZER, MODELS, VAR_TOKENIZER, default_path, hf_url
 
 __all__ = ['CKPT_DIR', 'FLEX_TOKENIZER', 'PUBLISHED', 'VAR_TOKENIZER', 'MissingCheckpointError', 'default_path',
            'ensure_checkpoint', 'hf_url', 'resolve_default']
 
-CKPT_DIR = 'ckpts'
 REPO_CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CKPT_DIR)   # the checkout's
+# file name -> Hugging Face repository that publishes it (the registry utils.zoo.MODELS)
+PUBLISHED: dict[str, str] = {name: entry.repo for name, entry in MODELS.items()}
 
 
 class MissingCheckpointError(UserError):
     """A checkpoint file is not there and was not (or could not be) downloaded; the message says how to get it."""
-
-
-# file name -> Hugging Face repository that publishes it
-PUBLISHED: dict[str, str] = {
-    'vae_ch160v4096z32.pth': 'FoundationVision/var',
-    'var_d16.pth': 'FoundationVision/var',
-    'var_d20.pth': 'FoundationVision/var',
-    'var_d24.pth': 'FoundationVision/var',
-    'var_d30.pth': 'FoundationVision/var',
-    'var_d36.pth': 'FoundationVision/var',
-    'viar.pth': 'mobiushy/VIAR',
-    # FlexVAR (github jiaosiyu1999/FlexVAR, README "VAR zoo"): its tokenizer and the three transformers
-    'FlexVAE.pth': 'jiaosiyu1999/FlexVAR',
-    'FlexVARd16-epo179.pth': 'jiaosiyu1999/FlexVAR',
-    'FlexVARd20-epo249.pth': 'jiaosiyu1999/FlexVAR',
-    'FlexVARd24-epo349.pth': 'jiaosiyu1999/FlexVAR',
-}
-# the tokenizer each published transformer needs
-FLEX_TOKENIZER = 'FlexVAE.pth'
-VAR_TOKENIZER = 'vae_ch160v4096z32.pth'
-
-
-def hf_url(filename: str, repo_id: str | None = None) -> str:
-    return f'https://huggingface.co/{repo_id or PUBLISHED[filename]}/resolve/main/{filename}'
-
-
-def default_path(filename: str, ckpt_dir: str = CKPT_DIR) -> str:
-    return os.path.join(ckpt_dir, filename)
 
 
 def resolve_default(path: str | None) -> str | None:

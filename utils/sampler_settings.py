@@ -12,12 +12,10 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Tuple
 
-__all__ = ['ANDERSON_KWARGS', 'FLEX_PN_ALIASES', 'ITER_EXITS', 'ITER_SOLVERS', 'SOLVER_DEFAULTS', 'SamplerSettings',
-           'SettingsError', 'knob', 'parse_schedule', 'schedule_name']
+from utils.flags import FLEX_SCHEDULE_PRESETS, parse_scales, schedule_name
 
-# --infer_pn aliases: the official default (256 px) and the official 512 px zero-shot schedule (FlexVAR README,
-# scripts/evaluate_c2i.sh); not train.py's '512' alias of VAR's scales
-FLEX_PN_ALIASES = {'256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), '512': (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 23, 32)}
+__all__ = ['ANDERSON_KWARGS', 'ITER_EXITS', 'ITER_SOLVERS', 'SOLVER_DEFAULTS', 'SamplerSettings', 'SettingsError',
+           'knob', 'schedule_name']
 
 
 # the VIAR fixed-point knobs (models.var.ITER_EXITS / ITER_SOLVERS) and the values that are the paper's sampler: left
@@ -32,26 +30,13 @@ class SettingsError(ValueError):
     """A sampler setting out of its range; the message names the setting and the rule."""
 
 
-def parse_schedule(text) -> Optional[Tuple[int, ...]]:
-    """``--infer_pn``: '256', '512' or sides like 1_2_4_8_16 (``-`` also separates) -> a tuple, or None when it is not a
-    schedule (strictly increasing, starting with 1).  A tuple or list is checked as it is."""
-    if isinstance(text, (tuple, list)):
-        pns = tuple(text)
-    else:
-        text = str(text).strip()
-        if text in FLEX_PN_ALIASES:
-            return FLEX_PN_ALIASES[text]
-        try:
-            pns = tuple(int(x) for x in text.replace('-', '_').split('_'))
-        except ValueError:
-            return None
-    if not pns or pns[0] != 1 or any(b <= a for a, b in zip(pns, pns[1:])):
+def _flex_schedule(value) -> Optional[Tuple[int, ...]]:
+    """``--infer_pn`` (a preset of ``FLEX_SCHEDULE_PRESETS`` or sides, strictly increasing from 1) as a tuple, or
+    None when it is not one."""
+    try:
+        return parse_scales(value, FLEX_SCHEDULE_PRESETS, from_one=True)
+    except ValueError:
         return None
-    return pns
-
-
-def schedule_name(pns) -> str:
-    return '_'.join(map(str, pns))
 
 
 def _at_least(lo):
@@ -91,7 +76,7 @@ class SamplerSettings:
                                           kind='iteration')
     warm_start: Optional[bool] = knob(None, (lambda v: True, ''), kind='iteration')
     infer_patch_nums: Optional[Tuple[int, ...]] = knob(
-        None, (lambda v: parse_schedule(v) is not None, "must be token-map sides, strictly increasing from 1, like "
+        None, (lambda v: _flex_schedule(v) is not None, "must be token-map sides, strictly increasing from 1, like "
                "1_2_3_4_5_6_8_10_13_16, or '256' / '512'"), flag='infer_pn', kind='flex')
     max_pn: Optional[int] = knob(None, (_at_least(1), 'must be >= 1 (a token-map side)'), kind='flex')
     used_llamagen_cfg: Optional[bool] = knob(None, (lambda v: True, ''), kind='flex')
@@ -167,7 +152,7 @@ class SamplerSettings:
             for name in ANDERSON_KWARGS:
                 kw.pop(name, None)
         if 'infer_patch_nums' in kw:
-            pns = parse_schedule(kw['infer_patch_nums'])
+            pns = _flex_schedule(kw['infer_patch_nums'])
             if pns is None:
                 raise SettingsError(f'--infer_pn {kw["infer_patch_nums"]} '
                                     f'{self.rules()["infer_pn"][1]}')

@@ -26,39 +26,27 @@ import torch
 from models.checkpoint import is_flexvar_state, load_vae_var, model_state_dict, read_checkpoint
 from models.flexvar import FlexVAR
 from utils import dist
-from utils.arg_util import str2bool
-from utils.download import (
-    CKPT_DIR,
-    FLEX_TOKENIZER,
-    PUBLISHED,
-    VAR_TOKENIZER,
-    default_path,
-    ensure_checkpoint,
-    resolve_default,
-)
+from utils.download import ensure_checkpoint, resolve_default
 from utils.errors import UserError
+from utils.flags import BOOL, FLEX_SCHEDULE_PRESETS
 from utils.misc import DiskFullError
 from utils.sampler_settings import (
-    FLEX_PN_ALIASES,
     ITER_EXITS,
     ITER_SOLVERS,
     SamplerSettings,
     SettingsError,
     _at_least,
-    parse_schedule,
     schedule_name,
 )
+from utils.zoo import FLEX_TOKENIZER, MODELS, VAR_TOKENIZER, VIAR_MODEL, default_path, var_file
 
-__all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_PN_ALIASES', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
+__all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_SCHEDULE_PRESETS', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
            'SamplerSettings', 'SamplingError', 'add_common_args', 'add_device_args', 'add_flex_args',
-           'add_guidance_args', 'add_model_args', 'add_sampler_args', 'cast_weights', 'check_args',
-           'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
-           'effective_top_k', 'guard_writes', 'load_models', 'load_pretrained', 'make_output_dir', 'parse_schedule',
+           'add_guidance_args', 'add_model_args', 'add_sampler_args', 'autocast', 'cast_weights', 'check_args',
+           'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'default_var_ckpt_help',
+           'dtype_name', 'effective_top_k', 'guard_writes', 'load_models', 'load_pretrained', 'make_output_dir',
            'parse_tolerance', 'pretrained_name', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name',
            'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint', 'weights_sha256']
-
-BOOL = {'type': str2bool, 'nargs': '?', 'const': True, 'metavar': 'BOOL'}
-
 
 class SamplingError(UserError):
     """A user-caused problem (bad flag, folder of other settings or weights); the message says what to do."""
@@ -233,6 +221,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[name]
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The autocast context of ``amp_dtype`` on ``device`` (None: disabled, plain fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 def dtype_name(amp_dtype: torch.dtype | None) -> str:
     return {None: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[amp_dtype]
 
@@ -263,9 +256,15 @@ def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | 
 
 
 def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
-    """The model when ``--var_ckpt`` is not given: ``ckpts/viar.pth`` with ``--use_implicit``, else
-    ``ckpts/var_d{--depth}.pth`` (``depth`` when ``--depth`` is not given either)."""
-    return 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth or depth}.pth'
+    """The model when ``--var_ckpt`` is not given: the published VIAR with ``--use_implicit``, else the published
+    VAR of ``--depth`` (``depth`` when ``--depth`` is not given either), at their default place ``ckpts/``."""
+    return default_path(VIAR_MODEL if args.use_implicit else var_file(args.depth or depth))
+
+
+def default_var_ckpt_help(depth_note: str) -> str:
+    """The ``--var_ckpt`` help's default (``default_var_ckpt``), ``depth_note`` saying which depth without --depth."""
+    return (f'(default: {default_path(VIAR_MODEL)} with --use_implicit, else {default_path(var_file("{depth}"))}'
+            f'{depth_note})')
 
 
 def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
@@ -292,16 +291,17 @@ def guard_writes(kept: str, every_rank: bool = False) -> Iterator[None]:
 
 
 def default_vae_ckpt(var_ckpt: str) -> str:
-    """The tokenizer ``var_ckpt`` needs when ``--vae_ckpt`` is not given: ``ckpts/FlexVAE.pth`` for a FlexVAR model
-    (read from the file's keys; for a published file not downloaded yet, from its name), else
-    ``ckpts/vae_ch160v4096z32.pth``."""
-    flex = PUBLISHED.get(os.path.basename(var_ckpt)) == PUBLISHED[FLEX_TOKENIZER]
+    """The tokenizer ``var_ckpt`` needs when ``--vae_ckpt`` is not given, at its default place: FlexVAR's for a
+    FlexVAR model (read from the file's keys; for a published file not downloaded yet, from the registry), else
+    VAR's."""
+    entry = MODELS.get(os.path.basename(var_ckpt))
+    flex = entry is not None and entry.tokenizer == FLEX_TOKENIZER
     if os.path.isfile(var_ckpt):
         try:
             flex = is_flexvar_state(model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint'), var_ckpt))
         except UserError:
             pass        # load_vae_var reports what is wrong with the file
-    return default_path(FLEX_TOKENIZER if flex else VAR_TOKENIZER, CKPT_DIR)
+    return default_path(FLEX_TOKENIZER if flex else VAR_TOKENIZER)
 
 
 def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
@@ -461,7 +461,7 @@ def sample_batch(var, label_B: torch.Tensor, g_seed: int, kw: dict[str, Any],
     autocast, keyword arguments only (FlexVAR's third positional parameter is the schedule, VAR's is g_seed); images
     (B, 3, H, W) in [0, 1] in the dtype the model returns (fp16 under fp16 autocast, as the official code)."""
     dev = label_B.device
-    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(dev, amp_dtype):
         return var.autoregressive_infer_cfg(B=label_B.numel(), label_B=label_B, g_seed=g_seed, **kw)
 
 
