@@ -161,9 +161,10 @@ def check_args(args) -> Plan:
         raise UserError(f'--pn {args.pn} with --vae_ch_mult {args.vae_ch_mult} ({down}x downsampling) gives {reso} px '
                         f'images, but {os.path.join(args.out, "data")} holds the demo pictures at {made} px: {fit}, '
                         f'or pass another --out')
-    schedules = [Schedule(*parse_iterations(s, '--iters', UserError)) for s in args.iters]
-    if any(min(s) < 1 for s in schedules):
+    pairs = [parse_iterations(s, '--iters', UserError) for s in args.iters]
+    if any(min(p) < 1 for p in pairs):
         raise UserError(f'--iters {" ".join(args.iters)}: iteration counts must be >= 1')
+    schedules = [Schedule(*p) for p in pairs]
     if len(set(schedules)) < len(schedules):
         raise UserError(f'--iters {" ".join(args.iters)}: a schedule is given twice')
     if not (math.isfinite(args.iter_tol) and args.iter_tol >= 0):

@@ -17,21 +17,19 @@ from collections.abc import Sequence
 import torch
 import torchvision
 
-from models.checkpoint import describe_classes, resolve_class_labels
+from models.checkpoint import describe_classes
 from utils.errors import run_cli
+from utils.flags import BOOL
 from utils.misc import save_png_atomic
 from utils.sampling_utils import (
-    BOOL,
     add_common_args,
+    add_var_ckpt_arg,
     check_args,
     check_output_dir,
-    default_var_ckpt,
-    default_var_ckpt_help,
     dtype_name,
     guard_writes,
-    load_models,
+    load_chosen,
     make_output_dir,
-    pretrained_name,
     sample_batch,
     sampler_kwargs,
     schedule_name,
@@ -45,8 +43,7 @@ PROG = 'gen_img.py'
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--var_ckpt', type=str, default=None,
-                   help='VAR/VIAR/FlexVAR checkpoint ' + default_var_ckpt_help(', depth 30 when not given'))
+    add_var_ckpt_arg(p, 'VAR/VIAR/FlexVAR', ', depth 30 when not given')
     p.add_argument('--class_label', type=str, nargs='+', default=['970'],
                    help='one or several classes: indices (ImageNet for the published files), or the class folder names '
                         'a train.py checkpoint records (e.g. cats)')
@@ -82,18 +79,12 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace, device: torch.device, amp_dtype) -> None:
-    if args.var_ckpt is None and not args.pretrained:
-        args.var_ckpt = default_var_ckpt(args, 30)
-    _, var = load_models(args, device, args.var_ckpt)
-    source = args.pretrained or args.var_ckpt
-    args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
-                                            path=repr(source))
+    _, var, source, name = load_chosen(args, device, 30)
     kw = sampler_kwargs(args, var)
     kind = var.describe() + (f', iterations {args.iter_left}->{args.iter_right}' if var.use_implicit else '')
     kind += f', iter_tol {args.iter_tol:g}' if var.use_implicit and args.iter_tol is not None else ''
     kind += ''.join(f', {k} {kw[k]}' for k in ('iter_exit', 'iter_solver', 'anderson_m', 'anderson_beta', 'warm_start')
                     if var.use_implicit and k in kw)
-    name = pretrained_name(args.pretrained) if args.pretrained else os.path.splitext(os.path.basename(args.var_ckpt))[0]
     if 'infer_patch_nums' in kw:        # FlexVAR: the schedule decides the size (and the images)
         pns = kw['infer_patch_nums']
         kind += (f', schedule {schedule_name(pns)} ({len(pns)} steps, {var.vae_proxy[0].downsample * pns[-1]} px), '

@@ -23,7 +23,6 @@ import torch
 import torchvision
 
 from models import get_edit_mask
-from models.checkpoint import resolve_class_labels
 from utils.editing import (
     EditError,
     check_region,
@@ -35,18 +34,16 @@ from utils.editing import (
     square_input,
 )
 from utils.errors import run_cli
+from utils.flags import BOOL
 from utils.misc import save_png_atomic
 from utils.sampling_utils import (
-    BOOL,
     add_common_args,
+    add_var_ckpt_arg,
     check_args,
     check_output_dir,
-    default_var_ckpt,
-    default_var_ckpt_help,
     dtype_name,
-    load_models,
+    load_chosen,
     make_output_dir,
-    pretrained_name,
     sample_batch,
     sampler_kwargs,
     setup_device,
@@ -72,9 +69,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help='class-conditional editing to these classes: indices, or the class folder names a train.py '
                         'checkpoint records (default: unconditional in/out-painting)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3], help='one result per seed (and class)')
-    p.add_argument('--var_ckpt', type=str, default=None,
-                   help='VAR/VIAR checkpoint ' + default_var_ckpt_help(' with depth 36, the 512 px model the notebook '
-                                                                       'recommends'))
+    add_var_ckpt_arg(p, 'VAR/VIAR', ' with depth 36, the 512 px model the notebook recommends')
     p.add_argument('--output_dir', type=str, default='edit_images')
     add_common_args(p)
     # the notebook's editing call: cfg 3, top-k 900, top-p 0.95, more_smooth
@@ -124,13 +119,7 @@ def edit(args: argparse.Namespace) -> None:
             check_same_aspect(mask.size, im.size, f'--mask {args.mask!r}', f'--input_img {path!r}')
 
     device, amp_dtype = setup_device(args)
-    if args.var_ckpt is None and not args.pretrained:
-        args.var_ckpt = default_var_ckpt(args, 36)
-    vae, var = load_models(args, device, args.var_ckpt)
-    source = args.pretrained or args.var_ckpt
-    if args.class_label is not None:
-        args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
-                                                path=repr(source))
+    vae, var, source, name = load_chosen(args, device, 36)
     grid = var.patch_nums[-1]
     reso = grid * vae.downsample
     region = 'mask' if mask is not None else ('outpaint' if args.outpaint else 'inpaint')
@@ -145,8 +134,7 @@ def edit(args: argparse.Namespace) -> None:
     classes = args.class_label or [None]
     kw = sampler_kwargs(args, var)
 
-    out_dir = os.path.join(args.output_dir, pretrained_name(args.pretrained) if args.pretrained else
-                           os.path.splitext(os.path.basename(args.var_ckpt))[0])
+    out_dir = os.path.join(args.output_dir, name)
     make_output_dir(out_dir, EditError)
     iters = f', iterations {args.iter_left}->{args.iter_right}' if var.backbone.is_implicit else ''
     what = 'unconditional' if args.class_label is None else f'class {" ".join(map(str, args.class_label))}'
@@ -161,7 +149,7 @@ def edit(args: argparse.Namespace) -> None:
         preview = masked_preview(orig.float() / 255, keep).mul(255).round().to(torch.uint8)
         tiles = [orig, preview]     # the grid is made of the PNGs' own bytes
         classes_str = '' if args.class_label is None else '_class' + '_'.join(map(str, args.class_label))
-        name = f'{stem}_{region}{classes_str}'
+        grid_name = f'{stem}_{region}{classes_str}'
         for c in classes:
             label_B = torch.tensor([var.num_classes if c is None else c], dtype=torch.long, device=device)
             for s in args.seeds:
@@ -172,7 +160,7 @@ def edit(args: argparse.Namespace) -> None:
                 save_png_atomic(res_HW3, os.path.join(out_dir, res))
                 tiles.append(torch.from_numpy(res_HW3).permute(2, 0, 1))
         grid_3HW = torchvision.utils.make_grid(torch.stack(tiles), nrow=len(tiles), padding=2, pad_value=255)
-        grid_path = os.path.join(out_dir, f'{name}_grid.png')
+        grid_path = os.path.join(out_dir, f'{grid_name}_grid.png')
         save_png_atomic(grid_3HW.permute(1, 2, 0).contiguous().numpy(), grid_path)
         print(f'[edit] {path}: {len(tiles) - 2} results, grid {grid_path}', flush=True)
 

@@ -24,23 +24,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from models.checkpoint import load_vae_var
-from models.hub import from_pretrained
 from models.var import ITER_SOLVERS
 from utils import dist
 from utils.download import resolve_default
 from utils.errors import UserError, run_cli
+from utils.flags import BOOL
 from utils.misc import atomic_write_bytes
 from utils.plot import Panel, save_png
+from utils.sampler_settings import SamplerSettings
 from utils.sampling_utils import (
-    BOOL,
-    SamplerSettings,
     add_device_args,
     add_guidance_args,
-    cast_weights,
     check_args,
     dtype_name,
-    resolve_dtype,
+    load_measured,
     sample_batch,
     setup_device,
 )
@@ -189,12 +186,9 @@ def model_source(args) -> str:
 def load_viar(args, device):
     """The VIAR model of ``--var_ckpt`` (or of the hub folder ``--pretrained``) and the classes to sample (checked
     against it)."""
-    if args.pretrained:
-        _, var = from_pretrained(args.pretrained, device=device)
-    else:
+    if not args.pretrained:
         args.var_ckpt, args.vae_ckpt = resolve_default(args.var_ckpt), resolve_default(args.vae_ckpt)   # from anywhere
-        _, var = load_vae_var(args.vae_ckpt, args.var_ckpt, device=device)
-    cast_weights(var, args, resolve_dtype(args.dtype, device))
+    _, var = load_measured(model_source(args), bool(args.pretrained), args.vae_ckpt, args, device)
     if not var.use_implicit:
         raise FixedPointError(f'{model_source(args)!r} is {var.describe()}, which has no implicit block: the '
                               f'fixed-point diagnostics need a VIAR checkpoint')

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from evaluator import evaluate, file_sha256, resolve_inception
-from models.checkpoint import describe_var_config, infer_var_config, load_vae_var, model_state_dict, read_checkpoint
-from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretrained
+from models.checkpoint import describe_var_config, infer_var_config, model_state_dict, read_checkpoint
+from models.hub import WEIGHTS, read_hub_config, resolve_pretrained
 from scripts.bench import Probe, machine_info, sync, trim_host_memory
 from utils import dist
 from utils.download import resolve_default
@@ -50,17 +50,16 @@ from utils.folder_sampling import (
 from utils.memory import PeakMemory
 from utils.misc import atomic_write, atomic_write_bytes
 from utils.plot import Panel, save_png
+from utils.sampler_settings import SamplerSettings
 from utils.sampling_utils import (
     SEED_MAX,
-    SamplerSettings,
     add_device_args,
     add_guidance_args,
-    cast_weights,
     check_args,
     dtype_name,
+    load_measured,
     parse_tolerance,
     pretrained_name,
-    resolve_dtype,
     sample_batch,
     setup_device,
 )
@@ -226,8 +225,7 @@ def point_run(args, p: Point, num_classes: int, seed: int) -> Run:
 def load_point(p: Point, args, device):
     """(tokenizer, transformer) of the point's checkpoint (with ``--vae_ckpt``) or hub folder; under fp16/bf16 the
     transformer's weights cast once (``--cast_weights``)."""
-    vae, var = from_pretrained(p.ckpt, device=device) if p.hub else load_vae_var(args.vae_ckpt, p.ckpt, device=device)
-    return vae, cast_weights(var, args, resolve_dtype(args.dtype, device))
+    return load_measured(p.ckpt, p.hub, args.vae_ckpt, args, device)
 
 
 def sample_point(p: Point, run: Run, models, args, amp_dtype) -> None:

@@ -584,7 +584,7 @@ def test_sweep_variants_and_seed_sets(ckpts, tmp_path, viar):
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--schedules', '10to5'], "could not read the iteration schedule '10to5'"),
+    (['--schedules', '10to5'], "could not read the iteration schedule --schedules '10to5'"),
     (['--iter_tols', '0.1', '--variants', 'row+fast'], "could not read the variant 'row+fast'"),
     (['--variants', 'batch+row'], "could not read the variant 'batch+row'"),
     (['--seed', '1', '2'], '--seed 1 2 overlap: a seed set uses g_seed = seed + i for the 2 batches'),

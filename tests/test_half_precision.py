@@ -120,7 +120,7 @@ def test_sampling_scripts_cast_by_default_and_give_the_same_pngs(tmp_path, monke
         loaded.append(vae_var[1])
         return vae_var
 
-    monkeypatch.setattr(gen_img, 'load_models', recording)
+    monkeypatch.setattr(sampling_utils, 'load_models', recording)     # what gen_img's load_chosen calls
     for cast in ('1', '0'):
         run_main(gen_img.main, ['--use_implicit', '--depth', '2', '--var_ckpt', str(tmp_path / VIAR_MODEL),
                                          '--vae_ckpt', str(tmp_path / 'vae.pth'), '--class_label', '0', '2',

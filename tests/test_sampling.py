@@ -309,7 +309,7 @@ def test_sampling_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, m
     (['--seeds', '1', str(-2 ** 63 - 1)], f'--seeds {-2 ** 63 - 1} must be in'),
 ])
 def test_gen_img_rejects_bad_flags_before_loading_or_writing(ckpts, tmp_path, monkeypatch, capsys, argv, expected):
-    for name in ('setup_device', 'load_models'):
+    for name in ('setup_device', 'load_chosen'):
         monkeypatch.setattr(gen_img, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
     with pytest.raises(SystemExit) as e:
         run_main(gen_img.main, ['--var_ckpt', str(ckpts / 'var.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'),

@@ -93,6 +93,6 @@ def parse_iterations(text: str, flag: str = '', error: type = ValueError) -> Tup
     own lower bound."""
     m = re.fullmatch(r'\s*(\d+)\s*(?:->|→|-|:)\s*(\d+)\s*', str(text))
     if not m:
-        raise error(f'{flag + " " if flag else ""}could not read the iteration schedule {text!r}: write LEFT-RIGHT '
+        raise error(f'could not read the iteration schedule {flag + " " if flag else ""}{text!r}: write LEFT-RIGHT '
                     f'(implicit iterations at the first and the last scale), e.g. 10-5')
     return int(m.group(1)), int(m.group(2))

@@ -43,8 +43,9 @@ from utils.zoo import FLEX_TOKENIZER, MODELS, VAR_TOKENIZER, VIAR_MODEL, default
 __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_SCHEDULE_PRESETS', 'ITERATION_KWARGS', 'SAMPLER_FLAGS',
            'SamplerSettings', 'SamplingError', 'add_common_args', 'add_device_args', 'add_flex_args',
            'add_guidance_args', 'add_model_args', 'add_sampler_args', 'autocast', 'cast_weights', 'check_args',
-           'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'default_var_ckpt_help',
-           'dtype_name', 'effective_top_k', 'guard_writes', 'load_models', 'load_pretrained', 'make_output_dir',
+           'cpu_has_native_bf16', 'check_output_dir', 'default_vae_ckpt', 'default_var_ckpt', 'dtype_name',
+           'add_var_ckpt_arg', 'load_chosen', 'load_measured', 'effective_top_k', 'guard_writes', 'load_models',
+           'load_pretrained', 'make_output_dir',
            'parse_tolerance', 'pretrained_name', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name',
            'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint', 'weights_sha256']
 
@@ -261,12 +262,6 @@ def default_var_ckpt(args: argparse.Namespace, depth: int) -> str:
     return default_path(VIAR_MODEL if args.use_implicit else var_file(args.depth or depth))
 
 
-def default_var_ckpt_help(depth_note: str) -> str:
-    """The ``--var_ckpt`` help's default (``default_var_ckpt``), ``depth_note`` saying which depth without --depth."""
-    return (f'(default: {default_path(VIAR_MODEL)} with --use_implicit, else {default_path(var_file("{depth}"))}'
-            f'{depth_note})')
-
-
 def make_output_dir(path: str, error: type[UserError] = SamplingError) -> None:
     """Creates the folder ``path`` the images go to (under ``--output_dir``); a failure is one ``error`` line."""
     try:
@@ -373,6 +368,37 @@ def load_pretrained(args: argparse.Namespace, device: torch.device, ckpt_flags: 
     args.pretrained_dir, args.pretrained_weights = folder, os.path.join(folder, WEIGHTS)
     args.use_implicit = bool(var.backbone.is_implicit)     # not given: as the folder says
     return vae, var
+
+
+def load_measured(source: str, hub: bool, vae_ckpt: str | None, args: argparse.Namespace, device: torch.device):
+    """(tokenizer, transformer) of the scripts that measure the sampler (``scripts.sweep``, ``scripts.fixed_point``):
+    the hub folder or repository ``source`` (``hub``) or the checkpoint files ``vae_ckpt`` + ``source``; under
+    fp16/bf16 the transformer's weights cast once (``--cast_weights``, ``--dtype``)."""
+    from models.hub import from_pretrained
+    vae, var = from_pretrained(source, device=device) if hub else load_vae_var(vae_ckpt, source, device=device)
+    return vae, cast_weights(var, args, resolve_dtype(args.dtype, device))
+
+
+def load_chosen(args: argparse.Namespace, device: torch.device, depth: int):
+    """(tokenizer, transformer, source, name) of the image scripts (``gen_img.py``, ``scripts/edit.py``): the model
+    of ``--pretrained`` or ``--var_ckpt`` (default ``default_var_ckpt(args, depth)``, set in ``args``), its classes
+    ``--class_label`` resolved (when given), ``source`` as messages name it and ``name`` the output sub-folder."""
+    from models.checkpoint import resolve_class_labels
+    if args.var_ckpt is None and not args.pretrained:
+        args.var_ckpt = default_var_ckpt(args, depth)
+    vae, var = load_models(args, device, args.var_ckpt)
+    source = args.pretrained or args.var_ckpt
+    if args.class_label is not None:
+        args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
+                                                path=repr(source))
+    name = pretrained_name(args.pretrained) if args.pretrained else os.path.splitext(os.path.basename(args.var_ckpt))[0]
+    return vae, var, source, name
+
+
+def add_var_ckpt_arg(p: argparse.ArgumentParser, what: str, depth_note: str) -> None:
+    """``--var_ckpt`` of the image scripts (``load_chosen``); ``depth_note`` says which depth without --depth."""
+    p.add_argument('--var_ckpt', type=str, default=None, help=f'{what} checkpoint (default: {default_path(VIAR_MODEL)} '
+                   f'with --use_implicit, else {default_path(var_file("{depth}"))}{depth_note})')
 
 
 def cast_weights(var, args: argparse.Namespace, amp_dtype: torch.dtype | None):
