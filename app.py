@@ -2,7 +2,7 @@
 
     pip install -r requirements-app.txt
     python app.py                       # the demo's model (demo_output/) if there, else the published VIAR
-    python app.py --var_ckpt ckpts/var_d16.pth --port 7861 --device cuda   # or --pretrained DIR_OR_REPO
+    python app.py --depth 16 --port 7861 --device cuda   # the published VAR-d16; or --var_ckpt, --pretrained
 
 Generate tab: class, seeds, sampler settings and the iteration schedule; shows the images, images/s, the iterations
 run and the fixed-point residual at every scale, and the same seeds under a second schedule side by side.  Edit tab:

@@ -1,6 +1,6 @@
 """Evaluate a batch of samples against a reference batch with the ADM ("OpenAI") evaluation suite.
 
-    python evaluator.py data/VIRTUAL_imagenet256_labeled.npz samples/implicit-viar.pth-cfg-1.5-seed-1.npz
+    python evaluator.py data/VIRTUAL_imagenet256_labeled.npz samples/<sample folder>.npz    # as sampling.py packs it
 
 prints Inception Score, FID, sFID, precision and recall, computed as guided-diffusion's ``evaluations/evaluator.py``
 computes them, on numpy 2 / TensorFlow 2.  Both ``.npz`` files hold uint8 images (N, H, W, 3) in ``arr_0``, streamed

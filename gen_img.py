@@ -1,8 +1,8 @@
 """Class-conditional images from a VAR, VIAR or FlexVAR checkpoint, one PNG per (class, seed), optionally a grid.
 
-    python gen_img.py --use_implicit --save_grid              # VIAR (ckpts/viar.pth), class 970, seeds 10..19
+    python gen_img.py --use_implicit --save_grid              # the published VIAR, class 970, seeds 10..19
     python gen_img.py --depth 16 --class_label 207 88 --seeds 0 1 2 3 --save_grid --nrow 4   # VAR-d16
-    python gen_img.py --var_ckpt ckpts/FlexVARd24-epo349.pth --infer_pn 512 --cfg 3.0 --top_p 0.95 --save_grid
+    python gen_img.py --var_ckpt FLEXVAR.pth --infer_pn 512 --cfg 3.0 --top_p 0.95 --save_grid   # ckpts/README.md
 
 Images go to ``<output_dir>/<checkpoint name>/class{c}_seed{s}.png`` (FlexVAR: ``<checkpoint name>-pn{schedule}/``)
 and the grid next to them.  Every image is one sampler call with ``B = 1`` and ``g_seed = s``, as in the official

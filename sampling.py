@@ -1,14 +1,14 @@
 """Samples the 50,000 class-conditional images of the FID protocol (50 per ImageNet class) and packs them in an npz.
 
-    python sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 --depth 30 \
-        --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10
+    python sampling.py --cfg 1.5 --depth 30 --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10
+        # the published VIAR-d30 and its tokenizer (the defaults; bash scripts/eval.sh runs this)
     torchrun --nproc_per_node=8 sampling.py ...            # same flags, same images, 8x faster
 
-writes ``samples/implicit-viar.pth-cfg-1.5-seed-1/000000.png ... 049999.png`` and the ``.npz`` next to the folder
-(key ``arr_0``) for ``evaluator.py``.  The images of class ``c`` are drawn in batches of ``--batch_size``; batch ``i``
-uses ``g_seed = seed + i`` (the official layout), so they do not depend on the number of processes.  Rerunning the
-same command resumes; ``sampling_config.json`` records the settings and the weights' fingerprints, and a folder
-sampled with other settings or weights is refused.  FlexVAR checkpoints take ``--infer_pn``, ``--max_pn``,
+writes ``samples/implicit-<checkpoint file>-cfg-1.5-seed-1/000000.png ... 049999.png`` and the ``.npz`` next to the
+folder (key ``arr_0``) for ``evaluator.py``.  The images of class ``c`` are drawn in batches of ``--batch_size``;
+batch ``i`` uses ``g_seed = seed + i`` (the official layout), so they do not depend on the number of processes.
+Rerunning the same command resumes; ``sampling_config.json`` records the settings and the weights' fingerprints, and a
+folder sampled with other settings or weights is refused.  FlexVAR checkpoints take ``--infer_pn``, ``--max_pn``,
 ``--used_llamagen_cfg``.  The work is ``utils.folder_sampling.sample_folder``, which Python code can call directly.
 Details: docs/sampling_evaluation.md ("Sampling 50,000 images for FID").
 """

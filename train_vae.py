@@ -2,7 +2,7 @@
 ``--flex`` FlexVAR's FlexVAE tokenizer.
 
     torchrun --nproc_per_node=8 train_vae.py --data_path=/path/to/imagenet --pn 256 --ch 160 --vocab_size 4096 \
-        --z_channels 32 --bs 256 --ep 100 --lr 1e-4 --lp 1.0 --disc 0.1     # vae_ch160v4096z32.pth's architecture
+        --z_channels 32 --bs 256 --ep 100 --lr 1e-4 --lp 1.0 --disc 0.1     # the published tokenizer's architecture
     python train_vae.py --data_path demo_output/data --pn 1_2_3_4 --ch 32 --vocab_size 256 --z_channels 16 ...
 
 Loss = l2 * MSE + l1 * L1 + vq loss [+ lp * perceptual (VGG16) + disc * hinge-GAN (PatchGAN)]; the loss networks and
@@ -133,8 +133,8 @@ class FlexRecipe(Recipe):
                        v_patch_nums=tuple(args.patch_nums), test_mode=False)
 
     def export(self, sd: dict, vae_config: dict):
-        """FlexVAE.pth's format ``{'model': state dict}``, with the config the keys cannot tell when it is not the
-        published one."""
+        """The published FlexVAE's format ``{'model': state dict}``, with the config the keys cannot tell when it is
+        not the published one."""
         return {'model': sd} if vae_config['norm_groups'] == 32 else {'model': sd, 'vae_config': vae_config}
 
     def unused_params(self, args, vae) -> bool:

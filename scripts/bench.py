@@ -547,8 +547,8 @@ def scales(text: str, flag: str, presets=None) -> Tuple[int, ...]:
     """Token-map sides like 1_2_3_4, strictly increasing from 1 (``utils.flags.parse_scales``)."""
     try:
         return parse_scales(text, presets, from_one=True)
-    except ValueError:
-        raise BenchError(f'{flag} must be increasing and start at 1 (sides like 1_2_4_8), got {text!r}') from None
+    except ValueError as e:
+        raise BenchError(f'{flag} must be increasing and start at 1 (sides like 1_2_4_8), got {text!r}') from e
 
 
 def resolve_infer_pns(args, patch_nums) -> List[Tuple[int, ...]]:

@@ -1,8 +1,8 @@
 """Checkpoint pair <-> hub folder (``config.json`` + ``model.safetensors`` + ``README.md``), with a parity check.
 
-    python -m scripts.convert --var_ckpt ckpts/viar.pth --out hub/viar --training_data "ImageNet-1k train"
+    python -m scripts.convert --var_ckpt ckpts/<published file> --out hub/viar --training_data "ImageNet-1k train"
     python -m scripts.convert --var_ckpt local_output/ar-ckpt-last.pth --vae_ckpt vae.pth --out hub/my-viar
-    python -m scripts.convert --pretrained hub/viar --out_var viar.pth --out_vae vae.pth     # and back
+    python -m scripts.convert --pretrained hub/viar --out_var var.pth --out_vae vae.pth      # and back
 
 To a hub folder: the transformer (a published ``.pth`` or a ``train.py`` checkpoint ``ar-ckpt-*.pth``) and its
 tokenizer (``--vae_ckpt``; default: the published one of the model's kind) are loaded as the sampling scripts load

@@ -1,7 +1,9 @@
 """Fixed-point diagnostics of a VIAR checkpoint: does the implicit block converge, how fast at each scale, and how
 many iterations does sampling need before more stop changing the tokens?
 
-    python -m scripts.fixed_point --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \
+    python -m scripts.fixed_point --classes 207 360 387 974 88 979 417 279 --per_class 4 --max_iters 30 \
+        --out fixed_point     # the published VIAR and its tokenizer (the defaults of --var_ckpt, --vae_ckpt)
+    python -m scripts.fixed_point --var_ckpt local_output/ar-ckpt-last.pth --vae_ckpt vae.pth \
         --classes 207 360 387 974 88 979 417 279 --per_class 4 --max_iters 30 --out fixed_point
 
 Two measurements on the same images (as sampling.py seeds them): the relative residual of every CFG row at every

@@ -1,7 +1,7 @@
 """The quality-compute sweep: FID (and sFID, IS, precision, recall) against images/s, peak memory and KV-cache bytes
 for VAR checkpoints and for VIAR checkpoints under several iteration schedules and early-exit tolerances.
 
-    python -m scripts.sweep --ckpts ckpts/var_d30.pth ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth \
+    python -m scripts.sweep --ckpts VAR.pth VIAR.pth \
         --schedules 10-10 10-5 5-5 10-1 3-3 --iter_tols 1e-2 1e-3 --num_classes 1000 --per_class 10 \
         --ref_batch data/VIRTUAL_imagenet256_labeled.npz --out sweep
 

@@ -23,9 +23,9 @@ def parse_patch_nums(pn: str) -> List[int]:
     """``--pn``: a preset of ``VAR_SCALE_PRESETS`` ('256' | '512') or sides like 1_2_3_4_... -> increasing list."""
     try:
         return list(parse_scales(pn, VAR_SCALE_PRESETS))
-    except ValueError:
+    except ValueError as e:
         raise argparse.ArgumentTypeError(f"--pn must be '256', '512' or scale sides like 1_2_3_4_5_6_8_10_13_16 "
-                                         f"(positive, increasing), got {pn!r}") from None
+                                         f"(positive, increasing), got {pn!r}") from e
 
 
 def default_workers() -> int:

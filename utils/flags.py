@@ -73,8 +73,8 @@ def parse_scales(text, presets: Optional[Mapping[str, Tuple[int, ...]]] = None,
             return tuple(presets[s])
         try:
             pns = tuple(int(x) for x in s.replace('-', '_').split('_'))
-        except ValueError:
-            raise ValueError(f'{text!r} is not token-map sides like 1_2_3_4') from None
+        except ValueError as e:
+            raise ValueError(f'{text!r} is not token-map sides like 1_2_3_4') from e
     if not pns or any(not isinstance(x, int) or x < 1 for x in pns) or any(b <= a for a, b in zip(pns, pns[1:])):
         raise ValueError(f'the sides {text!r} must be positive and strictly increasing')
     if from_one and pns[0] != 1:

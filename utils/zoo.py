@@ -117,9 +117,9 @@ def eval_argv(name: str, infer_pn: Optional[str] = None, cfg: Optional[str] = No
     text = infer_pn or ev.infer_pn
     try:
         pns = parse_scales(text, FLEX_SCHEDULE_PRESETS)
-    except ValueError:
+    except ValueError as e:
         raise ValueError(f'INFER_PN must be token-map sides like 1_2_3_4_5_6_8_10_13_16, or '
-                         f'{" / ".join(FLEX_SCHEDULE_PRESETS)}, got {text!r}') from None
+                         f'{" / ".join(FLEX_SCHEDULE_PRESETS)}, got {text!r}') from e
     reso = 16 * pns[-1]
     if cfg is None:
         cfg_value = ev.cfg_512 if reso == 512 else ev.cfg
