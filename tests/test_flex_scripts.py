@@ -183,7 +183,7 @@ BAD_SCHEDULES = [
 @pytest.mark.parametrize('argv,expected', BAD_SCHEDULES)
 def test_bad_schedules_end_in_one_line_before_loading(ckpts, tmp_path, monkeypatch, capsys, script, argv, expected):
     mod = sampling if script == 'sampling.py' else gen_img
-    for name in ('setup_device', 'load_models'):
+    for name in ('setup_device', 'load_models' if mod is sampling else 'load_chosen'):
         monkeypatch.setattr(mod, name, lambda *a, name=name: pytest.fail(f'{name} called for a bad flag'))
     out = tmp_path / 'out'
     common = ['--vae_ckpt', str(ckpts / FLEX_TOKENIZER)] + (
