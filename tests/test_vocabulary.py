@@ -145,3 +145,14 @@ def test_each_published_file_name_is_written_in_the_registry_only():
         assert 'utils/zoo.py' in where
         outside = [f for f in where if not f.startswith(('models/', 'tests/golden/'))]
         assert len(outside) <= 2, (name, where)
+
+
+def test_documented_training_recipes_are_the_registry_s():
+    """scripts/train.sh runs the VIAR recipe of the registry; docs/training.md shows FlexVAR-d24's."""
+    lines = (REPO / 'scripts' / 'train.sh').read_text().split('  train.py \\\n', 1)[1].splitlines()
+    flags_sh = [line.strip().rstrip('\\').strip() for line in lines if line.strip().startswith('--')]
+    flags_sh = [f for f in flags_sh if not f.startswith('--data_path')]
+    assert tuple(flags_sh) == zoo.MODELS[zoo.VIAR_MODEL].recipe
+    doc = ' '.join((REPO / 'docs' / 'training.md').read_text().replace('\\\n', ' ').split())
+    flex = zoo.flex_models()[24].recipe
+    assert f'train.py {flex[0]} --data_path=/path/to/imagenet-1k {" ".join(flex[1:])}' in doc
