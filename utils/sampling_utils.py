@@ -74,9 +74,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """The knobs of ``autoregressive_infer_cfg`` (see ``SAMPLER_FLAGS``)."""
-    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance (ramped linearly over scales)')
-    p.add_argument('--top_k', type=int, default=900, help='top-k filtering (0: off; clamped to the vocabulary size)')
-    p.add_argument('--top_p', type=float, default=0.96, help='top-p filtering, in [0, 1] (0: off)')
+    add_guidance_args(p)
     p.add_argument('--more_smooth', default=False, help='gumbel-softmax mixture of codes (visualisation, not for FID)',
                    **BOOL)
     p.add_argument('--iter_left', type=int, default=10, help='VIAR: implicit iterations at the first scale')
@@ -127,11 +125,12 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_guidance_args(p) -> None:
-    """``--cfg``, ``--top_k`` and ``--top_p`` alone, with the sampling scripts' defaults: the knobs of the scripts
-    that measure the sampler (``scripts.sweep``, ``scripts.fixed_point``).  ``p``: a parser or an argument group."""
-    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance')
-    p.add_argument('--top_k', type=int, default=900, help='top-k (0: off; clamped to the vocabulary)')
-    p.add_argument('--top_p', type=float, default=0.96, help='top-p (0: off)')
+    """``--cfg``, ``--top_k`` and ``--top_p`` with the sampling scripts' defaults: part of ``add_sampler_args``, and
+    alone the knobs of the scripts that measure the sampler (``scripts.sweep``, ``scripts.fixed_point``).  ``p``: a
+    parser or an argument group."""
+    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance (ramped linearly over scales)')
+    p.add_argument('--top_k', type=int, default=900, help='top-k filtering (0: off; clamped to the vocabulary size)')
+    p.add_argument('--top_p', type=float, default=0.96, help='top-p filtering, in [0, 1] (0: off)')
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
