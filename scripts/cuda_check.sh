@@ -21,12 +21,12 @@ part() {    # part NAME SECONDS COMMAND...: output to the terminal and to OUT/NA
   echo "=== $name: $*"
   timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.txt" || { echo "=== $name FAILED (status ${PIPESTATUS[0]})"; rc=1; }
 }
-part gpu 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c \
+part gpu 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c \
 'import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name())'"
-part test_cuda 300 "$PY" -m pytest -q -rsP -p no:cacheprovider tests/test_cuda.py
-part bench_sampling 300 "$PY" -m scripts.bench --device cuda --dtype fp16 --models var_d30,viar_d30 \
+part test_cuda 200 "$PY" -m pytest -q -rsP -p no:cacheprovider tests/test_cuda.py
+part bench_sampling 220 "$PY" -m scripts.bench --device cuda --dtype fp16 --models var_d30,viar_d30 \
   --batch_sizes 16,64 --train_models none --matmul_n 8192 --json "$OUT/bench_sampling.json"
-part bench_training 240 "$PY" -m scripts.bench --device cuda --dtype fp16 --models none --train_models viar_d30 \
+part bench_training 130 "$PY" -m scripts.bench --device cuda --dtype fp16 --models none --train_models viar_d30 \
   --train_bs 16 --train_grid 5-1,5-4,5-12,0-1,10-1 --train_grad_ckpt off,on --matmul_n 8192 \
   --json "$OUT/bench_training.json"
 exit $rc

@@ -253,7 +253,8 @@ def train_cmd(root, out, nproc=1):
 def check_run(r, out):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
-    losses = [v for line in lines for k, v in line.items() if 'loss' in k.lower() and isinstance(v, (int, float))]
+    losses = [v for line in lines if line['kind'] == 'epoch' for k, v in line.items()
+              if k.startswith('L') and isinstance(v, float)]      # L_mean, ...: the epoch's losses
     assert losses and all(math.isfinite(v) for v in losses)
     assert (out / 'ar-ckpt-last.pth').is_file()
 
