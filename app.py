@@ -380,8 +380,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
     val = validation_images(args.demo_dir) if is_demo else []
     defaults = None
     if args.pretrained:     # a hub folder records its sampling defaults
-        from models.hub import sampler_defaults
-        defaults = sampler_defaults(getattr(args, 'pretrained_dir', None) or args.pretrained)
+        from utils.model_io import hub_sampler_settings
+        defaults = hub_sampler_settings(getattr(args, 'pretrained_dir', None) or args.pretrained)
     return Engine(vae, var, device, amp_dtype, var_ckpt, names, val, defaults)
 
 

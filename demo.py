@@ -367,11 +367,13 @@ def stage_speed(d: Demo) -> None:
     import torch
 
     from models.checkpoint import load_vae_var
+    from utils.model_io import model_errors
     a, plan = d.args, d.plan
     dev = torch.device('cuda' if a.device == 'cuda' or (a.device == 'auto' and torch.cuda.is_available()) else 'cpu')
     print(f'\n[demo] === speed: {a.speed_batch} images per schedule on {dev.type} '
           f'({torch.get_num_threads()} CPU threads), after a warm-up batch', flush=True)
-    _, var = load_vae_var(d.vae_ckpt, d.var_ckpt, device=dev)
+    with model_errors():
+        _, var = load_vae_var(d.vae_ckpt, d.var_ckpt, device=dev)
     label_B = torch.arange(a.speed_batch, device=dev) % len(plan.names)
     kw = dict(B=a.speed_batch, label_B=label_B, cfg=a.cfg, top_k=min(900, var.V), top_p=0.96)
     res = {'batch': a.speed_batch, 'device': dev.type, 'threads': torch.get_num_threads(), 'iterations_per_scale': {},
@@ -419,6 +421,7 @@ def stage_score(d: Demo) -> None:
     from models.checkpoint import load_vae
     from models.demo_classifier import classify, train_classifier
     from utils import demo_data
+    from utils.model_io import model_errors
     a, plan = d.args, d.plan
     x_tr, y_tr, tr_names = demo_data.load_folder(d.path('data', 'train'))
     x_va, y_va, _ = demo_data.load_folder(d.path('data', 'val'))
@@ -427,7 +430,8 @@ def stage_score(d: Demo) -> None:
     print(f'\n[demo] === score: the classifier trains on {len(x_tr)} images ({a.clf_steps} steps)', flush=True)
     clf = train_classifier(x_tr, y_tr, len(plan.names), steps=a.clf_steps)
     real_acc = (classify(clf, x_va) == y_va).float().mean().item()
-    vae = load_vae(d.vae_ckpt, 'cpu', patch_nums=tuple(plan.patch_nums))
+    with model_errors():
+        vae = load_vae(d.vae_ckpt, 'cpu', patch_nums=tuple(plan.patch_nums))
     with torch.no_grad():
         rec = torch.cat([vae.img_to_reconstructed_img(x_va[i:i + 64], last_one=True) for i in range(0, len(x_va), 64)])
     rec_acc = (classify(clf, rec) == y_va).float().mean().item()

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from models import FlexVAE, build_var, flex_train_schedule_for
-from models.checkpoint import CheckpointError, describe_classes, load_vae, tokenizer_downsample
+from models.checkpoint import describe_classes, load_vae, tokenizer_downsample
 from utils import dist, training
 from utils.arg_util import args_to_dict, finalize_args, parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.errors import UserError
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
+from utils.model_io import CheckpointError, model_errors
 from utils.training import Batches, Pace, Run, Sums
 from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, hf_url
 
@@ -216,7 +217,8 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
     """Frozen tokenizer (the checkpoint's own, by fingerprint), transformer (same init on every rank, or the
     checkpoint's weights), DDP, AdamW (betas 0.9/0.95, no decay on 1-D tensors and embeddings), fp16 GradScaler."""
     args, dev, last_path = run.args, run.dev, run.path('ar-ckpt-last.pth')
-    vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=vae_hint(args.flex))
+    with model_errors():
+        vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=vae_hint(args.flex))
     vae_id = training.fingerprint(vae.state_dict(), VAE_ID_KEYS)
     if ckpt:
         saved = ckpt['trainer'].get('config', {}).get('vae_fingerprint') or training.fingerprint(

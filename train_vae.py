@@ -24,7 +24,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from models import VQVAE, FlexVAE
-from models.checkpoint import CheckpointError, load_vae
+from models.checkpoint import load_vae
 from models.vq_losses import PatchDiscriminator, VGGPerceptual, restart_dead_codes
 from utils import dist, training
 from utils.arg_util import args_to_dict, default_workers, parse_vae_args
@@ -32,6 +32,7 @@ from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dat
 from utils.errors import UserError, one_line
 from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes
+from utils.model_io import CheckpointError, model_errors
 from utils.training import Batches, Pace, Run, Sums
 
 ARCH_FLAGS = ('flex', 'vocab_size', 'z_channels', 'codebook_dim', 'ch', 'ch_mult', 'num_res_blocks', 'attn',
@@ -317,7 +318,8 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
     vae = recipe.build(args).to(dev)
     vae.init_weights()
     if args.init and not ckpt:
-        src = load_vae(args.init, 'cpu', patch_nums=tuple(args.patch_nums))
+        with model_errors():
+            src = load_vae(args.init, 'cpu', patch_nums=tuple(args.patch_nums))
         try:
             vae.load_state_dict(src.state_dict(), strict=True)
         except RuntimeError as e:
@@ -327,10 +329,11 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
     disc = PatchDiscriminator(args.disc_ch).to(dev).train() if args.disc > 0 else None
     perc = None
     if args.lp > 0:
-        if dist.is_master():
-            perc = VGGPerceptual()      # rank 0 downloads into the cache first (or fails for everyone below)
-        dist.barrier()
-        perc = (perc or VGGPerceptual()).to(dev)
+        with model_errors():
+            if dist.is_master():
+                perc = VGGPerceptual()      # rank 0 downloads into the cache first (or fails for everyone below)
+            dist.barrier()
+            perc = (perc or VGGPerceptual()).to(dev)
     no_decay = lambda n, p: p.ndim <= 1 or n.endswith('.bias') or 'quantize.embedding' in n
     groups = [{'params': [p for n, p in vae.named_parameters() if not no_decay(n, p)], 'weight_decay': args.wd},
               {'params': [p for n, p in vae.named_parameters() if no_decay(n, p)], 'weight_decay': 0.0}]

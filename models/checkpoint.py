@@ -6,8 +6,8 @@
 * The architecture (VAR, VIAR or FlexVAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer
   kind, V, Cvae, ch, z_channels) is read from the state dict itself: FlexVAR's transformer has a 4-D position grid
   ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
-  ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``--depth 16`` for
-  ``viar.pth``), a contradiction ends in one ``CheckpointError`` sentence naming the file and what it holds.
+  ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``expect=``), a
+  contradiction ends in one ``ArchitectureMismatch`` sentence naming the file and what it holds.
 * A FlexVAR model samples any schedule; its default one (``var.patch_nums``) is the schedule a ``train.py --flex``
   training checkpoint records it was trained on (``trained_schedule``), the official 1_2_3_4_5_6_8_10_13_16 for a
   bare state dict (the published files).
@@ -20,9 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from utils.errors import UserError
-
 from . import PATCH_NUMS_256, PATCH_NUMS_512, build_var
+from .errors import ArchitectureMismatch, CheckpointError
 from .flexvae import FLEX_PATCH_NUMS, FlexVAE
 from .var import VAR
 from .vqvae import VQVAE
@@ -30,11 +29,7 @@ from .vqvae import VQVAE
 __all__ = ['CheckpointError', 'read_checkpoint', 'model_state_dict', 'infer_var_config', 'infer_vae_config',
            'tokenizer_downsample', 'describe_var_config', 'load_vae', 'load_var', 'load_vae_var', 'is_flexvar_state',
            'is_flexvae_state', 'trained_schedule', 'build_vae_from_config', 'build_var_from_config', 'class_names',
-           'describe_classes', 'read_class_names', 'resolve_class_labels']
-
-
-class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable or does not fit what was asked; the message says what to do."""
+           'describe_classes', 'read_class_names', 'resolve_class_labels', 'check_expected']
 
 
 def read_checkpoint(path: str, what: str = 'checkpoint', hint: str = '') -> Any:
@@ -150,7 +145,7 @@ def read_class_names(path: str) -> Optional[Tuple[str, ...]]:
 
 
 def resolve_class_labels(labels: Sequence[Union[int, str]], names: Optional[Sequence[str]], num_classes: int,
-                         flag: str = '--class_label', path: str = 'the checkpoint') -> list:
+                         what: str = 'class label', path: str = 'the checkpoint') -> list:
     """Class indices of ``labels``: numbers (``'207'``) are indices, anything else a class folder name of ``names``
     (``'cats'``; the checkpoint's ``class_names``).  One CheckpointError line for an unknown name or an index out of
     range."""
@@ -163,12 +158,13 @@ def resolve_class_labels(labels: Sequence[Union[int, str]], names: Optional[Sequ
             c = list(names).index(text)
         elif names:
             shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
-            raise CheckpointError(f'{flag} {text!r} is not a class of {path} (its classes: {shown})')
+            raise CheckpointError(f'{what} {text!r} is not a class of {path} (its classes: {shown})', fix='class_label')
         else:
-            raise CheckpointError(f'{flag} {text!r}: {path} records no class names (a published checkpoint, or one '
-                                  f'trained before they were stored): pass class indices')
+            raise CheckpointError(f'{what} {text!r}: {path} records no class names (a published checkpoint, or one '
+                                  f'trained before they were stored): pass class indices', fix='class_label')
         if not 0 <= c < num_classes:
-            raise CheckpointError(f'{flag} {c} out of range: {path} has classes 0..{num_classes - 1}')
+            raise CheckpointError(f'{what} {c} out of range: {path} has classes 0..{num_classes - 1}',
+                                  fix='class_label')
         out.append(c)
     return out
 
@@ -191,8 +187,7 @@ def infer_var_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint') -> D
     need = ('class_emb.weight', 'pos_1LC', 'word_embed.weight', 'head.weight') + (() if flex else ('lvl_embed.weight',))
     if not all(k in sd for k in need):
         if 'quantize.embedding.weight' in sd:
-            raise CheckpointError(f'{path!r} is a tokenizer (VQVAE) checkpoint, not a VAR/VIAR one: '
-                                  f'pass it as --vae_ckpt and the transformer checkpoint as the model')
+            raise CheckpointError(f'{path!r} is a tokenizer (VQVAE) checkpoint, not a VAR/VIAR one', fix='swapped')
         missing = [k for k in need if k not in sd]
         raise CheckpointError(f'{path!r} is not a VAR/VIAR/FlexVAR checkpoint (missing {missing})')
     C = sd['class_emb.weight'].shape[1]
@@ -241,8 +236,7 @@ def infer_vae_config(sd: Dict[str, torch.Tensor], path: str = 'checkpoint',
         return _infer_flexvae_config(sd, path, extra)
     if 'quantize.embedding.weight' not in sd or 'encoder.conv_in.weight' not in sd:
         if 'class_emb.weight' in sd:
-            raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer: pass the '
-                                  f'tokenizer (vae_ch160v4096z32.pth) as --vae_ckpt')
+            raise CheckpointError(f'{path!r} is a VAR/VIAR transformer checkpoint, not a tokenizer', fix='swapped')
         raise CheckpointError(f'{path!r} is not a tokenizer (VQVAE) checkpoint')
     V, Cvae = sd['quantize.embedding.weight'].shape
     ch = sd['encoder.conv_in.weight'].shape[0]
@@ -302,30 +296,28 @@ def tokenizer_downsample(vae_ckpt: str, default: int = 16) -> int:
         return default
 
 
-def _check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str, flags: Dict[str, str]):
-    """Raises when a stated architecture (``expect``, None values ignored) contradicts the checkpoint.  ``flex``:
-    whether a FlexVAR model was asked for (VAR/VIAR configs have no such key: False)."""
+def check_expected(cfg: Dict[str, Any], expect: Optional[Dict[str, Any]], path: str):
+    """Raises ``ArchitectureMismatch`` when a stated architecture (``expect``, None values ignored) contradicts the
+    checkpoint's ``cfg``.  ``flex``: whether a FlexVAR model was asked for (VAR/VIAR configs have no such key:
+    False)."""
+    holds = describe_var_config(cfg)
     for key, want in (expect or {}).items():
         if key == 'flex' and want is not None and bool(cfg.get('flex')) != bool(want):
-            flag = flags.get(key, '--flex')
-            asked = f'FlexVAR ({flag})' if want else f'VAR/VIAR (no {flag})'
-            raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)}, but {asked} was asked for: '
-                                  f'{"add" if cfg.get("flex") else "drop"} {flag}, or pass the matching checkpoint')
+            asked = 'FlexVAR' if want else 'VAR/VIAR'
+            raise ArchitectureMismatch(f'{path!r} holds {holds}, but {asked} was asked for', key, bool(cfg.get('flex')),
+                                       bool(want), holds)
         if want is None or key not in cfg or cfg[key] == want:
             continue
         if key in ('pre_depth', 'post_depth') and not cfg['use_implicit']:
             continue
-        flag = flags.get(key, f'--{key}')
         if key == 'use_implicit':
-            fix = f'drop {flag}' if not cfg['use_implicit'] else f'add {flag}'
             if cfg.get('flex'):
-                asked = f'an implicit FlexVAR ({flag})' if want else f'an explicit FlexVAR (no {flag})'
+                asked = 'an implicit FlexVAR' if want else 'an explicit FlexVAR'
             else:
-                asked = 'VIAR (--use_implicit)' if want else 'VAR (no --use_implicit)'
-            raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)}, but {asked} was asked for: {fix}, '
-                                  f'or pass the matching checkpoint')
-        raise CheckpointError(f'{path!r} holds {describe_var_config(cfg)} with {key}={cfg[key]}, but {flag} {want} '
-                              f'was given: pass {flag} {cfg[key]} (or leave it out), or pass the matching checkpoint')
+                asked = 'VIAR' if want else 'VAR'
+            raise ArchitectureMismatch(f'{path!r} holds {holds}, but {asked} was asked for', key, cfg[key], want, holds)
+        raise ArchitectureMismatch(f'{path!r} holds {holds} with {key}={cfg[key]}, but {key}={want} was asked for',
+                                   key, cfg[key], want, holds)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,13 +367,13 @@ def _load_strict(model: torch.nn.Module, sd, device, message: str):
 
 
 def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Optional[Dict[str, Any]] = None,
-             flags: Optional[Dict[str, str]] = None, hint: str = '', state_dict=None,
+             hint: str = '', state_dict=None,
              schedule: Optional[Sequence[int]] = None) -> VAR:
     """The VAR/VIAR/FlexVAR model of ``var_ckpt`` on top of ``vae`` (eval mode, no gradients).
 
     ``expect``: architecture the caller states, e.g. ``{'depth': 30, 'use_implicit': True}`` (None = not stated);
-    ``flags``: the command-line flag of each key, for the message (default ``--key``).  ``schedule``: a FlexVAR
-    model's default schedule (``var.patch_nums``: what sampling uses without ``--infer_pn``); when not given, the
+    a contradiction raises ``ArchitectureMismatch``.  ``schedule``: a FlexVAR model's default schedule
+    (``var.patch_nums``: what sampling uses when no schedule is given); when not given, the
     scales a ``train.py --flex`` checkpoint was trained on (``trained_schedule``), else FlexVAR's official
     1_2_3_4_5_6_8_10_13_16 (the published files)."""
     names = None
@@ -390,25 +382,25 @@ def load_var(var_ckpt: str, vae: Union[VQVAE, FlexVAE], device='cpu', expect: Op
         sd, schedule, names = model_state_dict(obj, var_ckpt), schedule or trained_schedule(obj), class_names(obj)
     else:
         sd = state_dict
-    var = _load_var(var_ckpt, vae, device, expect, flags, sd, schedule)
+    var = _load_var(var_ckpt, vae, device, expect, sd, schedule)
     var.class_names = names         # label -> class folder name (``class_names``), None when not recorded
     return var
 
 
-def _load_var(var_ckpt, vae, device, expect, flags, sd, schedule):
+def _load_var(var_ckpt, vae, device, expect, sd, schedule):
     cfg = infer_var_config(sd, var_ckpt)
     if cfg.get('flex') and schedule:
         cfg['patch_nums'] = tuple(schedule)
-    _check_expected(cfg, expect, var_ckpt, flags or {})
+    check_expected(cfg, expect, var_ckpt)
     flex = bool(cfg.get('flex'))
     if flex != isinstance(vae, FlexVAE):
-        need, given = ("FlexVAR's tokenizer (FlexVAE.pth)", "VAR's multi-scale VQVAE") if flex else \
-            ("VAR's multi-scale VQVAE (vae_ch160v4096z32.pth)", "FlexVAR's FlexVAE")
+        need, given = ("FlexVAR's tokenizer (a FlexVAE)", "VAR's multi-scale VQVAE") if flex else \
+            ("VAR's multi-scale VQVAE", "FlexVAR's FlexVAE")
         raise CheckpointError(f'{var_ckpt!r} holds {describe_var_config(cfg)}, which needs {need}, but the tokenizer '
-                              f'given is {given}: pass the matching --vae_ckpt')
+                              f'given is {given}', fix='tokenizer', tokenizer='flex' if flex else 'var')
     if (cfg['V'], cfg['Cvae']) != (vae.vocab_size, vae.Cvae):
         raise CheckpointError(f'{var_ckpt!r} was trained on a tokenizer with V={cfg["V"]}, Cvae={cfg["Cvae"]}, but the '
-                              f'tokenizer given has V={vae.vocab_size}, Cvae={vae.Cvae}: pass the matching --vae_ckpt')
+                              f'tokenizer given has V={vae.vocab_size}, Cvae={vae.Cvae}', fix='tokenizer')
     if not flex and tuple(vae.quantize.v_patch_nums) != tuple(cfg['patch_nums']):
         raise CheckpointError(f'{var_ckpt!r} uses scales {cfg["patch_nums"]}, the tokenizer was built for '
                               f'{vae.quantize.v_patch_nums}: load the tokenizer with patch_nums={cfg["patch_nums"]}')
@@ -417,8 +409,7 @@ def _load_var(var_ckpt, vae, device, expect, flags, sd, schedule):
 
 
 def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Dict[str, Any]] = None,
-                 flags: Optional[Dict[str, str]] = None, vae_hint: str = '',
-                 var_hint: str = '') -> Tuple[Union[VQVAE, FlexVAE], VAR]:
+                 vae_hint: str = '', var_hint: str = '') -> Tuple[Union[VQVAE, FlexVAE], VAR]:
     """Tokenizer and transformer from their checkpoints, architecture read from the files (see module doc): VAR's
     VQVAE with a VAR/VIAR model, or FlexVAR's FlexVAE with a FlexVAR model (explicit or implicit backbone), whose
     default schedule is the one a ``train.py --flex`` checkpoint was trained on (the official 10 scales for a
@@ -426,7 +417,7 @@ def load_vae_var(vae_ckpt: str, var_ckpt: str, device='cpu', expect: Optional[Di
     obj = read_checkpoint(var_ckpt, 'model checkpoint', var_hint)
     sd = model_state_dict(obj, var_ckpt)
     cfg = infer_var_config(sd, var_ckpt)
-    _check_expected(cfg, expect, var_ckpt, flags or {})
+    check_expected(cfg, expect, var_ckpt)
     schedule = trained_schedule(obj) if cfg.get('flex') else None
     vae = load_vae(vae_ckpt, device, patch_nums=schedule or cfg['patch_nums'], hint=vae_hint)
     var = load_var(var_ckpt, vae, device, expect=None, state_dict=sd, schedule=schedule)

@@ -5,19 +5,17 @@
 Hub.  Every family round-trips: VAR (shared AdaLN or not), VIAR, FlexVAR and implicit FlexVAR.  The format, the
 config's keys and the Hub's offline behaviour are described in docs/families.md ("Hub folders").
 """
+import contextlib
+import errno
 import json
 import os
 import re
 import tempfile
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from utils.misc import atomic_save_to_path, atomic_write_bytes
-from utils.sampler_settings import SamplerSettings, SettingsError
-
 from .checkpoint import (
-    CheckpointError,
     _load_strict,
     build_vae_from_config,
     build_var_from_config,
@@ -25,6 +23,7 @@ from .checkpoint import (
     infer_vae_config,
     infer_var_config,
 )
+from .errors import HubError
 from .flexvae import FlexVAE
 from .var import VAR
 
@@ -36,10 +35,6 @@ HUB_FILES = (CONFIG, WEIGHTS, CARD)
 FORMAT, FORMAT_VERSION = 'viar-hub', 1
 PREFIXES = ('vae.', 'var.')
 REPO_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*')
-
-
-class HubError(CheckpointError):
-    """A hub folder or repository that is missing, unreachable or not one of ours; the message says what to do."""
 
 
 # ================================ the config ==========================================================================
@@ -58,10 +53,9 @@ def _norm_groups(vae) -> int:
     return next((m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)), 32)
 
 
-def hub_config(vae, var: VAR, sampler: Optional[Union[SamplerSettings, Dict[str, Any]]] = None,
-               **card) -> Dict[str, Any]:
+def hub_config(vae, var: VAR, sampler: Optional[Dict[str, Any]] = None, **card) -> Dict[str, Any]:
     """What rebuilds both models (read off their state dicts, as from a checkpoint file), with the sampling
-    defaults and the model card's fields."""
+    defaults (a plain dict, stored as given) and the model card's fields."""
     vae_sd, var_sd = vae.state_dict(), var.state_dict()
     if any(t.is_meta for t in (*vae_sd.values(), *var_sd.values())):
         raise HubError('the models have no weights (built on the meta device): load weights before saving them')
@@ -70,14 +64,16 @@ def hub_config(vae, var: VAR, sampler: Optional[Union[SamplerSettings, Dict[str,
     arch = infer_var_config(var_sd, 'transformer')
     if arch.get('flex'):
         arch['patch_nums'] = tuple(var.patch_nums)      # its default schedule (infer_var_config cannot tell)
-    if isinstance(sampler, dict):
-        sampler = SamplerSettings.from_dict(sampler)
-    sampler = (sampler or SamplerSettings()).check()
+    sampler = dict(sampler or {})
+    try:
+        json.dumps(sampler)
+    except (TypeError, ValueError) as e:
+        raise HubError(f'sampler defaults: {e}') from e
     params = {'tokenizer': sum(p.numel() for p in vae.parameters()),
               'transformer': sum(p.numel() for p in var.parameters())}
     return _jsonable(dict(format=FORMAT, format_version=FORMAT_VERSION, family=family_of(arch),
                           description=describe_var_config(arch), tokenizer=tok, transformer=arch,
-                          sampler=sampler.to_dict(), parameters=params, card=card))
+                          sampler=sampler, parameters=params, card=card))
 
 
 def _check_config(cfg: Any, where: str) -> Dict[str, Any]:
@@ -93,6 +89,16 @@ def _check_config(cfg: Any, where: str) -> Dict[str, Any]:
 
 
 # ================================ where a folder is ===================================================================
+def _reason(e: Exception) -> str:
+    """Why the Hub could not be reached, in a few words."""
+    if os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on'):
+        return 'HF_HUB_OFFLINE is set'
+    if type(e).__name__ == 'LocalEntryNotFoundError':
+        return 'huggingface.co cannot be reached'
+    first = ' '.join(str(e).split()).split('. ')[0][:200]
+    return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
 def _fetch_message(repo: str, reason: str) -> str:
     return (f'{repo!r} is no local folder, and as a Hugging Face Hub repository it could not be fetched ({reason}): '
             f'on a machine with internet run `hf download {repo} --local-dir DIR` (huggingface_hub), copy DIR here '
@@ -106,16 +112,16 @@ def resolve_pretrained(path_or_repo_id: str, revision: Optional[str] = None) -> 
     if os.path.isdir(p):
         folder = p
     elif os.path.exists(p):
-        raise HubError(f'{p!r} is a file, not a hub folder (config.json + model.safetensors): pass the folder, or '
-                       f'use --var_ckpt/--vae_ckpt for .pth checkpoints')
+        raise HubError(f'{p!r} is a file, not a hub folder (config.json + model.safetensors)',
+                       fix='pretrained_file')
     elif not REPO_ID.fullmatch(p) or p.startswith(('.', '~')):
         raise HubError(f'hub folder {p!r} not found (and not a Hub repository id like org/name)')
     else:
         folder = _download(p, revision)
     missing = [n for n in (CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(folder, n))]
     if missing:
-        raise HubError(f'{p!r} is not a hub folder: {" and ".join(missing)} missing (write one with save_pretrained or '
-                       f'python -m scripts.convert)')
+        raise HubError(f'{p!r} is not a hub folder: {" and ".join(missing)} missing (write one with save_pretrained)',
+                       fix='hub_folder')
     return folder
 
 
@@ -130,7 +136,6 @@ def _download(repo: str, revision: Optional[str]) -> str:
     try:
         return snapshot_download(repo_id=repo, revision=revision, allow_patterns=list(HUB_FILES))
     except Exception as e:      # offline, unknown repository, gated, no network ...: one line
-        from utils.download import _reason
         raise HubError(_fetch_message(repo, _reason(e))) from e
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -149,6 +154,30 @@ def read_hub_config(path_or_repo_id: str, revision: Optional[str] = None) -> Dic
 
 
 # ================================ saving ==============================================================================
+def _atomic_write(path: str, write) -> None:
+    """``write(temporary path)`` beside ``path``, then a rename over it: a failed write leaves the previous file as it
+    was and no temporary file; a full disk is one HubError line."""
+    tmp, existed = f'{os.path.join(os.path.dirname(path), "." + os.path.basename(path))}.{os.getpid()}.tmp', \
+        os.path.exists(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f'the previous {os.path.basename(path)} is kept unchanged' if existed else 'nothing was written'
+            raise HubError(f'disk full while writing {path} ({e.strerror}): {kept}') from e
+        raise
+
+
+def _write_bytes(data: bytes, tmp: str) -> None:
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _state_for_safetensors(vae, var) -> Dict[str, torch.Tensor]:
     """Both state dicts, prefixed 'vae.' / 'var.', on the CPU, contiguous, no two tensors sharing memory."""
     out, seen = {}, set()
@@ -166,10 +195,11 @@ def _state_for_safetensors(vae, var) -> Dict[str, torch.Tensor]:
 def _card(cfg: Dict[str, Any], folder: str) -> str:
     card, s, n = cfg['card'], cfg['sampler'], cfg['parameters']
     name = card.get('name') or os.path.basename(os.path.abspath(folder))
-    flags = ' '.join(f'--{k} {v}' for k, v in (('cfg', s['cfg']), ('top_k', s['top_k']), ('top_p', s['top_p']))
+    flags = ' '.join(f'--{k} {v}' for k, v in (('cfg', s.get('cfg')), ('top_k', s.get('top_k')),
+                                                ('top_p', s.get('top_p')))
                      if v is not None)
     if cfg['family'] in ('VIAR', 'implicit FlexVAR'):
-        flags += f' --iter_left {s["iter_left"]} --iter_right {s["iter_right"]}'
+        flags += ''.join(f' --{k} {s[k]}' for k in ('iter_left', 'iter_right') if s.get(k) is not None)
     lines = [
         '---', 'library_name: pytorch', 'tags:', '- image-generation', '- class-conditional',
         f'- {cfg["family"].replace(" ", "-").lower()}', f'license: {card.get("license", "mit")}', '---', '',
@@ -190,20 +220,17 @@ def _card(cfg: Dict[str, Any], folder: str) -> str:
     return '\n'.join(lines)
 
 
-def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Union[SamplerSettings, Dict[str, Any]]] = None,
-                    **card) -> str:
+def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Dict[str, Any]] = None, **card) -> str:
     """Writes the hub folder ``save_dir`` (created; a folder holding other files is refused): ``config.json``,
-    ``model.safetensors`` and ``README.md``.  ``sampler``: the sampling defaults to record (``SamplerSettings`` or
-    its fields; default the scripts' defaults); ``card``: fields of the model card (``name``, ``description``,
-    ``training_data``, ``license``, anything else as a line).  Returns ``save_dir``."""
+    ``model.safetensors`` and ``README.md``.  ``sampler``: the sampling defaults to record, a plain JSON-able dict
+    (the scripts write ``SamplerSettings.to_dict()``; none: the readers' defaults); ``card``: fields of the model
+    card (``name``, ``description``, ``training_data``, ``license``, anything else as a line).  Returns
+    ``save_dir``."""
     from safetensors.torch import save_file
     if getattr(var, 'inference_dtype', None) is not None:
         raise HubError(f'this model was cast to {var.inference_dtype} for sampling (cast_for_inference): save it as '
                        f'loaded, before the cast, so that the folder holds the float32 weights')
-    try:
-        cfg = hub_config(vae, var, sampler, **card)
-    except SettingsError as e:
-        raise HubError(f'sampler defaults: {e}') from e
+    cfg = hub_config(vae, var, sampler, **card)
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise HubError(f'{save_dir!r} is a file: pass a new or empty folder')
     os.makedirs(save_dir, exist_ok=True)
@@ -212,10 +239,11 @@ def save_pretrained(vae, var: VAR, save_dir: str, sampler: Optional[Union[Sample
         raise HubError(f'{save_dir!r} holds other files ({", ".join(other[:3])}{", ..." if len(other) > 3 else ""}):'
                        f' pass a new or empty folder')
     state = _state_for_safetensors(vae, var)
-    atomic_save_to_path(lambda tmp: save_file(state, tmp, metadata={'format': 'pt', 'family': cfg['family']}),
-                        os.path.join(save_dir, WEIGHTS))
-    atomic_write_bytes((json.dumps(cfg, indent=2) + '\n').encode(), os.path.join(save_dir, CONFIG))
-    atomic_write_bytes(_card(cfg, save_dir).encode(), os.path.join(save_dir, CARD))
+    _atomic_write(os.path.join(save_dir, WEIGHTS),
+                  lambda tmp: save_file(state, tmp, metadata={'format': 'pt', 'family': cfg['family']}))
+    config = (json.dumps(cfg, indent=2) + '\n').encode()
+    _atomic_write(os.path.join(save_dir, CONFIG), lambda tmp: _write_bytes(config, tmp))
+    _atomic_write(os.path.join(save_dir, CARD), lambda tmp: _write_bytes(_card(cfg, save_dir).encode(), tmp))
     return save_dir
 
 
@@ -265,10 +293,7 @@ def from_pretrained(path_or_repo_id: str, device='cpu', revision: Optional[str] 
     return vae, var
 
 
-def sampler_defaults(path_or_repo_id: str, revision: Optional[str] = None) -> SamplerSettings:
-    """The sampling defaults a hub folder records."""
-    try:
-        return SamplerSettings.from_dict(read_hub_config(path_or_repo_id, revision)['sampler'])
-    except SettingsError as e:
-        raise HubError(f'{path_or_repo_id!r}: config.json sampler: {e}') from e
+def sampler_defaults(path_or_repo_id: str, revision: Optional[str] = None) -> Dict[str, Any]:
+    """The sampling defaults a hub folder records (the plain dict ``save_pretrained`` was given)."""
+    return read_hub_config(path_or_repo_id, revision)['sampler']
 

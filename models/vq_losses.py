@@ -8,8 +8,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.errors import UserError
-
+from .errors import WeightsUnavailable
 from .vqvae import VQVAE
 
 __all__ = ['VGGPerceptual', 'PatchDiscriminator', 'restart_dead_codes']
@@ -28,9 +27,10 @@ class VGGPerceptual(nn.Module):
             vgg = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1)
         except Exception as e:
             from torch.hub import get_dir
-            raise UserError(f"--lp needs torchvision's VGG16 ImageNet weights (vgg16-397923af.pth, 528 MB), which "
-                            f"could not be loaded ({type(e).__name__}); run once with internet access, or copy the "
-                            f"file into {os.path.join(get_dir(), 'checkpoints')}, or pass --lp 0") from e
+            raise WeightsUnavailable(f"the perceptual loss needs torchvision's VGG16 ImageNet weights "
+                                     f"(vgg16-397923af.pth, 528 MB), which could not be loaded ({type(e).__name__}); "
+                                     f"run once with internet access, or copy the file into "
+                                     f"{os.path.join(get_dir(), 'checkpoints')}", fix='perceptual_weights') from e
         self.features = vgg.features[:self.CUTS[-1]].eval().requires_grad_(False)
         self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))

@@ -25,6 +25,7 @@ from models.flexvar import FlexVAR
 from models.hub import HUB_FILES, save_pretrained
 from utils.errors import UserError, run_cli
 from utils.misc import save_atomic
+from utils.model_io import hub_sampler_settings, model_errors
 from utils.sampling_utils import (
     SamplerSettings,
     add_flex_args,
@@ -62,18 +63,19 @@ def to_hub(args, device) -> str:
     settings = SamplerSettings.from_namespace(args)
     card = {k: v for k, v in (('name', args.name), ('training_data', args.training_data)) if v}
     card['converted_from'] = f'{os.path.basename(args.var_ckpt)} + {os.path.basename(args.vae_ckpt)}'
-    save_pretrained(vae, var, args.out, sampler=settings, **card)
+    with model_errors():
+        save_pretrained(vae, var, args.out, sampler=settings.to_dict(), **card)
     print(f'[convert] {args.var_ckpt} + {args.vae_ckpt} ({var.describe()}) -> {args.out}/ ({", ".join(HUB_FILES)})',
           flush=True)
     from models.hub import from_pretrained
-    _, var2 = from_pretrained(args.out, device=device)
+    with model_errors():
+        _, var2 = from_pretrained(args.out, device=device)
     return parity(var, var2, args.parity_images, args.parity_seed, settings)
 
 
 def from_hub(args, device) -> str:
-    from models.hub import sampler_defaults
     vae, var = load_pretrained(args, device)
-    settings = sampler_defaults(args.pretrained_dir)
+    settings = hub_sampler_settings(args.pretrained_dir)
     save_atomic({'model': vae.state_dict()} if isinstance(vae, FlexVAE) else vae.state_dict(), args.out_vae)
     sd = var.state_dict()
     if isinstance(var, FlexVAR) and tuple(var.patch_nums) != tuple(FLEX_PATCH_NUMS):
@@ -81,7 +83,8 @@ def from_hub(args, device) -> str:
     else:
         save_atomic(sd, args.out_var)
     print(f'[convert] {args.pretrained} ({var.describe()}) -> {args.out_var} + {args.out_vae}', flush=True)
-    _, var2 = load_vae_var(args.out_vae, args.out_var, device=device)
+    with model_errors():
+        _, var2 = load_vae_var(args.out_vae, args.out_var, device=device)
     return parity(var, var2, args.parity_images, args.parity_seed, settings)
 
 

@@ -49,6 +49,7 @@ from utils.folder_sampling import (
 )
 from utils.memory import PeakMemory
 from utils.misc import atomic_write, atomic_write_bytes
+from utils.model_io import model_errors
 from utils.plot import Panel, save_png
 from utils.sampler_settings import SamplerSettings
 from utils.sampling_utils import (
@@ -155,9 +156,10 @@ def ckpt_label(path: str) -> str:
 
 def inspect_ckpt(path: str, hub: bool = False) -> Dict[str, Any]:
     """The architecture stored in a checkpoint (read memory-mapped; nothing is built) or a hub folder's config."""
-    if hub:
-        return read_hub_config(path)['transformer']
-    return infer_var_config(model_state_dict(read_checkpoint(path, 'model checkpoint'), path), path)
+    with model_errors():
+        if hub:
+            return read_hub_config(path)['transformer']
+        return infer_var_config(model_state_dict(read_checkpoint(path, 'model checkpoint'), path), path)
 
 
 def plan_points(args) -> List[Point]:

@@ -12,6 +12,7 @@ from models.checkpoint import CheckpointError, infer_vae_config, infer_var_confi
 from models.flexvar import FLEX_TOPK_SIDES, sincos_grid
 from models.var import ImplicitBackbone, block_causal_mask, published_key
 from tests.golden import vectors
+from utils.model_io import advice
 from utils.zoo import FLEX_TOKENIZER
 
 
@@ -150,18 +151,20 @@ def test_checkpoint_files_are_recognised_golden(golden, golden_models, tmp_path)
     var_vae_path, var_var_path = tmp_path / 'vae.pth', tmp_path / 'var.pth'
     torch.save(var_vae.state_dict(), var_vae_path)
     torch.save(var_var.state_dict(), var_var_path)
-    with pytest.raises(CheckpointError, match=rf"needs FlexVAR's tokenizer \({FLEX_TOKENIZER}\).*--vae_ckpt"):
+    with pytest.raises(CheckpointError, match=r"needs FlexVAR's tokenizer \(a FlexVAE\), but the tokenizer given") as e:
         load_vae_var(str(var_vae_path), str(var_path))
+    assert '--' not in str(e.value) and advice(e.value).endswith('as --vae_ckpt')     # the scripts' advice
     with pytest.raises(CheckpointError, match=r"holds a VAR model .*needs VAR's multi-scale VQVAE"):
         load_vae_var(str(vae_path), str(var_var_path))
-    with pytest.raises(CheckpointError, match=r'holds a FlexVAR model \(depth 2\), but VAR/VIAR \(no --flex\)'):
+    with pytest.raises(CheckpointError, match=r'holds a FlexVAR model \(depth 2\), but VAR/VIAR was asked for'):
         load_vae_var(str(vae_path), str(var_path), expect={'flex': False})
-    with pytest.raises(CheckpointError, match=r'holds a VAR model \(depth 1\), but FlexVAR \(--flex\) was asked for'):
+    with pytest.raises(CheckpointError, match=r'holds a VAR model \(depth 1\), but FlexVAR was asked for'):
         load_vae_var(str(var_vae_path), str(var_var_path), expect={'flex': True})
-    with pytest.raises(CheckpointError, match=r'FlexVAR model \(depth 2\) with depth=2, but --depth 16'):
+    with pytest.raises(CheckpointError, match=r'FlexVAR model \(depth 2\) with depth=2, but depth=16 was asked for'):
         load_vae_var(str(vae_path), str(var_path), expect={'depth': 16, 'flex': True})
-    with pytest.raises(CheckpointError, match=r'but an implicit FlexVAR \(--use_implicit\) was asked for'):
+    with pytest.raises(CheckpointError, match=r'but an implicit FlexVAR was asked for') as e:
         load_vae_var(str(vae_path), str(var_path), expect={'use_implicit': True})
+    assert advice(e.value).startswith('drop --use_implicit')
 
 
 # ================================ any schedule, either backbone =======================================================

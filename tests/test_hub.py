@@ -17,6 +17,8 @@ from models import build_flexvar, build_vae_var, from_pretrained, push_to_hub, s
 from models.checkpoint import load_vae_var
 from models.hub import HUB_FILES, HubError, read_hub_config, sampler_defaults
 from tests.golden import vectors
+from utils.errors import UserError
+from utils.model_io import hub_sampler_settings
 from utils.sampler_settings import SamplerSettings, SettingsError
 from utils.zoo import VAR_TOKENIZER, VIAR_MODEL, var_file
 
@@ -105,13 +107,18 @@ def test_flexvar_keeps_its_default_schedule(tmp_path):
 
 def test_sampler_defaults_are_stored_and_dtype_applies(tmp_path):
     vae, var = tiny('VIAR')
-    save_pretrained(vae, var, tmp_path / 'hub', sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2))
-    assert sampler_defaults(str(tmp_path / 'hub')) == SamplerSettings(cfg=3.0, iter_left=6, iter_right=2)
+    save_pretrained(vae, var, tmp_path / 'hub', sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2).to_dict())
+    assert hub_sampler_settings(str(tmp_path / 'hub')) == SamplerSettings(cfg=3.0, iter_left=6, iter_right=2)
+    assert sampler_defaults(str(tmp_path / 'hub'))['cfg'] == 3.0           # models: the plain dict
     assert read_hub_config(str(tmp_path / 'hub'))['sampler']['iter_left'] == 6
     _, var16 = from_pretrained(str(tmp_path / 'hub'), dtype=torch.bfloat16)
     assert {p.dtype for p in var16.parameters()} == {torch.bfloat16}
-    with pytest.raises(HubError, match='sampler defaults: --top_p 2 must be in'):
-        save_pretrained(vae, var, tmp_path / 'bad', sampler={'top_p': 2})
+    with pytest.raises(HubError, match='sampler defaults: .*not JSON serializable'):
+        save_pretrained(vae, var, tmp_path / 'bad', sampler={'top_p': object()})
+    save_pretrained(vae, var, tmp_path / 'bad', sampler={'top_k': 'x'})      # stored as given: the reader checks it
+    with pytest.raises(UserError, match="config.json sampler: unknown sampler setting"):
+        save_pretrained(vae, var, tmp_path / 'bad2', sampler={'topk': 1})
+        hub_sampler_settings(str(tmp_path / 'bad2'))
 
 
 def test_saving_refuses_meta_models_and_foreign_folders(tmp_path):
@@ -130,14 +137,12 @@ def test_saving_refuses_meta_models_and_foreign_folders(tmp_path):
 
     import safetensors.torch
 
-    from utils.misc import DiskFullError
-
     def full(*a, **k):
         raise OSError(errno.ENOSPC, 'No space left on device')
     before = (tmp_path / 'again' / 'model.safetensors').read_bytes()
     with pytest.MonkeyPatch.context() as mp:                # a full disk: one line, the previous weights kept
         mp.setattr(safetensors.torch, 'save_file', full)
-        with pytest.raises(DiskFullError, match='disk full while writing .*model.safetensors.*previous'):
+        with pytest.raises(HubError, match='disk full while writing .*model.safetensors.*previous'):
             save_pretrained(vae, var, tmp_path / 'again')
     assert sorted(os.listdir(tmp_path / 'again')) == sorted(HUB_FILES)
     assert (tmp_path / 'again' / 'model.safetensors').read_bytes() == before
@@ -332,7 +337,7 @@ def pair(tmp_path_factory):
 def test_convert_writes_a_hub_folder_and_back_with_a_parity_check(pair, tmp_path, capsys):
     from scripts import convert
     assert sorted(os.listdir(pair / 'tiny-viar')) == sorted(HUB_FILES)
-    assert sampler_defaults(str(pair / 'tiny-viar')).iter_left == 3
+    assert hub_sampler_settings(str(pair / 'tiny-viar')).iter_left == 3
     assert convert.main(['--pretrained', str(pair / 'tiny-viar'), '--out_var', str(tmp_path / 'v.pth'),
                          '--out_vae', str(tmp_path / 'a.pth')]) == 0
     out = capsys.readouterr().out
@@ -386,7 +391,7 @@ def test_gen_img_and_edit_take_pretrained(pair, tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--pretrained', 'nowhere/at-all/x'], "hub folder 'nowhere/at-all/x' not found"),
     (['--pretrained', '{tiny}', '--vae_ckpt', 'x.pth'], 'holds the tokenizer and the transformer: drop --vae_ckpt'),
-    (['--pretrained', '{tiny}', '--depth', '4'], 'with depth=2, but --depth 4 was given'),
+    (['--pretrained', '{tiny}', '--depth', '4'], 'with depth=2, but depth=4 was asked for: pass --depth 2'),
     (['--pretrained', '{pair}'], 'is not a hub folder: config.json and model.safetensors missing'),
 ])
 def test_gen_img_bad_pretrained_is_one_line(pair, tmp_path, capsys, argv, message):

@@ -252,9 +252,9 @@ def test_loader_infers_architecture_from_either_form(ckpt_dir):
     ('nomodel.pth', None, 'not a model state dict'),
     ('vae.pth', None, 'tokenizer (VQVAE) checkpoint, not a VAR/VIAR one'),
     ('viar_train.pth', {'depth': 16},
-     'holds a VIAR model (depth 2: 1 pre + 1 implicit + 1 post blocks) with depth=2, but --depth 16'),
+     'holds a VIAR model (depth 2: 1 pre + 1 implicit + 1 post blocks) with depth=2, but depth=16 was asked for'),
     ('viar_train.pth', {'use_implicit': False}, 'holds a VIAR model'),
-    ('var.pth', {'use_implicit': True}, 'holds a VAR model (depth 2), but VIAR (--use_implicit) was asked for'),
+    ('var.pth', {'use_implicit': True}, 'holds a VAR model (depth 2), but VIAR was asked for'),
 ])
 def test_bad_checkpoints_end_in_one_clear_message(ckpt_dir, capsys, var_file, expect, message):
     with pytest.raises(CheckpointError) as e:

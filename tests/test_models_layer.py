@@ -1,6 +1,9 @@
 """The models layer: the backbone is a registered submodule whose state-dict keys stay the published ones, and the
 sampler internals are shared by VAR and FlexVAR."""
+import ast
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +157,47 @@ def test_sampler_internals_are_keyword_only():
     assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == ['self', 'B', 'label_B']
     assert 'fp' in params and params['fp'].kind is inspect.Parameter.KEYWORD_ONLY
     assert FlexVAR._sample is VAR._sample
+
+
+# ================================ layers: models imports no application code, says nothing of flags =================
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {p.stem for p in REPO.glob('*.py')} | {'scripts', 'utils', 'tests'}
+
+
+def _imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'models').glob('*.py')), ids=lambda p: p.name)
+def test_models_import_no_utils_nor_scripts(path):
+    tree = ast.parse(path.read_text())
+    bad = [m for m in _imports(tree) if m.split('.')[0] in SCRIPTS]
+    assert not bad, f'{path.name} imports {bad}'
+    for node in ast.walk(tree):         # the models' error messages say what is wrong, never which flag to pass
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            texts = [c.value for c in ast.walk(node.exc) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+            assert not [t for t in texts if re.search(r'(^|\s|\()--[a-z]', t)], (path.name, node.lineno, texts)
+
+
+def test_model_errors_become_one_line_advice():
+    from models.errors import ArchitectureMismatch, CheckpointError, ModelError
+    from utils.errors import UserError
+    from utils.model_io import model_errors
+    assert issubclass(CheckpointError, ModelError) and issubclass(ModelError, ValueError)
+    assert not issubclass(ModelError, UserError)
+    with pytest.raises(UserError, match=r"^'v.pth' holds a VAR model \(depth 2\), but VIAR was asked for: drop "
+                                        r"--use_implicit, or pass the matching checkpoint$") as e:
+        with model_errors({'use_implicit': '--use_implicit'}):
+            raise ArchitectureMismatch("'v.pth' holds a VAR model (depth 2), but VIAR was asked for", 'use_implicit',
+                                       False, True, 'a VAR model (depth 2)')
+    assert isinstance(e.value.__cause__, ArchitectureMismatch)
+    with pytest.raises(UserError, match=r'with depth=2, but depth=16 was asked for: pass --depth 2 \(or leave it out'):
+        with model_errors():
+            raise ArchitectureMismatch("'v.pth' holds ... with depth=2, but depth=16 was asked for", 'depth', 2, 16, '')
+    with pytest.raises(UserError, match=r'^x$'):
+        with model_errors():
+            raise CheckpointError('x')

@@ -1,27 +1,28 @@
 """One typed description of the sampler's settings: the knobs of ``autoregressive_infer_cfg`` (VAR, VIAR, FlexVAR).
 
 ``SamplerSettings`` is what the sampling scripts read from their flags (``utils.sampling_utils.sampler_kwargs``),
-what a hub folder stores as its sampling defaults (``models.hub``) and what ``sample_folder(..., **sampler)``
-takes.  Each field carries its command-line flag, the rule a value must follow and which models it is for; the flag
-tables of ``utils.sampling_utils`` (``SAMPLER_FLAGS``, ``ITERATION_KWARGS``, ``FLEX_KWARGS``, the sampler rows of
-``FLAG_RULES``) are derived from it.  A new knob is one line: a field with ``knob(...)``.
+what a hub folder stores as its sampling defaults (``to_dict()``, read back by ``utils.model_io``) and what
+``sample_folder(..., **sampler)`` takes.  Each field carries its command-line flag, the rule a value must follow
+and which models it is for; the flag tables of ``utils.sampling_utils`` (``SAMPLER_FLAGS``, ``ITERATION_KWARGS``,
+``FLEX_KWARGS``, the sampler rows of ``FLAG_RULES``) are derived from it.  A new knob is one line: a field with
+``knob(...)``.
 
-A field left None is not passed (the model's own default applies).  Light on purpose: ``models/`` may import it.
+A field left None is not passed (the model's own default applies).  Application layer: the fixed-point knobs'
+values (``ITER_EXITS``, ``ITER_SOLVERS``) are the models' own.
 """
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Tuple
 
+from models.var import ITER_EXITS, ITER_SOLVERS
 from utils.flags import FLEX_SCHEDULE_PRESETS, parse_scales, schedule_name
 
 __all__ = ['ANDERSON_KWARGS', 'ITER_EXITS', 'ITER_SOLVERS', 'SOLVER_DEFAULTS', 'SamplerSettings', 'SettingsError',
            'knob', 'schedule_name']
 
 
-# the VIAR fixed-point knobs (models.var.ITER_EXITS / ITER_SOLVERS) and the values that are the paper's sampler: left
-# out of the keywords (the same images, folder and recorded settings as without them); the Anderson knobs only
-# matter with the Anderson solver
-ITER_EXITS, ITER_SOLVERS = ('batch', 'row'), ('picard', 'anderson')
+# the values of the VIAR fixed-point knobs that are the paper's sampler: left out of the keywords (the same images,
+# folder and recorded settings as without them); the Anderson knobs only matter with the Anderson solver
 SOLVER_DEFAULTS = {'iter_exit': 'batch', 'iter_solver': 'picard', 'warm_start': False}
 ANDERSON_KWARGS = ('anderson_m', 'anderson_beta')
 

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from models.checkpoint import is_flexvar_state, load_vae_var, model_state_dict, read_checkpoint
+from models.errors import ModelError
 from models.flexvar import FlexVAR
 from utils import dist
 from utils.download import ensure_checkpoint, resolve_default
 from utils.errors import UserError
 from utils.flags import BOOL, FLEX_SCHEDULE_PRESETS
 from utils.misc import DiskFullError
+from utils.model_io import model_errors
 from utils.sampler_settings import (
     ITER_EXITS,
     ITER_SOLVERS,
@@ -293,7 +295,7 @@ def default_vae_ckpt(var_ckpt: str) -> str:
     if os.path.isfile(var_ckpt):
         try:
             flex = is_flexvar_state(model_state_dict(read_checkpoint(var_ckpt, 'model checkpoint'), var_ckpt))
-        except UserError:
+        except ModelError:
             pass        # load_vae_var reports what is wrong with the file
     return default_path(FLEX_TOKENIZER if flex else VAR_TOKENIZER)
 
@@ -317,7 +319,8 @@ def load_models(args: argparse.Namespace, device: torch.device, var_ckpt: str):
     for download in (False, True):
         ensure_checkpoint(var_ckpt, 'model checkpoint', download=download)
         ensure_checkpoint(args.vae_ckpt, 'tokenizer checkpoint', download=download)
-    vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=_expected(args), flags=_flags(args))
+    with model_errors(_flags(args)):
+        vae, var = load_vae_var(args.vae_ckpt, var_ckpt, device=device, expect=_expected(args))
     _refuse_flex_flags(args, var, repr(var_ckpt))
     args.use_implicit = bool(var.backbone.is_implicit)     # not given: as the file says
     return vae, cast_weights(var, args, resolve_dtype(getattr(args, 'dtype', 'auto'), device))
@@ -353,16 +356,16 @@ def load_pretrained(args: argparse.Namespace, device: torch.device, ckpt_flags: 
     """(tokenizer, transformer) of ``--pretrained`` (a hub folder or repository id), checked against ``--depth /
     --use_implicit / ...`` as a checkpoint is; ``--vae_ckpt`` (or a flag of ``ckpt_flags``) given as well is refused.
     Sets ``args.pretrained_dir`` (the local folder: its ``model.safetensors`` fingerprints the weights)."""
-    from models.checkpoint import _check_expected
+    from models.checkpoint import check_expected
     from models.hub import WEIGHTS, from_pretrained, read_hub_config, resolve_pretrained
     both = [f'--{f}' for f in ('vae_ckpt', *ckpt_flags) if getattr(args, f, None) is not None]
     if both:
         raise SamplingError(f'--pretrained {args.pretrained} holds the tokenizer and the transformer: drop '
                             f'{" and ".join(both)}')
-    folder = resolve_pretrained(args.pretrained)
-    cfg = read_hub_config(folder)
-    _check_expected(cfg['transformer'], _expected(args), args.pretrained, _flags(args))
-    vae, var = from_pretrained(folder, device=device)
+    with model_errors(_flags(args)):
+        folder = resolve_pretrained(args.pretrained)
+        check_expected(read_hub_config(folder)['transformer'], _expected(args), args.pretrained)
+        vae, var = from_pretrained(folder, device=device)
     _refuse_flex_flags(args, var, f'--pretrained {args.pretrained!r}')
     args.pretrained_dir, args.pretrained_weights = folder, os.path.join(folder, WEIGHTS)
     args.use_implicit = bool(var.backbone.is_implicit)     # not given: as the folder says
@@ -374,7 +377,8 @@ def load_measured(source: str, hub: bool, vae_ckpt: str | None, args: argparse.N
     the hub folder or repository ``source`` (``hub``) or the checkpoint files ``vae_ckpt`` + ``source``; under
     fp16/bf16 the transformer's weights cast once (``--cast_weights``, ``--dtype``)."""
     from models.hub import from_pretrained
-    vae, var = from_pretrained(source, device=device) if hub else load_vae_var(vae_ckpt, source, device=device)
+    with model_errors():
+        vae, var = from_pretrained(source, device=device) if hub else load_vae_var(vae_ckpt, source, device=device)
     return vae, cast_weights(var, args, resolve_dtype(args.dtype, device))
 
 
@@ -388,8 +392,9 @@ def load_chosen(args: argparse.Namespace, device: torch.device, depth: int):
     vae, var = load_models(args, device, args.var_ckpt)
     source = args.pretrained or args.var_ckpt
     if args.class_label is not None:
-        args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None), var.num_classes,
-                                                path=repr(source))
+        with model_errors():
+            args.class_label = resolve_class_labels(args.class_label, getattr(var, 'class_names', None),
+                                                    var.num_classes, what='--class_label', path=repr(source))
     name = pretrained_name(args.pretrained) if args.pretrained else os.path.splitext(os.path.basename(args.var_ckpt))[0]
     return vae, var, source, name
 

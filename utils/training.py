@@ -30,11 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from models.checkpoint import CheckpointError, read_checkpoint
+from models.checkpoint import read_checkpoint
+from models.errors import ModelError
 from utils import dist
 from utils.data import DataError, scan_images
 from utils.errors import Preempted, UserError, one_line, run_cli
 from utils.misc import DiskFullError, atomic_write_bytes, disk_full_cause, disk_full_message, save_atomic
+from utils.model_io import CheckpointError
 
 __all__ = ['cli', 'start', 'Run', 'StopFlag', 'TBWriter', 'optimizer_step', 'Sums', 'agree', 'Batches', 'Pace',
            'step_boundary', 'data_error', 'eval_sums', 'seed_everything', 'rng_state', 'set_rng_state',
@@ -526,7 +528,7 @@ def _read_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged
         return None
     try:
         ckpt = read_checkpoint(path, 'training checkpoint')
-    except CheckpointError as e:
+    except ModelError as e:
         raise CheckpointError(f'cannot resume: {e}. Checkpoints are written atomically, so the file was damaged '
                               f'afterwards: restore it{damaged_hint}, or move it away to start over') from e
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and all(k in ckpt['trainer'] for k in need)
