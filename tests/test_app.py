@@ -340,7 +340,8 @@ def test_pretrained_hub_folder(ckpts, tmp_path, one_thread):
     from models.checkpoint import load_vae_var
     from utils.sampler_settings import SamplerSettings
     vae, var = load_vae_var(str(ckpts / 'vae.pth'), str(ckpts / VIAR_MODEL))
-    hub = save_pretrained(vae, var, str(tmp_path / 'hub'), sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2))
+    hub = save_pretrained(vae, var, str(tmp_path / 'hub'),
+                          sampler=SamplerSettings(cfg=3.0, iter_left=6, iter_right=2).to_dict())
     engine = app.load_engine(app.get_parser().parse_args(['--pretrained', hub, '--device', 'cpu']))
     assert engine.var_ckpt == hub and (engine.defaults.cfg, engine.defaults.iter_left) == (3.0, 6)
     files = app.load_engine(app.get_parser().parse_args(['--var_ckpt', str(ckpts / VIAR_MODEL), '--vae_ckpt',
