@@ -36,7 +36,6 @@ from utils.editing import (
 from utils.errors import run_cli
 from utils.flags import BOOL
 from utils.misc import save_png_atomic
-from utils.model_io import model_errors
 from utils.sampling_utils import (
     add_common_args,
     add_var_ckpt_arg,

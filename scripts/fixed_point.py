@@ -32,7 +32,6 @@ from utils.download import resolve_default
 from utils.errors import UserError, run_cli
 from utils.flags import BOOL
 from utils.misc import atomic_write_bytes
-from utils.model_io import model_errors
 from utils.plot import Panel, save_png
 from utils.sampler_settings import SamplerSettings
 from utils.sampling_utils import (

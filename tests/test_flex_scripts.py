@@ -216,8 +216,8 @@ def test_flexvar_flags_on_a_var_model_and_mismatched_tokenizers(ckpts, tmp_path,
         assert e.value.code == 1 and want in err and 'holds VAR-d1, whose scales are fixed' in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / 's').exists()
     # a FlexVAR model with VAR's tokenizer (and the reverse): one sentence naming --vae_ckpt
-    for var_ckpt, vae_ckpt, want in (('flex.pth', 'vae.pth', f"needs FlexVAR's tokenizer (a FlexVAE), but the tokenizer "
-                                                             f"given is VAR's multi-scale VQVAE: pass {FLEX_TOKENIZER}"),
+    flex_want = "needs FlexVAR's tokenizer (a FlexVAE), but the tokenizer given is VAR's multi-scale VQVAE: pass "
+    for var_ckpt, vae_ckpt, want in (('flex.pth', 'vae.pth', flex_want + FLEX_TOKENIZER),
                                      ('var.pth', FLEX_TOKENIZER, "needs VAR's multi-scale VQVAE")):
         with pytest.raises(SystemExit) as e:
             run_main(gen_img.main, ['--var_ckpt', str(ckpts / var_ckpt), '--vae_ckpt', str(ckpts / vae_ckpt),
