@@ -1,8 +1,8 @@
 """Models: the multi-scale VQVAE tokenizer and the VAR / VIAR transformers; FlexVAR's tokenizer and transformer.
 
-``build_vae_var`` keeps the official signature and defaults; ``build_flexvar`` builds FlexVAR (``FlexVAE.pth`` +
-``FlexVARd{16,20,24}``), with an explicit or an implicit backbone; ``build_var`` builds the transformer of either on
-an existing tokenizer.  ``device='meta'`` builds the models without
+``build_vae_var`` keeps the official signature and defaults; ``build_flexvar`` builds FlexVAR (the layouts of its
+published tokenizer and transformers, ``ckpts/README.md``), with an explicit or an implicit backbone; ``build_var``
+builds the transformer of either family on an existing tokenizer.  ``device='meta'`` builds the models without
 allocating or initialising any weight (a 2B-parameter checkpoint then loads with ``load_state_dict(...,
 assign=True)``, see ``models.checkpoint``).  ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``: hub folders
 (``models.hub``).
@@ -73,7 +73,7 @@ def build_vae_var(
     fused-MLP kernel is not used here).
 
     The transformer gets the fresh-training initialisation (``init_weights``), the tokenizer PyTorch's default
-    one (it is normally loaded from ``vae_ch160v4096z32.pth``).  With ``device='meta'`` nothing is allocated
+    one (it is normally loaded from the published tokenizer).  With ``device='meta'`` nothing is allocated
     nor initialised.  Unlike the official function, no ``reset_parameters`` of torch.nn is monkey-patched.
     """
     with torch.device('meta'):      # build without allocating, then materialise once on the target device
@@ -93,7 +93,7 @@ def build_vae_var(
 
 def build_flexvar(
     V=8912, Cvae=32, depth=16, num_classes=1000, device='cpu', patch_nums=FLEX_PATCH_NUMS,
-    # tokenizer (FlexVAE.pth: LlamaGen VQ-16)
+    # tokenizer (the published one: LlamaGen VQ-16)
     ch=128, z_channels=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
     # transformer
     shared_aln=False, attn_l2_norm=True, flash_if_available=True, fused_if_available=True, pos_grid=32,
@@ -101,7 +101,7 @@ def build_flexvar(
     # implicit backbone
     use_implicit=False, pre_depth=5, post_depth=5,
 ) -> Tuple[FlexVAE, FlexVAR]:
-    """(tokenizer, transformer) of FlexVAR with the published layouts (``FlexVAE.pth:model``, ``FlexVARd{depth}``);
+    """(tokenizer, transformer) of FlexVAR with the published layouts (tokenizer and transformers);
     ``use_implicit=True`` swaps the ``depth`` blocks for VIAR's pre / implicit / post blocks (any schedule, and the
     per-scale iteration knob).  ``patch_nums``: the default schedule (the size of the stored mask buffer; every call
     may use another).  ``fused_if_available`` is accepted and unused.  Initialisation as ``build_vae_var``

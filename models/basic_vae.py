@@ -1,7 +1,7 @@
 """Convolutional encoder/decoder of the multi-scale VQVAE tokenizer.
 
 The layout is the latent-diffusion "vq-f16" one (``ch_mult=(1, 1, 2, 2, 4)``), so that the published
-``vae_ch160v4096z32.pth`` loads with its own key names: ``encoder.down.{i}.block.{j}``, ``.attn.{j}``,
+VAR's published tokenizer loads with its own key names: ``encoder.down.{i}.block.{j}``, ``.attn.{j}``,
 ``.downsample``, ``mid.block_1 / attn_1 / block_2``, ``norm_out``, ``conv_out`` (decoder: ``up.{i}`` with one
 more res block per level).
 """

@@ -1,11 +1,11 @@
 """Loading checkpoints safely and building the model they describe.
 
 * Files are read with ``torch.load(..., weights_only=True)``: a checkpoint from the internet cannot run code.
-* A file may be a bare state dict (the published ``var_d30.pth``, ``viar.pth``, ``vae_ch160v4096z32.pth``) or a
+* A file may be a bare state dict (the published VAR, VIAR and tokenizer files) or a
   training checkpoint ``{'trainer': {'var_wo_ddp': ...}, ...}``.
 * The architecture (VAR, VIAR or FlexVAR and its pre/post depth, depth, shared AdaLN, scales, classes; tokenizer
   kind, V, Cvae, ch, z_channels) is read from the state dict itself: FlexVAR's transformer has a 4-D position grid
-  ``pos_1LC`` and no ``lvl_embed``, its tokenizer (``FlexVAE.pth``, stored as ``{'model': state_dict}``) has
+  ``pos_1LC`` and no ``lvl_embed``, its published tokenizer (stored as ``{'model': state_dict}``) has
   ``quantize.codebook_used`` and ``encoder.conv_blocks.*``.  Where the caller also states it (``expect=``), a
   contradiction ends in one ``ArchitectureMismatch`` sentence naming the file and what it holds.
 * A FlexVAR model samples any schedule; its default one (``var.patch_nums``) is the schedule a ``train.py --flex``
@@ -78,7 +78,7 @@ def _not_a_checkpoint(what: str, path: str) -> CheckpointError:
 
 def model_state_dict(obj: Any, path: str, key: str = 'var_wo_ddp') -> Dict[str, torch.Tensor]:
     """The model state dict in a bare state dict, in a training checkpoint ``{'trainer': {key: ...}}`` or in a
-    LlamaGen-style file ``{'model': ...}`` (``FlexVAE.pth``)."""
+    LlamaGen-style file ``{'model': ...}`` (FlexVAR's published tokenizer)."""
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and key in obj['trainer']:
         obj = obj['trainer'][key]
     elif isinstance(obj, dict) and isinstance(obj.get('model'), dict):
@@ -276,7 +276,7 @@ def _infer_flexvae_config(sd: Dict[str, torch.Tensor], path: str,
 
 
 def _tokenizer_config(vae_ckpt: str, hint: str = ''):
-    """(state dict, tokenizer config) of a tokenizer file: a bare state dict, ``{'model': state dict}`` (FlexVAE.pth),
+    """(state dict, tokenizer config) of a tokenizer file: a bare state dict, ``{'model': state dict}`` (FlexVAR's),
     or a training checkpoint with ['trainer']['vae_wo_ddp'] (train_vae.py) or ['vae_local'] (train.py); a
     'vae_config' beside the weights (train_vae.py's exports) says what the keys cannot."""
     obj = read_checkpoint(vae_ckpt, 'tokenizer checkpoint', hint)

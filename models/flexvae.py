@@ -1,4 +1,4 @@
-"""FlexVAR's tokenizer (``FlexVAE.pth``): LlamaGen's VQ-16 with an l2-normalised codebook, used at any list of scales.
+"""FlexVAR's tokenizer (its published layout): LlamaGen's VQ-16 with an l2-normalised codebook, at any scales.
 
 encoder -> 1x1 ``quant_conv`` (z_channels -> Cvae) gives a feature map ``f`` (B, Cvae, H/16, W/16).  The tokens of
 a schedule ``patch_nums`` are **not** residual: scale k is ``f`` area-resized to pn_k x pn_k, each vector replaced by

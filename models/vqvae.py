@@ -1,4 +1,4 @@
-"""The multi-scale residual VQVAE tokenizer (``vae_ch160v4096z32.pth``): encoder -> quant_conv -> residual
+"""The multi-scale residual VQVAE tokenizer (VAR's published one): encoder -> quant_conv -> residual
 quantiser over scales -> post_quant_conv -> decoder. Images are in [-1, 1]."""
 from typing import Any, Dict, List
 
