@@ -27,20 +27,7 @@ from models.checkpoint import describe_classes
 from utils import dist
 from utils.download import resolve_default
 from utils.errors import Preempted, run_cli
-from utils.folder_sampling import (  # noqa: F401  (the library half; re-exported for older callers)
-    CONFIG_NAME,
-    NPZ_KEY,
-    check_or_record_settings,
-    checkpoint_identity,
-    hub_identity,
-    image_settings,
-    missing_indices,
-    npz_is_current,
-    read_config,
-    sample_folder,
-    units_of,
-    write_config,
-)
+from utils.folder_sampling import checkpoint_identity, hub_identity, sample_folder
 from utils.folder_sampling import folder_name as _folder_name
 from utils.sampling_utils import (
     SEED_MAX,

@@ -31,7 +31,7 @@ import gen_img
 import sampling
 from models import FlexVAR, build_flexvar, build_vae_var, flex_train_schedule_for
 from models.checkpoint import load_vae_var
-from utils import sampling_utils
+from utils import folder_sampling, sampling_utils
 from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, flex_models
 
 FLEX_FILES = {d: e.file for d, e in flex_models().items()}
@@ -120,7 +120,7 @@ def test_sampling_two_schedules_from_one_checkpoint(ckpts, tmp_path):
         assert np.array_equal(pngs, want)
         for a, b in ((0, 1), (0, 2), (0, 3)):      # other image of the batch, other seed, other class
             assert not np.array_equal(pngs[a], pngs[b]), (a, b)
-        record = json.loads((folder / sampling.CONFIG_NAME).read_text())
+        record = json.loads((folder / folder_sampling.CONFIG_NAME).read_text())
         assert record['infer_patch_nums'] == list(schedule) and record['max_pn'] == 16
         assert record['used_llamagen_cfg'] is False and record['vae_ckpt'] == FLEX_TOKENIZER
         assert 'iter_left' not in record           # an explicit backbone ignores the iteration knob
@@ -139,7 +139,7 @@ def test_sampling_implicit_flexvar_with_guidance_flags_and_the_default_tokenizer
     assert args.vae_ckpt == f'ckpts/{FLEX_TOKENIZER}'
     folder = tmp_path / 's' / ('flexvar-implicit-d1-flex_implicit.pth-pn1_2_3_4_5_6_8_10_13_16-cfg-3.0-maxpn-4-'
                                'llamagen-seed-1')
-    record = json.loads((folder / sampling.CONFIG_NAME).read_text())
+    record = json.loads((folder / folder_sampling.CONFIG_NAME).read_text())
     assert (record['infer_patch_nums'], record['max_pn'], record['used_llamagen_cfg']) == \
         ([1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 4, True)
     assert (record['iter_left'], record['iter_right']) == (3, 1)
@@ -509,7 +509,7 @@ def test_a_training_checkpoint_samples_the_schedule_it_was_trained_on_by_default
                                        str(tmp_path / 's'), '--num_classes', '1', '--per_class', '1', '--top_k', '10',
                                        '--iter_left', '2', '--iter_right', '1'])
     folder = tmp_path / 's' / 'flexvar-implicit-d2-ar-ckpt-last.pth-pn1_2_3_4-cfg-1.5-maxpn-16-seed-1'
-    assert json.loads((folder / sampling.CONFIG_NAME).read_text())['infer_patch_nums'] == list(TRAIN_PN)
+    assert json.loads((folder / folder_sampling.CONFIG_NAME).read_text())['infer_patch_nums'] == list(TRAIN_PN)
     want = direct(var, vae, 0, 1, 1, TRAIN_PN, top_k=10, iter_left=2, iter_right=1)
     assert want.shape == (1, 64, 64, 3) and np.array_equal(read_png(folder / '000000.png'), want[0])
     run_main(gen_img.main, ['--var_ckpt', str(ckpt), '--vae_ckpt', tok, '--use_implicit', '--class_label', '0',

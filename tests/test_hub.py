@@ -418,7 +418,7 @@ def test_sampling_sweep_and_fixed_point_take_pretrained(pair, tmp_path, capsys):
     with np.load(npz1) as z1, np.load(npz2) as z2:
         assert z1['arr_0'].shape == (4, 64, 64, 3) and np.array_equal(z1['arr_0'], z2['arr_0'])
     rec = json.loads((tmp_path / 's1' / 'implicit-tiny-viar-cfg-1.5-seed-1' / 'sampling_config.json').read_text())
-    assert rec['pretrained'] == 'tiny-viar' and len(rec['weights_fingerprint']) == 64
+    assert rec['pretrained'] == 'tiny-viar' and len(rec['weights_sha256']) == 64
 
     # the library function: the same images from Python, resumable (a second call writes nothing)
     vae, var = from_pretrained(str(pair / 'tiny-viar'))

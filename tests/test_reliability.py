@@ -19,7 +19,7 @@ import evaluator
 import sampling
 from models import build_vae_var
 from models.checkpoint import CheckpointError, class_names, resolve_class_labels
-from utils import download, misc, sampling_utils, training
+from utils import download, folder_sampling, misc, sampling_utils, training
 from utils.arg_util import parse_args, parse_vae_args
 from utils.data import build_dataset, open_rgb, scan_images
 from utils.editing import load_image
@@ -331,7 +331,7 @@ def test_sampling_on_a_full_disk_is_one_line(named_ckpts, tmp_path, monkeypatch,
     assert 'MiB free' in err and 'rerun the same command to resume' in err
     assert '0 cats' in out                      # the checkpoint's class names are shown
     folder = tmp_path / 'implicit-ar-ckpt-last.pth-cfg-1.5-seed-1'     # VIAR, as the file says
-    assert sorted(os.listdir(folder)) == [sampling.CONFIG_NAME]
+    assert sorted(os.listdir(folder)) == [folder_sampling.CONFIG_NAME]
 
 
 def test_train_py_prints_and_stores_the_class_names(tmp_path, capsys):
@@ -381,11 +381,9 @@ def test_weights_sha256_covers_the_whole_file_and_is_cached(tmp_path, monkeypatc
     data = bytearray(np.random.default_rng(0).integers(0, 256, 20 << 20, dtype=np.uint8).tobytes())
     big.write_bytes(data)
     full = sampling_utils.weights_sha256(str(big))
-    quick = sampling_utils.weights_fingerprint(str(big))
     data[10 << 20] ^= 1                     # a fine-tune that changes only the middle of the file
     big.write_bytes(data)
-    assert sampling_utils.weights_fingerprint(str(big)) == quick            # the quick one misses it
-    assert sampling_utils.weights_sha256(str(big)) != full                  # the whole-file hash does not
+    assert sampling_utils.weights_sha256(str(big)) != full
     # the cache: a file of the same path, size, times and inode is not hashed again; a touched one is
     cache_file = tmp_path / 'cache' / 'viar' / 'weights_sha256.json'
     cache = json.loads(cache_file.read_text())
@@ -397,28 +395,23 @@ def test_weights_sha256_covers_the_whole_file_and_is_cached(tmp_path, monkeypatc
     assert sampling_utils.weights_sha256(str(big)) == __import__('hashlib').sha256(bytes(data)).hexdigest()
 
 
-def test_a_folder_with_only_the_quick_fingerprints_is_checked_then_upgraded(tmp_path, monkeypatch, capsys):
-    from utils import folder_sampling as fs
+def test_sample_folder_settings_are_checked_against_the_whole_file_hashes(tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     ckpt, vae = tmp_path / 'm.pth', tmp_path / 'v.pth'
     ckpt.write_bytes(b'model' * 100)
     vae.write_bytes(b'vae' * 100)
     folder = tmp_path / 'f'
     folder.mkdir()
+    _, weights = folder_sampling.checkpoint_identity(str(ckpt), str(vae))
+    assert set(weights) == {'ckpt_sha256', 'vae_sha256'}
+    record = folder_sampling.check_or_record_settings(str(folder), {'seed': 1}, weights)   # no image yet: recorded
     (folder / '000000.png').write_bytes(b'png')
-    _, weights = fs.checkpoint_identity(str(ckpt), str(vae))
-    assert set(weights) == {'ckpt_sha256', 'vae_sha256', 'ckpt_fingerprint', 'vae_fingerprint'}
-    settings = {'seed': 1}
-    old = {'seed': 1, **{k: weights[k][0] for k in ('ckpt_fingerprint', 'vae_fingerprint')}}   # an earlier version
-    (folder / fs.CONFIG_NAME).write_text(json.dumps(old))
-    record, legacy = fs.check_or_record_settings(str(folder), settings, weights)
-    assert not legacy and record == {**old, **{k: v[0] for k, v in weights.items()}}
-    assert 'whole-file sha256' in capsys.readouterr().out
-    ckpt.write_bytes(b'MODEL' * 100)        # other weights under the same name: refused on the full hash
-    _, weights2 = fs.checkpoint_identity(str(ckpt), str(vae))
+    assert folder_sampling.check_or_record_settings(str(folder), {'seed': 1}, weights) == record
+    ckpt.write_bytes(b'MODEL' * 100)        # other weights under the same name
+    _, weights2 = folder_sampling.checkpoint_identity(str(ckpt), str(vae))
     with pytest.raises(sampling_utils.SamplingError, match='other weights than the model checkpoint') as e:
-        fs.check_or_record_settings(str(folder), settings, weights2)
-    assert str(e.value).count('model checkpoint') == 1      # named once, though both of its fingerprints differ
+        folder_sampling.check_or_record_settings(str(folder), {'seed': 1}, weights2)
+    assert 'tokenizer' not in str(e.value)
 
 
 # ============================================== paths and scripts =====================================================

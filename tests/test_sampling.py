@@ -6,7 +6,6 @@ byte for byte, resuming after an interruption without redoing finished images, r
 images and grid, the architecture-mismatch and offline-download messages (one line, exit code 1, no traceback),
 and scripts/eval.sh (reference batch checked first, then the README's commands).  Budget: about a minute on 2 cores.
 """
-import hashlib
 import json
 import os
 import socket
@@ -119,12 +118,12 @@ def test_flags_parse_booleans_and_defaults():
 
 
 def test_units_follow_the_official_layout():
-    units = sampling.units_of(1000, 50, 25)
+    units = folder_sampling.units_of(1000, 50, 25)
     assert len(units) == 2000
     assert units[0] == (0, 0, list(range(25))) and units[1] == (0, 1, list(range(25, 50)))
     assert units[2 * 970 + 1] == (970, 1, [970 * 50 + 25 + j for j in range(25)])
     # a short last batch: class c holds c*5 .. c*5+4 in batches of 2, 2, 1 (g_seed = seed + 0, 1, 2)
-    assert sampling.units_of(2, 5, 2) == [(0, 0, [0, 1]), (0, 1, [2, 3]), (0, 2, [4]),
+    assert folder_sampling.units_of(2, 5, 2) == [(0, 0, [0, 1]), (0, 1, [2, 3]), (0, 2, [4]),
                                           (1, 0, [5, 6]), (1, 1, [7, 8]), (1, 2, [9])]
     assert sampling_utils.effective_top_k(900, 64) == 64 and sampling_utils.effective_top_k(900, 4096) == 900
     assert sampling_utils.effective_top_k(0, 64) == 0
@@ -348,11 +347,12 @@ def test_a_recorded_config_without_images_is_replaced(ckpts, tmp_path, capsys):
             str(tmp_path), '--num_classes', '1', '--per_class', '1']
     folder = tmp_path / 'd1-var.pth-cfg-1.5-seed-1'
     folder.mkdir()
-    (folder / sampling.CONFIG_NAME).write_text(json.dumps({'ckpt': 'var.pth', 'top_k': 5, 'cfg': 1.5, 'seed': 1}))
+    config = {'ckpt': 'var.pth', 'top_k': 5, 'cfg': 1.5, 'seed': 1}
+    (folder / folder_sampling.CONFIG_NAME).write_text(json.dumps(config))
     run_sampling(argv)
     assert (folder / '000000.png').is_file() and Path(str(folder) + '.npz').is_file()
-    record = json.loads((folder / sampling.CONFIG_NAME).read_text())
-    assert record['top_k'] == 900 and 'ckpt_fingerprint' in record and 'vae_fingerprint' in record
+    record = json.loads((folder / folder_sampling.CONFIG_NAME).read_text())
+    assert record['top_k'] == 900 and 'ckpt_sha256' in record and 'vae_sha256' in record
 
 
 def perturbed_copy(src, dst, key):
@@ -375,9 +375,9 @@ def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, 
     run_sampling(argv)
     folder = tmp_path / 's' / 'd1-ar-ckpt-last.pth-cfg-1.5-seed-1'
     npz = Path(str(folder) + '.npz')
-    record = json.loads((folder / sampling.CONFIG_NAME).read_text())
-    assert record['ckpt_fingerprint'] == sampling_utils.weights_fingerprint(str(ckpt))
-    assert record['vae_fingerprint'] == sampling_utils.weights_fingerprint(str(vae))
+    record = json.loads((folder / folder_sampling.CONFIG_NAME).read_text())
+    assert record['ckpt_sha256'] == sampling_utils.weights_sha256(str(ckpt))
+    assert record['vae_sha256'] == sampling_utils.weights_sha256(str(vae))
     assert record['npz_crc32'] == zipfile.ZipFile(npz).getinfo('arr_0.npy').CRC
     pngs, npz_bytes, npz_mtime = snapshot(folder), npz.read_bytes(), npz.stat().st_mtime_ns
     capsys.readouterr()
@@ -404,22 +404,19 @@ def test_resume_refuses_images_of_other_weights_under_the_same_file_name(ckpts, 
     assert calls == [] and snapshot(folder) == pngs and npz.stat().st_mtime_ns == npz_mtime
     assert f'{npz} is up to date' in capsys.readouterr().out
 
-    # a folder of an older version (no fingerprints recorded): assumed to be of these weights, as before, with a
-    # note; the fingerprints are recorded from then on
-    perturbed_copy(ckpt, ckpt, 'head.weight')
-    old = {k: v for k, v in record.items() if not k.endswith(('_fingerprint', '_sha256')) and k != 'npz_crc32'}
-    (folder / sampling.CONFIG_NAME).write_text(json.dumps(old))
-    run_sampling(argv)
-    out = capsys.readouterr().out
-    assert 'records no fingerprint of the weights' in out and f'{npz} is up to date' in out
-    assert calls == [] and snapshot(folder) == pngs and npz.stat().st_mtime_ns == npz_mtime
-    again = json.loads((folder / sampling.CONFIG_NAME).read_text())
-    assert again['ckpt_fingerprint'] == sampling_utils.weights_fingerprint(str(ckpt)) != record['ckpt_fingerprint']
-    assert again['npz_crc32'] == record['npz_crc32']
-    perturbed_copy(ckpt, ckpt, 'head.weight')
-    with pytest.raises(SystemExit):
-        run_sampling(argv)
-    assert 'other weights' in capsys.readouterr().err
+    # images whose config records no fingerprint of the weights, or no config at all: nothing says which weights
+    # made them, so they are refused as well, the folder left as it is
+    old = {k: v for k, v in record.items() if not k.endswith('_sha256')}
+    (folder / folder_sampling.CONFIG_NAME).write_text(json.dumps(old))
+    for missing_config in (False, True):
+        if missing_config:
+            (folder / folder_sampling.CONFIG_NAME).unlink()
+        with pytest.raises(SystemExit) as e:
+            run_sampling(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and 'pass another --sample_dir or delete the folder' in err, err
+        assert ('no readable sampling_config.json' in err) is missing_config, err
+        assert calls == [] and snapshot(folder) == pngs and npz.stat().st_mtime_ns == npz_mtime
 
 
 def test_an_npz_that_is_not_the_one_packed_is_packed_again(ckpts, tmp_path, capsys):
@@ -438,28 +435,6 @@ def test_an_npz_that_is_not_the_one_packed_is_packed_again(ckpts, tmp_path, caps
     assert 'up to date' not in capsys.readouterr().out
     with np.load(npz) as z:
         assert np.array_equal(z['arr_0'], good)
-
-
-def test_weights_fingerprint_reads_the_size_head_and_tail(tmp_path):
-    big = tmp_path / 'big.pth'
-    data = bytearray(np.random.default_rng(0).integers(0, 256, 20 << 20, dtype=np.uint8).tobytes())
-    big.write_bytes(data)
-    chunk = sampling_utils.FINGERPRINT_CHUNK
-    want = hashlib.sha256(f'{len(data)}\n'.encode() + bytes(data[:chunk]) + bytes(data[-chunk:])).hexdigest()
-    fp = sampling_utils.weights_fingerprint(str(big))
-    assert fp == want
-    (tmp_path / 'copy.pth').write_bytes(data)
-    assert sampling_utils.weights_fingerprint(str(tmp_path / 'copy.pth')) == fp       # content, not name
-    for pos in (0, len(data) - 1):
-        changed = bytearray(data)
-        changed[pos] ^= 1
-        big.write_bytes(changed)
-        assert sampling_utils.weights_fingerprint(str(big)) != fp
-    big.write_bytes(data + b'\0')
-    assert sampling_utils.weights_fingerprint(str(big)) != fp
-    small = tmp_path / 'small.pth'
-    small.write_bytes(b'weights')
-    assert sampling_utils.weights_fingerprint(str(small)) == hashlib.sha256(b'7\nweights').hexdigest()
 
 
 def test_sampler_kwargs_come_from_the_flags():

@@ -41,7 +41,6 @@ from utils.sampling_utils import (
     pretrained_name,
     sample_batch,
     to_uint8,
-    weights_fingerprint,
     weights_sha256,
 )
 
@@ -119,64 +118,45 @@ def write_config(folder: str, record: dict[str, Any]) -> None:
 
 
 def check_or_record_settings(folder: str, settings: dict[str, Any], weights: dict[str, tuple[str, str, str]]
-                             ) -> tuple[dict[str, Any], bool]:
+                             ) -> dict[str, Any]:
     """Refuses to mix images of other settings, or of other weights, into ``folder``; records the settings and the
     fingerprints of the weights.  ``weights``: config key -> (fingerprint, what it is for the message, where the
-    weights come from).  Returns (the config as now recorded, whether the folder's images predate fingerprints and are
-    only assumed to come from these weights)."""
+    weights come from).  Returns the config as now recorded."""
     fingerprints = {k: v[0] for k, v in weights.items()}
-    old = read_config(folder)
     if not any(n.endswith('.png') for n in os.listdir(folder)):
         write_config(folder, {**settings, **fingerprints})       # nothing sampled yet: nothing to conflict with
-        return {**settings, **fingerprints}, False
+        return {**settings, **fingerprints}
+    old = read_config(folder)
     if old is None:
-        print(f'[sampling] {folder} has images but no readable {CONFIG_NAME}; assuming they were sampled with these '
-              f'settings and weights', flush=True)
-        record = {**settings, **fingerprints}
-        write_config(folder, record)
-        return record, True
-
-    bookkeeping = {*fingerprints, NPZ_KEY, 'ckpt_fingerprint', 'vae_fingerprint', 'weights_fingerprint', 'ckpt_sha256',
-                   'vae_sha256', 'weights_sha256'}
-    keys = list(settings) + [k for k in old if k not in settings and k not in bookkeeping]
+        raise SamplingError(f'{folder} holds images but no readable {CONFIG_NAME}, so nothing says which settings '
+                            f'and weights made them: pass another --sample_dir or delete the folder')
+    keys = list(settings) + [k for k in old if k not in settings and k != NPZ_KEY
+                             and not k.endswith(('_sha256', '_fingerprint'))]
     diffs = [f'{k}={old.get(k)!r} (now {settings.get(k)!r})' for k in keys if old.get(k) != settings.get(k)]
     if diffs:
         raise SamplingError(f'{folder} holds images sampled with other settings: {", ".join(diffs)}; rerun with '
                             f'the recorded settings to resume, or pass another --sample_dir (or delete the folder)')
-    changed = list(dict.fromkeys(what for key, (fp, what, _) in weights.items() if key in old and old[key] != fp))
+    changed = list(dict.fromkeys(what for key, (fp, what, _) in weights.items() if old.get(key) != fp))
     if changed:
         raise SamplingError(f'{folder} holds images sampled from other weights than the {" and the ".join(changed)} '
                             f'now hold{"" if len(changed) > 1 else "s"} (same file name, other contents, e.g. trained '
-                            f'further): to sample these weights, pass another --sample_dir or delete the folder')
-    if all(old.get(k) == v for k, v in fingerprints.items()):
-        return old, False
-    sources = ' and '.join(dict.fromkeys(src for _, _, src in weights.values()))
-    if any(k in old for k in fingerprints):     # an earlier version's quick fingerprints, and they match
-        print(f'[sampling] {os.path.join(folder, CONFIG_NAME)} records the quick fingerprints of an earlier version, '
-              f'which match {sources}: recording their whole-file sha256 from now on', flush=True)
-        record = {**old, **fingerprints}
-        write_config(folder, record)
-        return record, False
-    print(f'[sampling] {os.path.join(folder, CONFIG_NAME)} records no fingerprint of the weights (an older version '
-          f'wrote it): assuming its images come from {sources} as they are now, and recording their fingerprints',
-          flush=True)
-    record = {**old, **fingerprints}
-    write_config(folder, record)
-    return record, True
+                            f'further; or none recorded): to sample these weights, pass another --sample_dir or '
+                            f'delete the folder')
+    return old
 
 
 def missing_indices(folder: str, indices: Sequence[int]) -> list[int]:
     return [k for k in indices if not png_is_valid(os.path.join(folder, f'{k:06d}.png'))]
 
 
-def npz_is_current(npz_path: str, folder: str, num: int, crc32: int | None = None, check_crc: bool = True) -> bool:
-    """True when ``npz_path`` holds ``num`` uint8 images, is newer than every PNG it packs and (``check_crc``) is the
-    file whose CRC-32 of ``arr_0`` was recorded (``crc32``; None: none recorded, so not current)."""
+def npz_is_current(npz_path: str, folder: str, num: int, crc32: int | None = None) -> bool:
+    """True when ``npz_path`` holds ``num`` uint8 images, is newer than every PNG it packs and is the file whose
+    CRC-32 of ``arr_0`` was recorded (``crc32``; None: none recorded, so not current)."""
     if not os.path.isfile(npz_path):
         return False
     try:
         shape, _, dtype = npz_array_header(npz_path)
-        if check_crc and npz_member_crc32(npz_path) != crc32:
+        if npz_member_crc32(npz_path) != crc32:
             return False
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
@@ -203,21 +183,17 @@ def model_fingerprint(*modules: torch.nn.Module) -> str:
 
 def checkpoint_identity(ckpt_path: str, vae_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
     """``sample_folder``'s ``names`` and ``weights`` for a checkpoint pair (as ``sampling.py`` records them): the
-    file names, and the fingerprints of the files: the whole-file ``weights_sha256`` and the quick
-    ``weights_fingerprint`` that folders of earlier versions record alone (checked with it, then upgraded)."""
+    file names, and the whole-file sha256 of each (``weights_sha256``)."""
     return ({'ckpt': os.path.basename(ckpt_path), 'vae_ckpt': os.path.basename(vae_path)},
             {'ckpt_sha256': (weights_sha256(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
-             'vae_sha256': (weights_sha256(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path),
-             'ckpt_fingerprint': (weights_fingerprint(ckpt_path), f'model checkpoint {ckpt_path!r}', ckpt_path),
-             'vae_fingerprint': (weights_fingerprint(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path)})
+             'vae_sha256': (weights_sha256(vae_path), f'tokenizer checkpoint {vae_path!r}', vae_path)})
 
 
 def hub_identity(source: str, weights_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]]]:
     """``names`` and ``weights`` for a hub folder or repository ``source`` whose ``model.safetensors`` is
     ``weights_path``."""
     return ({'pretrained': pretrained_name(source)},
-            {'weights_sha256': (weights_sha256(weights_path), f'hub folder {source!r}', weights_path),
-             'weights_fingerprint': (weights_fingerprint(weights_path), f'hub folder {source!r}', weights_path)})
+            {'weights_sha256': (weights_sha256(weights_path), f'hub folder {source!r}', weights_path)})
 
 
 # ================================ sampling ============================================================================
@@ -250,7 +226,7 @@ def sample_folder(vae, var, out_dir: str, classes, per_class: int, seed: int, *,
     folder = out_dir
 
     # the folder, its recorded settings and weights, the units of this rank
-    error, record, legacy = None, {}, False
+    error, record = None, {}
     if master:
         if weights is None:
             weights = {'weights_fingerprint': (model_fingerprint(vae, var), 'models', 'the models given')}
@@ -259,7 +235,7 @@ def sample_folder(vae, var, out_dir: str, classes, per_class: int, seed: int, *,
             s = image_settings(names or {}, seed, per_class, batch_size, kw, var.use_implicit, amp_dtype)
             if classes != list(range(len(classes))):
                 s['classes'] = classes
-            record, legacy = check_or_record_settings(folder, s, weights)
+            record = check_or_record_settings(folder, s, weights)
             for n in os.listdir(folder):    # temporary files of an interrupted run
                 if n.startswith('.') and n.endswith('.tmp'):
                     os.unlink(os.path.join(folder, n))
@@ -319,7 +295,7 @@ def sample_folder(vae, var, out_dir: str, classes, per_class: int, seed: int, *,
         if lost:
             error = (f'{len(lost)} images are missing in {folder} (e.g. {lost[0]:06d}.png): rerun the same command to '
                      f'finish them')
-        elif npz_is_current(npz_path, folder, total, record.get(NPZ_KEY), check_crc=not legacy):
+        elif npz_is_current(npz_path, folder, total, record.get(NPZ_KEY)):
             print(f'[sampling] {npz_path} is up to date')
         else:
             try:

@@ -49,7 +49,7 @@ __all__ = ['BOOL', 'FLAG_RULES', 'FLEX_KWARGS', 'FLEX_SCHEDULE_PRESETS', 'ITERAT
            'add_var_ckpt_arg', 'load_chosen', 'load_measured', 'effective_top_k', 'guard_writes', 'load_models',
            'load_pretrained', 'make_output_dir',
            'parse_tolerance', 'pretrained_name', 'resolve_dtype', 'sample_batch', 'sampler_kwargs', 'schedule_name',
-           'setup_backends', 'setup_device', 'to_uint8', 'weights_fingerprint', 'weights_sha256']
+           'setup_backends', 'setup_device', 'to_uint8', 'weights_sha256']
 
 class SamplingError(UserError):
     """A user-caused problem (bad flag, folder of other settings or weights); the message says what to do."""
@@ -413,21 +413,7 @@ def cast_weights(var, args: argparse.Namespace, amp_dtype: torch.dtype | None):
     return var
 
 
-FINGERPRINT_CHUNK = 8 << 20
-
-
-def weights_fingerprint(path: str) -> str:
-    """The quick fingerprint of a checkpoint file that sample folders of earlier versions record
-    (``ckpt_fingerprint``): the hex sha256 of its size (decimal, then a newline), its first 8 MiB and its last 8 MiB.
-    Weights changed only in the middle of a large file keep it: ``weights_sha256`` covers the whole file."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(f'{size}\n'.encode())
-    with open(path, 'rb') as f:
-        digest.update(f.read(FINGERPRINT_CHUNK))
-        if size > FINGERPRINT_CHUNK:
-            f.seek(max(FINGERPRINT_CHUNK, size - FINGERPRINT_CHUNK))
-            digest.update(f.read(FINGERPRINT_CHUNK))
-    return digest.hexdigest()
+HASH_CHUNK = 8 << 20
 
 
 def _sha256_cache_path() -> str:
@@ -453,7 +439,7 @@ def weights_sha256(path: str) -> str:
         return cache[key]
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
-        while chunk := f.read(FINGERPRINT_CHUNK):
+        while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     cache = {k: v for k, v in cache.items() if not k.startswith(os.path.realpath(path) + '|')}
     cache[key] = digest.hexdigest()
