@@ -9,7 +9,8 @@ token from the class and the earlier scales (cross-entropy averaged over the tok
 with Jacobian-free backprop, (n0, n1) drawn per iteration from one seeded generator all ranks share.  What a step
 feeds the model is the one difference between the families, chosen once (``Feed``, ``FlexFeed``).  Rerunning the
 same command resumes exactly from ``ar-ckpt-last.pth``.  The harness (logging, steps, preemption) is
-``utils/training.py``.  Details: docs/training.md.
+``utils/training.py``, the configuration ``utils/train_config.py``, the checkpoint layout ``utils/train_state.py``.
+Details: docs/training.md.
 """
 import contextlib
 import math
@@ -26,12 +27,13 @@ import torch.nn.functional as F
 
 from models import FlexVAE, build_var, flex_train_schedule_for
 from models.checkpoint import describe_classes, load_vae, tokenizer_downsample
-from utils import dist, training
-from utils.arg_util import args_to_dict, finalize_args, parse_args
+from utils import dist, train_state, training
+from utils.arg_util import parse_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.errors import UserError
 from utils.lr_control import check_schedule, lr_wd_annealing, param_groups
 from utils.model_io import CheckpointError, model_errors
+from utils.train_config import config_to_dict, train_config, train_values
 from utils.training import Batches, Pace, Run, Sums
 from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, hf_url
 
@@ -137,46 +139,49 @@ class Trainer:
     class_names: tuple = ()             # label -> class folder name (sorted folder names of train/)
 
 
-def train(args):
-    """Trains until ``--ep`` epochs are done, resuming from ``ar-ckpt-last.pth`` when the run folder has one."""
-    run = training.start(args, 'train.py')                  # processes, run folder, logger, SIGTERM -> save, precision
+def train(flags):
+    """Trains until ``--ep`` epochs are done, resuming from ``ar-ckpt-last.pth`` when the run folder has one.  The
+    configuration (``utils.train_config``) is made once from ``flags``, the run's seed and the classes of the data."""
+    run = training.start(flags, 'train.py')                 # processes, run folder, logger, SIGTERM -> save, precision
     try:
-        finalize_args(args, dist.get_world_size(), downsample=tokenizer_downsample(args.vae_ckpt))
-        check_schedule(args.sche)
+        values = train_values(flags, dist.get_world_size(), downsample=tokenizer_downsample(flags.vae_ckpt))
+        check_schedule(flags.sche)
     except ValueError as e:
         raise UserError(str(e)) from e
-    run.log.info(f'[train] world size {dist.get_world_size()}, device {run.dev}, per-rank batch {args.batch_size}, '
-                 f'global batch {args.glb_batch_size} x ac {args.ac} = {args.glb_batch_size * args.ac}, '
-                 f'lr {args.tlr:.3g}')
-    ckpt = find_checkpoint(run)
+    glb = values['glb_batch_size']
+    run.log.info(f'[train] world size {dist.get_world_size()}, device {run.dev}, per-rank batch '
+                 f'{values["batch_size"]}, global batch {glb} x ac {flags.ac} = {glb * flags.ac}, '
+                 f'lr {values["tlr"]:.3g}')
+    saved, seed = find_checkpoint(run)
 
     # ---- data: checked before any model is built ----
-    classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip,
-                                                mid_reso=args.mid_reso, skip_bad=args.skip_bad_images,
-                                                allow_empty=args.check_data)
-    if args.check_data:
-        return training.check_images(run, [train_set, val_set], args.workers)
+    classes, train_set, val_set = build_dataset(flags.data_path, values['data_load_reso'], hflip=flags.hflip,
+                                                mid_reso=flags.mid_reso, skip_bad=flags.skip_bad_images,
+                                                allow_empty=flags.check_data)
+    if flags.check_data:
+        return training.check_images(run, [train_set, val_set], values['workers'])
     run.log.info(f'[data] classes (label: folder; stored in the checkpoint): {describe_classes(classes)}')
-    args.num_classes = args.num_classes or len(classes)
-    if args.num_classes < len(classes):
-        raise UserError(f'--num_classes {args.num_classes} is smaller than the {len(classes)} class folders in '
-                        f'{os.path.join(args.data_path, "train")!r}: leave it out or raise it')
+    num_classes = flags.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise UserError(f'--num_classes {num_classes} is smaller than the {len(classes)} class folders in '
+                        f'{os.path.join(flags.data_path, "train")!r}: leave it out or raise it')
+    args = run.args = train_config(flags, values, seed=seed, num_classes=num_classes)
     if len(val_set) == 0:
         raise DataError(f'{os.path.join(args.data_path, "val")!r} holds no images')
     run.log.info(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
                  f'{args.data_load_reso} px, {args.workers} loader worker(s) per process')
-    if ckpt:
-        flags = [k for k in ARCH_FLAGS if k != 'p_depth' or args.use_implicit]
-        training.check_same_flags(ckpt['args'], args_to_dict(args), flags, run.path('ar-ckpt-last.pth'))
+    if saved:
+        arch = [k for k in ARCH_FLAGS if k != 'p_depth' or args.use_implicit]
+        training.check_same_flags(saved.args, config_to_dict(args), arch, run.path('ar-ckpt-last.pth'))
 
     # ---- models, optimizer, progress; loaders whose order and augmentations replay exactly on resume ----
-    t = build_trainer(run, ckpt)
+    t = build_trainer(run, saved)
     t.datasets, t.class_names = (train_set, val_set), tuple(classes)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, dist.get_rank(), dist.get_world_size(),
                                     seed=args.seed)
     t.iters_train = sampler.iters_per_epoch
-    restore_progress(run, t, ckpt)
-    del ckpt
+    restore_progress(run, t, saved)
+    del saved
     ld_train = training.make_loader(train_set, run.dev, args.workers, args.seed, batch_sampler=sampler)
     ld_val = training.make_loader(val_set, run.dev, args.workers, args.seed,
                                   batch_size=max(1, round(args.batch_size * 1.5)),
@@ -199,37 +204,38 @@ def train(args):
         run.tb.close()
 
 
-def find_checkpoint(run: Run) -> Optional[dict]:
-    """The run folder's ``ar-ckpt-last.pth`` (None for a new run), the same on every rank; fixes ``--seed``."""
-    args = run.args
-    ckpt = training.load_resume_checkpoint(run.path('ar-ckpt-last.pth'), 'train.py', ('var_wo_ddp', 'var_opt'),
-                                           damaged_hint=', copy ar-ckpt-best.pth over it')
-    if args.seed is None:
-        seed = ckpt['args'].get('seed') if ckpt else None
-        args.seed = seed if seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
-    elif ckpt and ckpt['args'].get('seed') not in (None, args.seed):
-        run.log.info(f'[train] note: the checkpoint was trained with --seed {ckpt["args"]["seed"]}, continuing with '
-                     f'--seed {args.seed} (data order and randomness change from here)')
-    return ckpt
+def find_checkpoint(run: Run) -> Tuple[Optional[train_state.Saved], int]:
+    """The run folder's ``ar-ckpt-last.pth`` (None for a new run), the same on every rank, and the run's seed:
+    ``--seed``, else the checkpoint's, else drawn (the same on every rank)."""
+    flags = run.args
+    saved = train_state.load('var', run.path('ar-ckpt-last.pth'), damaged_hint=', copy ar-ckpt-best.pth over it')
+    seed = flags.seed
+    if seed is None:
+        seed = saved.args.get('seed') if saved else None
+        seed = seed if seed is not None else dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+    elif saved and saved.args.get('seed') not in (None, seed):
+        run.log.info(f'[train] note: the checkpoint was trained with --seed {saved.args["seed"]}, continuing with '
+                     f'--seed {seed} (data order and randomness change from here)')
+    return saved, seed
 
 
-def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
+def build_trainer(run: Run, saved: Optional[train_state.Saved]) -> Trainer:
     """Frozen tokenizer (the checkpoint's own, by fingerprint), transformer (same init on every rank, or the
     checkpoint's weights), DDP, AdamW (betas 0.9/0.95, no decay on 1-D tensors and embeddings), fp16 GradScaler."""
     args, dev, last_path = run.args, run.dev, run.path('ar-ckpt-last.pth')
     with model_errors():
         vae = load_vae(args.vae_ckpt, dev, patch_nums=tuple(args.patch_nums), hint=vae_hint(args.flex))
     vae_id = training.fingerprint(vae.state_dict(), VAE_ID_KEYS)
-    if ckpt:
-        saved = ckpt['trainer'].get('config', {}).get('vae_fingerprint') or training.fingerprint(
-            ckpt['trainer'].get('vae_local', {}), VAE_ID_KEYS)
-        if saved != vae_id and not args.allow_other_vae:
+    if saved:
+        saved_id = saved.config.get('vae_fingerprint') or training.fingerprint(saved.weights.get('vae_local', {}),
+                                                                               VAE_ID_KEYS)
+        if saved_id != vae_id and not args.allow_other_vae:
             raise CheckpointError(
                 f'{last_path!r} was trained with another tokenizer than --vae_ckpt {args.vae_ckpt!r} (same shape, '
-                f'other weights; the run used {ckpt["args"].get("vae_ckpt")!r}): pass that one as --vae_ckpt to '
+                f'other weights; the run used {saved.args.get("vae_ckpt")!r}): pass that one as --vae_ckpt to '
                 f'resume, or add --allow_other_vae to continue with this one (the token targets, hence the losses, '
                 f'change)')
-        if saved != vae_id:
+        if saved_id != vae_id:
             run.log.warning(f'[train] note: --allow_other_vae: continuing with the tokenizer {args.vae_ckpt!r}, not '
                             f'the one the checkpoint was trained with (losses change from here)')
     torch.manual_seed(args.seed)
@@ -239,12 +245,12 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                             fused=True if dev.type == 'cuda' else None)
     scaler = (torch.amp.GradScaler('cuda', init_scale=2. ** 11, growth_interval=1000)
               if run.amp_dtype is torch.float16 else None)
-    if ckpt:
+    if saved:
         try:
-            var_wo_ddp.load_state_dict(ckpt['trainer']['var_wo_ddp'], strict=True)
-            opt.load_state_dict(ckpt['trainer']['var_opt']['optimizer'])
-            if scaler is not None and ckpt['trainer']['var_opt'].get('scaler'):
-                scaler.load_state_dict(ckpt['trainer']['var_opt']['scaler'])
+            var_wo_ddp.load_state_dict(saved.weights['var_wo_ddp'], strict=True)
+            opt.load_state_dict(saved.optim['optimizer'])
+            if scaler is not None and saved.optim.get('scaler'):
+                scaler.load_state_dict(saved.optim['scaler'])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{last_path!r} does not fit the model of this command ({str(e).splitlines()[0]}); '
                                   f'pass another --local_out_dir_path to start a new run') from e
@@ -255,15 +261,14 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                    vae_id=vae_id, feed=feed, ep_sums=Sums(EPOCH_SUMS, dev))
 
 
-def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
+def restore_progress(run: Run, t: Trainer, saved: Optional[train_state.Saved]):
     """Schedule position, best validation loss, epoch sums and every RNG stream: from the checkpoint, or seeded."""
     args, rank, world_size = run.args, dist.get_rank(), dist.get_world_size()
     t.iters_rng = random.Random(args.seed)
-    if not ckpt:
+    if not saved:
         training.seed_everything(args.seed, rank, world_size)
         return
-    res = ckpt.get('resume', {})
-    start_ep, start_it = int(ckpt['epoch']), int(ckpt['iter'])
+    res, start_ep, start_it = saved.resume, saved.epoch, saved.it
     if start_it and res.get('glb_batch_size', args.glb_batch_size) != args.glb_batch_size:
         start_it = start_it * int(res['glb_batch_size']) // args.glb_batch_size
         run.log.info(f'[resume] the global batch changed ({res["glb_batch_size"]} -> {args.glb_batch_size}): the epoch '
@@ -299,24 +304,20 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, improved: bool = Fal
     py_t, py_g = training.random_to_tensors(t.iters_rng.getstate())
     var, implicit = t.var_wo_ddp, t.var_wo_ddp.backbone.is_implicit
     if dist.get_local_rank() == 0:
-        state = {
-            'epoch': ep, 'iter': it,
-            'trainer': {
-                'var_wo_ddp': var.state_dict(), 'vae_local': t.vae.state_dict(),
-                'var_opt': {'optimizer': t.opt.state_dict(), 'scaler': t.scaler.state_dict() if t.scaler else {},
-                            'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
-                'config': {'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
-                           'use_implicit': implicit, 'pre_depth': var.pre_depth if implicit else 0,
-                           'post_depth': var.post_depth if implicit else 0, 'depth': args.depth,
-                           'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id, 'flex': t.feed.flex,
-                           'class_names': list(t.class_names)},
-            },
-            'args': args_to_dict(args),
-            'resume': {'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),
-                       'glb_batch_size': args.glb_batch_size, 'iters_train': t.iters_train,
-                       'best_val_tail': t.best_val_tail, 'nonfinite_in_a_row': t.nonfinite_in_a_row,
-                       'rank_fingerprints': fps, **ranks},
-        }
+        state = train_state.pack('var', train_state.Saved(
+            epoch=ep, it=it, weights={'var_wo_ddp': var.state_dict(), 'vae_local': t.vae.state_dict()},
+            optim={'optimizer': t.opt.state_dict(), 'scaler': t.scaler.state_dict() if t.scaler else {},
+                   'grad_clip': args.tclip, 'n_gradient_accumulation': args.ac},
+            config={'patch_nums': list(args.patch_nums), 'resos': list(args.resos), 'label_smooth': args.ls,
+                    'use_implicit': implicit, 'pre_depth': var.pre_depth if implicit else 0,
+                    'post_depth': var.post_depth if implicit else 0, 'depth': args.depth,
+                    'num_classes': args.num_classes, 'vae_fingerprint': t.vae_id, 'flex': t.feed.flex,
+                    'class_names': list(t.class_names)},
+            args=config_to_dict(args),
+            resume={'g_it': g_it, 'iters_rng': py_t, 'iters_rng_gauss': py_g, 'world_size': dist.get_world_size(),
+                    'glb_batch_size': args.glb_batch_size, 'iters_train': t.iters_train,
+                    'best_val_tail': t.best_val_tail, 'nonfinite_in_a_row': t.nonfinite_in_a_row,
+                    'rank_fingerprints': fps, **ranks}))
         training.write_checkpoint(state, last_path, run.path('ar-ckpt-best.pth') if improved else None)
         del state
     dist.barrier()
@@ -345,7 +346,7 @@ def forward_backward(run: Run, t: Trainer, img, label, step: Step, g_it: int, sy
         loss_BL = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=args.ls,
                                   reduction='none').view(gt_BL.shape)
         loss = loss_BL.mean()          # uniform weight 1/L per token, mean over images
-        if g_it in args.debug_nonfinite_at:
+        if g_it in run.faults.nonfinite_at:
             loss = loss * float('nan')
         with torch.no_grad():
             ce_BL = loss_BL.detach() if args.ls == 0 else F.cross_entropy(
@@ -385,7 +386,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first_it: int, ld_train) -> P
         window_sums = torch.zeros(4, dtype=torch.float64, device=run.dev)
         for k, (img, label) in enumerate(window):
             g_it = ep * iters + it
-            training.debug_signal(args, g_it)
+            run.faults.kill(g_it)
             lr, wd = lr_wd_annealing(args.sche, t.opt, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
                                      wp0=args.wp0, wpe=args.wpe)
             step = t.feed.draw(t.iters_rng)        # the same on every rank: scales (FlexVAR: drawn), VIAR's (n0, n1)

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from models import VQVAE, FlexVAE
 from models.checkpoint import load_vae
 from models.vq_losses import PatchDiscriminator, VGGPerceptual, restart_dead_codes
-from utils import dist, training
-from utils.arg_util import args_to_dict, default_workers, parse_vae_args
+from utils import dist, train_state, training
+from utils.arg_util import parse_vae_args
 from utils.data import DataError, ResumableBatchSampler, ShardSampler, build_dataset
 from utils.errors import UserError, one_line
 from utils.lr_control import lr_ratio
 from utils.misc import atomic_write_bytes
 from utils.model_io import CheckpointError, model_errors
+from utils.train_config import config_to_dict, vae_config
 from utils.training import Batches, Pace, Run, Sums
 
 ARCH_FLAGS = ('flex', 'vocab_size', 'z_channels', 'codebook_dim', 'ch', 'ch_mult', 'num_res_blocks', 'attn',
@@ -237,15 +238,15 @@ class Step(NamedTuple):
     small_pn: Optional[int] = None      # FlexVAE: the smaller scale of this step
 
 
-def train(args):
-    """Trains the tokenizer for ``--ep`` epochs, resuming from ``vae-ckpt-last.pth`` when the run folder has one."""
-    run = training.start(args, 'train_vae.py', subdirs=() if args.check_data else ('recon',))
+def train(flags):
+    """Trains the tokenizer for ``--ep`` epochs, resuming from ``vae-ckpt-last.pth`` when the run folder has one; the
+    configuration (``utils.train_config``) is made once from ``flags`` and the number of processes."""
+    run = training.start(flags, 'train_vae.py', subdirs=() if flags.check_data else ('recon',))
     world = dist.get_world_size()
-    if args.bs < world:
-        raise UserError(f'--bs {args.bs} is smaller than the {world} processes: each needs at least one image')
-    args.batch_size = args.bs // world
-    args.workers = min(default_workers() if args.workers < 0 else args.workers, args.batch_size)
-    ckpt = find_checkpoint(run)
+    if flags.bs < world:
+        raise UserError(f'--bs {flags.bs} is smaller than the {world} processes: each needs at least one image')
+    args = run.args = vae_config(flags, world)
+    saved = find_checkpoint(run)
 
     # ---- data ----
     classes, train_set, val_set = build_dataset(args.data_path, args.data_load_reso, hflip=args.hflip,
@@ -272,10 +273,10 @@ def train(args):
                  f'{sampler.iters_per_epoch} iterations per epoch, {args.workers} loader worker(s) per process')
 
     # ---- models, optimisers, progress ----
-    t = build_trainer(run, ckpt)
+    t = build_trainer(run, saved)
     t.iters = sampler.iters_per_epoch
-    restore_progress(run, t, ckpt)
-    del ckpt
+    restore_progress(run, t, saved)
+    del saved
     if t.start_ep >= args.ep:
         run.log.info(f'[train_vae] nothing to do: {run.path("vae-ckpt-last.pth")} already holds {t.start_ep} epochs '
                      f'(--ep {args.ep}); the tokenizer is {export_path(run)}')
@@ -299,16 +300,16 @@ def export_path(run: Run) -> str:
     return run.path((FlexRecipe if run.args.flex else Recipe).export_name(run.args))
 
 
-def find_checkpoint(run: Run) -> Optional[dict]:
+def find_checkpoint(run: Run) -> Optional[train_state.Saved]:
     """``vae-ckpt-last.pth`` of the run folder (None for a new run), checked against this command's flags."""
     path = run.path('vae-ckpt-last.pth')
-    ckpt = training.load_resume_checkpoint(path, 'train_vae.py', ('vae_wo_ddp',))
-    if ckpt:
-        training.check_same_flags(ckpt['args'], args_to_dict(run.args), ARCH_FLAGS, path)
-    return ckpt
+    saved = train_state.load('vae', path)
+    if saved:
+        training.check_same_flags(saved.args, config_to_dict(run.args), ARCH_FLAGS, path)
+    return saved
 
 
-def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
+def build_trainer(run: Run, saved: Optional[train_state.Saved]) -> Trainer:
     """The tokenizer of the recipe (VQVAE, or FlexVAE with --flex; from scratch, ``--init`` or the checkpoint),
     optional discriminator and perceptual loss, AdamW optimisers (betas 0.5/0.9; no decay on biases, norms and the
     codebook), GradScaler, DDP."""
@@ -317,7 +318,7 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
     torch.manual_seed(args.seed)
     vae = recipe.build(args).to(dev)
     vae.init_weights()
-    if args.init and not ckpt:
+    if args.init and not saved:
         with model_errors():
             src = load_vae(args.init, 'cpu', patch_nums=tuple(args.patch_nums))
         try:
@@ -339,14 +340,13 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
               {'params': [p for n, p in vae.named_parameters() if no_decay(n, p)], 'weight_decay': 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0) if disc else None
-    if ckpt:
-        tr = ckpt['trainer']
+    if saved:
         try:
-            vae.load_state_dict(tr['vae_wo_ddp'], strict=True)
-            opt.load_state_dict(tr['vae_opt'])
-            if disc is not None and 'disc' in tr:
-                disc.load_state_dict(tr['disc'])
-                opt_d.load_state_dict(tr['disc_opt'])
+            vae.load_state_dict(saved.weights['vae_wo_ddp'], strict=True)
+            opt.load_state_dict(saved.optim['vae_opt'])
+            if disc is not None and 'disc' in saved.weights:
+                disc.load_state_dict(saved.weights['disc'])
+                opt_d.load_state_dict(saved.optim['disc_opt'])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f'{run.path("vae-ckpt-last.pth")!r} does not fit this command '
                                   f'({str(e).splitlines()[0]}); pass another --local_out_dir_path to start a new '
@@ -361,13 +361,12 @@ def build_trainer(run: Run, ckpt: Optional[dict]) -> Trainer:
                    gen=torch.Generator().manual_seed(args.seed + 12345), ep_sums=Sums(recipe.sums, dev))
 
 
-def restore_progress(run: Run, t: Trainer, ckpt: Optional[dict]):
+def restore_progress(run: Run, t: Trainer, saved: Optional[train_state.Saved]):
     """Schedule position, best validation MSE, epoch sums, RNG states, the generator of code restarts (and FlexVAE's
     scale draws) and the codebook-usage statistics."""
-    if not ckpt:
+    if not saved:
         return
-    t.start_ep, t.start_it = int(ckpt['epoch']), int(ckpt['iter'])
-    res = ckpt.get('resume', {})
+    t.start_ep, t.start_it, res = saved.epoch, saved.it, saved.resume
     t.recipe.load_resume(t.vae, res)
     t.best, t.bad_in_a_row = float(res.get('best', t.best)), int(res.get('bad_in_a_row', 0))
     rngs, rank_sums, rank = res.get('rng', []), res.get('rank_ep_sums'), dist.get_rank()
@@ -398,13 +397,13 @@ def save_checkpoint(run: Run, t: Trainer, ep: int, it: int, val_mse: Optional[fl
     rngs, rank_sums = training.gather_object(training.rng_state(run.dev)), training.gather_tensor(t.ep_sums.t)
     if dist.get_local_rank() == 0:
         vae_config = {'norm_groups': args.norm_groups}
-        tr = {'vae_wo_ddp': vae.state_dict(), 'vae_opt': t.opt.state_dict()}
+        weights, optim = {'vae_wo_ddp': vae.state_dict()}, {'vae_opt': t.opt.state_dict()}
         if t.disc is not None:
-            tr['disc'] = getattr(t.disc, 'module', t.disc).state_dict()
-            tr['disc_opt'] = t.opt_d.state_dict()
-        state = {'epoch': ep, 'iter': it, 'trainer': tr, 'args': args_to_dict(args), 'vae_config': vae_config,
-                 'resume': {'rng': rngs, 'gen': t.gen.get_state(), **t.recipe.resume_state(vae),
-                            'best': t.best, 'bad_in_a_row': t.bad_in_a_row, 'rank_ep_sums': rank_sums}}
+            weights['disc'], optim['disc_opt'] = getattr(t.disc, 'module', t.disc).state_dict(), t.opt_d.state_dict()
+        state = train_state.pack('vae', train_state.Saved(
+            epoch=ep, it=it, weights=weights, optim=optim, config=vae_config, args=config_to_dict(args),
+            resume={'rng': rngs, 'gen': t.gen.get_state(), **t.recipe.resume_state(vae), 'best': t.best,
+                    'bad_in_a_row': t.bad_in_a_row, 'rank_ep_sums': rank_sums}))
         training.write_checkpoint(state, run.path('vae-ckpt-last.pth'))
         training.write_checkpoint(t.recipe.export(vae.state_dict(), vae_config), export_path(run),
                                   run.path('vae-best.pth') if improved else None)
@@ -471,7 +470,7 @@ def train_one_epoch(run: Run, t: Trainer, ep: int, first: int, ld_train) -> list
                                untrained=ep * iters + it == 0)
         img = batch[0][0].to(run.dev, non_blocking=True)
         g_it = ep * iters + it
-        training.debug_signal(args, g_it)
+        run.faults.kill(g_it)
         ratio = lr_ratio('cos', g_it, wp_it, max_it, wp0=0.01, wpe=args.lr_end)
         for o in (t.opt, t.opt_d):
             for gr in (o.param_groups if o is not None else ()):

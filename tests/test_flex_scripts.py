@@ -322,8 +322,8 @@ def flex_args(toy, out, *extra, ep=1):
             '--workers', '0', '--local_out_dir_path', str(out), *map(str, extra)]
 
 
-def run_train(args, nproc=1, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+def run_train(args, nproc=1, timeout=300, faults=None):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', VIAR_TEST_FAULTS=faults or '')
     if nproc == 1:
         cmd = [sys.executable, 'train.py', *args]
     else:
@@ -453,7 +453,7 @@ def test_implicit_flex_training_resumes_exactly(toy, tmp_path, implicit_run):
     assert logged_steps(ra.stdout) == replay(12, implicit=True)     # the schedule, then (n0, n1), per iteration
     B = tmp_path / 'B'
     cmd = flex_args(toy, B, '--use_implicit', '--p_depth', '1', '--hflip', ep=2)
-    r1 = run_train(cmd + ['--debug_kill_at_iter', '7'])             # SIGTERM during iteration 7: saved after it
+    r1 = run_train(cmd, faults='kill_at=7')             # SIGTERM during iteration 7: saved after it
     assert r1.returncode == 143 and 'rerun the same command' in r1.stdout, r1.stdout[-3000:] + r1.stderr[-3000:]
     r2 = run_train(cmd)
     assert r2.returncode == 0 and '[resume]' in r2.stdout, r2.stderr[-3000:]
@@ -541,12 +541,9 @@ def test_flex_training_under_ddp_shares_the_schedule(toy, tmp_path):
 
 
 def test_flex_training_refuses_the_wrong_tokenizer_or_a_changed_flag(toy, tmp_path, implicit_run, capsys):
-    import train
-
     def run(argv):
-        rc = train.main(argv)
-        cap = capsys.readouterr()
-        return rc, cap.out, cap.err
+        r = run_train(argv)
+        return r.returncode, r.stdout, r.stderr
     argv = flex_args(toy, tmp_path / 'a')
     argv[argv.index('--vae_ckpt') + 1] = str(toy / 'vae.pth')
     rc, out, err = run(argv)

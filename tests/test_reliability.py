@@ -30,6 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
+def run_script(script, argv):
+    """(exit status, stdout, stderr) of ``python SCRIPT ARGV`` (a trainer takes over its process: not in-process)."""
+    r = subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                       env={**ENV, 'PYTHONWARNINGS': 'ignore'}, timeout=600)
+    return r.returncode, r.stdout, r.stderr
+
+
 # ============================================== a full disk ===========================================================
 class _FillsUp:
     """A file object whose writes fail with ENOSPC after ``room`` bytes (what a full disk does)."""
@@ -204,14 +211,13 @@ def test_macos_side_files_are_skipped_and_bad_files_counted_once(tmp_path):
 
 
 def test_check_data_lists_empty_class_folders_with_the_bad_images(tmp_path, capsys):
-    import train_vae
     data = make_data(tmp_path / 'd')
     (data / 'train' / 'birds').mkdir()
     (data / 'train' / 'cats' / '2.png').write_bytes(b'broken')
     out = tmp_path / 'out'
-    rc = train_vae.main(['--data_path', str(data), '--check_data', '--local_out_dir_path', str(out), '--pn', '1_2',
-                        '--ch', '32', '--ch_mult', '1_2', '--norm_groups', '8', '--workers', '0'])
-    err = capsys.readouterr().err
+    rc, _, err = run_script('train_vae.py', ['--data_path', data, '--check_data', '--local_out_dir_path', out, '--pn',
+                                             '1_2', '--ch', '32', '--ch_mult', '1_2', '--norm_groups', '8', '--workers',
+                                             '0'])
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert '1 of 12 images cannot be decoded and 1 class folder(s) hold no images' in err, err
     listed = (out / 'bad_images.txt').read_text()
@@ -226,20 +232,17 @@ VAE_FLAGS = ['--pn', '1_2', '--ch', '32', '--ch_mult', '1_2', '--norm_groups', '
 
 
 def test_train_vae_exports_nothing_before_the_first_step(tmp_path, capsys):
-    import train_vae
     data = make_data(tmp_path / 'd')
     for p in (data / 'train').rglob('*.png'):
         p.write_bytes(b'broken')
     out = tmp_path / 'out'
-    rc = train_vae.main(['--data_path', str(data), '--local_out_dir_path', str(out), *VAE_FLAGS])
-    err = capsys.readouterr().err
+    rc, _, err = run_script('train_vae.py', ['--data_path', data, '--local_out_dir_path', out, *VAE_FLAGS])
     assert rc == 1 and 'nothing was trained, no checkpoint written' in err and '--check_data' in err, err
     assert not list(out.glob('*.pth'))
     # an unreadable validation image of the reconstruction grid, read before step 1: the same hints
     data2 = make_data(tmp_path / 'd2')
     (data2 / 'val' / 'cats' / '0.png').write_bytes(b'broken')
-    rc = train_vae.main(['--data_path', str(data2), '--local_out_dir_path', str(tmp_path / 'o2'), *VAE_FLAGS])
-    err = capsys.readouterr().err
+    rc, _, err = run_script('train_vae.py', ['--data_path', data2, '--local_out_dir_path', tmp_path / 'o2', *VAE_FLAGS])
     assert rc == 1 and len(err.strip().splitlines()) == 1 and '--check_data' in err and '--skip_bad_images' in err
 
 
@@ -338,19 +341,17 @@ def test_train_py_prints_and_stores_the_class_names(tmp_path, capsys):
     """train.py on a folder of named classes: the labels are printed at start and stored in the checkpoint, whose
     samples gen_img.py then draws by name."""
     import gen_img
-    import train
     from models import VQVAE
     data = make_data(tmp_path / 'd', n=2, classes=('cats', 'dogs', 'owls'))
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=16, z_channels=8, ch=32, v_patch_nums=(1, 2, 4, 8), ch_mult=(1, 2), norm_groups=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     out = tmp_path / 'run'
-    rc = train.main(['--data_path', str(data), '--vae_ckpt', str(tmp_path / 'vae.pth'), '--pn', '1_2_4_8', '--depth',
-                    '1', '--bs', '2', '--ep', '1', '--seed', '0', '--workers', '0', '--mid_reso', '1',
-                    '--local_out_dir_path', str(out)])
-    cap = capsys.readouterr()
-    assert rc == 0, cap.err
-    assert '[data] classes (label: folder; stored in the checkpoint): 0 cats, 1 dogs, 2 owls' in cap.out
+    rc, stdout, err = run_script('train.py', ['--data_path', data, '--vae_ckpt', tmp_path / 'vae.pth', '--pn',
+                                              '1_2_4_8', '--depth', '1', '--bs', '2', '--ep', '1', '--seed', '0',
+                                              '--workers', '0', '--mid_reso', '1', '--local_out_dir_path', out])
+    assert rc == 0, err
+    assert '[data] classes (label: folder; stored in the checkpoint): 0 cats, 1 dogs, 2 owls' in stdout
     ckpt = torch.load(out / 'ar-ckpt-last.pth', weights_only=True)
     assert class_names(ckpt) == ('cats', 'dogs', 'owls')
     run_main(gen_img.main, ['--var_ckpt', str(out / 'ar-ckpt-last.pth'), '--vae_ckpt',

@@ -65,9 +65,10 @@ def train_args(toy, out, *extra, ep=1, bs=4):
             *map(str, extra)]
 
 
-def run_train(args, nproc=1, timeout=300, new_session=False):
-    """``new_session``: train.py leads its own process group (a test may signal the whole group)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+def run_train(args, nproc=1, timeout=300, new_session=False, faults=None):
+    """``new_session``: train.py leads its own process group (a test may signal the whole group); ``faults``: what
+    to inject (``VIAR_TEST_FAULTS``, ``utils.training.Faults``)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', VIAR_TEST_FAULTS=faults or '')
     if nproc == 1:
         cmd = [sys.executable, 'train.py', *args]
     else:
@@ -108,16 +109,19 @@ def tb_dir(out):
     return dirs[0]
 
 
-def run_inprocess(argv, capsys):
-    import train
-    rc = train.main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+def train_cli(argv, faults=None):
+    """(exit status, stdout, stderr) of ``python train.py ARGV``."""
+    r = run_train(argv, faults=faults)
+    return r.returncode, r.stdout, r.stderr
 
 
 # ============================================== flags, schedule, sampler (in-process) =================================
 def test_boolean_flags_and_readme_command():
-    from utils.arg_util import finalize_args, parse_args
+    from utils.arg_util import parse_args
+    from utils.train_config import train_config, train_values
+
+    def finalize_args(flags, world_size):
+        return train_config(flags, train_values(flags, world_size))
     base = ['--data_path', 'x']
     for flags, want in ((['--use_implicit=True'], True), (['--use_implicit', 'True'], True), (['--use_implicit'], True),
                         (['--use_implicit', '--p_depth', '3'], True), (['--use_implicit', 'False'], False),
@@ -226,8 +230,8 @@ def test_train_sh_runs_the_readme_command(tmp_path, toy):
 @pytest.fixture(scope='module', params=['VAR', 'VIAR'])
 def ddp_run(request, toy, tmp_path_factory):
     out = tmp_path_factory.mktemp(f'ddp_{request.param}')
-    extra = ['--use_implicit', '--p_depth', '1', '--debug_nonfinite_at', '2'] if request.param == 'VIAR' else []
-    r = run_train(train_args(toy, out, *extra), nproc=2)
+    extra = ['--use_implicit', '--p_depth', '1'] if request.param == 'VIAR' else []
+    r = run_train(train_args(toy, out, *extra), nproc=2, faults='nonfinite_at=2' if request.param == 'VIAR' else None)
     return {'kind': request.param, 'out': out, 'proc': r}
 
 
@@ -327,15 +331,15 @@ def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
     A, B, C, D = uninterrupted, tmp_path / 'B', tmp_path / 'C', tmp_path / 'D'
 
     # SIGTERM during iteration 7 (0-based): a checkpoint after it, exit 143; the same command resumes
-    cmd_b = base(B, '--debug_kill_at_iter', 7)
-    r1 = run_train(cmd_b)
+    cmd_b = base(B)
+    r1 = run_train(cmd_b, faults='kill_at=7')
     assert r1.returncode == 143 and 'SIGTERM' in r1.stdout and 'rerun the same command' in r1.stdout
     r2 = run_train(cmd_b)
     assert r2.returncode == 0 and '[resume]' in r2.stdout, r2.stderr[-3000:]
 
     # SIGKILL at iteration 8 with a checkpoint every 3 iterations: resumes from iteration 6
     cmd_c = base(C, '--ckpt_every_iters', 3)
-    r1 = run_train(cmd_c + ['--debug_kill_at_iter', '8', '--debug_kill_signal', 'KILL'])
+    r1 = run_train(cmd_c, faults='kill_at=8 signal=KILL')
     assert r1.returncode == -9
     r2 = run_train(cmd_c)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -343,7 +347,7 @@ def test_resume_after_sigterm_or_kill_is_exact(toy, tmp_path, uninterrupted):
     # SIGTERM to the whole process group (as a scheduler or `timeout` sends it) with loader workers: the workers
     # ignore it, the main process saves and stops; the rerun resumes
     cmd_d = base(D, '--workers', '2')
-    r1 = run_train(cmd_d + ['--debug_kill_at_iter', '7', '--debug_kill_signal', 'TERM_GROUP'], new_session=True)
+    r1 = run_train(cmd_d, new_session=True, faults='kill_at=7 signal=TERM_GROUP')
     assert r1.returncode == 143 and 'SIGTERM' in r1.stdout and 'Traceback' not in r1.stderr, r1.stderr[-3000:]
     r2 = run_train(cmd_d)
     assert r2.returncode == 0 and '[resume]' in r2.stdout, r2.stderr[-3000:]
@@ -390,7 +394,7 @@ def test_unreadable_image_saves_first_and_check_data_lists_all(toy, tmp_path, un
     good_train, good_val = corrupt(bad_train), corrupt(bad_val)
 
     # --check_data: every unreadable image at once (one line, the full list in bad_images.txt), nothing trained
-    rc, stdout, err = run_inprocess(resume_args(toy, out, '--check_data', data=data), capsys)
+    rc, stdout, err = train_cli(resume_args(toy, out, '--check_data', data=data))
     assert rc == 1 and err.count('\n') == 1 and '2 of 30 images cannot be decoded' in err, err
     assert str(bad_train) in err and str(bad_val) in err and '[model]' not in stdout
     listed = (out / 'bad_images.txt').read_text().splitlines()
@@ -481,7 +485,7 @@ def test_bad_data_path_stops_before_building_models(case, toy, tmp_path, capsys)
         (root / 'train' / 'class3').mkdir()
     argv = train_args(toy, tmp_path / 'out')
     argv[1] = '/path/to/imagenet-1k' if case == 'placeholder' else str(root)
-    rc, out, err = run_inprocess(argv, capsys)
+    rc, out, err = train_cli(argv)
     assert rc == 1 and want in err and err.count('\n') == 1 and 'Traceback' not in err
     assert '[model]' not in out and ('--data_path' in err or str(root) in err)
 
@@ -495,7 +499,7 @@ def test_start_removes_temporary_files_of_an_interrupted_save(toy, tmp_path, cap
         (out / name).write_bytes(b'x' * 1000)
     argv = train_args(toy, out)
     argv[1] = str(tmp_path / 'missing')
-    rc, stdout, err = run_inprocess(argv, capsys)
+    rc, stdout, err = train_cli(argv)
     assert rc == 1 and 'removed 3 temporary file(s)' in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(keep + ['stdout.txt', 'stderr.txt'])
     assert 'does not exist' in (out / 'stderr.txt').read_text()           # the error line is kept in the run folder
@@ -504,15 +508,15 @@ def test_start_removes_temporary_files_of_an_interrupted_save(toy, tmp_path, cap
 def test_missing_tokenizer_says_where_to_get_it(toy, tmp_path, capsys):
     argv = train_args(toy, tmp_path / 'out')
     argv[3] = str(tmp_path / 'ckpts' / VAR_TOKENIZER)
-    rc, out, err = run_inprocess(argv, capsys)
+    rc, out, err = train_cli(argv)
     assert rc == 1 and 'Traceback' not in err and err.count('\n') == 1 and '[model]' not in out
     assert 'not found' in err and 'ckpts/' in err and \
         f'https://huggingface.co/FoundationVision/var/resolve/main/{VAR_TOKENIZER}' in err
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(toy, tmp_path, capsys):
-    argv = train_args(toy, tmp_path / 'out', '--debug_nonfinite_at', '1,2,3', '--max_nonfinite', '3')
-    rc, out, err = run_inprocess(argv, capsys)
+    argv = train_args(toy, tmp_path / 'out', '--max_nonfinite', '3')
+    rc, out, err = train_cli(argv, faults='nonfinite_at=1,2,3')
     assert rc == 1 and out.count('step skipped') == 3 and '3 iterations in a row had a non-finite loss' in err
     assert 'Traceback' not in err and '--tblr' in err
 
@@ -520,7 +524,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run(toy, tmp_path, capsys):
 def test_resume_refuses_a_checkpoint_of_another_model(ddp_run, toy, tmp_path, capsys):
     out = tmp_path / 'other'
     shutil.copytree(ddp_run['out'], out)
-    rc, stdout, err = run_inprocess(train_args(toy, out, '--depth', '3'), capsys)
+    rc, stdout, err = train_cli(train_args(toy, out, '--depth', '3'))
     assert rc == 1 and '--depth 2' in err and '--depth 3' in err and '[model]' not in stdout
     # another tokenizer of the same shape is refused (its tokens change the targets), unless asked for
     from models import VQVAE
@@ -530,10 +534,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(ddp_run, toy, tmp_path, ca
     torch.save(other.state_dict(), tmp_path / 'other_vae.pth')
     argv = train_args(toy, out, *(['--use_implicit', '--p_depth', '1'] if ddp_run['kind'] == 'VIAR' else []))
     argv[3] = str(tmp_path / 'other_vae.pth')
-    rc, stdout, err = run_inprocess(argv, capsys)
+    rc, stdout, err = train_cli(argv)
     assert rc == 1 and '--vae_ckpt' in err and '--allow_other_vae' in err and '[model]' not in stdout, err
-    rc, stdout, err = run_inprocess(argv + ['--allow_other_vae'], capsys)
+    rc, stdout, err = train_cli(argv + ['--allow_other_vae'])
     assert rc == 0 and 'nothing to do' in stdout and '--allow_other_vae' in err, err
     (out / 'ar-ckpt-last.pth').write_bytes(b'not a checkpoint' * 10)
-    rc, _, err = run_inprocess(train_args(toy, out), capsys)
+    rc, _, err = train_cli(train_args(toy, out))
     assert rc == 1 and 'cannot resume' in err and 'Traceback' not in err

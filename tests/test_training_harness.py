@@ -105,25 +105,34 @@ def test_stale_temporary_files_and_fingerprints(tmp_path):
     assert fp != training.fingerprint({'a': torch.arange(4.0), 'b': torch.ones(4)}, ['a', 'b'])      # shape counts
 
 
-def test_logger_writes_the_run_folder_and_cli_restores_the_process(tmp_path, capsys):
-    import signal
+HARNESS_SCRIPT = """
+import sys
+from utils import training
+from utils.errors import UserError
+
+class Args:
+    device, fp16, local_out_dir_path = 'cpu', 0, sys.argv[1]
+
+def main(args):
+    run = training.start(args, 'unit.py')
+    run.log.info('[unit] hello')
+    run.log.warning('[unit] careful')
+    raise UserError('something to fix')
+
+raise SystemExit(training.cli(main, lambda argv: Args(), [], prog='unit.py'))
+"""
+
+
+def test_logger_writes_the_run_folder_and_cli_reports_one_line(tmp_path):
+    """A trainer takes over its process (streams, signal handlers): run as a process of its own, as the scripts are."""
+    import os
+    import subprocess
     import sys
-
-    class Args:
-        device, fp16, local_out_dir_path = 'cpu', 0, str(tmp_path)
-
-    def main(args):
-        run = training.start(args, 'unit.py')
-        run.log.info('[unit] hello')
-        run.log.warning('[unit] careful')
-        raise UserError('something to fix')
-
-    handler, stdout = signal.getsignal(signal.SIGTERM), sys.stdout
-    rc = training.cli(main, lambda argv: Args(), [], prog='unit.py')
-    cap = capsys.readouterr()
-    assert rc == 1 and '[unit] hello' in cap.out and '[unit] careful' in cap.err
-    assert cap.err.strip().endswith('unit.py: error: something to fix')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, '-c', HARNESS_SCRIPT, str(tmp_path)], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}, timeout=300)
+    assert r.returncode == 1 and '[unit] hello' in r.stdout and '[unit] careful' in r.stderr, r.stderr
+    assert r.stderr.strip().endswith('unit.py: error: something to fix')
     assert '[unit] hello' in (tmp_path / 'stdout.txt').read_text()
     err = (tmp_path / 'stderr.txt').read_text()
     assert 'careful' in err and 'something to fix' in err
-    assert signal.getsignal(signal.SIGTERM) is handler and sys.stdout is stdout

@@ -19,8 +19,8 @@ TINY = ['--pn', '1_2_3_4', '--ch', '32', '--ch_mult', '1_2_4', '--num_res_blocks
         '--vocab_size', '32', '--z_channels', '4', '--device', 'cpu', '--threads', '1']
 
 
-def run_vae(repo_dir, args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+def run_vae(repo_dir, args, timeout=300, faults=None):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', VIAR_TEST_FAULTS=faults or '')
     return subprocess.run([sys.executable, 'train_vae.py', *args], cwd=repo_dir, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -39,7 +39,7 @@ def test_resume_is_exact_and_export_is_official(repo_dir, data, tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
     r = run_vae(repo_dir, common + ['--local_out_dir_path', str(a)])
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_vae(repo_dir, common + ['--local_out_dir_path', str(b), '--debug_kill_at_iter', '6'])
+    r = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)], faults='kill_at=6')
     assert r.returncode == 143, r.stdout + r.stderr
     assert 'rerun the same command to resume' in r.stdout
     r = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)])
@@ -156,7 +156,7 @@ def test_flex_resumes_exactly_learns_and_exports_what_train_py_reads(repo_dir, d
     assert (a / 'recon' / 'ep0002.png').is_file()
 
     # killed mid-epoch 2 and resumed: the same weights, usage record, epoch records and scale draws
-    rb1 = run_vae(repo_dir, common + ['--local_out_dir_path', str(b), '--debug_kill_at_iter', '8'])
+    rb1 = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)], faults='kill_at=8')
     assert rb1.returncode == 143 and 'rerun the same command to resume' in rb1.stdout, rb1.stdout + rb1.stderr
     rb2 = run_vae(repo_dir, common + ['--local_out_dir_path', str(b)])
     assert rb2.returncode == 0 and '[resume]' in rb2.stdout, rb2.stdout + rb2.stderr

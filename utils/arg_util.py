@@ -6,16 +6,14 @@ Every flag of the official VAR / VIAR recipe keeps its name and default.  Boolea
 import argparse
 import math
 import os
-import re
 from typing import List, Optional, Sequence
 
 from utils.flags import BOOL, VAR_SCALE_PRESETS, Parser, parse_scales, str2bool
 from utils.zoo import FLEX_TOKENIZER, VAR_TOKENIZER, default_path
 
-__all__ = ['get_parser', 'parse_args', 'finalize_args', 'get_vae_parser', 'parse_vae_args', 'str2bool',
+__all__ = ['get_parser', 'parse_args', 'get_vae_parser', 'parse_vae_args', 'str2bool',
            'parse_patch_nums', 'default_workers']
 
-PATCH_SIZE = 16     # the published tokenizer's downsampling (train.py passes the one of --vae_ckpt)
 VAR_VAE, FLEX_VAE = default_path(VAR_TOKENIZER), default_path(FLEX_TOKENIZER)     # train.py's default tokenizers
 
 
@@ -153,8 +151,6 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
     # torch.distributed.launch passes it
     g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
-    _debug_flags(p)
-    p.add_argument('--debug_nonfinite_at', type=str, default='', help=argparse.SUPPRESS)
     return p
 
 
@@ -168,13 +164,6 @@ def _data_flags(g):
                    'unreadable ones (all of them in <local_out_dir_path>/bad_images.txt), then exit', **BOOL)
     g.add_argument('--skip_bad_images', default=False, help='replace an unreadable image by the next readable one '
                    '(in folder order, with its label; counted in the log) instead of stopping the run', **BOOL)
-
-
-def _debug_flags(p):
-    """Test hooks (hidden): deliver a signal to ourselves at a given global iteration."""
-    p.add_argument('--debug_kill_at_iter', type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument('--debug_kill_signal', type=str, default='TERM', choices=('TERM', 'KILL', 'INT', 'TERM_GROUP'),
-                   help=argparse.SUPPRESS)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -195,54 +184,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--p_depth must be between 0 and --depth ({args.depth}), got {args.p_depth}')
     if args.num_classes < 0 or args.ckpt_every_iters < 0:
         p.error('--num_classes and --ckpt_every_iters must be >= 0')
-    try:
-        args.debug_nonfinite_at = sorted({int(x) for x in args.debug_nonfinite_at.split(',') if x.strip()})
-    except ValueError:
-        p.error('--debug_nonfinite_at takes comma-separated iteration numbers')
     return args
-
-
-def finalize_args(args: argparse.Namespace, world_size: int, downsample: int = PATCH_SIZE) -> argparse.Namespace:
-    """Derived values (as the official ``init_dist_and_get_args``): image sides (``downsample``: the tokenizer's,
-    16 for the published one), per-rank batch, lr, warm-up, paths' names."""
-    args.pn = '_'.join(map(str, args.patch_nums))
-    args.data_load_reso = downsample * args.patch_nums[-1]
-    args.resos = [downsample * pn for pn in args.patch_nums]
-    per_rank = args.bs / args.ac / world_size
-    if per_rank < 1:
-        raise ValueError(f'--bs {args.bs} is too small for {world_size} processes x --ac {args.ac}: '
-                         f'each process needs at least one image per iteration')
-    args.batch_size = max(1, round(per_rank))                 # images per rank per iteration
-    args.glb_batch_size = args.batch_size * world_size        # images per iteration, all ranks
-    args.world_size = world_size
-    args.tlr = args.ac * args.tblr * args.glb_batch_size / 256
-    args.twde = args.twde or args.twd
-    if args.wp == 0:
-        args.wp = args.ep / 50
-    args.workers = min(default_workers() if args.workers < 0 else args.workers, args.batch_size)
-    # the official name tb-VARd{depth}__pn...; VIAR and FlexVAR runs are marked at the end
-    name = (f'tb-VARd{args.depth}__pn{args.pn}__b{args.glb_batch_size * args.ac}ep{args.ep}'
-            f'adamlr{args.tblr:g}wd{args.twd:g}')
-    if args.use_implicit:
-        name += f'__viar_p{args.p_depth}'
-    if args.flex:
-        name += '__flexvar'
-    args.tb_name = re.sub(r'[^\w\-+,.]', '_', name)
-    return args
-
-
-def args_to_dict(args: argparse.Namespace) -> dict:
-    """``vars(args)`` with only plain values (loads with ``torch.load(weights_only=True)``)."""
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, list) and all(
-                isinstance(x, (bool, int, float, str)) for x in v)):
-            out[k] = v
-        else:
-            out[k] = str(v)
-    return out
 
 
 # ============================================== train_vae.py ==========================================================
@@ -323,7 +265,6 @@ def get_vae_parser() -> argparse.ArgumentParser:
                    help='console / TensorBoard every N iterations (0: ~10 per epoch)')
     g.add_argument('--n_vis', type=int, default=8, help='validation images in the reconstruction grids')
     g.add_argument('--max_nonfinite', type=int, default=10, help='stop after this many non-finite steps in a row')
-    _debug_flags(p)
     return p
 
 

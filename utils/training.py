@@ -3,11 +3,11 @@ manner of DiT's train.py).
 
 * ``cli``: parse the flags, run ``main(args)`` and turn every user-fixable error into one line and an exit status.
 * ``start``: processes and device, the run folder, the logger (rank 0: the console and ``stdout.txt`` /
-  ``stderr.txt``), SIGTERM / SIGINT turned into "save, then stop", precision.
+  ``stderr.txt``), SIGTERM / SIGINT turned into "save, then stop", precision, the faults a test injects (``Faults``).
 * Steps: ``optimizer_step`` (GradScaler, clipping, non-finite steps skipped alike on every rank), ``Sums``
   (metric sums kept on the device), ``agree`` (every rank stops together), ``Batches`` (an unreadable image stops
   the loop at a step boundary), ``Pace``.
-* Checkpoints: every RNG stream as tensors, atomic writes, the checks a resume makes, ``fingerprint``.
+* Checkpoints (their layout: ``utils.train_state``): every RNG stream as tensors, atomic writes, ``fingerprint``.
 * Data: loaders that never touch the global RNG, ``check_images`` (``--check_data``), TensorBoard writer.
 """
 import hashlib
@@ -30,8 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from models.checkpoint import read_checkpoint
-from models.errors import ModelError
 from utils import dist
 from utils.data import DataError, scan_images
 from utils.errors import Preempted, UserError, one_line, run_cli
@@ -41,7 +39,7 @@ from utils.model_io import CheckpointError
 __all__ = ['cli', 'start', 'Run', 'StopFlag', 'TBWriter', 'optimizer_step', 'Sums', 'agree', 'Batches', 'Pace',
            'step_boundary', 'data_error', 'eval_sums', 'seed_everything', 'rng_state', 'set_rng_state',
            'random_to_tensors', 'tensors_to_random', 'rank_states', 'restore_rank_states', 'gather_object',
-           'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp', 'load_resume_checkpoint',
+           'gather_tensor', 'param_fingerprint', 'fingerprint', 'wrap_ddp',
            'check_same_flags', 'write_checkpoint', 'remove_stale_temps', 'append_json_line', 'truncate_log',
            'make_loader', 'report_bad_images', 'check_images']
 
@@ -70,6 +68,7 @@ class Run:
     stop: StopFlag
     amp_dtype: Optional[torch.dtype] = None
     tb: Optional['TBWriter'] = None
+    faults: 'Faults' = None                 # what a test injects (VIAR_TEST_FAULTS); none in normal use
 
     def path(self, *names: str) -> str:
         return os.path.join(self.out, *names)
@@ -146,13 +145,9 @@ def _record_in_files(line: str):
 def cli(main: Callable[[Any], Optional[int]], parse_args: Callable, argv=None, prog: str = 'train.py',
         oom_hint: Callable[[Any], str] = lambda args: 'lower --bs') -> int:
     """Parses ``argv``, runs ``main(args)`` and returns the exit status (0 done, 1 a user-fixable error printed as
-    one line, 143 stopped by a signal after saving, 130 a second Ctrl-C); afterwards the process is as before
-    (stdout/stderr, signal handlers, global RNGs, logging handlers, process group)."""
+    one line, 143 stopped by a signal after saving, 130 a second Ctrl-C).  ``main`` takes over the process (its
+    streams, signal handlers, random generators, process group): run a trainer as a process of its own."""
     args = parse_args(argv)
-    streams = sys.stdout, sys.stderr
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    filters = list(warnings.filters)
 
     def body():
         try:
@@ -175,15 +170,6 @@ def cli(main: Callable[[Any], Optional[int]], parse_args: Callable, argv=None, p
         return run_cli(body, prog, interrupted='interrupted (no checkpoint written since the last save)')
     finally:
         close_logger()
-        if sys.stdout not in streams:
-            sys.stdout.close()
-        sys.stdout, sys.stderr = streams
-        signal.signal(signal.SIGTERM, handlers[0])
-        signal.signal(signal.SIGINT, handlers[1])
-        torch.set_rng_state(rngs[0])
-        random.setstate(rngs[1])
-        np.random.set_state(rngs[2])
-        warnings.filters[:] = filters
         dist.destroy()
 
 
@@ -219,7 +205,7 @@ def start(args, prog: str, subdirs: Sequence[str] = ()) -> Run:
                  'instead')
         amp_dtype = torch.bfloat16
     log.info(f'[{name}] {" ".join(sys.argv)}')
-    return Run(args=args, dev=dev, out=out, log=log, stop=stop, amp_dtype=amp_dtype)
+    return Run(args=args, dev=dev, out=out, log=log, stop=stop, amp_dtype=amp_dtype, faults=Faults.from_env())
 
 
 def remove_stale_temps(out_dir: str, subdirs: Sequence[str] = ()) -> Tuple[int, int]:
@@ -511,33 +497,6 @@ def wrap_ddp(model: torch.nn.Module, dev: torch.device, find_unused: bool = Fals
 
 
 # ============================================== checkpoints and logs ==================================================
-def load_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged_hint: str = '') -> Optional[dict]:
-    """The run folder's training checkpoint (None when there is none), read with ``weights_only=True``, the same on
-    every rank; one CheckpointError sentence when it is unreadable or not one ``writer`` wrote (``need``: keys of
-    its 'trainer')."""
-    ckpt = _read_resume_checkpoint(path, writer, need, damaged_hint)
-    where = gather_object(None if ckpt is None else (ckpt['epoch'], ckpt['iter']))
-    if any(w != where[0] for w in where):
-        raise UserError(f'the ranks see different checkpoints in {os.path.dirname(path)!r} ({where}): on several '
-                        f'nodes, give every node the same run folder content (a shared filesystem)')
-    return ckpt
-
-
-def _read_resume_checkpoint(path: str, writer: str, need: Sequence[str], damaged_hint: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    try:
-        ckpt = read_checkpoint(path, 'training checkpoint')
-    except ModelError as e:
-        raise CheckpointError(f'cannot resume: {e}. Checkpoints are written atomically, so the file was damaged '
-                              f'afterwards: restore it{damaged_hint}, or move it away to start over') from e
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and all(k in ckpt['trainer'] for k in need)
-            and isinstance(ckpt.get('args'), dict) and 'epoch' in ckpt):
-        raise CheckpointError(f'cannot resume: {path!r} is not a training checkpoint written by {writer}; move it away '
-                              f'(or pass another --local_out_dir_path) to start a new run')
-    return ckpt
-
-
 def check_same_flags(saved: dict, given: dict, flags: Sequence[str], path: str):
     """A resumed run must keep the flags that fix the architecture."""
     for k in flags:
@@ -613,15 +572,29 @@ def _worker_init(worker_id: int):
             pass
 
 
-def debug_signal(args, g_it: int):
-    """Test hook (hidden flags): at global iteration ``--debug_kill_at_iter`` deliver ``--debug_kill_signal`` to this
-    process (TERM, KILL, INT) or SIGTERM to its whole process group (TERM_GROUP, as a scheduler does)."""
-    if g_it != args.debug_kill_at_iter:
-        return
-    if args.debug_kill_signal == 'TERM_GROUP':
-        os.killpg(os.getpgid(0), signal.SIGTERM)
-    else:
-        os.kill(os.getpid(), getattr(signal, 'SIG' + args.debug_kill_signal))
+@dataclass(frozen=True)
+class Faults:
+    """Faults a test injects into a training run, read once from ``VIAR_TEST_FAULTS`` (unset in normal use), e.g.
+    ``'kill_at=7 signal=KILL'``: at global iteration 7 deliver SIGKILL to this process (TERM, KILL, INT; TERM_GROUP:
+    SIGTERM to the whole process group, as a scheduler does); ``'nonfinite_at=1,2,3'``: a NaN loss at those
+    iterations."""
+    kill_at: int = -1
+    signal: str = 'TERM'
+    nonfinite_at: frozenset = frozenset()
+
+    @classmethod
+    def from_env(cls) -> 'Faults':
+        kw = dict(item.split('=', 1) for item in os.environ.get('VIAR_TEST_FAULTS', '').split())
+        return cls(kill_at=int(kw.get('kill_at', -1)), signal=kw.get('signal', 'TERM'),
+                   nonfinite_at=frozenset(int(x) for x in kw.get('nonfinite_at', '').split(',') if x))
+
+    def kill(self, g_it: int):
+        if g_it != self.kill_at:
+            return
+        if self.signal == 'TERM_GROUP':
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        else:
+            os.kill(os.getpid(), getattr(signal, 'SIG' + self.signal))
 
 
 def make_loader(dataset, dev, workers: int, seed: int, **kw):
