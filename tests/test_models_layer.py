@@ -201,3 +201,41 @@ def test_model_errors_become_one_line_advice():
     with pytest.raises(UserError, match=r'^x$'):
         with model_errors():
             raise CheckpointError('x')
+
+
+def test_missing_perceptual_weights_are_one_line_with_the_flag(monkeypatch):
+    """train_vae.py --lp: the VGG16 weights that cannot be loaded are the models' error, the flag the scripts'."""
+    import torchvision
+
+    from models.errors import WeightsUnavailable
+    from models.vq_losses import VGGPerceptual
+    from utils.errors import UserError
+    from utils.model_io import model_errors
+
+    def offline(*a, **k):
+        raise OSError('no network')
+    monkeypatch.setattr(torchvision.models, 'vgg16', offline)
+    with pytest.raises(WeightsUnavailable) as e:
+        VGGPerceptual()
+    assert 'vgg16-397923af.pth' in str(e.value) and '--' not in str(e.value)
+    with pytest.raises(UserError, match=r'vgg16-397923af.pth.*: or pass --lp 0 \(no perceptual loss\)$'):
+        with model_errors():
+            VGGPerceptual()
+
+
+def test_ddp_wrapper_keeps_published_keys_and_reaches_the_backbone(tmp_path):
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        pytest.skip('a process group is already set up in this process')
+    tdist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        _, var = build('VIAR')
+        ddp = torch.nn.parallel.DistributedDataParallel(var)
+        assert list(ddp.state_dict()) == ['module.' + k for k in var.state_dict()]
+        ddp.eval()
+        assert not var.backbone.training and not var.implicit_block.training
+        ddp.train()
+        ddp(torch.tensor([0, 1]), torch.randn(2, var.L - 1, 8), iters=(1, 1)).square().mean().backward()
+        assert var.implicit_block.attn.mat_qkv.weight.grad is not None
+    finally:
+        tdist.destroy_process_group()

@@ -25,7 +25,7 @@ ADVICE = {
     'swapped': 'pass the tokenizer as --vae_ckpt and the transformer checkpoint as the model',
     'pretrained_file': 'pass a hub folder, or use --var_ckpt/--vae_ckpt for .pth checkpoints',
     'hub_folder': 'or convert a checkpoint with python -m scripts.convert',
-    'perceptual_weights': 'or pass --lp 0',
+    'perceptual_weights': 'or pass --lp 0 (no perceptual loss)',
 }
 
 
