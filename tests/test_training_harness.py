@@ -136,3 +136,45 @@ def test_logger_writes_the_run_folder_and_cli_reports_one_line(tmp_path):
     assert '[unit] hello' in (tmp_path / 'stdout.txt').read_text()
     err = (tmp_path / 'stderr.txt').read_text()
     assert 'careful' in err and 'something to fix' in err
+
+
+def test_the_training_configuration_is_made_once_and_frozen():
+    import argparse
+    import pickle
+
+    from utils.arg_util import parse_args
+    from utils.train_config import Config, config_to_dict, train_config, train_values
+    flags = parse_args(['--data_path', 'x', '--pn', '256', '--bs', '16', '--ac', '2'])
+    cfg = train_config(flags, train_values(flags, world_size=2), seed=5, num_classes=10)
+    assert (cfg.batch_size, cfg.glb_batch_size, cfg.seed, cfg.num_classes, cfg.data_load_reso) == (4, 8, 5, 10, 256)
+    with pytest.raises(AttributeError, match='frozen'):
+        cfg.seed = 6
+    with pytest.raises(AttributeError, match='frozen'):
+        del cfg.depth
+    assert flags.seed is None and not hasattr(flags, 'batch_size')         # the flags are left as parsed
+    saved = config_to_dict(cfg)
+    assert saved['patch_nums'] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] and saved['pn'] == '1_2_3_4_5_6_8_10_13_16'
+    assert all(v is None or isinstance(v, (bool, int, float, str, list)) for v in saved.values())
+    assert vars(pickle.loads(pickle.dumps(cfg))) == vars(cfg) and isinstance(cfg, argparse.Namespace)
+    assert isinstance(cfg, Config)
+    with pytest.raises(ValueError, match='too small'):
+        train_values(flags, world_size=16)
+
+
+@pytest.mark.parametrize('kind', ['var', 'vae'])
+def test_the_checkpoint_layout_round_trips_and_keeps_the_published_keys(kind):
+    from utils import train_state
+    w = {'var_wo_ddp': {'w': torch.ones(1)}, 'vae_local': {'v': torch.zeros(1)}} if kind == 'var' else \
+        {'vae_wo_ddp': {'w': torch.ones(1)}, 'disc': {'d': torch.ones(1)}}
+    o = {'optimizer': {}, 'scaler': {}, 'grad_clip': 2.0, 'n_gradient_accumulation': 1} if kind == 'var' else \
+        {'vae_opt': {}, 'disc_opt': {}}
+    s = train_state.Saved(epoch=3, it=7, weights=w, optim=o, config={'depth': 2}, args={'seed': 1}, resume={'g_it': 9})
+    ckpt = train_state.pack(kind, s)
+    if kind == 'var':       # where models.checkpoint (sampling from a training checkpoint) reads the model
+        assert list(ckpt['trainer']) == ['var_wo_ddp', 'vae_local', 'var_opt', 'config']
+        assert ckpt['trainer']['var_opt']['grad_clip'] == 2.0 and ckpt['trainer']['config'] == {'depth': 2}
+    else:
+        assert list(ckpt['trainer']) == ['vae_wo_ddp', 'vae_opt', 'disc', 'disc_opt']
+        assert ckpt['vae_config'] == {'depth': 2}
+    assert (ckpt['epoch'], ckpt['iter'], ckpt['args'], ckpt['resume']) == (3, 7, {'seed': 1}, {'g_it': 9})
+    assert train_state.unpack(kind, ckpt) == s
