@@ -265,9 +265,9 @@ def train(flags):
     try:
         vis = torch.stack([val_set[i * step][0] for i in range(n_vis)]) if dist.is_master() and n_vis else None
     except DataError as e:
-        raise DataError(f'{one_line(e)} [reading the validation images of the reconstruction grid, before the first '
-                        f'step: nothing was trained; --check_data lists every unreadable image at once, '
-                        f'--skip_bad_images replaces them]') from e
+        where = ('reading the validation images of the reconstruction grid, before the first step: nothing was '
+                 'trained; --check_data lists every unreadable image at once, --skip_bad_images replaces them')
+        raise DataError(f'{one_line(e)} [{where}]') from e
     run.log.info(f'[data] {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
                  f'{args.data_load_reso} px, scales {args.pn}; per-rank batch {args.batch_size}, '
                  f'{sampler.iters_per_epoch} iterations per epoch, {args.workers} loader worker(s) per process')

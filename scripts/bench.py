@@ -10,10 +10,9 @@ fixed-point steps (n0, n1).  ``--width 0`` is the published width (64 x depth); 
 runs after ``--warmup``.  A bad flag ends with one line and exit status 1.  Details: docs/performance.md.
 """
 import os
-import sys
 
 if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _repo_path  # noqa: F401
 
 import argparse
 import ctypes

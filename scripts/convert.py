@@ -129,7 +129,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status of ``python -m scripts.convert ARGV``: 0, or 1 after one error line."""
-    return run_cli(lambda: run(get_parser().parse_args(argv)), PROG)
+    parser = get_parser()
+    return run_cli(lambda: run(parser.parse_args(argv)), PROG)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import os
 import sys
 
 if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _repo_path  # noqa: F401
 
 import argparse
 from typing import List, Optional, Sequence

@@ -13,10 +13,9 @@ Both use ``--iter_solver`` and ``--warm_start``.  Writes ``<out>.json`` and ``<o
 refused; a bad flag or file ends with one line and exit status 1.  Details: docs/compute_control.md.
 """
 import os
-import sys
 
 if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _repo_path  # noqa: F401
 
 import argparse
 import json

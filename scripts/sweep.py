@@ -12,10 +12,9 @@ sharded under torchrun), measures (rank 0: images/s, peak memory, KV-cache bytes
 status 1.  Details: docs/compute_control.md ("The quality-compute sweep").
 """
 import os
-import sys
 
 if __package__ in (None, ''):       # run as a file (python scripts/X.py): the repository's modules come first
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _repo_path  # noqa: F401
 
 import argparse
 import hashlib

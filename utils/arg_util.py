@@ -119,10 +119,8 @@ def get_parser() -> argparse.ArgumentParser:
                    'tokenizer the checkpoint was trained with (the token targets, hence the losses, change)', **BOOL)
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--bs', type=int, default=768,
-                   help='global batch size per optimiser step (all ranks, all accumulation steps)')
+    _batch_and_epochs(g, 768, 'global batch size per optimiser step (all ranks, all accumulation steps)', 250)
     g.add_argument('--ac', type=int, default=1, help='gradient accumulation steps')
-    g.add_argument('--ep', type=int, default=250, help='epochs')
     g.add_argument('--tblr', type=float, default=1e-4, help='base lr; lr = tblr x bs / 256')
     g.add_argument('--twd', type=float, default=0.05, help='initial weight decay')
     g.add_argument('--twde', type=float, default=0.0, help='final weight decay (0: = twd); cosine from twd')
@@ -152,6 +150,12 @@ def get_parser() -> argparse.ArgumentParser:
     # torch.distributed.launch passes it
     g.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _batch_and_epochs(g, bs: int, bs_help: str, ep: int):
+    """--bs and --ep of both trainers (their defaults differ)."""
+    g.add_argument('--bs', type=int, default=bs, help=bs_help)
+    g.add_argument('--ep', type=int, default=ep, help='epochs')
 
 
 def _data_flags(g):
@@ -245,8 +249,7 @@ def get_vae_parser() -> argparse.ArgumentParser:
     g.add_argument('--code_restart', type=int, default=0, help='every this many iterations, re-seed codebook entries '
                    'unused at every scale with encoder outputs of the batch (0: off)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--bs', type=int, default=256, help='global batch size (all ranks)')
-    g.add_argument('--ep', type=int, default=100, help='epochs')
+    _batch_and_epochs(g, 256, 'global batch size (all ranks)', 100)
     g.add_argument('--lr', type=float, default=1e-4, help='peak learning rate (not scaled with the batch)')
     g.add_argument('--wd', type=float, default=0.0, help='AdamW weight decay (not on biases, norms, the codebook)')
     g.add_argument('--wp', type=float, default=1.0, help='warm-up epochs')
