@@ -92,7 +92,7 @@ def published_files():
 
 
 def test_each_published_file_name_is_written_in_at_most_two_python_files():
-    from utils import zoo       # the registry knows the tokenizers and VIAR (their names are written only there)
+    from utils import zoo  # the registry knows the tokenizers and VIAR (their names are written only there)
     names = published_files()
     assert {zoo.VIAR_MODEL, zoo.VAR_TOKENIZER, zoo.FLEX_TOKENIZER} <= set(names) and len(names) >= 10
     sources = {p: p.read_text() for p in python_files(include_tests=False)}
