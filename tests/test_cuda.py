@@ -43,16 +43,8 @@ def full_fp32():
 def golden(src, name, device=DEV):
     """The parity vectors' tokenizer and model ``name`` (var, var_saln, viar) on ``device``, eval mode, and the
     vector file's contents."""
-    g = vectors.load(src, f'models/{name}.pt')
-    c = g['config']
-    vae, var = models.build_vae_var(
-        V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
-        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
-        use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
-    vectors.load_into(vae, vectors.vae_state(src))
-    vectors.load_into(var, vectors.var_state(src, name))
-    var.cond_drop_rate = 0.0
-    return vae.to(device).eval(), var.to(device).eval(), g
+    vae, var, g = vectors.build_models(src, name)
+    return vae.to(device), var.to(device), g
 
 
 def greedy(kwargs):

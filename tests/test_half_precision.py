@@ -18,17 +18,7 @@ TINY = dict(V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=5)
 
 def golden_model(src, name):
     """The parity vectors' model ``name`` (var or viar) on their tokenizer, in eval mode."""
-    c = vectors.load(src, f'models/{name}.pt')['config']
-    vae, var = build_vae_var(
-        V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
-        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
-        use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
-    vectors.load_into(vae, vectors.vae_state(src))
-    vectors.load_into(var, vectors.var_state(src, name))
-    vae.eval()
-    var.eval()
-    var.cond_drop_rate = 0.0
-    return var
+    return vectors.build_models(src, name)[1]
 
 
 def tiny(kind, **kw):

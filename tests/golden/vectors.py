@@ -118,3 +118,19 @@ def bf16_kernels_differ(d: dict) -> Optional[str]:
         return None
     return (f'bf16 tokens depend on the CPU kernels: these were made with {made}, this machine runs {here}; '
             f'python -m tests.golden.make on this machine makes cases for it (docs/parity.md)')
+
+
+def build_models(src: Path, name: str):
+    """(tokenizer, model ``name`` (var, var_saln, viar), the vector file) of the parity vectors in ``src``: built
+    with ``models.build_vae_var`` from the file's config, weights loaded, eval mode, no class dropout."""
+    import models
+    g = load(src, f'models/{name}.pt')
+    c = g['config']
+    vae, var = models.build_vae_var(
+        V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'], patch_nums=c['patch_nums'],
+        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
+        use_implicit=c['use_implicit'], pre_depth=c['pre_depth'], post_depth=c['post_depth'])
+    load_into(vae, vae_state(src))
+    load_into(var, var_state(src, name))
+    var.cond_drop_rate = 0.0
+    return vae.eval(), var.eval(), g
